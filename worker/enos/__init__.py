@@ -1,0 +1,1 @@
+"""The EnOS API layer: protocol facts, signing, the client and the gateway simulator."""

@@ -1,0 +1,436 @@
+"""An aiohttp client for one EnOS API gateway: token cache and renewal, signing, typed replies.
+
+It reports what happened and never retries on its own (retrying belongs to the engine), with one
+exception the protocol demands: a rejected access token is renewed once and the call sent once
+more. Every failure becomes one of the classified errors in :mod:`worker.errors`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+import structlog
+from yarl import URL
+
+from worker.enos import protocol as p
+from worker.enos.signing import request_signature, token_encryption
+from worker.errors import (
+    AuthError,
+    FatalError,
+    PermissionDeniedError,
+    RateLimitedError,
+    RetryableError,
+    TargetError,
+)
+from worker.model import CancelReply, Command, Target
+
+log = structlog.get_logger("worker.enos")
+
+Params = list[tuple[str, str]]
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """An application's access key and secret key. The secret never appears in a repr."""
+
+    app_key: str
+    app_secret: str = field(repr=False)
+
+
+@dataclass(slots=True)
+class _Token:
+    value: str
+    renew_at: float  # clock time after which the token is renewed before use
+
+
+class _TokenRejected(Exception):
+    """The gateway refused the access token (HTTP 401 or code 1203): renew once and retry."""
+
+
+def device_params(target: Target) -> Params:
+    """The query parameters naming the target's org and device (not its command)."""
+    target.check()
+    params: Params = [("orgId", target.org_id)]
+    if target.asset_id is not None:
+        params.append(("assetId", target.asset_id))
+    else:
+        params += [("productKey", target.product_key or ""), ("deviceKey", target.device_key or "")]
+    return params
+
+
+class EnOSClient:
+    """One gateway, one connection pool, one cached access token shared by all callers."""
+
+    def __init__(
+        self,
+        gateway: str,
+        credentials: Credentials,
+        *,
+        concurrency: int = 16,
+        timeout: float = 10.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._base = URL(gateway.rstrip("/"))
+        self._commands_url = self._api_url(p.COMMANDS_PATH)
+        self._credentials = credentials
+        self._concurrency = concurrency
+        self._timeout = timeout
+        self._clock = clock
+        self._session: aiohttp.ClientSession | None = None
+        self._token: _Token | None = None
+        self._renewal = asyncio.Lock()
+        self._last_token_ts = 0
+        self.token_requests = 0
+
+    def _api_url(self, path: str) -> URL:
+        """An API path below the gateway's base URL (which may carry a path prefix)."""
+        return self._base / path.lstrip("/")
+
+    async def __aenter__(self) -> EnOSClient:
+        connector = aiohttp.TCPConnector(
+            limit=self._concurrency, limit_per_host=self._concurrency, ttl_dns_cache=300
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=self._timeout),
+            headers={"Content-Type": p.JSON_CONTENT_TYPE},
+            skip_auto_headers=("User-Agent",),
+        )
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # -- business operations --------------------------------------------------------------
+
+    async def cancel(self, target: Target) -> CancelReply:
+        """Cancel one cached command of the target's device, or all of them without an id."""
+        params = device_params(target)
+        if target.command_id is not None:
+            params.append(("commandId", target.command_id))
+        status, payload = await self._business("POST", p.ACTION_CANCEL, params, b"")
+        return CancelReply(
+            http_status=status,
+            code=p.CODE_OK,
+            msg=str(payload.get("msg") or ""),
+            request_id=_request_id(payload),
+            commands=_commands(payload.get("data"), payload),
+        )
+
+    async def get_command(self, target: Target, command_id: str) -> Command:
+        """The current state of one command of the target's device."""
+        params = [*device_params(target), ("commandId", command_id)]
+        _, payload = await self._business("GET", p.ACTION_GET, params, b"")
+        data = payload.get("data")
+        if not isinstance(data, dict):
+            raise _malformed("get returned no command object", payload)
+        return _command(data, payload)
+
+    async def search_commands(
+        self, target: Target, expression: str | None = None, *, page_size: int = p.SEARCH_PAGE_SIZE
+    ) -> list[Command]:
+        """All commands of the device matching `expression` (e.g. ``state = 1``), every page."""
+        params = device_params(target)
+        found: list[Command] = []
+        page = 1
+        while True:
+            query: dict[str, Any] = {"pagination": {"pageNo": page, "pageSize": page_size}}
+            if expression is not None:
+                query["expression"] = expression
+            _, payload = await self._business("POST", p.ACTION_SEARCH, params, orjson.dumps(query))
+            batch = _commands(payload.get("data"), payload)
+            found.extend(batch)
+            total = (payload.get("pagination") or {}).get("totalSize")
+            if not batch or not isinstance(total, int) or page * page_size >= total:
+                return found
+            page += 1
+
+    # -- signing and sending --------------------------------------------------------------
+
+    async def _business(
+        self, method: str, action: str, params: Params, body: bytes
+    ) -> tuple[int, dict[str, Any]]:
+        """Send one signed business call; renew a rejected token once and send it again."""
+        token = await self._access_token()
+        try:
+            return await self._send(method, action, params, body, token)
+        except _TokenRejected:
+            token = await self._renew_rejected(token)
+        try:
+            return await self._send(method, action, params, body, token)
+        except _TokenRejected:
+            raise AuthError(
+                "the gateway rejected a freshly issued access token; check that the application "
+                "(ENOS_APP_KEY) is valid and enabled for this API",
+                http_status=401,
+            ) from None
+
+    async def _send(
+        self, method: str, action: str, params: Params, body: bytes, token: str
+    ) -> tuple[int, dict[str, Any]]:
+        query = [("action", action), *params]
+        timestamp = str(int(self._clock() * 1000))
+        headers = {
+            p.HEADER_TOKEN: token,
+            p.HEADER_TIMESTAMP: timestamp,
+            p.HEADER_SIGNATURE: request_signature(
+                token, query, body, timestamp, self._credentials.app_secret
+            ),
+        }
+        url = self._commands_url.with_query(query)
+        status, headers_in, raw = await self._exchange(method, url, headers, body)
+        return status, _interpret(status, headers_in, raw)
+
+    async def _exchange(
+        self, method: str, url: URL, headers: Mapping[str, str], body: bytes
+    ) -> tuple[int, Mapping[str, str], bytes]:
+        """One HTTP exchange; transport failures become RetryableError."""
+        if self._session is None:
+            raise RuntimeError("EnOSClient used outside 'async with'")
+        try:
+            async with self._session.request(
+                method, url, headers=headers, data=body or None
+            ) as resp:
+                return resp.status, resp.headers, await resp.read()
+        except aiohttp.ConnectionTimeoutError:
+            raise RetryableError(
+                "timed out connecting to the gateway", maybe_applied=False
+            ) from None
+        except TimeoutError:
+            raise RetryableError(
+                f"no answer within {self._timeout:g} s", maybe_applied=True
+            ) from None
+        except aiohttp.ClientConnectorError as exc:
+            raise RetryableError(
+                f"cannot connect to the gateway: {exc.os_error}", maybe_applied=False
+            ) from None
+        except aiohttp.ClientPayloadError:
+            raise RetryableError("the answer was cut short", maybe_applied=True) from None
+        except aiohttp.ClientError as exc:
+            raise RetryableError(
+                f"connection lost: {type(exc).__name__}", maybe_applied=True
+            ) from None
+
+    # -- the access token ---------------------------------------------------------------
+
+    async def _access_token(self) -> str:
+        """The cached token, renewed first when it is close to expiring; one renewal at a time."""
+        token = self._token
+        if token is not None and self._clock() < token.renew_at:
+            return token.value
+        async with self._renewal:
+            token = self._token
+            if token is None or self._clock() >= token.renew_at:
+                previous = token.value if token is not None else None
+                self._token = token = await self._obtain_token(previous)
+            return token.value
+
+    async def _renew_rejected(self, rejected: str) -> str:
+        """Replace a token the gateway refused, unless a concurrent caller already did."""
+        async with self._renewal:
+            token = self._token
+            if token is None or token.value == rejected:
+                self._token = token = await self._obtain_token(None)
+            return token.value
+
+    async def _obtain_token(self, previous: str | None) -> _Token:
+        """Refresh `previous` when there is one (falling back to get), else get a token."""
+        if previous is not None:
+            try:
+                return await self._token_call(p.TOKEN_REFRESH_PATH, previous)
+            except _TokenRejected:
+                log.info("enos.token_refresh_refused", fallback="get")
+        try:
+            return await self._token_call(p.TOKEN_GET_PATH, None)
+        except _TokenRejected:
+            raise AuthError("the token service refused to issue an access token") from None
+
+    async def _token_call(self, path: str, previous: str | None) -> _Token:
+        for _ in range(2):  # a replayed timestamp (1001) is answered once more with a fresh one
+            body = self._token_body(previous)
+            self.token_requests += 1
+            status, headers, raw = await self._exchange(
+                "POST", self._base.with_path(path), {}, body
+            )
+            reply = _token_reply(status, headers, raw)
+            if reply is not None:
+                value, expire = reply
+                log.info("enos.token_obtained", expires_in_s=expire)
+                margin = min(300.0, 0.1 * expire)
+                return _Token(value, self._clock() + expire - margin)
+        raise RetryableError(
+            "the token service kept reporting a replayed request", maybe_applied=False
+        )
+
+    def _token_body(self, previous: str | None) -> bytes:
+        """A token request with a fresh, strictly increasing millisecond timestamp."""
+        self._last_token_ts = max(int(self._clock() * 1000), self._last_token_ts + 1)
+        timestamp = str(self._last_token_ts)
+        app_key, secret = self._credentials.app_key, self._credentials.app_secret
+        body: dict[str, str] = {
+            "appKey": app_key,
+            "encryption": token_encryption(app_key, timestamp, secret),
+            "timestamp": timestamp,
+        }
+        if previous is not None:
+            body["accessToken"] = previous
+        return orjson.dumps(body)
+
+
+# -- interpreting answers (pure) --------------------------------------------------------------
+
+
+def _interpret(status: int, headers: Mapping[str, str], raw: bytes) -> dict[str, Any]:
+    """Map a business answer to its payload, or raise the classified error it stands for."""
+    if status != 200:
+        _raise_for_http(status, headers)
+    payload = _json_object(raw)
+    code = payload.get("code")
+    if not isinstance(code, int) or isinstance(code, bool):
+        raise _malformed("the answer has no integer 'code'", payload)
+    if code == p.CODE_OK:
+        return payload
+    message, request_id = str(payload.get("msg") or ""), _request_id(payload)
+    if code == p.TOKEN_EXPIRED:
+        raise _TokenRejected
+    if code == p.CODE_NO_PERMISSION:
+        raise PermissionDeniedError(
+            f"no permission: {message}", code=code, http_status=status, request_id=request_id
+        )
+    if code == p.CODE_INTERNAL:
+        raise RetryableError(
+            f"internal error: {message}",
+            maybe_applied=True,
+            code=code,
+            http_status=status,
+            request_id=request_id,
+        )
+    raise TargetError(
+        message or f"code {code}", code=code, http_status=status, request_id=request_id
+    )
+
+
+def _raise_for_http(status: int, headers: Mapping[str, str]) -> None:
+    if status == 401:
+        raise _TokenRejected
+    if status == 403:
+        raise PermissionDeniedError("the gateway refused access (HTTP 403)", http_status=403)
+    if status == 429:
+        retry_after = parse_retry_after(headers.get("Retry-After"))
+        raise RateLimitedError("rate limited (HTTP 429)", retry_after=retry_after, request_id=None)
+    if status >= 500:
+        raise RetryableError(f"gateway error HTTP {status}", maybe_applied=True, http_status=status)
+    if status == 404:
+        raise FatalError(
+            "the gateway has no such API (HTTP 404); check that --gateway is the API gateway's "
+            "base URL",
+            http_status=404,
+        )
+    raise TargetError(f"HTTP {status}", http_status=status)
+
+
+def _token_reply(status: int, headers: Mapping[str, str], raw: bytes) -> tuple[str, float] | None:
+    """The (token, expire) of a token answer; None for a replay (1001); raise otherwise."""
+    if status in (401, 403):
+        raise AuthError(f"the token service refused the application (HTTP {status})")
+    if status != 200:
+        _raise_for_http(status, headers)
+    payload = _json_object(raw)
+    outcome = payload.get("status")
+    data = payload.get("data")
+    if outcome == p.TOKEN_OK and isinstance(data, dict):
+        token, expire = data.get("accessToken"), data.get("expire")
+        if isinstance(token, str) and token and isinstance(expire, int | float) and expire > 0:
+            return token, float(expire)
+        raise _malformed("the token answer has no accessToken/expire", payload)
+    if outcome == p.TOKEN_REPLAYED:
+        return None
+    if outcome == p.TOKEN_REFRESH_FAILED:
+        raise _TokenRejected
+    if outcome == p.TOKEN_INTERNAL:
+        raise RetryableError("the token service failed (1005)", maybe_applied=False, code=1005)
+    raise AuthError(
+        f"the token service rejected the application credentials (status {outcome}: "
+        f"{payload.get('msg')}); check ENOS_APP_KEY and ENOS_APP_SECRET",
+        code=outcome if isinstance(outcome, int) else None,
+    )
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date); None if absent/bad."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        payload = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise RetryableError(
+            f"the answer is not JSON ({len(raw)} bytes)", maybe_applied=True, http_status=200
+        ) from None
+    if not isinstance(payload, dict):
+        raise RetryableError("the answer is not a JSON object", maybe_applied=True, http_status=200)
+    return payload
+
+
+def _malformed(what: str, payload: Mapping[str, Any]) -> RetryableError:
+    return RetryableError(
+        what, maybe_applied=True, http_status=200, request_id=_request_id(payload)
+    )
+
+
+def _request_id(payload: Mapping[str, Any]) -> str | None:
+    value = payload.get("requestId")
+    return str(value) if value is not None else None
+
+
+def _commands(data: object, payload: Mapping[str, Any]) -> tuple[Command, ...]:
+    """The command list of an answer (`null` is an empty list); tolerant of wire variants."""
+    if data is None:
+        return ()
+    if not isinstance(data, list):
+        raise _malformed("'data' is not a list of commands", payload)
+    return tuple(_command(item, payload) for item in data)
+
+
+def _command(item: object, payload: Mapping[str, Any]) -> Command:
+    """One Command struct: createTime as number or string, name as I18n object or text."""
+    if not isinstance(item, dict) or item.get("commandId") in (None, ""):
+        raise _malformed("a command has no commandId", payload)
+    state = item.get("state")
+    name = item.get("commandName")
+    if isinstance(name, dict):
+        name = name.get("defaultValue")
+    return Command(
+        command_id=str(item["commandId"]),
+        state=state if isinstance(state, int) else None,
+        create_time_ms=_int_or_none(item.get("createTime")),
+        name=str(name) if name is not None else None,
+    )
+
+
+def _int_or_none(value: object) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    return None

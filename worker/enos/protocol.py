@@ -1,0 +1,69 @@
+"""The EnOS API's facts in one place, shared by the client and the simulator.
+
+Everything here comes from ``shared/enos-api.md``; when a fact changes, it changes here only.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import Final
+
+TOKEN_GET_PATH: Final = "/apim-token-service/v2.0/token/get"
+TOKEN_REFRESH_PATH: Final = "/apim-token-service/v2.0/token/refresh"
+COMMANDS_PATH: Final = "/connect-service/v2.1/commands"
+
+ACTION_CANCEL: Final = "cancel"
+ACTION_GET: Final = "get"
+ACTION_SEARCH: Final = "search"
+ACTION_INVOKE_SERVICE: Final = "invokeService"
+ACTION_SET_MEASUREPOINT: Final = "setMeasurepoint"
+
+HEADER_TOKEN: Final = "apim-accesstoken"
+HEADER_SIGNATURE: Final = "apim-signature"
+HEADER_TIMESTAMP: Final = "apim-timestamp"
+JSON_CONTENT_TYPE: Final = "application/json;charset=UTF-8"
+
+# Business envelope `code` values (enos-api.md §5.1, §2.3).
+CODE_OK: Final = 0
+CODE_INVALID_PARAM: Final = 99400
+CODE_NO_PERMISSION: Final = 99403
+CODE_NOT_FOUND: Final = 99404
+CODE_INTERNAL: Final = 99500
+CODE_CACHE_FULL: Final = 11902
+
+# Token service `status` values (enos-api.md §3.2).
+TOKEN_OK: Final = 0
+TOKEN_REPLAYED: Final = 1001
+TOKEN_UNKNOWN_APP: Final = 1002
+TOKEN_BAD_ENCRYPTION: Final = 1003
+TOKEN_INVALID_PARAM: Final = 1004
+TOKEN_INTERNAL: Final = 1005
+TOKEN_EMPTY_PARAM: Final = 1202
+TOKEN_EXPIRED: Final = 1203
+TOKEN_REFRESH_FAILED: Final = 1204
+
+TOKEN_LIFETIME_S: Final = 7200
+MAX_CACHED_COMMANDS: Final = 50
+MAX_PENDING_TTL_S: Final = 172_800
+SEARCH_PAGE_SIZE: Final = 50
+
+GATEWAY_MESSAGES: Final = {
+    401: "Invalid authentication credentials",
+    403: "Your IP address is not allowed",
+    429: "API rate limit exceeded",
+    500: "An unexpected error occurred",
+    502: "An invalid response was received from the upstream server",
+    503: "Service unavailable",
+}
+
+
+class CommandState(IntEnum):
+    """Command states 1..7; only CREATED (cached, not yet sent) can be cancelled."""
+
+    CREATED = 1
+    CANCELED = 2
+    EXPIRED = 3
+    RELEASED = 4
+    SUCCEEDED = 5
+    FAILED = 6
+    TIMED_OUT = 7

@@ -1,0 +1,324 @@
+"""The simulated connection service's data: devices, their cached commands, seeding, search.
+
+Generated devices are derived from their index (no random state), so a fleet of a million costs
+nothing until a device is first touched, and a job file can name them (jobs/example.yaml does).
+Device i of org ``DEFAULT_ORG`` has asset id ``as{i:06d}``, product key ``PRODUCT_KEYS[i % 4]``
+and device key ``dev_{i:06d}``; it has `commands_per_device` cached (state 1) commands, except
+one device in eight (chosen by the seed) that has none, and one finished (state 5) command.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from worker.enos.protocol import MAX_PENDING_TTL_S, CommandState
+from worker.model import Target
+
+DEFAULT_ORG = "o15541858646501"
+PRODUCT_KEYS = ("bXuuAiku", "pQ7sLk2d", "Zt9wN4ha", "mK3vR8ce")
+_GENERATED_ID_BASE = 2_278_935_391_225_600_000
+_EXPLICIT_ID_BASE = 3_278_935_391_225_600_000
+_ASSET_RE = re.compile(r"as(\d{6,})")
+_DEVICE_RE = re.compile(r"dev_(\d{6,})")
+
+
+@dataclass(slots=True)
+class SimCommand:
+    """One command as the service stores it."""
+
+    command_id: str
+    state: int
+    create_time_ms: int
+    pending_ttl: int = MAX_PENDING_TTL_S
+    timeout: int = 30
+    command_type: int = 2
+    identifier: str = "restart"
+    input_data: Any = field(default_factory=dict)
+
+    def expire_if_due(self, now_ms: int) -> None:
+        """A cached command whose pendingTtl has passed becomes Expired (3)."""
+        if (
+            self.state == CommandState.CREATED
+            and now_ms > self.create_time_ms + self.pending_ttl * 1000
+        ):
+            self.state = CommandState.EXPIRED
+
+
+@dataclass(slots=True)
+class SimDevice:
+    """A device and its command history; `cancel_calls` counts cancel requests that reached it."""
+
+    org_id: str
+    asset_id: str
+    product_key: str
+    device_key: str
+    commands: dict[str, SimCommand] = field(default_factory=dict)
+    cancel_calls: int = 0
+
+    def pending(self, now_ms: int) -> list[SimCommand]:
+        """Commands still cached (state 1), after expiring the overdue ones."""
+        for command in self.commands.values():
+            command.expire_if_due(now_ms)
+        return [c for c in self.commands.values() if c.state == CommandState.CREATED]
+
+
+def _mix(seed: int, index: int) -> int:
+    """A stable 64-bit hash of (seed, index): seeding must not depend on Python's `random`."""
+    return int.from_bytes(
+        hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest(), "big"
+    )
+
+
+def generated_command_id(index: int, k: int) -> str:
+    """The id of the k-th command of generated device `index` (19 digits)."""
+    return str(_GENERATED_ID_BASE + index * 64 + k)
+
+
+class DeviceStore:
+    """Devices by asset id and by product/device key, per org; generated ones made on first use."""
+
+    def __init__(
+        self,
+        *,
+        devices: int,
+        commands_per_device: int,
+        seed: int,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.generated = devices
+        self.commands_per_device = commands_per_device
+        self.seed = seed
+        self._clock = clock
+        self._by_asset: dict[tuple[str, str], SimDevice] = {}
+        self._by_keys: dict[tuple[str, str, str], SimDevice] = {}
+        self._explicit = 0
+        self.orgs: set[str] = {DEFAULT_ORG}
+
+    def now_ms(self) -> int:
+        """The store's clock in epoch milliseconds."""
+        return int(self._clock() * 1000)
+
+    def find(
+        self, org_id: str, asset_id: str | None, product_key: str | None, device_key: str | None
+    ) -> SimDevice | None:
+        """The device a request names; asset id wins when both selectors are given."""
+        if asset_id is not None:
+            found = self._by_asset.get((org_id, asset_id))
+            index = _generated_index(_ASSET_RE, asset_id)
+        else:
+            found = self._by_keys.get((org_id, product_key or "", device_key or ""))
+            index = _generated_index(_DEVICE_RE, device_key or "")
+            if index is not None and PRODUCT_KEYS[index % len(PRODUCT_KEYS)] != product_key:
+                index = None
+        if found is not None or org_id != DEFAULT_ORG or index is None or index >= self.generated:
+            return found
+        return self._materialize(index)
+
+    def devices(self) -> Iterator[SimDevice]:
+        """Every device touched or created so far (untouched generated ones are not listed)."""
+        return iter(self._by_asset.values())
+
+    def is_pending_free(self, index: int) -> bool:
+        """Whether generated device `index` was seeded without cached commands."""
+        return _mix(self.seed, index) % 8 == 0
+
+    def _materialize(self, index: int) -> SimDevice:
+        device = SimDevice(
+            org_id=DEFAULT_ORG,
+            asset_id=f"as{index:06d}",
+            product_key=PRODUCT_KEYS[index % len(PRODUCT_KEYS)],
+            device_key=f"dev_{index:06d}",
+        )
+        created = self.now_ms() - 3_600_000
+        pending = 0 if self.is_pending_free(index) else self.commands_per_device
+        for k in range(pending + 1):
+            state = CommandState.CREATED if k < pending else CommandState.SUCCEEDED
+            cid = generated_command_id(index, k)
+            device.commands[cid] = SimCommand(cid, state, created + k * 1000)
+        self._add(device)
+        return device
+
+    def _add(self, device: SimDevice) -> None:
+        self.orgs.add(device.org_id)
+        self._by_asset[(device.org_id, device.asset_id)] = device
+        self._by_keys[(device.org_id, device.product_key, device.device_key)] = device
+
+    def seed_targets(self, targets: Iterable[Target]) -> int:
+        """Make every target's device exist with cached commands, and its command id cached."""
+        count = 0
+        for target in targets:
+            device = self.find(
+                target.org_id, target.asset_id, target.product_key, target.device_key
+            )
+            if device is None:
+                device = self._new_explicit(target)
+            if target.command_id is not None and target.command_id not in device.commands:
+                device.commands[target.command_id] = SimCommand(
+                    target.command_id, CommandState.CREATED, self.now_ms() - 60_000
+                )
+            count += 1
+        return count
+
+    def _new_explicit(self, target: Target) -> SimDevice:
+        self._explicit += 1
+        n = self._explicit
+        device = SimDevice(
+            org_id=target.org_id,
+            asset_id=target.asset_id or f"sa{n:06d}",
+            product_key=target.product_key or "simProd1",
+            device_key=target.device_key or f"sim_{n:06d}",
+        )
+        created = self.now_ms() - 3_600_000
+        for k in range(self.commands_per_device):
+            cid = str(_EXPLICIT_ID_BASE + n * 64 + k)
+            device.commands[cid] = SimCommand(cid, CommandState.CREATED, created + k * 1000)
+        self._add(device)
+        return device
+
+    def create_command(self, device: SimDevice, command: SimCommand) -> None:
+        """Store a new command (the caller has checked the cache limit)."""
+        device.commands[command.command_id] = command
+
+    def new_command_id(self) -> str:
+        """A fresh 19-digit id for a command created through the API."""
+        self._explicit += 1
+        return str(_EXPLICIT_ID_BASE + 9 * 10**16 + self._explicit)
+
+
+def _generated_index(pattern: re.Pattern[str], text: str) -> int | None:
+    match = pattern.fullmatch(text)
+    return int(match.group(1)) if match else None
+
+
+def render_command(
+    device: SimDevice, command: SimCommand, *, legacy: bool, state: int | None = None
+) -> dict[str, Any]:
+    """The wire form of a command. `legacy` uses the 2019 variants (numbers, createLocalTime)."""
+    local = datetime.fromtimestamp(command.create_time_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+    return {
+        "commandId": command.command_id,
+        "orgId": device.org_id,
+        "productKey": device.product_key,
+        "deviceKey": device.device_key,
+        "assetId": device.asset_id,
+        "createTime": command.create_time_ms if legacy else str(command.create_time_ms),
+        ("createLocalTime" if legacy else "createLocaltime"): (
+            command.create_time_ms if legacy else local
+        ),
+        "commandType": command.command_type,
+        "commandName": {
+            "defaultValue": command.identifier,
+            "i18nValue": {"en_US": command.identifier},
+        },
+        "timeout": command.timeout,
+        "pendingTtl": command.pending_ttl,
+        "state": command.state if state is None else state,
+        "tslIdentifier": command.identifier,
+        "inputData": command.input_data,
+        "outputData": None,
+    }
+
+
+# -- Search expressions: `state = 1`, `state in (1,2)`, `commandName.en_US like 'x'`,
+#    `createTime >= '2019-08-13 09:00:00'`, joined by `and` / `or` (and binds tighter). --------
+
+Predicate = Callable[[SimCommand], bool]
+_TOKEN_RE = re.compile(
+    r"\s*(?:(?P<str>'[^']*'|\"[^\"]*\")|(?P<op>!=|>=|<=|=|<|>|\(|\)|,)|(?P<word>[\w.]+))"
+)
+
+
+class ExpressionError(ValueError):
+    """The search expression cannot be parsed; the service answers 99400."""
+
+
+def parse_expression(text: str) -> Predicate:
+    """Compile a search expression into a predicate over commands."""
+    tokens = _tokenize(text)
+    alternatives: list[list[Predicate]] = [[]]
+    position = 0
+    while position < len(tokens):
+        predicate, position = _comparison(tokens, position)
+        alternatives[-1].append(predicate)
+        if position < len(tokens):
+            joiner = tokens[position].lower()
+            if joiner == "or":
+                alternatives.append([])
+            elif joiner != "and":
+                raise ExpressionError(f"expected 'and' or 'or', found {tokens[position]!r}")
+            position += 1
+            if position == len(tokens):
+                raise ExpressionError("the expression ends with a dangling joiner")
+    groups = [group for group in alternatives if group]
+    if not groups:
+        raise ExpressionError("the expression is empty")
+    return lambda c: any(all(pred(c) for pred in group) for group in groups)
+
+
+def _tokenize(text: str) -> list[str]:
+    tokens: list[str] = []
+    position = 0
+    while position < len(text):
+        if text[position:].strip() == "":
+            break
+        match = _TOKEN_RE.match(text, position)
+        if match is None:
+            raise ExpressionError(f"cannot read the expression at {text[position:]!r}")
+        tokens.append(match.group(match.lastgroup or "word"))
+        position = match.end()
+    return tokens
+
+
+def _comparison(tokens: list[str], position: int) -> tuple[Predicate, int]:
+    if position + 2 >= len(tokens):
+        raise ExpressionError("incomplete comparison: expected <field> <operator> <value>")
+    field_name, operator = tokens[position], tokens[position + 1].lower()
+    if field_name == "state":
+        return _state_comparison(tokens, position + 1)
+    value = tokens[position + 2].strip("'\"")
+    if field_name.startswith("commandName.") and operator == "like":
+        return (lambda c: value.lower() in c.identifier.lower()), position + 3
+    if field_name == "createTime":
+        return _time_comparison(operator, value), position + 3
+    raise ExpressionError(f"unsupported condition {field_name} {operator}")
+
+
+def _state_comparison(tokens: list[str], position: int) -> tuple[Predicate, int]:
+    operator = tokens[position].lower()
+    if operator == "in":
+        close = tokens.index(")", position)
+        states = {int(t) for t in tokens[position + 2 : close] if t != ","}
+        return (lambda c: c.state in states), close + 1
+    state = int(tokens[position + 1])
+    if operator == "=":
+        return (lambda c: c.state == state), position + 2
+    if operator == "!=":
+        return (lambda c: c.state != state), position + 2
+    raise ExpressionError(f"unsupported operator for state: {operator}")
+
+
+_TIME_OPERATORS: dict[str, Callable[[int, int], bool]] = {
+    "<": lambda a, b: a < b,
+    "<=": lambda a, b: a <= b,
+    ">": lambda a, b: a > b,
+    ">=": lambda a, b: a >= b,
+    "=": lambda a, b: a // 1000 == b // 1000,
+}
+
+
+def _time_comparison(operator: str, value: str) -> Predicate:
+    compare = _TIME_OPERATORS.get(operator)
+    if compare is None:
+        raise ExpressionError(f"unsupported operator for createTime: {operator}")
+    try:
+        moment = datetime.strptime(value, "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC)
+    except ValueError:
+        raise ExpressionError(f"createTime needs 'YYYY-MM-DD HH:mm:ss', not {value!r}") from None
+    bound = int(moment.timestamp() * 1000)
+    return lambda c: compare(c.create_time_ms, bound)

@@ -1,0 +1,112 @@
+"""The exception tree of `worker`. Library exceptions are translated at the boundary into these.
+
+::
+
+    WorkerError
+    ├── UsageError                 bad command line, credentials file or run directory (exit 2)
+    │   ├── JobFileError           a job or targets file is invalid; names file, line, field, fix
+    │   └── InvalidTargetError     a target with neither selector, or half a product/device pair
+    └── EnOSError                  something the gateway (or the way to it) answered
+        ├── RetryableError         worth another attempt: 5xx, timeout, dropped, malformed body
+        │   └── RateLimitedError   HTTP 429: flow control, carries Retry-After
+        ├── TargetError            final for this one target: 99400, 99404, other codes
+        └── FatalError             stops the whole run (exit 3): nothing else will succeed
+            ├── AuthError          credentials or token rejected, after one renewal
+            └── PermissionDeniedError  99403 or HTTP 403
+
+Only :class:`FatalError` stops a run; every other :class:`EnOSError` becomes one target's result.
+Messages never contain a secret, an access token or a signature.
+"""
+
+from __future__ import annotations
+
+
+class WorkerError(Exception):
+    """Base of every error `worker` raises on purpose."""
+
+
+class UsageError(WorkerError):
+    """The operator's input cannot be used as given; nothing was sent."""
+
+
+class JobFileError(UsageError):
+    """One or more problems in a job file or targets file, each a full sentence with a fix."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class InvalidTargetError(UsageError):
+    """A target that cannot be turned into a request; refused before anything is sent."""
+
+
+class EnOSError(WorkerError):
+    """An answer (or the lack of one) from the gateway, with what is known of it."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        http_status: int | None = None,
+        code: int | None = None,
+        request_id: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.http_status = http_status
+        self.code = code
+        self.request_id = request_id
+
+    @property
+    def label(self) -> str:
+        """A short key for counting errors: the EnOS code, else the HTTP status, else the kind."""
+        if self.code is not None:
+            return str(self.code)
+        if self.http_status is not None:
+            return f"http_{self.http_status}"
+        return type(self).__name__
+
+
+class RetryableError(EnOSError):
+    """A failure that another attempt may fix.
+
+    `maybe_applied` is true when the request may have reached the service and taken effect
+    although no usable answer came back (timeout, dropped connection, truncated body, 5xx).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        maybe_applied: bool,
+        http_status: int | None = None,
+        code: int | None = None,
+        request_id: str | None = None,
+    ) -> None:
+        super().__init__(message, http_status=http_status, code=code, request_id=request_id)
+        self.maybe_applied = maybe_applied
+
+
+class RateLimitedError(RetryableError):
+    """HTTP 429: the gateway asks everyone to slow down, for `retry_after` seconds if it said."""
+
+    def __init__(self, message: str, *, retry_after: float | None, request_id: str | None) -> None:
+        super().__init__(message, maybe_applied=False, http_status=429, request_id=request_id)
+        self.retry_after = retry_after
+
+
+class TargetError(EnOSError):
+    """Final for this target (bad parameter, unknown device, unexpected code); no retry."""
+
+
+class FatalError(EnOSError):
+    """Nothing else in this run can succeed; stop without sending the rest."""
+
+
+class AuthError(FatalError):
+    """The credentials or the access token were rejected, also after one renewal."""
+
+
+class PermissionDeniedError(FatalError):
+    """The application may not act on this organisation or resource (99403, HTTP 403)."""

@@ -1,0 +1,189 @@
+"""Frozen values shared by every layer: targets, replies, limits, jobs, results, attempts.
+
+Nothing here does I/O; the engine, the client, the journal and the CLI all speak these types.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+from worker.errors import InvalidTargetError
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One cancel call: a device (assetId, or productKey+deviceKey) in an org, one or all commands.
+
+    `source` says where the target was written ("jobs/a.yaml:12", "devices.csv row 5"); it is
+    not part of the target's identity.
+    """
+
+    org_id: str
+    asset_id: str | None = None
+    product_key: str | None = None
+    device_key: str | None = None
+    command_id: str | None = None
+    source: str = field(default="", compare=False)
+
+    def check(self) -> None:
+        """Refuse a target that cannot become a request, before anything is sent."""
+        where = f" ({self.source})" if self.source else ""
+        if not self.org_id:
+            raise InvalidTargetError(f"target{where} has no org_id; give the job or target one")
+        has_pair = self.product_key is not None or self.device_key is not None
+        if self.asset_id is not None and has_pair:
+            raise InvalidTargetError(
+                f"target{where} gives both asset_id and product_key/device_key; keep one selector"
+            )
+        if self.asset_id is None and not has_pair:
+            raise InvalidTargetError(
+                f"target{where} has no device selector; give asset_id, or product_key and "
+                "device_key"
+            )
+        if has_pair and (self.product_key is None or self.device_key is None):
+            missing = "device_key" if self.device_key is None else "product_key"
+            raise InvalidTargetError(f"target{where} has half a device pair; add {missing}")
+
+    def selector(self) -> dict[str, str]:
+        """The device selector as written to results: {asset_id} or {product_key, device_key}."""
+        if self.asset_id is not None:
+            return {"asset_id": self.asset_id}
+        return {"product_key": self.product_key or "", "device_key": self.device_key or ""}
+
+    def key(self) -> str:
+        """A canonical text of the identity (org, device, command), used for digests and hashes."""
+        return "\x1f".join(
+            (
+                self.org_id,
+                self.asset_id or "",
+                self.product_key or "",
+                self.device_key or "",
+                self.command_id or "",
+            )
+        )
+
+    def digest(self) -> int:
+        """A 128-bit digest of `key()`: a fixed-size entry for done-sets and duplicate checks."""
+        raw = hashlib.blake2b(self.key().encode(), digest_size=16).digest()
+        return int.from_bytes(raw, "big")
+
+    def describe(self) -> str:
+        """A short human text of the target for logs and errors."""
+        device = (
+            f"asset {self.asset_id}"
+            if self.asset_id is not None
+            else f"device {self.product_key}/{self.device_key}"
+        )
+        command = f"command {self.command_id}" if self.command_id else "all cached commands"
+        return f"{device} in {self.org_id}, {command}"
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """An EnOS command as the API describes it, reduced to what the worker uses."""
+
+    command_id: str
+    state: int | None = None
+    create_time_ms: int | None = None
+    name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CancelReply:
+    """A successful (`code 0`) answer to a cancel: the commands the service says it cancelled."""
+
+    http_status: int
+    code: int
+    msg: str
+    request_id: str | None
+    commands: tuple[Command, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """How hard a run may push: requests/s (None = unlimited), in flight, attempts, timeouts."""
+
+    rate: float | None = 10.0
+    concurrency: int = 16
+    attempts: int = 5
+    timeout: float = 10.0
+    deadline: float | None = None
+    max_throttles: int = 20
+
+
+@dataclass(frozen=True, slots=True)
+class AbortRule:
+    """Stop the run when the share of failed targets passes `failure_ratio` (after min_finished)."""
+
+    failure_ratio: float | None = None
+    min_finished: int = 50
+
+
+@dataclass(frozen=True, slots=True)
+class TargetsFile:
+    """A CSV (header row) or JSONL list of targets, streamed rather than loaded."""
+
+    path: Path
+    fmt: str  # "csv" | "jsonl"
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A validated job file. Targets are not held here: they are streamed by `jobfile`."""
+
+    path: Path
+    name: str
+    sha256: str
+    gateway: str | None
+    org_id: str | None
+    command_id: str | None
+    limits: Limits
+    abort: AbortRule
+    inline_targets: tuple[Target, ...]
+    targets_file: TargetsFile | None
+
+
+class Outcome(StrEnum):
+    """The final outcome of one target."""
+
+    CANCELLED = "cancelled"
+    NOTHING_TO_CANCEL = "nothing_to_cancel"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class TargetResult:
+    """The final line for one target in results.jsonl."""
+
+    target: Target
+    outcome: Outcome
+    cancelled_command_ids: tuple[str, ...]
+    attempts: int
+    http_status: int | None
+    code: int | None
+    msg: str | None
+    request_id: str | None
+    error: str | None
+    started_at: float
+    finished_at: float
+    latency_ms: float | None
+    effect_unknown: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One HTTP attempt, for the audit log: what was asked, what came back, what happens next."""
+
+    target: Target
+    number: int
+    at: float
+    latency_ms: float
+    http_status: int | None
+    code: int | None
+    request_id: str | None
+    decision: str  # "done" | "retry" | "throttled" | "failed" | "fatal" | "abandoned"
+    wait_s: float | None = None
+    error: str | None = None
