@@ -180,7 +180,7 @@ class Attempt:
     target: Target
     number: int
     at: float
-    latency_ms: float
+    latency_ms: float | None
     http_status: int | None
     code: int | None
     request_id: str | None

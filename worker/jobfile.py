@@ -1,0 +1,529 @@
+"""Job files: YAML (`version: 1`) plus an optional streamed CSV/JSONL targets file -> Job, Plan.
+
+The YAML is composed into nodes rather than loaded, so every error names its line and an id
+keeps its literal text: YAML 1.1 would read an unquoted ``0123`` as 83, ``on`` as true and
+``12:30:00`` as 45000; here the id is the text the operator wrote. Target lists are never held
+in memory: :func:`plan` streams them once to validate, count, hash and find duplicates before
+anything is sent, and :func:`run_targets` streams them again for the run.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import gc
+import hashlib
+import re
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import yaml
+
+from worker.errors import JobFileError
+from worker.model import AbortRule, Job, Limits, Target, TargetsFile
+
+JOB_KEYS = (
+    "version", "name", "gateway", "org_id", "command_id", "targets", "targets_file", "limits",
+    "abort",
+)  # fmt: skip
+TARGET_KEYS = ("asset_id", "product_key", "device_key", "command_id", "org_id")
+LIMIT_KEYS = ("rate", "concurrency", "attempts", "timeout", "deadline")
+ABORT_KEYS = ("failure_ratio", "min_finished")
+MAX_PROBLEMS = 20
+_STR_TAG = "tag:yaml.org,2002:str"
+_NULL_TAG = "tag:yaml.org,2002:null"
+_DURATION_RE = re.compile(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
+_Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _Problems:
+    """Collects error sentences ("file:line: field: what is wrong; how to fix it")."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.items: list[str] = []
+
+    def add(self, node: yaml.Node | int | None, field_name: str, problem: str, fix: str) -> None:
+        line = node if isinstance(node, int) or node is None else node.start_mark.line + 1
+        where = f"{self.path}:{line}" if line else str(self.path)
+        if len(self.items) < MAX_PROBLEMS:
+            self.items.append(f"{where}: {field_name}: {problem}; {fix}")
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise JobFileError(self.items)
+
+
+# -- the YAML job file --------------------------------------------------------------------
+
+
+def load_job(path: Path) -> Job:
+    """Read and validate a job file; raise JobFileError naming every problem found."""
+    raw = _read_bytes(path)
+    problems = _Problems(path)
+    root = _compose(path, raw)
+    if not isinstance(root, yaml.MappingNode):
+        raise JobFileError([f"{path}: the job file must be a YAML mapping (key: value lines)"])
+    fields = _mapping(root, JOB_KEYS, "", problems)
+    version = fields.get("version")
+    if version is None or _value(version) != 1 or isinstance(_value(version), bool):
+        problems.add(version or root, "version", "missing or not 1", "write 'version: 1'")
+    org_id = _id(fields.get("org_id"), "org_id", problems, allow_null=True)
+    job_command = _id(fields.get("command_id"), "command_id", problems, allow_null=True)
+    inline = _inline_targets(fields.get("targets"), org_id, job_command, problems)
+    targets_file = _targets_file(fields.get("targets_file"), path, problems)
+    if not inline and targets_file is None and "targets" not in fields:
+        problems.add(root, "targets", "no targets", "add 'targets:' and/or 'targets_file:'")
+    job = Job(
+        path=path,
+        name=_name(fields.get("name"), path, problems),
+        sha256=hashlib.sha256(raw).hexdigest(),
+        gateway=_gateway(fields.get("gateway"), problems),
+        org_id=org_id,
+        command_id=job_command,
+        limits=_limits(fields.get("limits"), problems),
+        abort=_abort(fields.get("abort"), problems),
+        inline_targets=tuple(inline),
+        targets_file=targets_file,
+    )
+    problems.raise_if_any()
+    return job
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise JobFileError([f"{path}: cannot read the job file: {exc.strerror}"]) from None
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Building many small objects runs the cyclic GC over and over; it finds nothing here."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _compose(path: Path, raw: bytes) -> yaml.Node | None:
+    try:
+        with _gc_paused():
+            return yaml.compose(raw, Loader=_Loader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise JobFileError([f"{path}{line}: not valid YAML: {exc.problem}"]) from None
+    except yaml.YAMLError as exc:
+        raise JobFileError([f"{path}: not valid YAML: {exc}"]) from None
+
+
+def _mapping(
+    node: yaml.MappingNode, allowed: tuple[str, ...], prefix: str, problems: _Problems
+) -> dict[str, yaml.Node]:
+    """The mapping's values by key; unknown and repeated keys are problems."""
+    fields: dict[str, yaml.Node] = {}
+    for key_node, value_node in node.value:
+        key = str(key_node.value)
+        name = f"{prefix}{key}"
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"allowed: {', '.join(allowed)}"
+            problems.add(key_node, name, "unknown key", hint)
+        elif key in fields:
+            problems.add(key_node, name, "given twice", "keep one")
+        else:
+            fields[key] = value_node
+    return fields
+
+
+def _value(node: yaml.Node) -> Any:
+    """A scalar's YAML value (numbers, booleans, null) for non-id settings."""
+    return yaml.constructor.SafeConstructor().construct_object(node, deep=True)
+
+
+def _id(
+    node: yaml.Node | None, field_name: str, problems: _Problems, *, allow_null: bool = False
+) -> str | None:
+    """An identifier as the literal text written, whatever type YAML 1.1 would give it."""
+    if node is None:
+        return None
+    if not isinstance(node, yaml.ScalarNode):
+        problems.add(node, field_name, "must be a single text value", "write it as 'field: text'")
+        return None
+    text = str(node.value)
+    if node.tag == _NULL_TAG and not node.style:
+        if not allow_null:
+            problems.add(node, field_name, "is empty", "give a value or remove the field")
+        return None
+    if not text.strip():
+        problems.add(
+            node, field_name, "is empty or only spaces", "give a value or remove the field"
+        )
+        return None
+    if text != text.strip():
+        problems.add(node, field_name, f"{text!r} has spaces around it", "remove the spaces")
+        return None
+    return text
+
+
+def _inline_targets(
+    node: yaml.Node | None, org_id: str | None, command_id: str | None, problems: _Problems
+) -> list[Target]:
+    if node is None or (isinstance(node, yaml.ScalarNode) and node.tag == _NULL_TAG):
+        return []
+    if not isinstance(node, yaml.SequenceNode):
+        problems.add(node, "targets", "must be a list", "write one '- asset_id: ...' per target")
+        return []
+    targets: list[Target] = []
+    for index, item in enumerate(node.value):
+        prefix = f"targets[{index}]."
+        if not isinstance(item, yaml.MappingNode):
+            problems.add(item, f"targets[{index}]", "must be a mapping", "write '- asset_id: ...'")
+            continue
+        fields = _mapping(item, TARGET_KEYS, prefix, problems)
+        values = {key: _id(value, prefix + key, problems) for key, value in fields.items()}
+        where = f"{problems.path}:{item.start_mark.line + 1}"
+        target = _target(
+            {k: v for k, v in values.items() if v is not None}, org_id, command_id, where
+        )
+        if isinstance(target, str):
+            problems.add(item, f"targets[{index}]", *target.split("; ", 1))
+        else:
+            targets.append(target)
+    return targets
+
+
+def _target(
+    values: dict[str, str], org_id: str | None, command_id: str | None, where: str
+) -> Target | str:
+    """A target from its fields and the job's defaults, or "problem; fix" text."""
+    asset, product, device = (
+        values.get("asset_id"),
+        values.get("product_key"),
+        values.get("device_key"),
+    )
+    org = values.get("org_id") or org_id
+    if asset and (product or device):
+        return "gives both asset_id and product_key/device_key; keep one selector"
+    if not asset and not product and not device:
+        return "has no device selector; give asset_id, or product_key and device_key"
+    if not asset and not (product and device):
+        missing = "device_key" if product else "product_key"
+        return f"has half a device pair; add {missing}"
+    if not org:
+        return "has no org_id; set org_id for the job or for this target"
+    return Target(
+        org_id=org,
+        asset_id=asset or None,
+        product_key=product or None,
+        device_key=device or None,
+        command_id=values.get("command_id") or command_id,
+        source=where,
+    )
+
+
+def _targets_file(
+    node: yaml.Node | None, job_path: Path, problems: _Problems
+) -> TargetsFile | None:
+    text = _id(node, "targets_file", problems, allow_null=True)
+    if text is None:
+        return None
+    path = (job_path.parent / text).resolve()
+    suffix = path.suffix.lower()
+    fmt = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}.get(suffix)
+    if fmt is None:
+        problems.add(
+            node, "targets_file", f"{text!r} is neither .csv nor .jsonl", "rename or convert it"
+        )
+        return None
+    if not path.is_file():
+        problems.add(
+            node, "targets_file", f"{path} does not exist", "the path is relative to the job file"
+        )
+        return None
+    return TargetsFile(path=path, fmt=fmt)
+
+
+def _name(node: yaml.Node | None, path: Path, problems: _Problems) -> str:
+    text = _id(node, "name", problems, allow_null=True) if node is not None else None
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text or path.stem).strip("-.") or "job"
+
+
+def _gateway(node: yaml.Node | None, problems: _Problems) -> str | None:
+    text = _id(node, "gateway", problems, allow_null=True)
+    if text is not None and not re.match(r"https?://[^/\s]+", text):
+        problems.add(node, "gateway", f"{text!r} is not an http(s) URL", "write https://host")
+        return None
+    return text
+
+
+# -- limits and abort rules ---------------------------------------------------------------
+
+
+def parse_rate(value: object) -> float | None:
+    """A rate: a positive number of requests/s, or 'unlimited' (None). Raises ValueError."""
+    if isinstance(value, str) and value.strip().lower() == "unlimited":
+        return None
+    number = _positive(value, float)
+    return float(number)
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from '45m', '2h', '90s', '1h30m' or a number of seconds. Raises ValueError."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(_positive(value, float))
+    match = _DURATION_RE.fullmatch(str(value).strip())
+    if not match or not any(match.groups()):
+        raise ValueError(f"{value!r} is not a duration")
+    hours, minutes, seconds = (int(g or 0) for g in match.groups())
+    return float(_positive(hours * 3600 + minutes * 60 + seconds, float))
+
+
+def _positive(value: object, kind: Callable[[Any], Any]) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{value!r} is not a number")
+    if kind is int and not isinstance(value, int):
+        raise ValueError(f"{value!r} is not a whole number")
+    if value <= 0:
+        raise ValueError(f"{value!r} is not above zero")
+    return kind(value)
+
+
+_LIMIT_PARSERS: dict[str, tuple[Callable[[Any], Any], str]] = {
+    "rate": (parse_rate, "a number of requests per second above 0, or 'unlimited'"),
+    "concurrency": (lambda v: _positive(v, int), "a whole number of requests in flight, 1 or more"),
+    "attempts": (lambda v: _positive(v, int), "a whole number of attempts, 1 or more"),
+    "timeout": (lambda v: _positive(v, float), "seconds per attempt above 0, e.g. 10"),
+    "deadline": (parse_duration, "a duration such as 90s, 45m, 2h or 1h30m"),
+}
+
+
+def _limits(node: yaml.Node | None, problems: _Problems) -> Limits:
+    values = _settings(node, "limits", LIMIT_KEYS, _LIMIT_PARSERS, problems)
+    return Limits(**values)
+
+
+def _abort(node: yaml.Node | None, problems: _Problems) -> AbortRule:
+    parsers: dict[str, tuple[Callable[[Any], Any], str]] = {
+        "failure_ratio": (_ratio, "a share of failed targets, above 0 and at most 1, e.g. 0.2"),
+        "min_finished": (
+            lambda v: _positive(v, int),
+            "a whole number of finished targets, 1 or more",
+        ),
+    }
+    return AbortRule(**_settings(node, "abort", ABORT_KEYS, parsers, problems))
+
+
+def _ratio(value: object) -> float:
+    number = float(_positive(value, float))
+    if number > 1:
+        raise ValueError(f"{value!r} is above 1")
+    return number
+
+
+def _settings(
+    node: yaml.Node | None,
+    section: str,
+    allowed: tuple[str, ...],
+    parsers: dict[str, tuple[Callable[[Any], Any], str]],
+    problems: _Problems,
+) -> dict[str, Any]:
+    if node is None or (isinstance(node, yaml.ScalarNode) and node.tag == _NULL_TAG):
+        return {}
+    if not isinstance(node, yaml.MappingNode):
+        problems.add(node, section, "must be a mapping", f"write '{section}:' then indented keys")
+        return {}
+    values: dict[str, Any] = {}
+    for key, value_node in _mapping(node, allowed, f"{section}.", problems).items():
+        parse, expected = parsers[key]
+        try:
+            values[key] = parse(_value(value_node))
+        except (ValueError, yaml.YAMLError) as exc:
+            problems.add(value_node, f"{section}.{key}", str(exc), f"expected {expected}")
+    return values
+
+
+# -- streaming the targets ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run would do: validated once before anything is sent."""
+
+    listed: int
+    total: int
+    skip: frozenset[int]
+    duplicate_notes: tuple[str, ...]
+    targets_sha256: str
+    orgs: Counter[str] = field(default_factory=Counter)
+    cancel_all: int = 0
+
+
+def all_targets(job: Job) -> Iterator[Target]:
+    """Every listed target in order (inline first, then the file), duplicates included."""
+    yield from job.inline_targets
+    if job.targets_file is not None:
+        reader = _csv_rows if job.targets_file.fmt == "csv" else _jsonl_rows
+        for where, values in reader(job.targets_file.path):
+            target = _target(values, job.org_id, job.command_id, where)
+            if isinstance(target, str):
+                raise JobFileError([f"{where}: {target}"])
+            yield target
+
+
+def plan(job: Job) -> Plan:
+    """Stream every target once: validate, count, hash, find duplicates. Raises JobFileError."""
+    seen: set[int] = set()
+    skip: set[int] = set()
+    later: dict[int, str] = {}
+    digest = hashlib.sha256()
+    orgs: Counter[str] = Counter()
+    cancel_all = 0
+    with _gc_paused():
+        for ordinal, target in enumerate(_validated(job)):
+            key = target.key()
+            number = target.digest()
+            if number in seen:
+                skip.add(ordinal)
+                later.setdefault(number, target.source)
+                continue
+            seen.add(number)
+            digest.update(key.encode() + b"\n")
+            orgs[target.org_id] += 1
+            cancel_all += target.command_id is None
+    return Plan(
+        listed=len(seen) + len(skip),
+        total=len(seen),
+        skip=frozenset(skip),
+        duplicate_notes=_duplicate_notes(job, later),
+        targets_sha256=digest.hexdigest(),
+        orgs=orgs,
+        cancel_all=cancel_all,
+    )
+
+
+def _validated(job: Job) -> Iterator[Target]:
+    """All targets; bad rows are collected (up to MAX_PROBLEMS) and raised at the end."""
+    problems: list[str] = []
+    yield from job.inline_targets
+    if job.targets_file is not None:
+        reader = _csv_rows if job.targets_file.fmt == "csv" else _jsonl_rows
+        try:
+            for where, values in reader(job.targets_file.path):
+                target = _target(values, job.org_id, job.command_id, where)
+                if isinstance(target, str):
+                    problems.append(f"{where}: {target}")
+                    if len(problems) >= MAX_PROBLEMS:
+                        break
+                else:
+                    yield target
+        except JobFileError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise JobFileError(problems)
+
+
+def _duplicate_notes(job: Job, later: dict[int, str]) -> tuple[str, ...]:
+    """'X is a duplicate of Y; dropped' for each duplicate, naming where both were written."""
+    if not later:
+        return ()
+    first: dict[int, str] = {}
+    for target in all_targets(job):
+        number = target.digest()
+        if number in later and number not in first:
+            first[number] = target.source
+    return tuple(
+        f"{where}: duplicate of the target at {first[number]}; dropped"
+        for number, where in later.items()
+    )
+
+
+def run_targets(job: Job, plan_: Plan) -> Iterator[Target]:
+    """The targets to run, in order, without duplicates."""
+    skip = plan_.skip
+    for ordinal, target in enumerate(all_targets(job)):
+        if ordinal not in skip:
+            yield target
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    with path.open(newline="", encoding="utf-8-sig") as stream:
+        reader = csv.reader(stream)
+        header = next(reader, None)
+        columns = _columns(path, header)
+        for row in reader:
+            if not any(cell.strip() for cell in row):
+                continue
+            where = f"{path} row {reader.line_num}"
+            if len(row) != len(columns):
+                raise JobFileError(
+                    [f"{where}: has {len(row)} cells, the header has {len(columns)}; fix the row"]
+                )
+            yield where, _cells(where, columns, row)
+
+
+def _columns(path: Path, header: list[str] | None) -> list[str]:
+    if not header:
+        raise JobFileError([f"{path}: empty; the first row must name the columns, e.g. asset_id"])
+    columns = [name.strip() for name in header]
+    unknown = [name for name in columns if name not in TARGET_KEYS]
+    if unknown:
+        raise JobFileError(
+            [f"{path} row 1: unknown column(s) {unknown}; columns are {', '.join(TARGET_KEYS)}"]
+        )
+    return columns
+
+
+def _cells(where: str, columns: list[str], row: list[str]) -> dict[str, str]:
+    values: dict[str, str] = {}
+    for name, cell in zip(columns, row, strict=True):
+        if cell != cell.strip():
+            raise JobFileError([f"{where}: {name}: {cell!r} has spaces around it; remove them"])
+        if cell:
+            values[name] = cell
+    return values
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    with path.open("rb") as stream:
+        for number, line in enumerate(stream, start=1):
+            if not line.strip():
+                continue
+            where = f"{path} line {number}"
+            try:
+                item = orjson.loads(line)
+            except orjson.JSONDecodeError as exc:
+                raise JobFileError(
+                    [f"{where}: not valid JSON ({exc}); one object per line"]
+                ) from None
+            if not isinstance(item, dict):
+                raise JobFileError(
+                    [f'{where}: must be a JSON object such as {{"asset_id": "..."}}']
+                )
+            yield where, _json_fields(where, item)
+
+
+def _json_fields(where: str, item: dict[str, Any]) -> dict[str, str]:
+    values: dict[str, str] = {}
+    for name, value in item.items():
+        if name not in TARGET_KEYS:
+            raise JobFileError(
+                [f"{where}: unknown key {name!r}; keys are {', '.join(TARGET_KEYS)}"]
+            )
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise JobFileError([f"{where}: {name}: {value!r} is not text; write it in quotes"])
+        if not value.strip() or value != value.strip():
+            raise JobFileError([f"{where}: {name}: {value!r} is empty or has spaces around it"])
+        values[name] = value
+    return values

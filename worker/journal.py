@@ -1,0 +1,145 @@
+"""results.jsonl: one final line per target, written as it happens; also the resume journal.
+
+Every line goes to the kernel with a single ``os.write`` on an ``O_APPEND`` descriptor, so a
+crash of the process (even ``kill -9``) never loses a line already written, and lines never
+interleave. ``fdatasync`` (durability against a machine crash) runs in batches, off the event
+loop. Reading back tolerates a torn last line, which only a machine crash can leave.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from worker.model import Outcome, Target, TargetResult
+
+RESULTS_FILE = "results.jsonl"
+
+
+def iso(moment: float) -> str:
+    """ISO 8601 UTC with milliseconds, e.g. 2026-11-25T21:26:13.123Z."""
+    text = datetime.fromtimestamp(moment, UTC).isoformat(timespec="milliseconds")
+    return text.replace("+00:00", "Z")
+
+
+class AppendLog:
+    """An append-only JSON-lines file written with one syscall per line."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        self.unsynced = 0
+
+    def append_line(self, line: bytes) -> None:
+        """Write one line (without its newline); durable against a process crash at once."""
+        os.write(self._fd, line + b"\n")
+        self.unsynced += 1
+
+    def sync(self) -> None:
+        """Make what was written durable against a machine crash (called off the loop)."""
+        if self.unsynced and self._fd >= 0:
+            self.unsynced = 0
+            os.fdatasync(self._fd)
+
+    def close(self) -> None:
+        """Sync and close; safe to call twice."""
+        if self._fd >= 0:
+            self.sync()
+            os.close(self._fd)
+            self._fd = -1
+
+
+def result_record(result: TargetResult) -> dict[str, Any]:
+    """The results.jsonl fields of one result (design.md, Outputs)."""
+    target = result.target
+    return {
+        "target": target.selector(),
+        "org_id": target.org_id,
+        "command_id": target.command_id,
+        "outcome": result.outcome.value,
+        "cancelled_command_ids": list(result.cancelled_command_ids),
+        "attempts": result.attempts,
+        "http_status": result.http_status,
+        "code": result.code,
+        "msg": result.msg,
+        "request_id": result.request_id,
+        "error": result.error,
+        "effect_unknown": result.effect_unknown,
+        "started_at": iso(result.started_at),
+        "finished_at": iso(result.finished_at),
+        "duration_ms": round((result.finished_at - result.started_at) * 1000, 1),
+        "latency_ms": result.latency_ms,
+    }
+
+
+class ResultJournal:
+    """Appends result lines to results.jsonl."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.log = AppendLog(run_dir / RESULTS_FILE)
+
+    def write(self, result: TargetResult) -> None:
+        """Record one final result."""
+        self.log.append_line(orjson.dumps(result_record(result)))
+
+
+def target_of(record: dict[str, Any]) -> Target:
+    """The target a results.jsonl record is about."""
+    selector = record["target"]
+    return Target(
+        org_id=record["org_id"],
+        asset_id=selector.get("asset_id"),
+        product_key=selector.get("product_key"),
+        device_key=selector.get("device_key"),
+        command_id=record.get("command_id"),
+    )
+
+
+@dataclass(frozen=True)
+class JournalLine:
+    """One readable line of results.jsonl and its end offset in the file."""
+
+    record: dict[str, Any]
+    end: int
+
+
+def read_journal(path: Path) -> Iterator[JournalLine]:
+    """Every complete line of a journal; stops at a torn (unterminated or unparsable) tail."""
+    if not path.exists():
+        return
+    offset = 0
+    with path.open("rb") as stream:
+        for line in stream:
+            if not line.endswith(b"\n"):
+                return
+            try:
+                record = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                return
+            offset += len(line)
+            yield JournalLine(record, offset)
+
+
+def repair_tail(path: Path) -> int:
+    """Cut a torn last line off the journal; returns the bytes removed (0 when intact)."""
+    if not path.exists():
+        return 0
+    good = 0
+    for line in read_journal(path):
+        good = line.end
+    size = path.stat().st_size
+    if size > good:
+        with path.open("r+b") as stream:
+            stream.truncate(good)
+    return size - good
+
+
+def outcome_of(record: dict[str, Any]) -> Outcome:
+    """The outcome of a results.jsonl record."""
+    return Outcome(record["outcome"])

@@ -1,0 +1,63 @@
+"""structlog configuration, done once at the edge: readable on a TTY, JSON lines otherwise.
+
+Redaction is part of the pipeline, not a convention: any key that names a secret is masked,
+and any value containing a registered secret (the app secret, an access token) is masked too.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+_SECRET_KEYS = ("secret", "token", "signature", "password", "encryption", "authorization")
+_secrets: set[str] = set()
+REDACTED = "[redacted]"
+
+
+def register_secret(value: str) -> None:
+    """Mask this exact text wherever it would appear in a log line."""
+    if len(value) >= 4:
+        _secrets.add(value)
+
+
+def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """A structlog processor that masks secret-looking keys and registered secret values."""
+    for key, value in list(event.items()):
+        lowered = key.lower()
+        if any(word in lowered for word in _SECRET_KEYS) and not lowered.endswith(("_s", "_ms")):
+            event[key] = REDACTED
+        elif isinstance(value, str) and _secrets and any(s in value for s in _secrets):
+            masked = value
+            for secret in _secrets:
+                masked = masked.replace(secret, REDACTED)
+            event[key] = masked
+    return event
+
+
+def configure(
+    *, json: bool | None = None, level: int = logging.INFO, stream: TextIO | None = None
+) -> None:
+    """Set up structlog for the process: console renderer on a TTY, JSON lines otherwise."""
+    out = stream or sys.stderr
+    as_json = not out.isatty() if json is None else json
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if as_json
+        else structlog.dev.ConsoleRenderer(colors=out.isatty())
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            redact,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(out),
+        cache_logger_on_first_use=False,
+    )

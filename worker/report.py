@@ -1,0 +1,142 @@
+"""The summary of a run (from its journal, so it covers every segment) and how it is shown.
+
+summary.json is derived from results.jsonl and run.json, never from memory alone: after a crash
+and a resume, the summary of the whole run is still exact.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from worker.journal import RESULTS_FILE, read_journal
+from worker.model import Outcome
+
+SUMMARY_FILE = "summary.json"
+
+
+@dataclass
+class JournalTally:
+    """Counts read from results.jsonl."""
+
+    outcomes: Counter[str]
+    errors: Counter[str]
+    attempts: int
+    effect_unknown: int
+    latencies: list[float]
+
+    @property
+    def finished(self) -> int:
+        """Targets with a final result."""
+        return sum(self.outcomes.values())
+
+
+def tally(run_dir: Path) -> JournalTally:
+    """Read the whole journal once."""
+    outcomes: Counter[str] = Counter()
+    errors: Counter[str] = Counter()
+    attempts = unknown = 0
+    latencies: list[float] = []
+    for line in read_journal(run_dir / RESULTS_FILE):
+        record = line.record
+        outcomes[record["outcome"]] += 1
+        attempts += record.get("attempts") or 0
+        unknown += bool(record.get("effect_unknown"))
+        if record["outcome"] == Outcome.FAILED:
+            errors[_error_label(record)] += 1
+        latency = record.get("latency_ms")
+        if isinstance(latency, int | float):
+            latencies.append(float(latency))
+    return JournalTally(outcomes, errors, attempts, unknown, latencies)
+
+
+def _error_label(record: dict[str, Any]) -> str:
+    if record.get("code") not in (None, 0):
+        return str(record["code"])
+    if record.get("http_status") not in (None, 200):
+        return f"http_{record['http_status']}"
+    return "transport"
+
+
+def percentile(values: list[float], share: float) -> float | None:
+    """The nearest-rank percentile of `values` (None when empty)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, round(share * len(ordered) + 0.5) - 1))
+    return round(ordered[rank], 1)
+
+
+def build_summary(
+    manifest: dict[str, Any], counts: JournalTally, *, exit_code: int
+) -> dict[str, Any]:
+    """summary.json's content for the whole run (all segments)."""
+    segments = manifest["segments"]
+    duration = sum(s.get("duration_s") or 0.0 for s in segments)
+    requests = sum(s.get("requests") or 0 for s in segments)
+    ordered = sorted(counts.latencies)
+    total = manifest["targets"]
+    outcomes = {o.value: counts.outcomes.get(o.value, 0) for o in Outcome}
+    return {
+        "job": manifest["job_name"],
+        "run_id": manifest["run_id"],
+        "targets": total,
+        "outcomes": outcomes,
+        "not_attempted": total - counts.finished,
+        "effect_unknown": counts.effect_unknown,
+        "attempts": counts.attempts,
+        "errors": dict(counts.errors.most_common()),
+        "started_at": segments[0]["started_at"],
+        "finished_at": segments[-1].get("finished_at"),
+        "duration_s": round(duration, 3),
+        "segments": len(segments),
+        "stopped": segments[-1].get("reason"),
+        "stop_message": segments[-1].get("message"),
+        "rate": {
+            "requested": manifest["limits"]["rate"],
+            "achieved": round(requests / duration, 2) if duration > 0 else None,
+        },
+        "latency_ms": {
+            "p50": percentile(ordered, 0.50),
+            "p95": percentile(ordered, 0.95),
+            "p99": percentile(ordered, 0.99),
+        },
+        "exit_code": exit_code,
+        "resumable": total - counts.finished > 0 or counts.outcomes.get("failed", 0) > 0,
+    }
+
+
+def render(summary: dict[str, Any], run_dir: Path, out: TextIO | None = None) -> None:
+    """A short table for people: what happened, what is left, where the files are."""
+    stream = out or sys.stdout
+    outcomes = summary["outcomes"]
+    rate = summary["rate"]
+    latency = summary["latency_ms"]
+    lines = [
+        f"Run {summary['run_id']} ({summary['job']}): {summary['stopped']}",
+        f"  targets            {summary['targets']:>10,}",
+        f"  cancelled          {outcomes['cancelled']:>10,}",
+        f"  nothing to cancel  {outcomes['nothing_to_cancel']:>10,}",
+        f"  failed             {outcomes['failed']:>10,}",
+        f"  not attempted      {summary['not_attempted']:>10,}",
+        f"  requests           {summary['attempts']:>10,}   in {summary['duration_s']:.1f} s, "
+        f"{rate['achieved'] or 0:.1f}/s (asked {rate['requested'] or 'unlimited'})",
+        f"  latency ms         p50 {latency['p50']}  p95 {latency['p95']}  p99 {latency['p99']}",
+    ]
+    if summary["effect_unknown"]:
+        lines.append(
+            f"  effect unknown     {summary['effect_unknown']:>10,}   (answer lost, then nothing "
+            "left to cancel: see results.jsonl)"
+        )
+    if summary["errors"]:
+        top = ", ".join(f"{label} x{n}" for label, n in list(summary["errors"].items())[:5])
+        lines.append(f"  failures by code   {top}")
+    if summary.get("stop_message"):
+        lines.append(f"  why it stopped     {summary['stop_message']}")
+    lines.append(f"  files              {run_dir}/ (results.jsonl, audit.jsonl, summary.json)")
+    lines.append(f"  exit code          {summary['exit_code']}")
+    stream.write("\n".join(lines) + "\n")
+    stream.flush()

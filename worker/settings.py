@@ -1,0 +1,127 @@
+"""Turning the operator's command line and environment into run settings: credentials, gateway,
+limits, run directory. Every refusal is a UsageError that says what to do instead.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import stat
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import structlog
+
+from worker.enos.client import Credentials
+from worker.errors import UsageError
+from worker.jobfile import parse_duration, parse_rate
+from worker.model import Job, Limits
+
+ENV_KEY, ENV_SECRET, ENV_GATEWAY = "ENOS_APP_KEY", "ENOS_APP_SECRET", "ENOS_GATEWAY"
+
+
+def load_credentials(path: Path | None) -> Credentials:
+    """From --credentials FILE (ENOS_APP_KEY=... lines) or the environment."""
+    values = _read_env_file(path) if path is not None else dict(os.environ)
+    key, secret = values.get(ENV_KEY, "").strip(), values.get(ENV_SECRET, "").strip()
+    origin = str(path) if path is not None else "the environment"
+    if not key or not secret:
+        raise UsageError(
+            f"no credentials in {origin}: set {ENV_KEY} and {ENV_SECRET}, or pass "
+            "--credentials FILE with those two lines"
+        )
+    return Credentials(key, secret)
+
+
+def _read_env_file(path: Path) -> dict[str, str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise UsageError(f"cannot read the credentials file {path}: {exc.strerror}") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        structlog.get_logger("worker").warning(
+            "worker.credentials_file_readable_by_others", path=str(path), fix=f"chmod 600 {path}"
+        )
+    values: dict[str, str] = {}
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, value = line.removeprefix("export ").partition("=")
+        if not sep:
+            raise UsageError(f"{path}:{number}: expected NAME=value (e.g. {ENV_KEY}=...)")
+        values[name.strip()] = value.strip().strip("'\"")
+    return values
+
+
+def resolve_gateway(flag: str | None, job: Job, *, insecure: bool) -> str:
+    """--gateway, then ENOS_GATEWAY, then the job's gateway; TLS unless loopback or --insecure."""
+    gateway = flag or os.environ.get(ENV_GATEWAY) or job.gateway
+    if not gateway:
+        raise UsageError(
+            "no gateway: pass --gateway https://apim-..., set ENOS_GATEWAY, or add 'gateway:' to "
+            f"{job.path}"
+        )
+    parts = urlsplit(gateway)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"the gateway {gateway!r} is not an http(s) URL")
+    if parts.scheme == "http" and not insecure and not _is_loopback(parts.hostname):
+        raise UsageError(
+            f"the gateway {gateway} is plain http on a non-loopback host; use https, or pass "
+            "--insecure if you really mean it"
+        )
+    return gateway.rstrip("/")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def merge_limits(
+    base: Limits, *, rate: str | None, concurrency: int | None, deadline: str | None
+) -> Limits:
+    """The job's (or the resumed run's) limits with the command line's overrides."""
+    limits = base
+    try:
+        if rate is not None:
+            limits = replace(limits, rate=parse_rate(_number(rate)))
+        if deadline is not None:
+            limits = replace(limits, deadline=parse_duration(deadline))
+    except ValueError as exc:
+        raise UsageError(
+            f"{exc}: --rate takes a number or 'unlimited', --deadline e.g. 45m"
+        ) from None
+    if concurrency is not None:
+        if concurrency < 1:
+            raise UsageError("--concurrency must be 1 or more")
+        limits = replace(limits, concurrency=concurrency)
+    return limits
+
+
+def _number(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def new_run_dir(out: Path | None, job: Job) -> Path:
+    """--out DIR (must not exist, or be empty), else runs/<job name>-<UTC timestamp>/."""
+    if out is None:
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        out = Path("runs") / f"{job.name}-{stamp}"
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(
+            f"{out} already exists and is not empty; a run is never overwritten. To continue it: "
+            f"worker run {job.path} --resume {out}"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    return out
