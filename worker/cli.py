@@ -53,6 +53,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Run a job (or continue one with --resume)."""
     job = load_job(Path(args.job))
     plan_ = _plan_with_warnings(job)
+    if plan_.total == 0:
+        raise UsageError(f"{job.path} lists no targets; nothing to do")
     credentials = load_credentials(args.credentials)
     logs.register_secret(credentials.app_secret)
     if args.resume is not None:

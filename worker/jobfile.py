@@ -189,8 +189,11 @@ def _inline_targets(
         if not isinstance(item, yaml.MappingNode):
             problems.add(item, f"targets[{index}]", "must be a mapping", "write '- asset_id: ...'")
             continue
+        before = len(problems.items)
         fields = _mapping(item, TARGET_KEYS, prefix, problems)
         values = {key: _id(value, prefix + key, problems) for key, value in fields.items()}
+        if len(problems.items) > before:
+            continue  # one report per mistake: do not also say "no selector"
         where = f"{problems.path}:{item.start_mark.line + 1}"
         target = _target(
             {k: v for k, v in values.items() if v is not None}, org_id, command_id, where

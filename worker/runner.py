@@ -51,6 +51,8 @@ class RunOptions:
     resume: bool = False
     progress: bool = True
     seed: int | None = None
+    backoff_base_s: float = 0.5
+    backoff_cap_s: float = 30.0
 
 
 class _Recorder:
@@ -142,7 +144,12 @@ async def execute(
         _Recorder(audit, journal),
         RateLimiter(limits.rate),
         concurrency=limits.concurrency,
-        policy=RetryPolicy(attempts=limits.attempts, max_throttles=limits.max_throttles),
+        policy=RetryPolicy(
+            attempts=limits.attempts,
+            max_throttles=limits.max_throttles,
+            base_s=options.backoff_base_s,
+            cap_s=options.backoff_cap_s,
+        ),
         abort=job.abort,
         deadline_at=time.time() + limits.deadline if limits.deadline else None,
         attempt_timeout=limits.timeout,

@@ -1,0 +1,62 @@
+"""Helpers to run a job in process against a simulator and read what it left behind."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from tests.conftest import APP_KEY, APP_SECRET
+from worker.enos.client import Credentials
+from worker.jobfile import load_job, plan
+from worker.runner import RunOptions, execute, new_manifest
+
+
+def write_job(tmp_path: Path, body: str, name: str = "job.yaml") -> Path:
+    """A job file with `body` below the version/name/org header."""
+    path = tmp_path / name
+    path.write_text("version: 1\nname: t\norg_id: o15541858646501\n" + body, encoding="utf-8")
+    return path
+
+
+async def run_job(
+    job_path: Path,
+    gateway: str,
+    run_dir: Path,
+    *,
+    credentials: Credentials | None = None,
+    **limits: Any,
+) -> tuple[int, str]:
+    """Run a job as `worker run` would (fast backoff); returns (exit code, printed report)."""
+    job = load_job(job_path)
+    plan_ = plan(job)
+    options = RunOptions(
+        gateway,
+        credentials or Credentials(APP_KEY, APP_SECRET),
+        replace(job.limits, **limits),
+        run_dir,
+        progress=False,
+        seed=1,
+        backoff_base_s=0.01,
+        backoff_cap_s=0.1,
+    )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    out = io.StringIO()
+    code = await execute(
+        job, plan_, options, manifest=new_manifest(job, plan_, options), done=set(), out=out
+    )
+    return code, out.getvalue()
+
+
+def results(run_dir: Path) -> list[dict[str, Any]]:
+    """Every line of results.jsonl."""
+    return [orjson.loads(line) for line in (run_dir / "results.jsonl").read_bytes().splitlines()]
+
+
+def summary(run_dir: Path) -> dict[str, Any]:
+    """summary.json."""
+    loaded: dict[str, Any] = orjson.loads((run_dir / "summary.json").read_bytes())
+    return loaded

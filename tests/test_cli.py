@@ -1,0 +1,114 @@
+"""`worker` as a process: exit codes, refusals that send nothing, the example job end to end."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+
+from tests.conftest import APP_KEY, APP_SECRET
+from tests.simproc import run_worker, sim_get, simulator_process, worker_env
+
+ROOT = Path(__file__).resolve().parent.parent
+HEAD = "version: 1\nname: t\norg_id: o15541858646501\n"
+
+
+@pytest.fixture(scope="module")
+def sim_url() -> Iterator[str]:
+    """One simulator process for the module's runs."""
+    with simulator_process("--devices", "1000") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def idle_sim() -> Iterator[str]:
+    """A simulator that must never receive a request (refusal tests)."""
+    with simulator_process() as url:
+        yield url
+
+
+def test_example_job_runs_to_exit_0(sim_url: str, tmp_path: Path) -> None:
+    """worker run jobs/example.yaml --gateway URL against worker simulate exits 0."""
+    out = tmp_path / "run"
+    done = run_worker("run", str(ROOT / "jobs" / "example.yaml"), "--gateway", sim_url,
+                      "--rate", "1000", "--out", str(out))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    summary = orjson.loads((out / "summary.json").read_bytes())
+    assert summary["targets"] == 300
+    assert summary["not_attempted"] == 0
+    assert sum(summary["outcomes"].values()) == 300
+    assert "exit code          0" in done.stdout
+    assert APP_SECRET not in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "targets: [{asset_id: a}]\n",  # no version
+        HEAD + "targets: [{asset_id: ''}]\n",
+        HEAD + "targets: [{product_key: p}]\n",
+        HEAD + "limits: {rate: 0}\ntargets: [{asset_id: a}]\n",
+        HEAD + "limits: {concurrency: -1}\ntargets: [{asset_id: a}]\n",
+        HEAD + "unknown: 1\ntargets: [{asset_id: a}]\n",
+        HEAD + "targets_file: devices.csv\n",  # bad row 3 of the file
+        "- not a mapping\n",
+        HEAD + "targets: []\n",  # nothing to do
+    ],
+)
+def test_bad_job_exits_2_and_sends_nothing(idle_sim: str, tmp_path: Path, body: str) -> None:
+    """A bad job file: exit 2, a message naming the file, and no request at all."""
+    (tmp_path / "devices.csv").write_text("asset_id\nas000001\n\nas000002,extra\n")
+    job = tmp_path / "job.yaml"
+    job.write_text(body)
+    done = run_worker("run", str(job), "--gateway", idle_sim, "--out", str(tmp_path / "run"))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert str(job.name) in done.stderr or "devices.csv" in done.stderr
+    stats = sim_get(idle_sim, "/_sim/stats")
+    assert stats["business_calls"] == 0
+    assert stats["token_requests"] == 0
+
+
+def test_usage_refusals_exit_2(idle_sim: str, tmp_path: Path) -> None:
+    """No credentials, plain http to a remote host, an existing run directory: exit 2."""
+    job = tmp_path / "job.yaml"
+    job.write_text(HEAD + "targets: [{asset_id: as000001}]\n")
+    env = {k: v for k, v in worker_env().items() if k != "ENOS_APP_SECRET"}
+    done = run_worker("run", str(job), "--gateway", idle_sim, env=env)
+    assert (done.returncode, "ENOS_APP_SECRET" in done.stderr) == (2, True)
+    done = run_worker("run", str(job), "--gateway", "http://10.1.2.3")
+    assert (done.returncode, "--insecure" in done.stderr) == (2, True)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "results.jsonl").write_text("")
+    done = run_worker("run", str(job), "--gateway", idle_sim, "--out", str(tmp_path / "old"))
+    assert (done.returncode, "--resume" in done.stderr) == (2, True)
+    assert sim_get(idle_sim, "/_sim/stats")["business_calls"] == 0
+
+
+def test_credentials_file(sim_url: str, tmp_path: Path) -> None:
+    """--credentials FILE with ENOS_APP_KEY=/ENOS_APP_SECRET= lines works like the environment."""
+    secret_file = tmp_path / "creds.env"
+    secret_file.write_text(
+        f"# test\nENOS_APP_KEY={APP_KEY}\nexport ENOS_APP_SECRET='{APP_SECRET}'\n"
+    )
+    secret_file.chmod(0o600)
+    job = tmp_path / "job.yaml"
+    job.write_text(HEAD + "targets: [{asset_id: as000900}]\n")
+    env = {k: v for k, v in worker_env().items() if not k.startswith("ENOS_")}
+    done = run_worker("run", str(job), "--gateway", sim_url, "--credentials", str(secret_file),
+                      "--out", str(tmp_path / "run"), env=env)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+
+
+def test_validate_prints_the_plan(tmp_path: Path) -> None:
+    """validate: counts, duplicates, estimate at the rate, deadline warning; sends nothing."""
+    job = tmp_path / "job.yaml"
+    job.write_text(HEAD + "limits: {rate: 1, deadline: 1s}\ntargets:\n  - asset_id: a\n"
+                   "  - asset_id: b\n  - asset_id: a\n")  # fmt: skip
+    done = run_worker("validate", str(job))
+    assert done.returncode == 0, done.stderr
+    assert "2 (1 duplicates dropped)" in done.stdout
+    assert "0m02s at 1/s" in done.stdout
+    assert "WARNING" in done.stdout
+    assert "duplicate of the target at" in done.stderr
