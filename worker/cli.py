@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import importlib.util
 import os
+import random
 import secrets
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -18,14 +19,15 @@ from typing import Any, TypeVar
 import anyio
 import structlog
 
-from worker import __version__, logs
-from worker.enos.client import Credentials
+from worker import __version__, dryrun, logs
+from worker.enos.client import Credentials, EnOSClient
 from worker.enos.simulator import Faults, Simulator, serve
-from worker.errors import UsageError
-from worker.jobfile import Plan, all_targets, load_job, plan
+from worker.errors import FatalError, RetryableError, UsageError
+from worker.jobfile import Plan, all_targets, load_job, plan, run_targets
 from worker.model import Job, Limits
 from worker.report import SUMMARY_FILE, build_summary, render, tally
 from worker.runner import (
+    EXIT_ABORTED,
     EXIT_USAGE,
     RunOptions,
     done_set,
@@ -38,6 +40,7 @@ from worker.settings import load_credentials, merge_limits, new_run_dir, resolve
 log = structlog.get_logger("worker")
 T = TypeVar("T")
 SIM_APP_KEY, SIM_APP_SECRET = "sim-app-key", "sim-app-secret"
+CONFIRM_ABOVE = 1000
 
 
 def run_async(function: Callable[[], Awaitable[T]]) -> T:
@@ -62,8 +65,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         gateway = resolve_gateway(args.gateway, job, insecure=args.insecure)
         limits = _limits(job.limits, args)
-        run_dir = new_run_dir(args.out, job)
-        manifest, done = None, set()
+        run_dir, manifest, done = None, None, set()
+    if args.dry_run:
+        return _dry_run(job, plan_, gateway, credentials, limits, sample=args.sample)
+    _confirm(plan_.total - len(done), gateway, assume_yes=args.yes)
+    run_dir = run_dir or new_run_dir(args.out, job)
     options = RunOptions(gateway, credentials, limits, run_dir, resume=args.resume is not None)
     manifest = manifest or new_manifest(job, plan_, options)
     log.info(
@@ -76,6 +82,51 @@ def cmd_run(args: argparse.Namespace) -> int:
         concurrency=limits.concurrency,
     )
     return run_async(lambda: execute(job, plan_, options, manifest=manifest, done=done))
+
+
+def _confirm(pending: int, gateway: str, *, assume_yes: bool) -> None:
+    """Above CONFIRM_ABOVE targets, an operator types the count; a script passes --yes."""
+    if pending <= CONFIRM_ABOVE or assume_yes:
+        return
+    if not sys.stdin.isatty():
+        raise UsageError(
+            f"this run would cancel commands on {pending:,} targets; without a terminal to "
+            "confirm on, pass --yes (scheduled batches) or run it interactively"
+        )
+    sys.stderr.write(
+        f"About to cancel cached commands on {pending:,} targets via {gateway}.\n"
+        f"Type the number of targets ({pending}) to go on: "
+    )
+    sys.stderr.flush()
+    answer = sys.stdin.readline().strip().replace(",", "").replace("_", "")
+    if answer != str(pending):
+        raise UsageError("not confirmed; nothing was sent")
+
+
+def _dry_run(
+    job: Job, plan_: Plan, gateway: str, credentials: Credentials, limits: Limits, *, sample: int
+) -> int:
+    """Token + optional sampled searches; never a cancel."""
+    chosen = dryrun.reservoir(run_targets(job, plan_), sample, random.Random()) if sample else []
+
+    async def go() -> list[dryrun.Probe]:
+        client = EnOSClient(
+            gateway, credentials, concurrency=limits.concurrency, timeout=limits.timeout
+        )
+        async with client:
+            await client.authenticate()
+            return await dryrun.probe(client, chosen, limits)
+
+    try:
+        probes = run_async(go)
+    except FatalError as exc:
+        sys.stderr.write(f"worker: dry run stopped: {exc}\n")
+        return EXIT_ABORTED
+    except RetryableError as exc:
+        sys.stderr.write(f"worker: dry run could not reach the gateway: {exc}\n")
+        return EXIT_ABORTED
+    dryrun.render(probes, plan_.total)
+    return 0
 
 
 def _limits(base: Limits, args: argparse.Namespace) -> Limits:
@@ -272,6 +323,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="with --resume: even if the job changed")
     run.add_argument(
         "--insecure", action="store_true", help="allow plain http to a non-loopback host"
+    )
+    run.add_argument(
+        "--dry-run", action="store_true", help="get a token, search a sample; no cancel"
+    )
+    run.add_argument(
+        "--sample",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --dry-run: search N random targets for cached commands",
+    )
+    run.add_argument(
+        "--yes", action="store_true", help=f"skip the confirmation above {CONFIRM_ABOVE} targets"
     )
     run.set_defaults(handler=cmd_run)
 

@@ -136,14 +136,25 @@ class Engine:
         """Process every target (or until stopped); returns why the run ended."""
         async with anyio.create_task_group() as group:
             self._group_scope = group.cancel_scope
-            for _ in range(self._concurrency):
-                group.start_soon(self._worker, targets)
+            workers = anyio.create_task_group()
+            if self._deadline_at is not None:
+                group.start_soon(self._deadline_timer)
+            async with workers:
+                for _ in range(self._concurrency):
+                    workers.start_soon(self._worker, targets)
+            group.cancel_scope.cancel()  # the deadline timer, if any
         return self.stop_reason
+
+    async def _deadline_timer(self) -> None:
+        """Stop admitting when the deadline leaves only one attempt's time for what is in flight."""
+        assert self._deadline_at is not None
+        await anyio.sleep(max(0.0, self._deadline_at - self._attempt_timeout - self._clock()))
+        self.stop(StopReason.DEADLINE, "the deadline was reached; the rest is resumable")
 
     async def _worker(self, targets: Iterator[Target]) -> None:
         while not self.stopping:
             if self._deadline_near():
-                self.stop(StopReason.DEADLINE, "the deadline leaves no time for another target")
+                self.stop(StopReason.DEADLINE, "the deadline was reached; the rest is resumable")
                 return
             target = next(targets, None)
             if target is None:
@@ -177,6 +188,13 @@ class Engine:
             began = time.perf_counter()
             try:
                 reply = await self._client.cancel(target)
+            except anyio.get_cancelled_exc_class():
+                self.recorder.attempt(
+                    Attempt(target, state.sent, self._clock(), _ms_since(began), None, None, None,
+                            "abandoned", error="cancelled in flight by a second stop signal"),
+                    "cancel",
+                )  # fmt: skip
+                raise
             except EnOSError as error:
                 state.latency_ms = _ms_since(began)
                 if not await self._after_failure(target, state, error):

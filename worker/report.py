@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from worker.journal import RESULTS_FILE, read_journal
+from worker.journal import RESULTS_FILE, read_journal, target_of
 from worker.model import Outcome
 
 SUMMARY_FILE = "summary.json"
@@ -40,17 +40,26 @@ def tally(run_dir: Path) -> JournalTally:
     errors: Counter[str] = Counter()
     attempts = unknown = 0
     latencies: list[float] = []
+    failed_earlier: dict[str, str] = {}  # a --retry-failed segment supersedes these lines
     for line in read_journal(run_dir / RESULTS_FILE):
         record = line.record
+        failed = record["outcome"] == Outcome.FAILED
+        key = target_of(record).key() if failed or failed_earlier else ""
+        superseded = failed_earlier.pop(key, None) if failed_earlier else None
+        if superseded is not None:
+            outcomes[Outcome.FAILED.value] -= 1
+            errors[superseded] -= 1
         outcomes[record["outcome"]] += 1
         attempts += record.get("attempts") or 0
         unknown += bool(record.get("effect_unknown"))
-        if record["outcome"] == Outcome.FAILED:
-            errors[_error_label(record)] += 1
+        if failed:
+            label = _error_label(record)
+            errors[label] += 1
+            failed_earlier[key] = label
         latency = record.get("latency_ms")
         if isinstance(latency, int | float):
             latencies.append(float(latency))
-    return JournalTally(outcomes, errors, attempts, unknown, latencies)
+    return JournalTally(+outcomes, +errors, attempts, unknown, latencies)
 
 
 def _error_label(record: dict[str, Any]) -> str:

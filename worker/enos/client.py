@@ -112,6 +112,10 @@ class EnOSClient:
 
     # -- business operations --------------------------------------------------------------
 
+    async def authenticate(self) -> None:
+        """Obtain an access token now: proves the credentials and the gateway, cancels nothing."""
+        await self._access_token()
+
     async def cancel(self, target: Target) -> CancelReply:
         """Cancel one cached command of the target's device, or all of them without an id."""
         params = device_params(target)
