@@ -12,7 +12,8 @@ import orjson
 from tests.conftest import APP_KEY, APP_SECRET
 from worker.enos.client import Credentials
 from worker.jobfile import load_job, plan
-from worker.runner import RunOptions, execute, new_manifest
+from worker.model import Limits
+from worker.runner import RunOptions, done_set, execute, new_manifest, read_manifest
 
 
 def write_job(tmp_path: Path, body: str, name: str = "job.yaml") -> Path:
@@ -60,3 +61,28 @@ def summary(run_dir: Path) -> dict[str, Any]:
     """summary.json."""
     loaded: dict[str, Any] = orjson.loads((run_dir / "summary.json").read_bytes())
     return loaded
+
+
+async def resume_job(
+    job_path: Path, gateway: str, run_dir: Path, *, retry_failed: bool = False, **limits: Any
+) -> tuple[int, str]:
+    """Continue a run as `worker run JOB --resume DIR` would."""
+    job = load_job(job_path)
+    plan_ = plan(job)
+    manifest = read_manifest(run_dir)
+    recorded = Limits(**manifest["limits"])
+    options = RunOptions(
+        gateway,
+        Credentials(APP_KEY, APP_SECRET),
+        replace(recorded, **limits),
+        run_dir,
+        resume=True,
+        progress=False,
+        seed=2,
+        backoff_base_s=0.01,
+        backoff_cap_s=0.1,
+    )
+    out = io.StringIO()
+    done = done_set(run_dir, retry_failed=retry_failed)
+    code = await execute(job, plan_, options, manifest=manifest, done=done, out=out)
+    return code, out.getvalue()

@@ -49,7 +49,7 @@ def sim_post(url: str, path: str, payload: object) -> Any:
 def worker_env(**extra: str) -> dict[str, str]:
     """The environment for a `worker` subprocess, with the test credentials."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ENOS_")}
-    env.update(ENOS_APP_KEY=APP_KEY, ENOS_APP_SECRET=APP_SECRET, **extra)
+    env.update({"ENOS_APP_KEY": APP_KEY, "ENOS_APP_SECRET": APP_SECRET, **extra})
     return env
 
 

@@ -90,7 +90,10 @@ def _json(
     payload: object, status: int = 200, headers: Mapping[str, str] | None = None
 ) -> web.Response:
     return web.Response(
-        body=orjson.dumps(payload), status=status, content_type="application/json", headers=headers
+        body=orjson.dumps(payload, default=sorted),  # sets (denied_orgs) as sorted lists
+        status=status,
+        content_type="application/json",
+        headers=headers,
     )
 
 
