@@ -140,11 +140,11 @@ def test_all_problems_are_reported_at_once(tmp_path: Path) -> None:
     [
         ("asset_id,colour\na,b\n", "d.csv", "unknown column"),
         ("asset_id\n\n", "d.csv", None),
-        ("product_key,device_key\np,\n", "d.csv", "row 2: has half a device pair"),
-        ("asset_id,product_key\na,b,c\n", "d.csv", "row 2: has 3 cells"),
+        ("product_key,device_key\np,\n", "d.csv", ":2: has half a device pair"),
+        ("asset_id,product_key\na,b,c\n", "d.csv", ":2: has 3 cells"),
         ("asset_id\n a\n", "d.csv", "spaces around it"),
-        ('{"asset_id": 123}\n', "d.jsonl", "line 1: asset_id: 123 is not text"),
-        ('{"asset_id": "a"}\n{oops\n', "d.jsonl", "line 2: not valid JSON"),
+        ('{"asset_id": 123}\n', "d.jsonl", ":1: asset_id: 123 is not text"),
+        ('{"asset_id": "a"}\n{oops\n', "d.jsonl", ":2: not valid JSON"),
         ('["a"]\n', "d.jsonl", "must be a JSON object"),
         ('{"device": "a"}\n', "d.jsonl", "unknown key"),
     ],
@@ -163,13 +163,13 @@ def test_targets_file_refusals(tmp_path: Path, content: str, name: str, words: s
 
 def test_duplicates_are_dropped_naming_both_places(tmp_path: Path) -> None:
     """The second occurrence is dropped; the note names where both were written."""
-    write(tmp_path, "asset_id\na1\na2\n", "d.csv")
+    write(tmp_path, "asset_id\na2\na1\n", "d.csv")
     job_path = write(tmp_path, HEAD + "targets:\n  - asset_id: a1\ntargets_file: d.csv\n")
     job = load_job(job_path)
     result = plan(job)
     assert (result.listed, result.total) == (3, 2)
     (note,) = result.duplicate_notes
-    assert "d.csv row 2" in note
+    assert "d.csv:3" in note
     assert "job.yaml:5" in note
     assert [t.asset_id for t in run_targets(job, result)] == ["a1", "a2"]
 

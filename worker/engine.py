@@ -211,6 +211,8 @@ class Engine:
         """Record a failed attempt and decide; True to try again."""
         if isinstance(error, RetryableError):
             state.maybe_applied |= error.maybe_applied
+            if error.http_status == 503:
+                self._limiter.slow_down()
         failures = state.sent - state.throttles
         decision = self._policy.decide(
             error, failures=failures, throttles=state.throttles, rng=self._rng

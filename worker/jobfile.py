@@ -13,11 +13,12 @@ import csv
 import difflib
 import gc
 import hashlib
+import operator
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +33,11 @@ JOB_KEYS = (
     "abort",
 )  # fmt: skip
 TARGET_KEYS = ("asset_id", "product_key", "device_key", "command_id", "org_id")
-LIMIT_KEYS = ("rate", "concurrency", "attempts", "timeout", "deadline")
+Row = tuple[str, str, str, str, str]  # TARGET_KEYS in order; "" where absent
+LIMIT_KEYS = ("rate", "rate_floor", "rate_max", "concurrency", "attempts", "timeout", "deadline")
 ABORT_KEYS = ("failure_ratio", "min_finished")
 MAX_PROBLEMS = 20
+DEFAULT_RATE = 10.0  # requests per second: conservative, for a gateway we know nothing of
 _STR_TAG = "tag:yaml.org,2002:str"
 _NULL_TAG = "tag:yaml.org,2002:null"
 _DURATION_RE = re.compile(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
@@ -209,27 +212,36 @@ def _target(
     values: dict[str, str], org_id: str | None, command_id: str | None, where: str
 ) -> Target | str:
     """A target from its fields and the job's defaults, or "problem; fix" text."""
-    asset, product, device = (
-        values.get("asset_id"),
-        values.get("product_key"),
-        values.get("device_key"),
-    )
-    org = values.get("org_id") or org_id
+    row = tuple(values.get(name, "") for name in TARGET_KEYS)
+    return _row_target(row, org_id or "", command_id or "", where)  # type: ignore[arg-type]
+
+
+def _row_problem(asset: str, product: str, device: str, org: str) -> str | None:
+    """What is wrong with a target's selector and org ("problem; fix"), or None."""
     if asset and (product or device):
         return "gives both asset_id and product_key/device_key; keep one selector"
     if not asset and not product and not device:
         return "has no device selector; give asset_id, or product_key and device_key"
     if not asset and not (product and device):
-        missing = "device_key" if product else "product_key"
-        return f"has half a device pair; add {missing}"
+        return f"has half a device pair; add {'device_key' if product else 'product_key'}"
     if not org:
         return "has no org_id; set org_id for the job or for this target"
+    return None
+
+
+def _row_target(row: Row, org_id: str, command_id: str, where: str) -> Target | str:
+    """A Target from a row (job defaults applied), or "problem; fix" text."""
+    asset, product, device, command, org = row
+    org = org or org_id
+    problem = _row_problem(asset, product, device, org)
+    if problem is not None:
+        return problem
     return Target(
         org_id=org,
         asset_id=asset or None,
         product_key=product or None,
         device_key=device or None,
-        command_id=values.get("command_id") or command_id,
+        command_id=command or command_id or None,
         source=where,
     )
 
@@ -272,12 +284,19 @@ def _gateway(node: yaml.Node | None, problems: _Problems) -> str | None:
 # -- limits and abort rules ---------------------------------------------------------------
 
 
-def parse_rate(value: object) -> float | None:
-    """A rate: a positive number of requests/s, or 'unlimited' (None). Raises ValueError."""
-    if isinstance(value, str) and value.strip().lower() == "unlimited":
-        return None
-    number = _positive(value, float)
-    return float(number)
+def parse_rate(value: object) -> float | str | None:
+    """A rate: requests/s above 0, 'unlimited' (None) or 'auto'. Raises ValueError."""
+    if isinstance(value, str) and value.strip().lower() in ("unlimited", "auto"):
+        return None if value.strip().lower() == "unlimited" else "auto"
+    return float(_positive(value, float))
+
+
+def with_rate(limits: Limits, rate: float | str | None) -> Limits:
+    """`limits` with a parsed rate: a number, None (unlimited) or 'auto' (from rate_floor)."""
+    if rate == "auto":
+        return replace(limits, adaptive=True, rate=limits.rate_floor)
+    assert not isinstance(rate, str)
+    return replace(limits, adaptive=False, rate=rate)
 
 
 def parse_duration(value: object) -> float:
@@ -302,7 +321,9 @@ def _positive(value: object, kind: Callable[[Any], Any]) -> Any:
 
 
 _LIMIT_PARSERS: dict[str, tuple[Callable[[Any], Any], str]] = {
-    "rate": (parse_rate, "a number of requests per second above 0, or 'unlimited'"),
+    "rate": (parse_rate, "requests per second above 0, 'unlimited' or 'auto'"),
+    "rate_floor": (lambda v: _positive(v, float), "with rate: auto, the starting rate, e.g. 10"),
+    "rate_max": (lambda v: _positive(v, float), "with rate: auto, the highest rate to try"),
     "concurrency": (lambda v: _positive(v, int), "a whole number of requests in flight, 1 or more"),
     "attempts": (lambda v: _positive(v, int), "a whole number of attempts, 1 or more"),
     "timeout": (lambda v: _positive(v, float), "seconds per attempt above 0, e.g. 10"),
@@ -312,7 +333,8 @@ _LIMIT_PARSERS: dict[str, tuple[Callable[[Any], Any], str]] = {
 
 def _limits(node: yaml.Node | None, problems: _Problems) -> Limits:
     values = _settings(node, "limits", LIMIT_KEYS, _LIMIT_PARSERS, problems)
-    return Limits(**values)
+    rate = values.pop("rate", DEFAULT_RATE)
+    return with_rate(Limits(**values), rate)
 
 
 def _abort(node: yaml.Node | None, problems: _Problems) -> AbortRule:
@@ -375,79 +397,12 @@ def all_targets(job: Job) -> Iterator[Target]:
     """Every listed target in order (inline first, then the file), duplicates included."""
     yield from job.inline_targets
     if job.targets_file is not None:
-        reader = _csv_rows if job.targets_file.fmt == "csv" else _jsonl_rows
-        for where, values in reader(job.targets_file.path):
-            target = _target(values, job.org_id, job.command_id, where)
+        path = job.targets_file.path
+        for line, row in _file_rows(job.targets_file):
+            target = _row_target(row, job.org_id or "", job.command_id or "", f"{path}:{line}")
             if isinstance(target, str):
-                raise JobFileError([f"{where}: {target}"])
+                raise JobFileError([f"{path}:{line}: {target}"])
             yield target
-
-
-def plan(job: Job) -> Plan:
-    """Stream every target once: validate, count, hash, find duplicates. Raises JobFileError."""
-    seen: set[int] = set()
-    skip: set[int] = set()
-    later: dict[int, str] = {}
-    digest = hashlib.sha256()
-    orgs: Counter[str] = Counter()
-    cancel_all = 0
-    with _gc_paused():
-        for ordinal, target in enumerate(_validated(job)):
-            key = target.key()
-            number = target.digest()
-            if number in seen:
-                skip.add(ordinal)
-                later.setdefault(number, target.source)
-                continue
-            seen.add(number)
-            digest.update(key.encode() + b"\n")
-            orgs[target.org_id] += 1
-            cancel_all += target.command_id is None
-    return Plan(
-        listed=len(seen) + len(skip),
-        total=len(seen),
-        skip=frozenset(skip),
-        duplicate_notes=_duplicate_notes(job, later),
-        targets_sha256=digest.hexdigest(),
-        orgs=orgs,
-        cancel_all=cancel_all,
-    )
-
-
-def _validated(job: Job) -> Iterator[Target]:
-    """All targets; bad rows are collected (up to MAX_PROBLEMS) and raised at the end."""
-    problems: list[str] = []
-    yield from job.inline_targets
-    if job.targets_file is not None:
-        reader = _csv_rows if job.targets_file.fmt == "csv" else _jsonl_rows
-        try:
-            for where, values in reader(job.targets_file.path):
-                target = _target(values, job.org_id, job.command_id, where)
-                if isinstance(target, str):
-                    problems.append(f"{where}: {target}")
-                    if len(problems) >= MAX_PROBLEMS:
-                        break
-                else:
-                    yield target
-        except JobFileError as exc:
-            problems.extend(exc.problems)
-    if problems:
-        raise JobFileError(problems)
-
-
-def _duplicate_notes(job: Job, later: dict[int, str]) -> tuple[str, ...]:
-    """'X is a duplicate of Y; dropped' for each duplicate, naming where both were written."""
-    if not later:
-        return ()
-    first: dict[int, str] = {}
-    for target in all_targets(job):
-        number = target.digest()
-        if number in later and number not in first:
-            first[number] = target.source
-    return tuple(
-        f"{where}: duplicate of the target at {first[number]}; dropped"
-        for number, where in later.items()
-    )
 
 
 def run_targets(job: Job, plan_: Plan) -> Iterator[Target]:
@@ -458,20 +413,154 @@ def run_targets(job: Job, plan_: Plan) -> Iterator[Target]:
             yield target
 
 
-def _csv_rows(path: Path) -> Iterator[tuple[str, dict[str, str]]]:
+def plan(job: Job) -> Plan:
+    """Stream every target once: validate, count, hash, find duplicates. Raises JobFileError.
+
+    This is the only full pass before the first request, so it is written for speed: rows stay
+    tuples, and duplicates are found by Python's hash of the row; a hash match is confirmed
+    against the real keys before anything is dropped.
+    """
+    seen: set[int] = set()
+    candidates: dict[int, int] = {}  # ordinal of a probable duplicate -> its hash
+    orgs: Counter[str] = Counter()
+    cancel_all = 0
+    with _gc_paused():
+        for ordinal, key in enumerate(_keys(job)):
+            number = hash(key)
+            if number in seen:
+                candidates[ordinal] = number
+                continue
+            seen.add(number)
+            orgs[key[0]] += 1
+            cancel_all += not key[4]
+    skip, notes = _confirm_duplicates(job, candidates)
+    for ordinal in set(candidates) - skip:  # hash collisions: distinct targets after all
+        key = _key_at(job, ordinal)
+        orgs[key[0]] += 1
+        cancel_all += not key[4]
+    listed = len(seen) + len(candidates)
+    return Plan(
+        listed=listed,
+        total=listed - len(skip),
+        skip=frozenset(skip),
+        duplicate_notes=notes,
+        targets_sha256=_targets_sha256(job),
+        orgs=orgs,
+        cancel_all=cancel_all,
+    )
+
+
+Key = tuple[str, str, str, str, str]  # org, asset, product, device, command (defaults applied)
+
+
+def _keys(job: Job) -> Iterator[Key]:
+    """The identity of every listed target; bad rows collected and raised at the end."""
+    for target in job.inline_targets:
+        yield _target_key(target)
+    if job.targets_file is None:
+        return
+    problems: list[str] = []
+    org_default, command_default = job.org_id or "", job.command_id or ""
+    path = job.targets_file.path
+    try:
+        for line, (asset, product, device, command, own_org) in _file_rows(job.targets_file):
+            org = own_org or org_default
+            if not org or not asset or product or device:  # the common case skips the check
+                problem = _row_problem(asset, product, device, org)
+                if problem is not None:
+                    problems.append(f"{path}:{line}: {problem}")
+                    if len(problems) >= MAX_PROBLEMS:
+                        break
+                    continue
+            yield org, asset, product, device, command or command_default
+    except JobFileError as exc:
+        problems.extend(exc.problems)
+    if problems:
+        raise JobFileError(problems[:MAX_PROBLEMS])
+
+
+def _target_key(target: Target) -> Key:
+    return (target.org_id, target.asset_id or "", target.product_key or "",
+            target.device_key or "", target.command_id or "")  # fmt: skip
+
+
+def _key_at(job: Job, ordinal: int) -> Key:
+    for index, target in enumerate(all_targets(job)):
+        if index == ordinal:
+            return _target_key(target)
+    raise IndexError(ordinal)
+
+
+def _confirm_duplicates(job: Job, candidates: dict[int, int]) -> tuple[set[int], tuple[str, ...]]:
+    """Keep the candidates whose key really equals an earlier one; name both places."""
+    if not candidates:
+        return set(), ()
+    wanted = set(candidates.values())
+    first: dict[Key, str] = {}
+    skip: set[int] = set()
+    notes: list[str] = []
+    for ordinal, target in enumerate(all_targets(job)):
+        key = _target_key(target)
+        if hash(key) not in wanted:
+            continue
+        if key not in first:
+            first[key] = target.source
+        elif ordinal in candidates:
+            skip.add(ordinal)
+            notes.append(f"{target.source}: duplicate of the target at {first[key]}; dropped")
+    return skip, tuple(notes)
+
+
+def _targets_sha256(job: Job) -> str:
+    """sha256 of the inline targets (canonical, defaults applied) and the targets file's bytes.
+
+    With no inline targets it is exactly ``sha256sum`` of the targets file.
+    """
+    digest = hashlib.sha256()
+    for target in job.inline_targets:
+        digest.update(target.key().encode() + b"\n")
+    if job.targets_file is not None:
+        with job.targets_file.path.open("rb") as stream:
+            while chunk := stream.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _file_rows(targets_file: TargetsFile) -> Iterator[tuple[int, Row]]:
+    """(line number, row) for each target row of a CSV or JSONL file."""
+    if targets_file.fmt == "csv":
+        return _csv_rows(targets_file.path)
+    return _jsonl_rows(targets_file.path)
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[int, Row]]:
     with path.open(newline="", encoding="utf-8-sig") as stream:
         reader = csv.reader(stream)
-        header = next(reader, None)
-        columns = _columns(path, header)
+        columns = _columns(path, next(reader, None))
+        width = len(columns)
+        # Absent columns read the empty cell appended to every row: one C-level itemgetter call.
+        pick = operator.itemgetter(
+            *(columns.index(name) if name in columns else width for name in TARGET_KEYS)
+        )
         for row in reader:
-            if not any(cell.strip() for cell in row):
-                continue
-            where = f"{path} row {reader.line_num}"
-            if len(row) != len(columns):
+            if len(row) != width:
+                if not any(cell.strip() for cell in row):
+                    continue  # a blank line
                 raise JobFileError(
-                    [f"{where}: has {len(row)} cells, the header has {len(columns)}; fix the row"]
-                )
-            yield where, _cells(where, columns, row)
+                    [f"{path}:{reader.line_num}: has {len(row)} cells, the header has {width}"
+                     "; fix the row"]
+                )  # fmt: skip
+            joined = "".join(row)
+            if " " in joined or "\t" in joined:
+                _refuse_padding(path, reader.line_num, row)
+            row.append("")
+            yield reader.line_num, pick(row)
+
+
+def _refuse_padding(path: Path, line: int, row: list[str]) -> None:
+    for value in row:
+        if value != value.strip():
+            raise JobFileError([f"{path}:{line}: {value!r} has spaces around it; remove them"])
 
 
 def _columns(path: Path, header: list[str] | None) -> list[str]:
@@ -481,27 +570,17 @@ def _columns(path: Path, header: list[str] | None) -> list[str]:
     unknown = [name for name in columns if name not in TARGET_KEYS]
     if unknown:
         raise JobFileError(
-            [f"{path} row 1: unknown column(s) {unknown}; columns are {', '.join(TARGET_KEYS)}"]
+            [f"{path}:1: unknown column(s) {unknown}; columns are {', '.join(TARGET_KEYS)}"]
         )
     return columns
 
 
-def _cells(where: str, columns: list[str], row: list[str]) -> dict[str, str]:
-    values: dict[str, str] = {}
-    for name, cell in zip(columns, row, strict=True):
-        if cell != cell.strip():
-            raise JobFileError([f"{where}: {name}: {cell!r} has spaces around it; remove them"])
-        if cell:
-            values[name] = cell
-    return values
-
-
-def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict[str, str]]]:
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, Row]]:
     with path.open("rb") as stream:
         for number, line in enumerate(stream, start=1):
             if not line.strip():
                 continue
-            where = f"{path} line {number}"
+            where = f"{path}:{number}"
             try:
                 item = orjson.loads(line)
             except orjson.JSONDecodeError as exc:
@@ -512,21 +591,17 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict[str, str]]]:
                 raise JobFileError(
                     [f'{where}: must be a JSON object such as {{"asset_id": "..."}}']
                 )
-            yield where, _json_fields(where, item)
+            yield number, _json_row(where, item)
 
 
-def _json_fields(where: str, item: dict[str, Any]) -> dict[str, str]:
-    values: dict[str, str] = {}
+def _json_row(where: str, item: dict[str, Any]) -> Row:
     for name, value in item.items():
         if name not in TARGET_KEYS:
             raise JobFileError(
                 [f"{where}: unknown key {name!r}; keys are {', '.join(TARGET_KEYS)}"]
             )
-        if value is None:
-            continue
-        if not isinstance(value, str):
+        if value is not None and not isinstance(value, str):
             raise JobFileError([f"{where}: {name}: {value!r} is not text; write it in quotes"])
-        if not value.strip() or value != value.strip():
+        if isinstance(value, str) and (not value.strip() or value != value.strip()):
             raise JobFileError([f"{where}: {name}: {value!r} is empty or has spaces around it"])
-        values[name] = value
-    return values
+    return tuple(item.get(name) or "" for name in TARGET_KEYS)  # type: ignore[return-value]

@@ -104,7 +104,11 @@ class CancelReply:
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """How hard a run may push: requests/s (None = unlimited), in flight, attempts, timeouts."""
+    """How hard a run may push: requests/s (None = unlimited), in flight, attempts, timeouts.
+
+    With `adaptive` (``rate: auto``) the rate starts at `rate_floor` and finds the gateway's
+    limit by itself, never above `rate_max` (None: no upper bound).
+    """
 
     rate: float | None = 10.0
     concurrency: int = 16
@@ -112,6 +116,9 @@ class Limits:
     timeout: float = 10.0
     deadline: float | None = None
     max_throttles: int = 20
+    adaptive: bool = False
+    rate_floor: float = 10.0
+    rate_max: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,8 +3,13 @@
 Slots are handed out by virtual scheduling (GCRA): each caller reserves the next free instant and
 sleeps until it, so the rate holds however many tasks wait, with no lock and no polling. It starts
 empty: the first second of a run sends `rate` requests, not twice that (aiolimiter's default
-does). A throttle (HTTP 429) pauses every caller until Retry-After has passed and cuts the
-rate multiplicatively; clean answers raise it again additively, up to the ceiling (AIMD).
+does).
+
+The rate follows AIMD. A throttle (HTTP 429) pauses every caller until Retry-After has passed
+and, like a 503, cuts the rate to 70 %; clean answers raise it again by 5 % of the cut rate per
+second, up to the ceiling. A fixed rate is its own ceiling, so it is only ever lowered for a
+while. An adaptive rate (``rate: auto``) starts at a floor and doubles about every second until
+the first cut (slow start), then probes upward additively.
 """
 
 from __future__ import annotations
@@ -12,6 +17,10 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 import anyio
+
+CUT_FACTOR = 0.7
+PROBE_SHARE = 0.05  # additive increase per second, as a share of the rate after the last cut
+SLOW_START_GAIN = 0.7  # per clean answer; the rate grows by 70 % of itself per second (x2 in ~1 s)
 
 
 class RateLimiter:
@@ -21,17 +30,17 @@ class RateLimiter:
         self,
         rate: float | None,
         *,
+        adaptive: bool = False,
         ceiling: float | None = None,
         floor: float = 1.0,
-        recovery_s: float = 20.0,
         clock: Callable[[], float] = anyio.current_time,
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
     ) -> None:
         self._rate = rate
-        self.ceiling = ceiling if ceiling is not None else rate
+        self.ceiling = ceiling if adaptive else rate
         self.floor = min(floor, rate) if rate is not None else floor
-        # Additive increase: regain the ceiling `recovery_s` seconds after a halving.
-        self._step = (self.ceiling or 0.0) / (2 * recovery_s)
+        self._slow_start = adaptive
+        self._step = max(1.0, (rate or 0.0) * PROBE_SHARE)
         self._clock = clock
         self._sleep = sleep
         self._next = clock()  # the earliest instant the next slot may be used
@@ -44,9 +53,8 @@ class RateLimiter:
         """The current rate in requests per second (None: unlimited)."""
         return self._rate
 
-    def _burst_window(self) -> float:
+    def _burst_window(self, rate: float) -> float:
         """How far behind schedule a slot may be used: 1/20 s of rate, at least one slot."""
-        rate = self._rate or 1.0
         return max(1.0, rate / 20) / rate - 1.0 / rate
 
     async def acquire(self) -> None:
@@ -56,11 +64,11 @@ class RateLimiter:
             if self._paused_until > now:
                 await self._sleep(self._paused_until - now)
                 continue
-            if self._rate is None:
+            rate = self._rate
+            if rate is None:
                 return
-            interval = 1.0 / self._rate
-            slot = max(self._next, now - self._burst_window())
-            self._next = slot + interval
+            slot = max(self._next, now - self._burst_window(rate))
+            self._next = slot + 1.0 / rate
             if slot > now:
                 await self._sleep(slot - now)
                 if self._paused_until > self._clock():
@@ -68,18 +76,31 @@ class RateLimiter:
             return
 
     def throttle(self, retry_after: float | None) -> None:
-        """The gateway said 429: pause everyone, and cut the rate (once per pause)."""
-        now = self._clock()
+        """The gateway said 429: pause everyone (Retry-After, else 1 s) and cut the rate."""
         self.throttles += 1
         pause = retry_after if retry_after is not None else 1.0
-        self._paused_until = max(self._paused_until, now + pause)
+        self._paused_until = max(self._paused_until, self._clock() + pause)
         self._next = max(self._next, self._paused_until)
-        if self._rate is not None and now - self._last_cut >= max(pause, 1.0):
-            self._rate = max(self.floor, self._rate * 0.5)
-            self._last_cut = now
+        self._cut(max(pause, 1.0))
+
+    def slow_down(self) -> None:
+        """The gateway is overloaded (503): cut the rate without pausing."""
+        self._cut(1.0)
+
+    def _cut(self, quiet_s: float) -> None:
+        """Cut once per `quiet_s`: a burst of 429s from one window is one signal, not fifty."""
+        now = self._clock()
+        if self._rate is None or now - self._last_cut < quiet_s:
+            return
+        self._slow_start = False
+        self._rate = max(self.floor, self._rate * CUT_FACTOR)
+        self._step = max(1.0, self._rate * PROBE_SHARE)
+        self._last_cut = now
 
     def succeeded(self) -> None:
-        """A clean answer: creep back toward the ceiling (about `step` per second)."""
-        rate, ceiling = self._rate, self.ceiling
-        if rate is not None and ceiling is not None and rate < ceiling:
-            self._rate = min(ceiling, rate + self._step / rate)
+        """A clean answer: probe upward toward the ceiling."""
+        rate = self._rate
+        if rate is None or (self.ceiling is not None and rate >= self.ceiling):
+            return
+        rate += SLOW_START_GAIN if self._slow_start else self._step / rate
+        self._rate = rate if self.ceiling is None else min(self.ceiling, rate)

@@ -142,7 +142,12 @@ async def execute(
     engine = Engine(
         client,
         _Recorder(audit, journal),
-        RateLimiter(limits.rate),
+        RateLimiter(
+            limits.rate,
+            adaptive=limits.adaptive,
+            ceiling=limits.rate_max,
+            floor=min(limits.rate_floor, limits.rate or limits.rate_floor),
+        ),
         concurrency=limits.concurrency,
         policy=RetryPolicy(
             attempts=limits.attempts,

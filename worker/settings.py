@@ -16,7 +16,7 @@ import structlog
 
 from worker.enos.client import Credentials
 from worker.errors import UsageError
-from worker.jobfile import parse_duration, parse_rate
+from worker.jobfile import parse_duration, parse_rate, with_rate
 from worker.model import Job, Limits
 
 ENV_KEY, ENV_SECRET, ENV_GATEWAY = "ENOS_APP_KEY", "ENOS_APP_SECRET", "ENOS_GATEWAY"
@@ -92,12 +92,12 @@ def merge_limits(
     limits = base
     try:
         if rate is not None:
-            limits = replace(limits, rate=parse_rate(_number(rate)))
+            limits = with_rate(limits, parse_rate(_number(rate)))
         if deadline is not None:
             limits = replace(limits, deadline=parse_duration(deadline))
     except ValueError as exc:
         raise UsageError(
-            f"{exc}: --rate takes a number or 'unlimited', --deadline e.g. 45m"
+            f"{exc}: --rate takes a number, 'unlimited' or 'auto'; --deadline e.g. 45m"
         ) from None
     if concurrency is not None:
         if concurrency < 1:
