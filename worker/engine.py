@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
@@ -166,22 +166,31 @@ class Engine:
             return False
         return self._clock() + extra_s + self._attempt_timeout >= self._deadline_at
 
-    async def _idle(self, wait: Callable[[], Awaitable[object]]) -> bool:
-        """Await an idle wait (limiter or backoff) that a stop may cut short; False if cut."""
+    async def _sleep_unless_stopped(self, seconds: float) -> bool:
+        """Sleep (waiting for a slot or a backoff) unless a stop cuts it short; False if cut."""
         with anyio.CancelScope() as scope:
             self._idle_scopes.add(scope)
             try:
                 if self.stopping:
                     scope.cancel()
-                await wait()
+                await anyio.sleep(seconds)
             finally:
                 self._idle_scopes.discard(scope)
         return not scope.cancel_called and not self.stopping
 
+    async def _slot(self) -> bool:
+        """Wait for the shared limiter's next slot; False if the run stopped meanwhile."""
+        delay = self._limiter.reserve()
+        while delay > 0:
+            if not await self._sleep_unless_stopped(delay):
+                return False
+            delay = self._limiter.recheck()
+        return not self.stopping
+
     async def _process(self, target: Target) -> None:
         """Attempt one target until it has a final result, or the run stops."""
         state = _TargetState(started=self._clock())
-        while await self._idle(self._limiter.acquire):
+        while await self._slot():
             state.sent += 1
             self.progress.in_flight += 1
             self.progress.requests += 1
@@ -234,8 +243,7 @@ class Engine:
             state.throttles += 1
             self._limiter.throttle(decision.wait_s)
             return True
-        wait_s = decision.wait_s or 0.0
-        return await self._idle(lambda: anyio.sleep(wait_s))
+        return await self._sleep_unless_stopped(decision.wait_s or 0.0)
 
     async def _finish_success(
         self, target: Target, state: _TargetState, reply: CancelReply
@@ -262,7 +270,7 @@ class Engine:
 
     async def _verify_cancelled(self, target: Target, command_id: str) -> bool:
         """After a lost answer: did our earlier attempt cancel the command? (state 2 means yes)"""
-        if not await self._idle(self._limiter.acquire):
+        if not await self._slot():
             return False
         began = time.perf_counter()
         self.progress.requests += 1

@@ -22,10 +22,20 @@ from worker.model import Outcome, Target, TargetResult
 RESULTS_FILE = "results.jsonl"
 
 
+_iso_second: list[object] = [None, ""]  # (whole second, "YYYY-MM-DDTHH:MM:SS.") of the last call
+
+
 def iso(moment: float) -> str:
-    """ISO 8601 UTC with milliseconds, e.g. 2026-11-25T21:26:13.123Z."""
-    text = datetime.fromtimestamp(moment, UTC).isoformat(timespec="milliseconds")
-    return text.replace("+00:00", "Z")
+    """ISO 8601 UTC with milliseconds, e.g. 2026-11-25T21:26:13.123Z.
+
+    Called several times per request; formatting the date once per second keeps it cheap.
+    """
+    second = int(moment)
+    if _iso_second[0] != second:
+        stamp = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S.")
+        _iso_second[0], _iso_second[1] = second, stamp
+    millis = min(999, int((moment - second) * 1000))
+    return f"{_iso_second[1]}{millis:03d}Z"
 
 
 class AppendLog:

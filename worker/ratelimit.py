@@ -57,23 +57,31 @@ class RateLimiter:
         """How far behind schedule a slot may be used: 1/20 s of rate, at least one slot."""
         return max(1.0, rate / 20) / rate - 1.0 / rate
 
+    def reserve(self) -> float:
+        """Reserve the next slot; returns the seconds until it (0: go now).
+
+        The hot path: no coroutine, no lock. After waiting, call :meth:`recheck`.
+        """
+        now = self._clock()
+        rate = self._rate
+        if rate is None:
+            return max(0.0, self._paused_until - now)
+        slot = max(self._next, now - self._burst_window(rate), self._paused_until)
+        self._next = slot + 1.0 / rate
+        return max(0.0, slot - now)
+
+    def recheck(self) -> float:
+        """After waiting for a slot: 0 to go, or the wait for a new slot if a pause began."""
+        if self._paused_until > self._clock():
+            return self.reserve()
+        return 0.0
+
     async def acquire(self) -> None:
-        """Wait for this caller's slot."""
-        while True:
-            now = self._clock()
-            if self._paused_until > now:
-                await self._sleep(self._paused_until - now)
-                continue
-            rate = self._rate
-            if rate is None:
-                return
-            slot = max(self._next, now - self._burst_window(rate))
-            self._next = slot + 1.0 / rate
-            if slot > now:
-                await self._sleep(slot - now)
-                if self._paused_until > self._clock():
-                    continue  # a throttle arrived while we waited: queue behind it
-            return
+        """Wait for this caller's slot (the simple form of reserve/recheck)."""
+        delay = self.reserve()
+        while delay > 0:
+            await self._sleep(delay)
+            delay = self.recheck()
 
     def throttle(self, retry_after: float | None) -> None:
         """The gateway said 429: pause everyone (Retry-After, else 1 s) and cut the rate."""

@@ -102,6 +102,9 @@ def done_set(run_dir: Path, *, retry_failed: bool) -> set[int]:
 
 
 def _pending(targets: Iterator[Target], done: set[int]) -> Iterator[Target]:
+    if not done:
+        yield from targets
+        return
     for target in targets:
         if target.digest() not in done:
             yield target

@@ -7,7 +7,8 @@ creation (invokeService / setMeasurepoint, at most 50 cached per device). Faults
 through :class:`Faults`, in process or over ``POST /_sim/faults``, and drawn from a seeded RNG.
 
 Inspection (no auth; the simulator binds loopback by default): ``GET /_sim/stats``,
-``GET /_sim/devices`` (touched devices, their command states and cancel calls).
+``GET /_sim/devices`` (touched devices, their command states and cancel calls),
+``GET /_sim/arrivals`` (monotonic arrival time of every business call).
 """
 
 from __future__ import annotations
@@ -135,6 +136,7 @@ class Simulator:
         application.router.add_route("*", p.COMMANDS_PATH, self._commands)
         application.router.add_get("/_sim/stats", self._inspect_stats)
         application.router.add_get("/_sim/devices", self._inspect_devices)
+        application.router.add_get("/_sim/arrivals", self._inspect_arrivals)
         application.router.add_post("/_sim/faults", self._set_faults)
         return application
 
@@ -452,6 +454,11 @@ class Simulator:
             "token_requests": self.stats.token_requests,
             "rejected_auth": self.stats.rejected_auth,
         }
+
+    async def _inspect_arrivals(self, _: web.Request) -> web.Response:
+        """Arrival times (CLOCK_MONOTONIC seconds, comparable across processes on one machine)
+        of every business call, for measuring a client's rate from the server's side."""
+        return _json(list(self.stats.arrivals))
 
     async def _inspect_devices(self, _: web.Request) -> web.Response:
         return _json([_device_view(d) for d in self.store.devices()])
