@@ -43,8 +43,11 @@ async def main(url: str, count: int, concurrency: int, first: int) -> None:
                 ts = str(int(time.time() * 1000))
                 params = {"action": "cancel", "orgId": ORG, "assetId": asset}
                 signed = f"{token}actioncancelassetId{asset}orgId{ORG}{ts}{APP_SECRET}"
-                headers = {"apim-accesstoken": token, "apim-timestamp": ts,
-                           "apim-signature": hashlib.sha256(signed.encode()).hexdigest()}  # fmt: skip
+                headers = {
+                    "apim-accesstoken": token,
+                    "apim-timestamp": ts,
+                    "apim-signature": hashlib.sha256(signed.encode()).hexdigest(),
+                }
                 async with session.post(endpoint, params=params, headers=headers) as resp:
                     payload = orjson.loads(await resp.read())
                     assert payload["code"] == 0

@@ -34,8 +34,11 @@ def pinned(core: str, command: list[str]) -> list[str]:
 @contextmanager
 def simulator(*extra: str) -> Iterator[tuple[str, int]]:
     """A `worker simulate` process pinned to its own core; yields (url, pid)."""
-    command = pinned(SERVER_CORE, [sys.executable, "-m", "worker", "simulate", "--port", "0",
-                                   "--app-key", APP_KEY, "--app-secret", APP_SECRET, *extra])  # fmt: skip
+    command = pinned(
+        SERVER_CORE,
+        [sys.executable, "-m", "worker", "simulate", "--port", "0", "--app-key", APP_KEY,
+         "--app-secret", APP_SECRET, *extra],
+    )  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     try:
         assert process.stdout is not None

@@ -114,6 +114,11 @@ class Engine:
         self.stop_message = ""
 
     @property
+    def rate_limit(self) -> float | None:
+        """The limiter's current rate (it moves with 429s, and with rate: auto)."""
+        return self._limiter.rate
+
+    @property
     def stopping(self) -> bool:
         """True once a stop was asked for: no new target is admitted."""
         return self.stop_reason is not StopReason.FINISHED

@@ -105,8 +105,15 @@ def build_summary(
         "stopped": segments[-1].get("reason"),
         "stop_message": segments[-1].get("message"),
         "rate": {
-            "requested": manifest["limits"]["rate"],
+            "requested": "auto"
+            if manifest["limits"].get("adaptive")
+            else manifest["limits"]["rate"],
             "achieved": round(requests / duration, 2) if duration > 0 else None,
+            "timeline": [
+                [number, *point]
+                for number, segment in enumerate(segments, start=1)
+                for point in segment.get("rate_timeline", [])
+            ],
         },
         "latency_ms": {
             "p50": percentile(ordered, 0.50),

@@ -166,7 +166,8 @@ async def execute(
     began = time.monotonic()
     try:
         async with client:
-            await _drive(engine, _pending(run_targets(job, plan), done), plan, options, out)
+            targets = _pending(run_targets(job, plan), done)
+            await _drive(engine, targets, plan, options, out=out, segment=segment)
     finally:
         # Synchronous on purpose: no cancellation can interrupt closing the files.
         segment["requests"] = engine.progress.requests
@@ -179,11 +180,18 @@ async def execute(
 
 
 async def _drive(
-    engine: Engine, targets: Iterator[Target], plan: Plan, options: RunOptions, out: TextIO | None
+    engine: Engine,
+    targets: Iterator[Target],
+    plan: Plan,
+    options: RunOptions,
+    *,
+    out: TextIO | None,
+    segment: dict[str, Any],
 ) -> None:
     """The engine, with its helpers: journal syncing, signals, progress."""
     async with anyio.create_task_group() as helpers:
         helpers.start_soon(_sync_loop, engine)
+        helpers.start_soon(_rate_sampler, engine, segment)
         helpers.start_soon(_signal_loop, engine, out)
         if options.progress:
             helpers.start_soon(_progress_loop, engine, plan.total, out)
@@ -199,6 +207,30 @@ async def _sync_loop(engine: Engine) -> None:
         await anyio.sleep(0.5)
         await anyio.to_thread.run_sync(recorder.journal.log.sync)
         await anyio.to_thread.run_sync(recorder.audit.log.sync)
+
+
+TIMELINE_POINTS = 600
+
+
+async def _rate_sampler(engine: Engine, segment: dict[str, Any]) -> None:
+    """Record [seconds, achieved req/s, limiter req/s] into the segment, about 600 points at
+    most: when full, every other point is dropped and the interval doubles."""
+    timeline: list[list[float | None]] = []
+    segment["rate_timeline"] = timeline
+    interval, began, last = 1.0, time.monotonic(), 0
+    while True:
+        await anyio.sleep(interval)
+        requests = engine.progress.requests
+        limit = engine.rate_limit
+        timeline.append([
+            round(time.monotonic() - began, 1),
+            round((requests - last) / interval, 1),
+            round(limit, 1) if limit is not None else None,
+        ])  # fmt: skip
+        last = requests
+        if len(timeline) >= TIMELINE_POINTS:
+            timeline[:] = timeline[1::2]
+            interval *= 2
 
 
 async def _signal_loop(engine: Engine, out: TextIO | None) -> None:

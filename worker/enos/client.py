@@ -98,10 +98,7 @@ class EnOSClient:
             limit=self._concurrency, limit_per_host=self._concurrency, ttl_dns_cache=300
         )
         self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(total=self._timeout),
-            headers={"Content-Type": p.JSON_CONTENT_TYPE},
-            skip_auto_headers=("User-Agent",),
+            connector=connector, timeout=aiohttp.ClientTimeout(total=self._timeout)
         )
         return self
 
@@ -190,6 +187,8 @@ class EnOSClient:
                 token, query, body, timestamp, self._credentials.app_secret
             ),
         }
+        if body:
+            headers["Content-Type"] = p.JSON_CONTENT_TYPE
         url = self._commands_url.with_query(query)
         status, headers_in, raw = await self._exchange(method, url, headers, body)
         return status, _interpret(status, headers_in, raw)
