@@ -53,7 +53,9 @@ def main() -> None:
         base = Path(tmp)
         for level, concurrency in enumerate(levels):
             first = level * per_level
+            sim_before = process_cpu_s(sim_pid)
             floor = bare(url, BIG, concurrency, first)
+            sim_load_bare = (process_cpu_s(sim_pid) - sim_before) / floor["wall_s"]
             limits = f"{{rate: unlimited, concurrency: {concurrency}}}"
             small = write_targets(base / f"s{level}", SMALL, limits, first=first + BIG)
             big = write_targets(base / f"b{level}", BIG, limits, first=first + BIG + SMALL)
@@ -69,13 +71,13 @@ def main() -> None:
             rows.append([
                 str(concurrency), f"{bare_rps:,.0f}", f"{worker_rps:,.0f}",
                 f"{worker_rps / bare_rps:.2f}", f"{bare_us:.0f}", f"{worker_us:.0f}",
-                f"{worker_us / bare_us:.2f}", f"{sim_load:.2f}",
+                f"{worker_us / bare_us:.2f}", f"{sim_load_bare:.2f} / {sim_load:.2f}",
             ])  # fmt: skip
     print(f"Machine: {machine()}; simulator and client pinned to separate cores.\n")
     print(table(
         "Throughput and CPU per request: worker vs a bare aiohttp loop (same simulator, same run)",
         ["concurrency", "bare req/s", "worker req/s", "throughput ratio", "bare CPU us/req",
-         "worker CPU us/req", "CPU ratio", "simulator core busy"],
+         "worker CPU us/req", "CPU ratio", "simulator core busy (bare / worker)"],
         rows,
     ))  # fmt: skip
 

@@ -185,12 +185,12 @@ class Engine:
 
     async def _slot(self) -> bool:
         """Wait for the shared limiter's next slot; False if the run stopped meanwhile."""
-        delay = self._limiter.reserve()
-        while delay > 0:
-            if not await self._sleep_unless_stopped(delay):
+        while True:
+            wait, held = self._limiter.reserve()
+            if wait > 0 and not await self._sleep_unless_stopped(wait):
                 return False
-            delay = self._limiter.recheck()
-        return not self.stopping
+            if held and (wait == 0 or not self._limiter.paused()):
+                return not self.stopping
 
     async def _process(self, target: Target) -> None:
         """Attempt one target until it has a final result, or the run stops."""

@@ -5,11 +5,16 @@ sleeps until it, so the rate holds however many tasks wait, with no lock and no 
 empty: the first second of a run sends `rate` requests, not twice that (aiolimiter's default
 does).
 
-The rate follows AIMD. A throttle (HTTP 429) pauses every caller until Retry-After has passed
-and, like a 503, cuts the rate to 70 %; clean answers raise it again by 5 % of the cut rate per
-second, up to the ceiling. A fixed rate is its own ceiling, so it is only ever lowered for a
-while. An adaptive rate (``rate: auto``) starts at a floor and doubles about every second until
-the first cut (slow start), then probes upward additively.
+A caller reserves a slot at most HORIZON_S ahead; further back in the queue it waits and asks
+again, so a change of rate takes effect within HORIZON_S, not after the queue has drained.
+
+The rate follows AIMD around a knee: the accepted rate (clean answers) in the second before
+the gateway pushed back. A throttle (HTTP 429) pauses every caller until Retry-After has
+passed and, like a 503, sets the rate to 80 % of the knee. Clean answers bring it back to 90 %
+of the knee quickly (10 % of the knee per second), then probe above it slowly (1 % per second),
+so the run spends its time just under the gateway's limit and meets a 429 rarely. A fixed rate
+is its own ceiling: it is only lowered for a while. An adaptive rate (``rate: auto``) starts at
+a floor and doubles about every second until the first cut (slow start).
 """
 
 from __future__ import annotations
@@ -18,8 +23,10 @@ from collections.abc import Awaitable, Callable
 
 import anyio
 
-CUT_FACTOR = 0.7
-PROBE_SHARE = 0.05  # additive increase per second, as a share of the rate after the last cut
+HORIZON_S = 0.2  # the furthest ahead a slot is reserved
+CUT_FACTOR = 0.8
+RECOVER_SHARE = 0.10  # per second, as a share of the knee, while below 90 % of it
+PROBE_SHARE = 0.01  # per second, as a share of the knee, at or above 90 % of it
 SLOW_START_GAIN = 0.7  # per clean answer; the rate grows by 70 % of itself per second (x2 in ~1 s)
 
 
@@ -40,12 +47,13 @@ class RateLimiter:
         self.ceiling = ceiling if adaptive else rate
         self.floor = min(floor, rate) if rate is not None else floor
         self._slow_start = adaptive
-        self._step = max(1.0, (rate or 0.0) * PROBE_SHARE)
+        self._knee = rate or 0.0  # the accepted rate when the gateway last pushed back
         self._clock = clock
         self._sleep = sleep
         self._next = clock()  # the earliest instant the next slot may be used
         self._paused_until = 0.0
         self._last_cut = float("-inf")
+        self._ok_second, self._ok_count, self._ok_previous = 0, 0, 0
         self.throttles = 0
 
     @property
@@ -57,31 +65,36 @@ class RateLimiter:
         """How far behind schedule a slot may be used: 1/20 s of rate, at least one slot."""
         return max(1.0, rate / 20) / rate - 1.0 / rate
 
-    def reserve(self) -> float:
-        """Reserve the next slot; returns the seconds until it (0: go now).
+    def reserve(self) -> tuple[float, bool]:
+        """Try to reserve the next slot: (seconds to wait, whether a slot is now held).
 
-        The hot path: no coroutine, no lock. After waiting, call :meth:`recheck`.
+        The hot path: no coroutine, no lock. With a slot held, wait and go, unless
+        :meth:`paused` says a throttle began meanwhile (then ask again). Without one, wait and
+        ask again.
         """
         now = self._clock()
         rate = self._rate
         if rate is None:
-            return max(0.0, self._paused_until - now)
+            wait = self._paused_until - now
+            return (wait, False) if wait > 0 else (0.0, True)
         slot = max(self._next, now - self._burst_window(rate), self._paused_until)
+        if slot - now > HORIZON_S:
+            return max(0.001, slot - now - HORIZON_S), False
         self._next = slot + 1.0 / rate
-        return max(0.0, slot - now)
+        return max(0.0, slot - now), True
 
-    def recheck(self) -> float:
-        """After waiting for a slot: 0 to go, or the wait for a new slot if a pause began."""
-        if self._paused_until > self._clock():
-            return self.reserve()
-        return 0.0
+    def paused(self) -> bool:
+        """Whether a throttle pause is in force now."""
+        return self._paused_until > self._clock()
 
     async def acquire(self) -> None:
-        """Wait for this caller's slot (the simple form of reserve/recheck)."""
-        delay = self.reserve()
-        while delay > 0:
-            await self._sleep(delay)
-            delay = self.recheck()
+        """Wait for this caller's slot (what the engine does, without its stop handling)."""
+        while True:
+            wait, held = self.reserve()
+            if wait > 0:
+                await self._sleep(wait)
+            if held and not self.paused():
+                return
 
     def throttle(self, retry_after: float | None) -> None:
         """The gateway said 429: pause everyone (Retry-After, else 1 s) and cut the rate."""
@@ -101,14 +114,30 @@ class RateLimiter:
         if self._rate is None or now - self._last_cut < quiet_s:
             return
         self._slow_start = False
-        self._rate = max(self.floor, self._rate * CUT_FACTOR)
-        self._step = max(1.0, self._rate * PROBE_SHARE)
+        second = int(now)
+        if second == self._ok_second:
+            accepted = self._ok_previous  # the last full second
+        else:
+            accepted = self._ok_count if second == self._ok_second + 1 else 0
+        self._knee = min(self._rate, accepted) if accepted else self._rate
+        self._rate = max(self.floor, self._knee * CUT_FACTOR)
         self._last_cut = now
 
     def succeeded(self) -> None:
         """A clean answer: probe upward toward the ceiling."""
         rate = self._rate
-        if rate is None or (self.ceiling is not None and rate >= self.ceiling):
+        if rate is None:
             return
-        rate += SLOW_START_GAIN if self._slow_start else self._step / rate
+        second = int(self._clock())
+        if second != self._ok_second:
+            self._ok_previous = self._ok_count if second == self._ok_second + 1 else 0
+            self._ok_second, self._ok_count = second, 0
+        self._ok_count += 1
+        if self.ceiling is not None and rate >= self.ceiling:
+            return
+        if self._slow_start:
+            rate += SLOW_START_GAIN
+        else:
+            share = RECOVER_SHARE if rate < 0.9 * self._knee else PROBE_SHARE
+            rate += max(1.0, self._knee * share) / rate
         self._rate = rate if self.ceiling is None else min(self.ceiling, rate)
