@@ -9,6 +9,7 @@ one device in eight (chosen by the seed) that has none, and one finished (state 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import time
@@ -196,11 +197,17 @@ def _generated_index(pattern: re.Pattern[str], text: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+@functools.lru_cache(maxsize=4096)
+def _local_time(second: int) -> str:
+    """`createLocaltime` text (the simulated assets live in UTC); cached, as commands share it."""
+    return datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
 def render_command(
     device: SimDevice, command: SimCommand, *, legacy: bool, state: int | None = None
 ) -> dict[str, Any]:
     """The wire form of a command. `legacy` uses the 2019 variants (numbers, createLocalTime)."""
-    local = datetime.fromtimestamp(command.create_time_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+    local = _local_time(command.create_time_ms // 1000)
     return {
         "commandId": command.command_id,
         "orgId": device.org_id,
