@@ -12,13 +12,12 @@ import hashlib
 import os
 import socket
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from worker.journal import AppendLog, iso
+from worker.journal import AppendLog, iso, last_line
 from worker.model import Attempt
 
 AUDIT_FILE = "audit.jsonl"
@@ -76,27 +75,7 @@ def who_and_where() -> dict[str, Any]:
     }
 
 
-def read_audit(path: Path) -> Iterator[dict[str, Any]]:
-    """Every complete record of an audit log (a torn last line is skipped)."""
-    if not path.exists():
-        return
-    with path.open("rb") as stream:
-        for line in stream:
-            if not line.endswith(b"\n"):
-                return
-            try:
-                yield orjson.loads(line)
-            except orjson.JSONDecodeError:
-                return
-
-
 def _last_line_hash(path: Path) -> str | None:
     """The sha256 of the last complete line, to continue the chain when appending."""
-    if not path.exists() or path.stat().st_size == 0:
-        return None
-    last = b""
-    with path.open("rb") as stream:
-        for line in stream:
-            if line.endswith(b"\n"):
-                last = line[:-1]
-    return hashlib.sha256(last).hexdigest() if last else None
+    line = last_line(path)
+    return hashlib.sha256(line).hexdigest() if line else None

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
+import structlog
 
 from worker.model import Outcome, Target, TargetResult
 
 RESULTS_FILE = "results.jsonl"
+log = structlog.get_logger("worker.journal")
 
 
 _iso_second: list[object] = [None, ""]  # (whole second, "YYYY-MM-DDTHH:MM:SS.") of the last call
@@ -111,43 +112,69 @@ def target_of(record: dict[str, Any]) -> Target:
     )
 
 
-@dataclass(frozen=True)
-class JournalLine:
-    """One readable line of results.jsonl and its end offset in the file."""
+def read_journal(path: Path) -> Iterator[dict[str, Any]]:
+    """Every readable line of a JSON-lines file.
 
-    record: dict[str, Any]
-    end: int
-
-
-def read_journal(path: Path) -> Iterator[JournalLine]:
-    """Every complete line of a journal; stops at a torn (unterminated or unparsable) tail."""
+    An unterminated last line (a torn write) ends the file. A damaged line in the middle is
+    skipped with a warning: its target has no result, so a resume runs it again.
+    """
     if not path.exists():
         return
-    offset = 0
     with path.open("rb") as stream:
-        for line in stream:
+        for number, line in enumerate(stream, start=1):
             if not line.endswith(b"\n"):
                 return
             try:
-                record = orjson.loads(line)
+                yield orjson.loads(line)
             except orjson.JSONDecodeError:
-                return
-            offset += len(line)
-            yield JournalLine(record, offset)
+                log.warning("worker.journal_line_unreadable", path=str(path), line=number)
+
+
+TAIL_BYTES = 1 << 20
+
+
+def _tail(path: Path) -> tuple[int, bytes]:
+    """(offset, bytes) of the last megabyte of a file: enough to hold its last lines."""
+    with path.open("rb") as stream:
+        size = stream.seek(0, os.SEEK_END)
+        start = max(0, size - TAIL_BYTES)
+        stream.seek(start)
+        return start, stream.read()
+
+
+def last_line(path: Path) -> bytes | None:
+    """The last complete line of a file, without its newline (None when there is none)."""
+    if not path.exists():
+        return None
+    _, tail = _tail(path)
+    end = tail.rfind(b"\n")
+    if end < 0:
+        return None
+    return tail[tail.rfind(b"\n", 0, end) + 1 : end]
 
 
 def repair_tail(path: Path) -> int:
-    """Cut a torn last line off the journal; returns the bytes removed (0 when intact)."""
+    """Cut what a crash mid-write leaves at the end: an unterminated or unparsable last line.
+
+    Only the tail is read, so this costs the same for ten lines or ten million. Returns the
+    number of bytes removed.
+    """
     if not path.exists():
         return 0
-    good = 0
-    for line in read_journal(path):
-        good = line.end
-    size = path.stat().st_size
-    if size > good:
+    start, tail = _tail(path)
+    keep = tail.rfind(b"\n") + 1  # drop an unterminated tail
+    if keep:
+        previous = tail.rfind(b"\n", 0, keep - 1) + 1
+        try:
+            orjson.loads(tail[previous:keep])
+        except orjson.JSONDecodeError:
+            keep = previous
+    removed = len(tail) - keep
+    if removed:
         with path.open("r+b") as stream:
-            stream.truncate(good)
-    return size - good
+            stream.truncate(start + keep)
+        log.warning("worker.torn_line_removed", path=str(path), bytes=removed)
+    return removed
 
 
 def outcome_of(record: dict[str, Any]) -> Outcome:

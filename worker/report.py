@@ -41,8 +41,7 @@ def tally(run_dir: Path) -> JournalTally:
     attempts = unknown = 0
     latencies: list[float] = []
     failed_earlier: dict[str, str] = {}  # a --retry-failed segment supersedes these lines
-    for line in read_journal(run_dir / RESULTS_FILE):
-        record = line.record
+    for record in read_journal(run_dir / RESULTS_FILE):
         failed = record["outcome"] == Outcome.FAILED
         key = target_of(record).key() if failed or failed_earlier else ""
         superseded = failed_earlier.pop(key, None) if failed_earlier else None

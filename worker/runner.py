@@ -94,10 +94,10 @@ def write_manifest(run_dir: Path, manifest: dict[str, Any]) -> None:
 def done_set(run_dir: Path, *, retry_failed: bool) -> set[int]:
     """Digests of the targets already final in the journal (failed ones too, unless retried)."""
     done: set[int] = set()
-    for line in read_journal(run_dir / "results.jsonl"):
-        if retry_failed and line.record["outcome"] == Outcome.FAILED:
+    for record in read_journal(run_dir / "results.jsonl"):
+        if retry_failed and record["outcome"] == Outcome.FAILED:
             continue
-        done.add(target_of(line.record).digest())
+        done.add(target_of(record).digest())
     return done
 
 

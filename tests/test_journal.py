@@ -1,0 +1,86 @@
+"""The journal on disk: torn tails, damaged lines, the audit hash chain across segments."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import orjson
+import pytest
+
+from tests.runs import resume_job, run_job, write_job
+from worker.audit import AuditLog
+from worker.journal import read_journal, repair_tail
+
+
+def lines(path: Path) -> list[bytes]:
+    """The file's lines without newlines."""
+    return path.read_bytes().splitlines()
+
+
+@pytest.mark.parametrize(
+    ("tail", "kept"),
+    [
+        (b'{"a": 3', 2),  # unterminated: a write cut short
+        (b'{"a": 3\n', 2),  # terminated but not JSON: cut too
+        (b'{"a": 3}\n', 3),  # intact
+    ],
+)
+def test_repair_tail_cuts_only_a_torn_end(tmp_path: Path, tail: bytes, kept: int) -> None:
+    """Whatever a crash leaves at the end goes; complete lines stay."""
+    path = tmp_path / "results.jsonl"
+    path.write_bytes(b'{"a": 1}\n{"a": 2}\n' + tail)
+    repair_tail(path)
+    assert [orjson.loads(x)["a"] for x in lines(path)] == list(range(1, kept + 1))
+
+
+def test_damaged_middle_line_is_skipped_not_truncated(tmp_path: Path) -> None:
+    """Damage inside the file loses that one line (its target runs again), nothing after it."""
+    path = tmp_path / "results.jsonl"
+    path.write_bytes(b'{"a": 1}\n{"a": \x00\n{"a": 3}\n')
+    assert repair_tail(path) == 0
+    assert [r["a"] for r in read_journal(path)] == [1, 3]
+
+
+def chain_breaks(path: Path, run_id: str) -> list[int]:
+    """Line numbers whose `prev` is not the sha256 of the line before."""
+    previous = hashlib.sha256(run_id.encode()).hexdigest()
+    broken = []
+    for number, line in enumerate(lines(path), start=1):
+        if orjson.loads(line)["prev"] != previous:
+            broken.append(number)
+        previous = hashlib.sha256(line).hexdigest()
+    return broken
+
+
+def test_audit_chain_continues_when_appending(tmp_path: Path) -> None:
+    """A second AuditLog on the same file chains to the last line written by the first."""
+    first = AuditLog(tmp_path, "run-1")
+    first.write({"type": "a"})
+    first.write({"type": "b"})
+    first.log.close()
+    second = AuditLog(tmp_path, "run-1")
+    second.write({"type": "c"})
+    second.log.close()
+    assert chain_breaks(tmp_path / "audit.jsonl", "run-1") == []
+    text = (tmp_path / "audit.jsonl").read_bytes()
+    (tmp_path / "audit.jsonl").write_bytes(text.replace(b'"b"', b'"B"'))
+    assert chain_breaks(tmp_path / "audit.jsonl", "run-1") == [3]
+
+
+@pytest.mark.anyio
+async def test_audit_chain_spans_a_resumed_run(gateway: str, tmp_path: Path) -> None:
+    """Run, stop at a deadline, resume: one unbroken chain, two run_started records."""
+    targets = "".join(f"  - asset_id: as{i:06d}\n" for i in range(60))
+    job = write_job(tmp_path, "limits: {rate: 40, timeout: 0.5, deadline: 1s}\ntargets:\n"
+                    + targets)  # fmt: skip
+    run_dir = tmp_path / "run"
+    assert (await run_job(job, gateway, run_dir))[0] == 4
+    assert (await resume_job(job, gateway, run_dir, rate=1000.0, deadline=None))[0] == 0
+    run_id = orjson.loads((run_dir / "run.json").read_bytes())["run_id"]
+    assert chain_breaks(run_dir / "audit.jsonl", run_id) == []
+    kinds = [orjson.loads(x)["type"] for x in lines(run_dir / "audit.jsonl")]
+    assert kinds.count("run_started") == 2
+    assert kinds.count("run_finished") == 2
+    attempts = sum(1 for k in kinds if k == "attempt")
+    assert attempts == 60
