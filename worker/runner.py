@@ -252,33 +252,42 @@ async def _signal_loop(engine: Engine, out: TextIO | None) -> None:
 
 
 async def _progress_loop(engine: Engine, total: int, out: TextIO | None) -> None:
-    """A live line on a terminal; a log line every 10 s otherwise."""
+    """A live line on a terminal (ended with the final counts); a log line every 10 s otherwise."""
     stream = out or sys.stderr
     tty = stream.isatty()
     began = time.monotonic()
-    while True:
-        await anyio.sleep(0.5 if tty else 10.0)
-        progress = engine.progress
-        elapsed = time.monotonic() - began
-        rate = progress.requests / elapsed if elapsed else 0.0
-        outcomes = progress.outcomes
+    try:
+        while True:
+            await anyio.sleep(0.5 if tty else 10.0)
+            _show_progress(engine, total, stream, time.monotonic() - began, tty=tty)
+    finally:
         if tty:
-            stream.write(
-                f"\r  {progress.finished:,}/{total:,} done: {outcomes[Outcome.CANCELLED]:,} "
-                f"cancelled, {outcomes[Outcome.NOTHING_TO_CANCEL]:,} nothing, "
-                f"{outcomes[Outcome.FAILED]:,} failed; {progress.in_flight} in flight, "
-                f"{rate:,.0f} req/s   "
-            )
+            _show_progress(engine, total, stream, time.monotonic() - began, tty=True)
+            stream.write("\n")
             stream.flush()
-        else:
-            log.info(
-                "worker.progress",
-                finished=progress.finished,
-                targets=total,
-                failed=outcomes[Outcome.FAILED],
-                in_flight=progress.in_flight,
-                requests_per_s=round(rate, 1),
-            )
+
+
+def _show_progress(
+    engine: Engine, total: int, stream: TextIO, elapsed: float, *, tty: bool
+) -> None:
+    progress = engine.progress
+    outcomes = progress.outcomes
+    rate = progress.requests / elapsed if elapsed else 0.0
+    finished_rate = progress.finished / elapsed if elapsed else 0.0
+    left = total - progress.finished
+    eta = f"{left / finished_rate / 60:.0f} min left" if finished_rate and left else ""
+    if not tty:
+        log.info("worker.progress", finished=progress.finished, targets=total,
+                 failed=outcomes[Outcome.FAILED], in_flight=progress.in_flight,
+                 requests_per_s=round(rate, 1))  # fmt: skip
+        return
+    stream.write(
+        f"\r  {progress.finished:,}/{total:,} done: {outcomes[Outcome.CANCELLED]:,} cancelled, "
+        f"{outcomes[Outcome.NOTHING_TO_CANCEL]:,} nothing to cancel, "
+        f"{outcomes[Outcome.FAILED]:,} failed; {progress.in_flight} in flight, "
+        f"{rate:,.0f} req/s {eta}\x1b[K"
+    )
+    stream.flush()
 
 
 def _close_segment(
