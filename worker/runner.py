@@ -240,15 +240,16 @@ async def _signal_loop(engine: Engine, out: TextIO | None) -> None:
         async for signum in signals:
             name = signal.Signals(signum).name
             if not engine.stopping:
-                engine.stop(StopReason.INTERRUPTED, f"{name} received")
                 stream.write(
                     f"\n{name}: no new targets; letting {engine.progress.in_flight} requests in "
                     "flight finish. Send it again to abandon them.\n"
                 )
+                stream.flush()
+                engine.stop(StopReason.INTERRUPTED, f"{name} received")
             else:
                 stream.write(f"\n{name} again: abandoning the requests in flight.\n")
+                stream.flush()
                 engine.cancel()
-            stream.flush()
 
 
 async def _progress_loop(engine: Engine, total: int, out: TextIO | None) -> None:
@@ -267,6 +268,10 @@ async def _progress_loop(engine: Engine, total: int, out: TextIO | None) -> None
             stream.flush()
 
 
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
 def _show_progress(
     engine: Engine, total: int, stream: TextIO, elapsed: float, *, tty: bool
 ) -> None:
@@ -275,7 +280,7 @@ def _show_progress(
     rate = progress.requests / elapsed if elapsed else 0.0
     finished_rate = progress.finished / elapsed if elapsed else 0.0
     left = total - progress.finished
-    eta = f"{left / finished_rate / 60:.0f} min left" if finished_rate and left else ""
+    eta = f"~{_minutes(left / finished_rate)} left" if finished_rate and left else ""
     if not tty:
         log.info("worker.progress", finished=progress.finished, targets=total,
                  failed=outcomes[Outcome.FAILED], in_flight=progress.in_flight,
