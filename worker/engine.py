@@ -183,6 +183,17 @@ class Engine:
                 self._idle_scopes.discard(scope)
         return not scope.cancel_called and not self.stopping
 
+    def _slot_now(self) -> bool:
+        """The hot path: a slot free right now, taken without a coroutine (False: go slow)."""
+        if self.stopping:
+            return False
+        wait, held = self._limiter.reserve()
+        if held and wait == 0:
+            return True
+        if held:
+            self._limiter.release()  # give it back; _slot() reserves it again and waits
+        return False
+
     async def _slot(self) -> bool:
         """Wait for the shared limiter's next slot; False if the run stopped meanwhile."""
         while True:
@@ -195,7 +206,7 @@ class Engine:
     async def _process(self, target: Target) -> None:
         """Attempt one target until it has a final result, or the run stops."""
         state = _TargetState(started=self._clock())
-        while await self._slot():
+        while self._slot_now() or await self._slot():
             state.sent += 1
             self.progress.in_flight += 1
             self.progress.requests += 1
@@ -218,7 +229,10 @@ class Engine:
                 self.progress.in_flight -= 1
             state.latency_ms = _ms_since(began)
             self._limiter.succeeded()
-            await self._finish_success(target, state, reply)
+            if reply.commands or not state.maybe_applied or target.command_id is None:
+                self._finish_success(target, state, reply)
+            else:
+                await self._finish_after_lost_answer(target, state, reply)
             return
 
     async def _after_failure(self, target: Target, state: _TargetState, error: EnOSError) -> bool:
@@ -250,28 +264,35 @@ class Engine:
             return True
         return await self._sleep_unless_stopped(decision.wait_s or 0.0)
 
-    async def _finish_success(
-        self, target: Target, state: _TargetState, reply: CancelReply
-    ) -> None:
-        ids = tuple(command.command_id for command in reply.commands)
+    def _record_done(self, target: Target, state: _TargetState, reply: CancelReply) -> None:
         self.recorder.attempt(
             Attempt(target, state.sent, self._clock(), state.latency_ms, reply.http_status,
                     reply.code, reply.request_id, "done"),
             "cancel",
         )  # fmt: skip
-        if ids:
+
+    def _finish_success(self, target: Target, state: _TargetState, reply: CancelReply) -> None:
+        """code 0: cancelled with the ids seen, or nothing to cancel (effect unknown if an
+        earlier attempt's answer was lost)."""
+        self._record_done(target, state, reply)
+        if reply.commands:
+            ids = tuple(command.command_id for command in reply.commands)
             self._finish(target, state, Outcome.CANCELLED, ids=ids, reply=reply)
-        elif state.maybe_applied and target.command_id is not None:
-            verified = await self._verify_cancelled(target, target.command_id)
-            if verified:
-                self._finish(
-                    target, state, Outcome.CANCELLED, ids=(target.command_id,), reply=reply
-                )
-            else:
-                self._finish(target, state, Outcome.NOTHING_TO_CANCEL, reply=reply, unknown=True)
         else:
             unknown = state.maybe_applied
             self._finish(target, state, Outcome.NOTHING_TO_CANCEL, reply=reply, unknown=unknown)
+
+    async def _finish_after_lost_answer(
+        self, target: Target, state: _TargetState, reply: CancelReply
+    ) -> None:
+        """Nothing left to cancel after a lost answer, for one command id: ask Get Command."""
+        self._record_done(target, state, reply)
+        assert target.command_id is not None
+        if await self._verify_cancelled(target, target.command_id):
+            ids = (target.command_id,)
+            self._finish(target, state, Outcome.CANCELLED, ids=ids, reply=reply)
+        else:
+            self._finish(target, state, Outcome.NOTHING_TO_CANCEL, reply=reply, unknown=True)
 
     async def _verify_cancelled(self, target: Target, command_id: str) -> bool:
         """After a lost answer: did our earlier attempt cancel the command? (state 2 means yes)"""

@@ -19,6 +19,7 @@ a floor and doubles about every second until the first cut (slow start).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 
 import anyio
@@ -40,7 +41,7 @@ class RateLimiter:
         adaptive: bool = False,
         ceiling: float | None = None,
         floor: float = 1.0,
-        clock: Callable[[], float] = anyio.current_time,
+        clock: Callable[[], float] = time.monotonic,  # what anyio's asyncio clock reads
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
     ) -> None:
         self._rate = rate
@@ -82,6 +83,11 @@ class RateLimiter:
             return max(0.001, slot - now - HORIZON_S), False
         self._next = slot + 1.0 / rate
         return max(0.0, slot - now), True
+
+    def release(self) -> None:
+        """Give back the slot just reserved (its caller will not use it now)."""
+        if self._rate is not None:
+            self._next -= 1.0 / self._rate
 
     def paused(self) -> bool:
         """Whether a throttle pause is in force now."""
