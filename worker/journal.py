@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 import structlog
 
-from worker.model import Outcome, Target, TargetResult
+from worker.model import Target, TargetResult
 
 RESULTS_FILE = "results.jsonl"
 log = structlog.get_logger("worker.journal")
@@ -175,8 +175,3 @@ def repair_tail(path: Path) -> int:
             stream.truncate(start + keep)
         log.warning("worker.torn_line_removed", path=str(path), bytes=removed)
     return removed
-
-
-def outcome_of(record: dict[str, Any]) -> Outcome:
-    """The outcome of a results.jsonl record."""
-    return Outcome(record["outcome"])
