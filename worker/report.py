@@ -7,15 +7,21 @@ and a resume, the summary of the whole run is still exact.
 from __future__ import annotations
 
 import sys
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+import anyio
+import structlog
+
+from worker.engine import Progress
 from worker.journal import RESULTS_FILE, read_journal, target_of
 from worker.model import Outcome
 
 SUMMARY_FILE = "summary.json"
+log = structlog.get_logger("worker.run")
 
 
 @dataclass
@@ -154,4 +160,46 @@ def render(summary: dict[str, Any], run_dir: Path, out: TextIO | None = None) ->
     lines.append(f"  files              {run_dir}/ (results.jsonl, audit.jsonl, summary.json)")
     lines.append(f"  exit code          {summary['exit_code']}")
     stream.write("\n".join(lines) + "\n")
+    stream.flush()
+
+
+async def progress_loop(progress: Progress, total: int, out: TextIO | None) -> None:
+    """A live line on a terminal (ended with the final counts); a log line every 10 s otherwise."""
+    stream = out or sys.stderr
+    tty = stream.isatty()
+    began = time.monotonic()
+    try:
+        while True:
+            await anyio.sleep(0.5 if tty else 10.0)
+            _show_progress(progress, total, stream, time.monotonic() - began, tty=tty)
+    finally:
+        if tty:
+            _show_progress(progress, total, stream, time.monotonic() - began, tty=True)
+            stream.write("\n")
+            stream.flush()
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
+def _show_progress(
+    progress: Progress, total: int, stream: TextIO, elapsed: float, *, tty: bool
+) -> None:
+    outcomes = progress.outcomes
+    rate = progress.requests / elapsed if elapsed else 0.0
+    finished_rate = progress.finished / elapsed if elapsed else 0.0
+    left = total - progress.finished
+    eta = f"~{_minutes(left / finished_rate)} left" if finished_rate and left else ""
+    if not tty:
+        log.info("worker.progress", finished=progress.finished, targets=total,
+                 failed=outcomes[Outcome.FAILED], in_flight=progress.in_flight,
+                 requests_per_s=round(rate, 1))  # fmt: skip
+        return
+    stream.write(
+        f"\r  {progress.finished:,}/{total:,} done: {outcomes[Outcome.CANCELLED]:,} cancelled, "
+        f"{outcomes[Outcome.NOTHING_TO_CANCEL]:,} nothing to cancel, "
+        f"{outcomes[Outcome.FAILED]:,} failed; {progress.in_flight} in flight, "
+        f"{rate:,.0f} req/s {eta}\x1b[K"
+    )
     stream.flush()

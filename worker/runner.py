@@ -32,7 +32,7 @@ from worker.jobfile import Plan, run_targets
 from worker.journal import ResultJournal, iso, read_journal, repair_tail, target_of
 from worker.model import Attempt, Job, Limits, Outcome, Target, TargetResult
 from worker.ratelimit import RateLimiter
-from worker.report import SUMMARY_FILE, build_summary, render, tally
+from worker.report import SUMMARY_FILE, build_summary, progress_loop, render, tally
 from worker.retry import RetryPolicy
 
 log = structlog.get_logger("worker.run")
@@ -168,6 +168,9 @@ async def execute(
         async with client:
             targets = _pending(run_targets(job, plan), done)
             await _drive(engine, targets, plan, options, out=out, segment=segment)
+    except Exception as exc:  # a bug or an OS failure: end as a resumable stop, say why
+        log.exception("worker.internal_error")
+        engine.stop(StopReason.FATAL, f"internal error: {exc!r}; the run is resumable")
     finally:
         # Synchronous on purpose: no cancellation can interrupt closing the files.
         segment["requests"] = engine.progress.requests
@@ -194,7 +197,7 @@ async def _drive(
         helpers.start_soon(_rate_sampler, engine, segment)
         helpers.start_soon(_signal_loop, engine, out)
         if options.progress:
-            helpers.start_soon(_progress_loop, engine, plan.total, out)
+            helpers.start_soon(progress_loop, engine.progress, plan.total, out)
         await engine.run(targets)
         helpers.cancel_scope.cancel()
 
@@ -250,49 +253,6 @@ async def _signal_loop(engine: Engine, out: TextIO | None) -> None:
                 stream.write(f"\n{name} again: abandoning the requests in flight.\n")
                 stream.flush()
                 engine.cancel()
-
-
-async def _progress_loop(engine: Engine, total: int, out: TextIO | None) -> None:
-    """A live line on a terminal (ended with the final counts); a log line every 10 s otherwise."""
-    stream = out or sys.stderr
-    tty = stream.isatty()
-    began = time.monotonic()
-    try:
-        while True:
-            await anyio.sleep(0.5 if tty else 10.0)
-            _show_progress(engine, total, stream, time.monotonic() - began, tty=tty)
-    finally:
-        if tty:
-            _show_progress(engine, total, stream, time.monotonic() - began, tty=True)
-            stream.write("\n")
-            stream.flush()
-
-
-def _minutes(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
-
-
-def _show_progress(
-    engine: Engine, total: int, stream: TextIO, elapsed: float, *, tty: bool
-) -> None:
-    progress = engine.progress
-    outcomes = progress.outcomes
-    rate = progress.requests / elapsed if elapsed else 0.0
-    finished_rate = progress.finished / elapsed if elapsed else 0.0
-    left = total - progress.finished
-    eta = f"~{_minutes(left / finished_rate)} left" if finished_rate and left else ""
-    if not tty:
-        log.info("worker.progress", finished=progress.finished, targets=total,
-                 failed=outcomes[Outcome.FAILED], in_flight=progress.in_flight,
-                 requests_per_s=round(rate, 1))  # fmt: skip
-        return
-    stream.write(
-        f"\r  {progress.finished:,}/{total:,} done: {outcomes[Outcome.CANCELLED]:,} cancelled, "
-        f"{outcomes[Outcome.NOTHING_TO_CANCEL]:,} nothing to cancel, "
-        f"{outcomes[Outcome.FAILED]:,} failed; {progress.in_flight} in flight, "
-        f"{rate:,.0f} req/s {eta}\x1b[K"
-    )
-    stream.flush()
 
 
 def _close_segment(
