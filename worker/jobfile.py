@@ -26,7 +26,7 @@ import orjson
 import yaml
 
 from worker.errors import JobFileError
-from worker.model import AbortRule, Job, Limits, Target, TargetsFile
+from worker.model import AbortRule, Job, Limits, Target, TargetsFile, identity_key, key_digest
 
 JOB_KEYS = (
     "version", "name", "gateway", "org_id", "command_id", "targets", "targets_file", "limits",
@@ -106,7 +106,7 @@ def _read_bytes(path: Path) -> bytes:
 
 
 @contextmanager
-def _gc_paused() -> Iterator[None]:
+def gc_paused() -> Iterator[None]:
     """Building many small objects runs the cyclic GC over and over; it finds nothing here."""
     enabled = gc.isenabled()
     gc.disable()
@@ -119,7 +119,7 @@ def _gc_paused() -> Iterator[None]:
 
 def _compose(path: Path, raw: bytes) -> yaml.Node | None:
     try:
-        with _gc_paused():
+        with gc_paused():
             return yaml.compose(raw, Loader=_Loader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
@@ -395,21 +395,38 @@ class Plan:
 
 def all_targets(job: Job) -> Iterator[Target]:
     """Every listed target in order (inline first, then the file), duplicates included."""
-    yield from job.inline_targets
-    if job.targets_file is not None:
-        path = job.targets_file.path
-        for line, row in _file_rows(job.targets_file):
-            target = _row_target(row, job.org_id or "", job.command_id or "", f"{path}:{line}")
-            if isinstance(target, str):
-                raise JobFileError([f"{path}:{line}: {target}"])
-            yield target
+    return (target for target in _listed(job, None) if target is not None)
 
 
-def run_targets(job: Job, plan_: Plan) -> Iterator[Target]:
-    """The targets to run, in order, without duplicates."""
+def _listed(job: Job, done: set[int] | None) -> Iterator[Target | None]:
+    """The listed targets; one whose digest is in `done` is None (its place still counts) and
+    is never built: resuming a run of a million skips the finished ones cheaply."""
+    for target in job.inline_targets:
+        yield None if done and target.digest() in done else target
+    if job.targets_file is None:
+        return
+    path = job.targets_file.path
+    org_default, command_default = job.org_id or "", job.command_id or ""
+    for line, row in _file_rows(job.targets_file):
+        if done:
+            asset, product, device, command, org = row
+            key = identity_key(
+                org or org_default, asset, product, device, command or command_default
+            )
+            if key_digest(key) in done:
+                yield None
+                continue
+        built = _row_target(row, org_default, command_default, f"{path}:{line}")
+        if isinstance(built, str):
+            raise JobFileError([f"{path}:{line}: {built}"])
+        yield built
+
+
+def run_targets(job: Job, plan_: Plan, done: set[int] | None = None) -> Iterator[Target]:
+    """The targets to run, in order, without duplicates and without those in `done`."""
     skip = plan_.skip
-    for ordinal, target in enumerate(all_targets(job)):
-        if ordinal not in skip:
+    for ordinal, target in enumerate(_listed(job, done)):
+        if target is not None and ordinal not in skip:
             yield target
 
 
@@ -424,7 +441,7 @@ def plan(job: Job) -> Plan:
     candidates: dict[int, int] = {}  # ordinal of a probable duplicate -> its hash
     orgs: Counter[str] = Counter()
     cancel_all = 0
-    with _gc_paused():
+    with gc_paused():
         for ordinal, key in enumerate(_keys(job)):
             number = hash(key)
             if number in seen:

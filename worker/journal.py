@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 import structlog
 
-from worker.model import Target, TargetResult
+from worker.model import TargetResult, identity_key
 
 RESULTS_FILE = "results.jsonl"
 log = structlog.get_logger("worker.journal")
@@ -100,15 +100,15 @@ class ResultJournal:
         self.log.append_line(orjson.dumps(result_record(result)))
 
 
-def target_of(record: dict[str, Any]) -> Target:
-    """The target a results.jsonl record is about."""
+def record_key(record: dict[str, Any]) -> str:
+    """The identity key of the target a results.jsonl record is about (see Target.key)."""
     selector = record["target"]
-    return Target(
-        org_id=record["org_id"],
-        asset_id=selector.get("asset_id"),
-        product_key=selector.get("product_key"),
-        device_key=selector.get("device_key"),
-        command_id=record.get("command_id"),
+    return identity_key(
+        record["org_id"],
+        selector.get("asset_id"),
+        selector.get("product_key"),
+        selector.get("device_key"),
+        record.get("command_id"),
     )
 
 

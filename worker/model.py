@@ -14,6 +14,24 @@ from typing import NamedTuple
 from worker.errors import InvalidTargetError
 
 
+def identity_key(
+    org_id: str,
+    asset_id: str | None,
+    product_key: str | None,
+    device_key: str | None,
+    command_id: str | None,
+) -> str:
+    """The canonical text of a target's identity; "" stands for an absent field."""
+    return "\x1f".join(
+        (org_id, asset_id or "", product_key or "", device_key or "", command_id or "")
+    )
+
+
+def key_digest(key: str) -> int:
+    """A 128-bit digest of an identity key: 32 bytes a target in a done-set of millions."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=16).digest(), "big")
+
+
 @dataclass(frozen=True, slots=True)
 class Target:
     """One cancel call: a device (assetId, or productKey+deviceKey) in an org, one or all commands.
@@ -56,20 +74,13 @@ class Target:
 
     def key(self) -> str:
         """A canonical text of the identity (org, device, command), used for digests and hashes."""
-        return "\x1f".join(
-            (
-                self.org_id,
-                self.asset_id or "",
-                self.product_key or "",
-                self.device_key or "",
-                self.command_id or "",
-            )
+        return identity_key(
+            self.org_id, self.asset_id, self.product_key, self.device_key, self.command_id
         )
 
     def digest(self) -> int:
         """A 128-bit digest of `key()`: a fixed-size entry for done-sets and duplicate checks."""
-        raw = hashlib.blake2b(self.key().encode(), digest_size=16).digest()
-        return int.from_bytes(raw, "big")
+        return key_digest(self.key())
 
     def describe(self) -> str:
         """A short human text of the target for logs and errors."""

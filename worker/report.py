@@ -17,7 +17,8 @@ import anyio
 import structlog
 
 from worker.engine import Progress
-from worker.journal import RESULTS_FILE, read_journal, target_of
+from worker.jobfile import gc_paused
+from worker.journal import RESULTS_FILE, read_journal, record_key
 from worker.model import Outcome
 
 SUMMARY_FILE = "summary.json"
@@ -47,23 +48,24 @@ def tally(run_dir: Path) -> JournalTally:
     attempts = unknown = 0
     latencies: list[float] = []
     failed_earlier: dict[str, str] = {}  # a --retry-failed segment supersedes these lines
-    for record in read_journal(run_dir / RESULTS_FILE):
-        failed = record["outcome"] == Outcome.FAILED
-        key = target_of(record).key() if failed or failed_earlier else ""
-        superseded = failed_earlier.pop(key, None) if failed_earlier else None
-        if superseded is not None:
-            outcomes[Outcome.FAILED.value] -= 1
-            errors[superseded] -= 1
-        outcomes[record["outcome"]] += 1
-        attempts += record.get("attempts") or 0
-        unknown += bool(record.get("effect_unknown"))
-        if failed:
-            label = _error_label(record)
-            errors[label] += 1
-            failed_earlier[key] = label
-        latency = record.get("latency_ms")
-        if isinstance(latency, int | float):
-            latencies.append(float(latency))
+    with gc_paused():
+        for record in read_journal(run_dir / RESULTS_FILE):
+            failed = record["outcome"] == Outcome.FAILED
+            key = record_key(record) if failed or failed_earlier else ""
+            superseded = failed_earlier.pop(key, None) if failed_earlier else None
+            if superseded is not None:
+                outcomes[Outcome.FAILED.value] -= 1
+                errors[superseded] -= 1
+            outcomes[record["outcome"]] += 1
+            attempts += record.get("attempts") or 0
+            unknown += bool(record.get("effect_unknown"))
+            if failed:
+                label = _error_label(record)
+                errors[label] += 1
+                failed_earlier[key] = label
+            latency = record.get("latency_ms")
+            if isinstance(latency, int | float):
+                latencies.append(float(latency))
     return JournalTally(+outcomes, +errors, attempts, unknown, latencies)
 
 

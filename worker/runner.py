@@ -28,9 +28,9 @@ from worker import __version__
 from worker.audit import AuditLog, who_and_where
 from worker.engine import Engine, StopReason
 from worker.enos.client import Credentials, EnOSClient
-from worker.jobfile import Plan, run_targets
-from worker.journal import ResultJournal, iso, read_journal, repair_tail, target_of
-from worker.model import Attempt, Job, Limits, Outcome, Target, TargetResult
+from worker.jobfile import Plan, gc_paused, run_targets
+from worker.journal import ResultJournal, iso, read_journal, record_key, repair_tail
+from worker.model import Attempt, Job, Limits, Outcome, Target, TargetResult, key_digest
 from worker.ratelimit import RateLimiter
 from worker.report import SUMMARY_FILE, build_summary, progress_loop, render, tally
 from worker.retry import RetryPolicy
@@ -94,20 +94,12 @@ def write_manifest(run_dir: Path, manifest: dict[str, Any]) -> None:
 def done_set(run_dir: Path, *, retry_failed: bool) -> set[int]:
     """Digests of the targets already final in the journal (failed ones too, unless retried)."""
     done: set[int] = set()
-    for record in read_journal(run_dir / "results.jsonl"):
-        if retry_failed and record["outcome"] == Outcome.FAILED:
-            continue
-        done.add(target_of(record).digest())
+    with gc_paused():
+        for record in read_journal(run_dir / "results.jsonl"):
+            if retry_failed and record["outcome"] == Outcome.FAILED:
+                continue
+            done.add(key_digest(record_key(record)))
     return done
-
-
-def _pending(targets: Iterator[Target], done: set[int]) -> Iterator[Target]:
-    if not done:
-        yield from targets
-        return
-    for target in targets:
-        if target.digest() not in done:
-            yield target
 
 
 def exit_code_for(reason: StopReason, failed: int, not_attempted: int) -> int:
@@ -166,7 +158,7 @@ async def execute(
     began = time.monotonic()
     try:
         async with client:
-            targets = _pending(run_targets(job, plan), done)
+            targets = run_targets(job, plan, done)
             await _drive(engine, targets, plan, options, out=out, segment=segment)
     except Exception as exc:  # a bug or an OS failure: end as a resumable stop, say why
         log.exception("worker.internal_error")
