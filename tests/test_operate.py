@@ -91,12 +91,16 @@ def test_kill_9_then_resume(sim5000: str, tmp_path: Path) -> None:
 
 
 def test_sigint_stops_within_the_timeout_then_resumes(tmp_path: Path) -> None:
-    """SIGINT: in-flight requests finish, exit 4 within the attempt timeout; resume: exit 0."""
+    """A second worker on the same directory is refused; SIGINT: in-flight requests finish,
+    exit 4 within the attempt timeout; resume: exit 0."""
     with simulator_process("--devices", "400", "--latency-ms", "300") as url:
         job = csv_job(tmp_path, 400, "{rate: 200, concurrency: 16, timeout: 2}")
         run_dir = tmp_path / "run"
         process = start_worker("run", str(job), "--gateway", url, "--out", str(run_dir))
         wait_for_lines(process, run_dir, 40)
+        meanwhile = run_worker("run", str(job), "--resume", str(run_dir))
+        assert meanwhile.returncode == 2  # one worker per run directory
+        assert "in use by another worker" in meanwhile.stderr
         began = time.monotonic()
         process.send_signal(signal.SIGINT)
         out, _ = process.communicate(timeout=10)

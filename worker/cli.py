@@ -35,6 +35,7 @@ from worker.runner import (
     execute,
     new_manifest,
     read_manifest,
+    run_dir_lock,
 )
 from worker.settings import load_credentials, merge_limits, new_run_dir, resolve_gateway
 
@@ -66,28 +67,33 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError(f"{job.path} lists no targets; nothing to do")
     credentials = load_credentials(args.credentials)
     logs.register_secret(credentials.app_secret)
-    if args.resume is not None:
-        run_dir, manifest, done, limits, gateway = _resume(args, job, plan_)
+    resuming = args.resume is not None
+    if resuming:
+        run_dir, manifest, limits, gateway = _resume(args, job, plan_)
     else:
         gateway = resolve_gateway(args.gateway, job, insecure=args.insecure)
         limits = _limits(job.limits, args)
-        run_dir, manifest, done = None, None, set()
     if args.dry_run:
         return _dry_run(job, plan_, gateway, credentials, limits, sample=args.sample)
-    _confirm(plan_.total - len(done), gateway, assume_yes=args.yes)
-    run_dir = run_dir or new_run_dir(args.out, job)
-    options = RunOptions(gateway, credentials, limits, run_dir, resume=args.resume is not None)
-    manifest = manifest or new_manifest(job, plan_, options)
-    log.info(
-        "worker.run_starting",
-        run_dir=str(run_dir),
-        targets=plan_.total,
-        already_final=len(done),
-        gateway=gateway,
-        rate=limits.rate,
-        concurrency=limits.concurrency,
-    )
-    return run_async(lambda: execute(job, plan_, options, manifest=manifest, done=done))
+    if not resuming:
+        _confirm(plan_.total, gateway, assume_yes=args.yes)
+        run_dir = new_run_dir(args.out, job)
+    with run_dir_lock(run_dir):
+        done = done_set(run_dir, retry_failed=args.retry_failed) if resuming else set()
+        if resuming:
+            _confirm(plan_.total - len(done), gateway, assume_yes=args.yes)
+        options = RunOptions(gateway, credentials, limits, run_dir, resume=resuming)
+        manifest = manifest if resuming else new_manifest(job, plan_, options)
+        log.info(
+            "worker.run_starting",
+            run_dir=str(run_dir),
+            targets=plan_.total,
+            already_final=len(done),
+            gateway=gateway,
+            rate=limits.rate,
+            concurrency=limits.concurrency,
+        )
+        return run_async(lambda: execute(job, plan_, options, manifest=manifest, done=done))
 
 
 def _confirm(pending: int, gateway: str, *, assume_yes: bool) -> None:
@@ -141,7 +147,7 @@ def _limits(base: Limits, args: argparse.Namespace) -> Limits:
 
 def _resume(
     args: argparse.Namespace, job: Job, plan_: Plan
-) -> tuple[Path, dict[str, Any], set[int], Limits, str]:
+) -> tuple[Path, dict[str, Any], Limits, str]:
     run_dir = Path(args.resume)
     try:
         manifest = read_manifest(run_dir)
@@ -159,9 +165,8 @@ def _resume(
             )
     recorded = Limits(**manifest["limits"])
     gateway = resolve_gateway(args.gateway or manifest["gateway"], job, insecure=args.insecure)
-    done = done_set(run_dir, retry_failed=args.retry_failed)
     manifest["targets"] = plan_.total
-    return run_dir, manifest, done, _limits(recorded, args), gateway
+    return run_dir, manifest, _limits(recorded, args), gateway
 
 
 def _plan_with_warnings(job: Job) -> Plan:

@@ -8,6 +8,7 @@ in synchronous code that no cancellation can interrupt.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import random
 import secrets
@@ -15,6 +16,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,6 +30,7 @@ from worker import __version__
 from worker.audit import AuditLog, who_and_where
 from worker.engine import Engine, StopReason
 from worker.enos.client import Credentials, EnOSClient
+from worker.errors import UsageError
 from worker.jobfile import Plan, gc_paused, run_targets
 from worker.journal import ResultJournal, iso, read_journal, record_key, repair_tail
 from worker.model import Attempt, Job, Limits, Outcome, Target, TargetResult, key_digest
@@ -89,6 +92,31 @@ def write_manifest(run_dir: Path, manifest: dict[str, Any]) -> None:
         stream.flush()
         os.fsync(stream.fileno())
     os.replace(tmp, run_dir / MANIFEST_FILE)
+
+
+LOCK_FILE = "run.lock"
+
+
+@contextmanager
+def run_dir_lock(run_dir: Path) -> Iterator[None]:
+    """Hold the run directory for this process: two workers appending to one journal would
+    break the one-line-per-target rule. The kernel drops the lock if the process dies."""
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o640)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise UsageError(
+            f"{run_dir} is in use by another worker (pid {holder}); wait for it to end, or stop "
+            "it (Ctrl-C / SIGTERM) and resume"
+        ) from None
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)
 
 
 def done_set(run_dir: Path, *, retry_failed: bool) -> set[int]:
