@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import orjson
 import pytest
 
 from tests.conftest import APP_KEY, APP_SECRET, ORG
@@ -146,3 +147,27 @@ async def test_no_secret_in_any_output(sim: Simulator, gateway: str, tmp_path: P
         assert APP_SECRET not in text
         for token in sim._tokens:
             assert token not in text
+
+
+async def test_lost_answer_for_one_command_is_verified_with_get(
+    sim: Simulator, gateway: str, tmp_path: Path
+) -> None:
+    """Answers lost after the cancel took effect: for a single command id, Get Command shows
+    state 2, so the target is `cancelled`, not `effect_unknown`."""
+    indices = [i for i in range(1, 60) if pending_ids(sim, i)][:30]
+    sim.faults = Faults(drop_rate=0.5)
+    lines = "".join(f"  - {{asset_id: as{i:06d}, command_id: '{generated_command_id(i, 0)}'}}\n"
+                    for i in indices)  # fmt: skip
+    job = write_job(tmp_path, "limits: {rate: 1000, concurrency: 1, attempts: 20}\ntargets:\n"
+                    + lines)  # fmt: skip
+    code, _ = await run_job(job, gateway, tmp_path / "run")
+    assert code == 0
+    records = results(tmp_path / "run")
+    assert {r["outcome"] for r in records} == {"cancelled"}
+    assert not any(r["effect_unknown"] for r in records)
+    audit = [orjson.loads(x) for x in (tmp_path / "run" / "audit.jsonl").read_bytes().splitlines()]
+    answered = [
+        a["decision"] for a in audit if a.get("action") == "get" and a["decision"] != "retry"
+    ]
+    assert answered
+    assert set(answered) == {"state 2"}

@@ -25,7 +25,7 @@ from typing import Protocol
 import anyio
 import structlog
 
-from worker.errors import EnOSError, RetryableError
+from worker.errors import EnOSError, RateLimitedError, RetryableError
 from worker.model import AbortRule, Attempt, CancelReply, Command, Outcome, Target, TargetResult
 from worker.ratelimit import RateLimiter
 from worker.retry import RetryPolicy, Verdict
@@ -295,26 +295,39 @@ class Engine:
             self._finish(target, state, Outcome.NOTHING_TO_CANCEL, reply=reply, unknown=True)
 
     async def _verify_cancelled(self, target: Target, command_id: str) -> bool:
-        """After a lost answer: did our earlier attempt cancel the command? (state 2 means yes)"""
-        if not await self._slot():
-            return False
-        began = time.perf_counter()
-        self.progress.requests += 1
-        try:
-            command = await self._client.get_command(target, command_id)
-        except EnOSError as error:
+        """After a lost answer: did our earlier attempt cancel the command? (state 2 means yes)
+
+        Get Command is retried like a cancel (transient failures, up to `attempts`); anything
+        else leaves the question open (the caller records effect_unknown)."""
+        for number in range(1, self._policy.attempts + 1):
+            if not await self._slot():
+                return False
+            began = time.perf_counter()
+            self.progress.requests += 1
+            try:
+                command = await self._client.get_command(target, command_id)
+            except EnOSError as error:
+                again = isinstance(error, RetryableError) and number < self._policy.attempts
+                self.recorder.attempt(
+                    Attempt(target, number, self._clock(), _ms_since(began), error.http_status,
+                            error.code, error.request_id, "retry" if again else "unverified",
+                            error=str(error)),
+                    "get",
+                )  # fmt: skip
+                if not again:
+                    return False
+                if isinstance(error, RateLimitedError):
+                    self._limiter.throttle(error.retry_after)
+                elif not await self._sleep_unless_stopped(self._policy.backoff(number, self._rng)):
+                    return False
+                continue
             self.recorder.attempt(
-                Attempt(target, 1, self._clock(), _ms_since(began), error.http_status, error.code,
-                        error.request_id, "unverified", error=str(error)),
+                Attempt(target, number, self._clock(), _ms_since(began), 200, 0, None,
+                        f"state {command.state}"),
                 "get",
             )  # fmt: skip
-            return False
-        self.recorder.attempt(
-            Attempt(target, 1, self._clock(), _ms_since(began), 200, 0, None,
-                    f"state {command.state}"),
-            "get",
-        )  # fmt: skip
-        return command.state == 2
+            return command.state == 2
+        return False
 
     def _record_attempt(
         self,
