@@ -41,6 +41,13 @@ def test_example_job_runs_to_exit_0(sim_url: str, tmp_path: Path) -> None:
     assert sum(summary["outcomes"].values()) == 300
     assert "exit code          0" in done.stdout
     assert APP_SECRET not in done.stdout + done.stderr
+    page = tmp_path / "report.html"
+    report = run_worker("report", str(out), str(out), "--html", str(page))  # totals add up
+    assert report.returncode == 0, report.stderr
+    assert "All 2 runs: 600 targets" in report.stdout
+    html = page.read_text()
+    assert "<h3>Rate</h3>" in html
+    assert f"<tr><th>targets</th><td>{600:,}</td></tr>" in html
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ import pytest
 
 from tests.runs import resume_job, run_job, write_job
 from worker.audit import AuditLog
+from worker.htmlreport import render_html
 from worker.journal import read_journal, repair_tail
 
 
@@ -84,3 +85,21 @@ async def test_audit_chain_spans_a_resumed_run(gateway: str, tmp_path: Path) -> 
     assert kinds.count("run_finished") == 2
     attempts = sum(1 for k in kinds if k == "attempt")
     assert attempts == 60
+
+
+def test_html_report_escapes_and_charts() -> None:
+    """The page escapes what it shows and draws the rate timeline when there is one."""
+    summary = {
+        "job": "<b>x</b>", "run_id": "r", "stopped": "finished", "stop_message": "",
+        "exit_code": 0, "targets": 2, "not_attempted": 0, "effect_unknown": 0, "attempts": 2,
+        "segments": 1, "started_at": "a", "finished_at": "b", "duration_s": 2.0,
+        "outcomes": {"cancelled": 1, "nothing_to_cancel": 0, "failed": 1},
+        "errors": {"99404": 1}, "latency_ms": {"p50": 1, "p95": 2, "p99": 3},
+        "rate": {"requested": 10, "achieved": 1.0,
+                 "timeline": [[1, 1.0, 1.0, 10.0], [1, 2.0, 1.0, 10.0]]},
+    }  # fmt: skip
+    page = render_html([(Path("run"), summary)])
+    assert "&lt;b&gt;x&lt;/b&gt;" in page
+    assert "<b>x</b>" not in page
+    assert "<polyline" in page
+    assert "<td>99404</td><td>1</td>" in page

@@ -24,6 +24,7 @@ from worker import __version__, dryrun, logs
 from worker.enos.client import Credentials, EnOSClient
 from worker.enos.simulator import Faults, Simulator, serve
 from worker.errors import FatalError, RetryableError, UsageError
+from worker.htmlreport import combine, render_html
 from worker.jobfile import Plan, all_targets, load_job, plan, run_targets
 from worker.model import Job, Limits
 from worker.report import SUMMARY_FILE, build_summary, render, tally
@@ -293,7 +294,9 @@ def _find_example() -> Path:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    """Print the summary of each run directory, recomputed from its journal."""
+    """Print the summary of each run directory (recomputed from its journal), a total when
+    there are several, and write an HTML report."""
+    runs = []
     for name in args.dirs:
         run_dir = Path(name)
         try:
@@ -305,6 +308,18 @@ def cmd_report(args: argparse.Namespace) -> int:
         render(summary, run_dir)
         if not (run_dir / SUMMARY_FILE).exists():
             sys.stdout.write("  (the run has no summary.json: it did not finish; resume it)\n")
+        runs.append((run_dir, summary))
+    if len(runs) > 1:
+        total = combine([summary for _, summary in runs])
+        outcomes = total["outcomes"]
+        sys.stdout.write(
+            f"All {len(runs)} runs: {total['targets']:,} targets, {outcomes['cancelled']:,} "
+            f"cancelled, {outcomes['nothing_to_cancel']:,} nothing to cancel, "
+            f"{outcomes['failed']:,} failed, {total['not_attempted']:,} not attempted\n"
+        )
+    page = args.html or (runs[0][0] / "report.html" if len(runs) == 1 else Path("report.html"))
+    page.write_text(render_html(runs), encoding="utf-8")
+    sys.stdout.write(f"HTML report: {page}\n")
     return 0
 
 
@@ -366,6 +381,12 @@ def _parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser("report", help="print the summary of run directories")
     report.add_argument("dirs", nargs="+", metavar="DIR")
+    report.add_argument(
+        "--html",
+        type=Path,
+        help="where to write the HTML report (default DIR/report.html, or "
+        "./report.html for several directories)",
+    )
     report.set_defaults(handler=cmd_report)
     return parser
 
