@@ -27,12 +27,19 @@ import orjson
 import structlog
 
 from worker import __version__
-from worker.audit import AuditLog, who_and_where
+from worker.audit import AUDIT_FILE, AuditLog, who_and_where
 from worker.engine import Engine, StopReason
 from worker.enos.client import Credentials, EnOSClient
 from worker.errors import UsageError
 from worker.jobfile import Plan, gc_paused, run_targets
-from worker.journal import ResultJournal, iso, read_journal, record_key, repair_tail
+from worker.journal import (
+    RESULTS_FILE,
+    ResultJournal,
+    iso,
+    read_journal,
+    record_key,
+    repair_tail,
+)
 from worker.model import Attempt, Job, Limits, Outcome, Target, TargetResult, key_digest
 from worker.ratelimit import RateLimiter
 from worker.report import SUMMARY_FILE, build_summary, progress_loop, render, tally
@@ -123,7 +130,7 @@ def done_set(run_dir: Path, *, retry_failed: bool) -> set[int]:
     """Digests of the targets already final in the journal (failed ones too, unless retried)."""
     done: set[int] = set()
     with gc_paused():
-        for record in read_journal(run_dir / "results.jsonl"):
+        for record in read_journal(run_dir / RESULTS_FILE):
             if retry_failed and record["outcome"] == Outcome.FAILED:
                 continue
             done.add(key_digest(record_key(record)))
@@ -150,8 +157,8 @@ async def execute(
 ) -> int:
     """Run the job's pending targets as one segment; returns the exit code."""
     run_dir = options.run_dir
-    repair_tail(run_dir / "results.jsonl")
-    repair_tail(run_dir / "audit.jsonl")
+    repair_tail(run_dir / RESULTS_FILE)
+    repair_tail(run_dir / AUDIT_FILE)
     segment: dict[str, Any] = {"started_at": iso(time.time()), "limits": asdict(options.limits)}
     manifest["segments"].append(segment)
     write_manifest(run_dir, manifest)
