@@ -171,3 +171,15 @@ async def test_lost_answer_for_one_command_is_verified_with_get(
     ]
     assert answered
     assert set(answered) == {"state 2"}
+
+
+async def test_unreachable_gateway_stops_before_any_target(tmp_path: Path) -> None:
+    """Nobody answers on the gateway's port: the run stops (exit 3) after a few token tries,
+    with every target still to do rather than 'failed'."""
+    job = write_job(tmp_path, "limits: {attempts: 3}\ntargets:\n  - asset_id: as000001\n")
+    code, report = await run_job(job, "http://127.0.0.1:9", tmp_path / "run")
+    assert code == 3
+    result = summary(tmp_path / "run")
+    assert "did not answer" in result["stop_message"]
+    assert (result["not_attempted"], result["outcomes"]["failed"]) == (1, 0)
+    assert "--resume" in report

@@ -30,7 +30,7 @@ from worker import __version__
 from worker.audit import AUDIT_FILE, AuditLog, who_and_where
 from worker.engine import Engine, StopReason
 from worker.enos.client import Credentials, EnOSClient
-from worker.errors import UsageError
+from worker.errors import FatalError, RetryableError, UsageError
 from worker.jobfile import Plan, gc_paused, run_targets
 from worker.journal import (
     RESULTS_FILE,
@@ -193,8 +193,9 @@ async def execute(
     began = time.monotonic()
     try:
         async with client:
-            targets = run_targets(job, plan, done)
-            await _drive(engine, targets, plan, options, out=out, segment=segment)
+            if await _gateway_answers(client, engine, options):
+                targets = run_targets(job, plan, done)
+                await _drive(engine, targets, plan, options, out=out, segment=segment)
     except Exception as exc:  # a bug or an OS failure: end as a resumable stop, say why
         log.exception("worker.internal_error")
         engine.stop(StopReason.FATAL, f"internal error: {exc!r}; the run is resumable")
@@ -207,6 +208,29 @@ async def execute(
     if summary["exit_code"] in (EXIT_ABORTED, EXIT_INTERRUPTED):
         _print_resume_hint(job, run_dir, out)
     return int(summary["exit_code"])
+
+
+async def _gateway_answers(client: EnOSClient, engine: Engine, options: RunOptions) -> bool:
+    """Get the access token before the first target: a wrong gateway or rejected credentials
+    stop the run at once (exit 3) instead of failing every target one by one."""
+    policy = RetryPolicy(attempts=options.limits.attempts, base_s=options.backoff_base_s,
+                         cap_s=options.backoff_cap_s)  # fmt: skip
+    rng = random.Random(options.seed)
+    for number in range(1, policy.attempts + 1):
+        try:
+            await client.authenticate()
+        except FatalError as exc:
+            engine.stop(StopReason.FATAL, str(exc))
+            return False
+        except RetryableError as exc:
+            if number == policy.attempts:
+                engine.stop(StopReason.FATAL, f"the gateway did not answer: {exc}")
+                return False
+            log.warning("worker.gateway_unreachable", attempt=number, error=str(exc))
+            await anyio.sleep(policy.backoff(number, rng))
+        else:
+            return True
+    return False
 
 
 async def _drive(
