@@ -315,3 +315,14 @@ def test_retry_after_forms() -> None:
     assert parse_retry_after(None) is None
     assert parse_retry_after("soon") is None
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
+
+
+async def test_ids_with_reserved_characters_sign_and_match(
+    sim: Simulator, client: EnOSClient
+) -> None:
+    """Ids with '+', spaces, '/', '&', '=' and non-ASCII travel encoded and sign decoded."""
+    odd = Target(org_id=ORG, product_key="p+q", device_key="dev 1/é&x=%", command_id="7+7")
+    sim.store.seed_targets([odd])
+    reply = await client.cancel(odd)
+    assert [c.command_id for c in reply.commands] == ["7+7"]
+    assert sim.stats.rejected_auth == 0
