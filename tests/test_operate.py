@@ -17,7 +17,7 @@ from tests.conftest import ORG
 from tests.runs import results, resume_job, run_job, summary, write_job
 from tests.simproc import run_worker, sim_get, sim_post, simulator_process, worker_env
 from worker import runner
-from worker.enos.simulator import Simulator
+from worker.enos.simulator import Faults, Simulator
 from worker.model import Target
 
 HEAD = "version: 1\nname: ops\norg_id: o15541858646501\n"
@@ -241,3 +241,27 @@ async def test_internal_error_ends_resumably(
     code, _ = await resume_job(job, gateway, tmp_path / "run")
     assert code == 0
     assert_one_line_per_target(tmp_path / "run", 50)
+
+
+@pytest.mark.anyio
+async def test_outage_stops_the_run_before_targets_fail(
+    sim: Simulator, gateway: str, tmp_path: Path
+) -> None:
+    """Every request fails (5xx): the run stops after a run of failures with no success, before
+    the outage marks more than a handful of targets failed; once the gateway recovers, a resume
+    with --retry-failed completes it."""
+    lines = "".join(f"  - asset_id: as{i:06d}\n" for i in range(40))
+    job = write_job(tmp_path, "limits: {rate: 1000, concurrency: 4, attempts: 5}\ntargets:\n"
+                    + lines)  # fmt: skip
+    sim.faults = Faults(error_rate=1.0)
+    code, report = await run_job(job, gateway, tmp_path / "run")
+    assert code == 3
+    stopped = summary(tmp_path / "run")
+    assert "requests in a row" in stopped["stop_message"]
+    assert stopped["outcomes"]["failed"] <= 4  # at most one per worker
+    assert stopped["not_attempted"] + stopped["outcomes"]["failed"] == 40
+    assert "--resume" in report
+    sim.faults = Faults()
+    code, _ = await resume_job(job, gateway, tmp_path / "run", retry_failed=True)
+    assert code == 0
+    assert summary(tmp_path / "run")["outcomes"]["failed"] == 0

@@ -112,6 +112,11 @@ class Engine:
         self.progress = Progress()
         self.stop_reason = StopReason.FINISHED
         self.stop_message = ""
+        # An outage, not bad luck: this many transient failures in a row, with no success in
+        # between, stop the run before the outage marks many targets `failed` (about one
+        # worker's worth of attempts each, so few have used them all); the rest stay resumable.
+        self._outage_after = max(10, min(256, concurrency * (policy.attempts - 1)))
+        self._failures_in_a_row = 0
 
     @property
     def rate_limit(self) -> float | None:
@@ -229,6 +234,7 @@ class Engine:
                 self.progress.in_flight -= 1
             state.latency_ms = _ms_since(began)
             self._limiter.succeeded()
+            self._failures_in_a_row = 0
             if reply.commands or not state.maybe_applied or target.command_id is None:
                 self._finish_success(target, state, reply)
             else:
@@ -241,6 +247,8 @@ class Engine:
             state.maybe_applied |= error.maybe_applied
             if error.http_status == 503:
                 self._limiter.slow_down()
+            if not isinstance(error, RateLimitedError):
+                self._count_outage(error)
         failures = state.sent - state.throttles
         decision = self._policy.decide(
             error, failures=failures, throttles=state.throttles, rng=self._rng
@@ -282,6 +290,16 @@ class Engine:
             unknown = state.maybe_applied
             self._finish(target, state, Outcome.NOTHING_TO_CANCEL, reply=reply, unknown=unknown)
 
+    def _count_outage(self, error: RetryableError) -> None:
+        self._failures_in_a_row += 1
+        if self._failures_in_a_row >= self._outage_after:
+            self.stop(
+                StopReason.FATAL,
+                f"the gateway failed {self._failures_in_a_row} requests in a row (last: {error}); "
+                "stopped before an outage marks targets failed; resume (with --retry-failed) when "
+                "it answers again",
+            )
+
     async def _finish_after_lost_answer(
         self, target: Target, state: _TargetState, reply: CancelReply
     ) -> None:
@@ -321,6 +339,7 @@ class Engine:
                 elif not await self._sleep_unless_stopped(self._policy.backoff(number, self._rng)):
                     return False
                 continue
+            self._failures_in_a_row = 0
             self.recorder.attempt(
                 Attempt(target, number, self._clock(), _ms_since(began), 200, 0, None,
                         f"state {command.state}"),
