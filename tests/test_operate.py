@@ -8,8 +8,8 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from datetime import datetime
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
