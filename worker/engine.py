@@ -72,7 +72,6 @@ class Progress:
     outcomes: Counter[Outcome] = field(default_factory=Counter)
     in_flight: int = 0
     requests: int = 0
-    errors: Counter[str] = field(default_factory=Counter)
 
     @property
     def finished(self) -> int:
@@ -259,7 +258,6 @@ class Engine:
         ):
             verdict = Verdict.FAILED if self._deadline_at is None and not self.stopping else verdict
         self._record_attempt(target, state, error, verdict.value, decision.wait_s)
-        self.progress.errors[error.label] += 1
         if verdict is Verdict.FATAL:
             self.stop(StopReason.FATAL, str(error))
             return False

@@ -26,7 +26,17 @@ import orjson
 import yaml
 
 from worker.errors import JobFileError
-from worker.model import AbortRule, Job, Limits, Target, TargetsFile, identity_key, key_digest
+from worker.model import (
+    DEFAULT_RATE,
+    AbortRule,
+    Job,
+    Limits,
+    Target,
+    TargetsFile,
+    identity_key,
+    key_digest,
+    selector_problem,
+)
 
 JOB_KEYS = (
     "version", "name", "gateway", "org_id", "command_id", "targets", "targets_file", "limits",
@@ -37,7 +47,6 @@ Row = tuple[str, str, str, str, str]  # TARGET_KEYS in order; "" where absent
 LIMIT_KEYS = ("rate", "rate_floor", "rate_max", "concurrency", "attempts", "timeout", "deadline")
 ABORT_KEYS = ("failure_ratio", "min_finished")
 MAX_PROBLEMS = 20
-DEFAULT_RATE = 10.0  # requests per second: conservative, for a gateway we know nothing of
 _STR_TAG = "tag:yaml.org,2002:str"
 _NULL_TAG = "tag:yaml.org,2002:null"
 _DURATION_RE = re.compile(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
@@ -216,24 +225,11 @@ def _target(
     return _row_target(row, org_id or "", command_id or "", where)  # type: ignore[arg-type]
 
 
-def _row_problem(asset: str, product: str, device: str, org: str) -> str | None:
-    """What is wrong with a target's selector and org ("problem; fix"), or None."""
-    if asset and (product or device):
-        return "gives both asset_id and product_key/device_key; keep one selector"
-    if not asset and not product and not device:
-        return "has no device selector; give asset_id, or product_key and device_key"
-    if not asset and not (product and device):
-        return f"has half a device pair; add {'device_key' if product else 'product_key'}"
-    if not org:
-        return "has no org_id; set org_id for the job or for this target"
-    return None
-
-
 def _row_target(row: Row, org_id: str, command_id: str, where: str) -> Target | str:
     """A Target from a row (job defaults applied), or "problem; fix" text."""
     asset, product, device, command, org = row
     org = org or org_id
-    problem = _row_problem(asset, product, device, org)
+    problem = selector_problem(asset, product, device, org)
     if problem is not None:
         return problem
     return Target(
@@ -450,9 +446,8 @@ def plan(job: Job) -> Plan:
             seen.add(number)
             orgs[key[0]] += 1
             cancel_all += not key[4]
-    skip, notes = _confirm_duplicates(job, candidates)
-    for ordinal in set(candidates) - skip:  # hash collisions: distinct targets after all
-        key = _key_at(job, ordinal)
+    skip, notes, distinct = _confirm_duplicates(job, candidates)
+    for key in distinct:  # hash collisions: distinct targets after all
         orgs[key[0]] += 1
         cancel_all += not key[4]
     listed = len(seen) + len(candidates)
@@ -483,7 +478,7 @@ def _keys(job: Job) -> Iterator[Key]:
         for line, (asset, product, device, command, own_org) in _file_rows(job.targets_file):
             org = own_org or org_default
             if not org or not asset or product or device:  # the common case skips the check
-                problem = _row_problem(asset, product, device, org)
+                problem = selector_problem(asset, product, device, org)
                 if problem is not None:
                     problems.append(f"{path}:{line}: {problem}")
                     if len(problems) >= MAX_PROBLEMS:
@@ -501,31 +496,30 @@ def _target_key(target: Target) -> Key:
             target.device_key or "", target.command_id or "")  # fmt: skip
 
 
-def _key_at(job: Job, ordinal: int) -> Key:
-    for index, target in enumerate(all_targets(job)):
-        if index == ordinal:
-            return _target_key(target)
-    raise IndexError(ordinal)
-
-
-def _confirm_duplicates(job: Job, candidates: dict[int, int]) -> tuple[set[int], tuple[str, ...]]:
-    """Keep the candidates whose key really equals an earlier one; name both places."""
+def _confirm_duplicates(
+    job: Job, candidates: dict[int, int]
+) -> tuple[set[int], tuple[str, ...], list[Key]]:
+    """Keep the candidates whose key really equals an earlier one, naming both places; return
+    the keys of the others (hash collisions between distinct targets) too."""
     if not candidates:
-        return set(), ()
+        return set(), (), []
     wanted = set(candidates.values())
     first: dict[Key, str] = {}
     skip: set[int] = set()
     notes: list[str] = []
+    distinct: list[Key] = []
     for ordinal, target in enumerate(all_targets(job)):
         key = _target_key(target)
         if hash(key) not in wanted:
             continue
-        if key not in first:
-            first[key] = target.source
-        elif ordinal in candidates:
+        if key in first and ordinal in candidates:
             skip.add(ordinal)
             notes.append(f"{target.source}: duplicate of the target at {first[key]}; dropped")
-    return skip, tuple(notes)
+            continue
+        if ordinal in candidates:
+            distinct.append(key)
+        first.setdefault(key, target.source)
+    return skip, tuple(notes), distinct
 
 
 def _targets_sha256(job: Job) -> str:

@@ -32,6 +32,23 @@ def key_digest(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=16).digest(), "big")
 
 
+def selector_problem(asset: str, product: str, device: str, org: str) -> str | None:
+    """What is wrong with a target's device selector and org ("problem; fix"), or None.
+
+    The one rule shared by job files (every row) and the client (every request): an asset id,
+    or a product key and device key, never both; and an org.
+    """
+    if asset and (product or device):
+        return "gives both asset_id and product_key/device_key; keep one selector"
+    if not asset and not product and not device:
+        return "has no device selector; give asset_id, or product_key and device_key"
+    if not asset and not (product and device):
+        return f"has half a device pair; add {'device_key' if product else 'product_key'}"
+    if not org:
+        return "has no org_id; set org_id for the job or for this target"
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class Target:
     """One cancel call: a device (assetId, or productKey+deviceKey) in an org, one or all commands.
@@ -49,22 +66,12 @@ class Target:
 
     def check(self) -> None:
         """Refuse a target that cannot become a request, before anything is sent."""
-        where = f" ({self.source})" if self.source else ""
-        if not self.org_id:
-            raise InvalidTargetError(f"target{where} has no org_id; give the job or target one")
-        has_pair = self.product_key is not None or self.device_key is not None
-        if self.asset_id is not None and has_pair:
-            raise InvalidTargetError(
-                f"target{where} gives both asset_id and product_key/device_key; keep one selector"
-            )
-        if self.asset_id is None and not has_pair:
-            raise InvalidTargetError(
-                f"target{where} has no device selector; give asset_id, or product_key and "
-                "device_key"
-            )
-        if has_pair and (self.product_key is None or self.device_key is None):
-            missing = "device_key" if self.device_key is None else "product_key"
-            raise InvalidTargetError(f"target{where} has half a device pair; add {missing}")
+        problem = selector_problem(
+            self.asset_id or "", self.product_key or "", self.device_key or "", self.org_id
+        )
+        if problem is not None:
+            where = f" ({self.source})" if self.source else ""
+            raise InvalidTargetError(f"target{where} {problem}")
 
     def selector(self) -> dict[str, str]:
         """The device selector as written to results: {asset_id} or {product_key, device_key}."""
@@ -117,6 +124,9 @@ class CancelReply:
     commands: tuple[Command, ...]
 
 
+DEFAULT_RATE = 10.0  # requests per second: conservative, for a gateway we know nothing of
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     """How hard a run may push: requests/s (None = unlimited), in flight, attempts, timeouts.
@@ -125,7 +135,7 @@ class Limits:
     limit by itself, never above `rate_max` (None: no upper bound).
     """
 
-    rate: float | None = 10.0
+    rate: float | None = DEFAULT_RATE
     concurrency: int = 16
     attempts: int = 5
     timeout: float = 10.0
