@@ -62,6 +62,7 @@ def run_async(function: Callable[[], Awaitable[T]]) -> T:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run a job (or continue one with --resume)."""
+    _refuse_lone_flags(args)
     job = load_job(Path(args.job))
     plan_ = _plan_with_warnings(job)
     if plan_.total == 0:
@@ -95,6 +96,18 @@ def cmd_run(args: argparse.Namespace) -> int:
             concurrency=limits.concurrency,
         )
         return run_async(lambda: execute(job, plan_, options, manifest=manifest, done=done))
+
+
+def _refuse_lone_flags(args: argparse.Namespace) -> None:
+    """Flags that only mean something beside another are refused alone, not ignored: a lone
+    --sample would otherwise run a real cancel of every target."""
+    for flag, value, needs, present in (
+        ("--sample", args.sample, "--dry-run", args.dry_run),
+        ("--retry-failed", args.retry_failed, "--resume DIR", args.resume is not None),
+        ("--force", args.force, "--resume DIR", args.resume is not None),
+    ):
+        if value and not present:
+            raise UsageError(f"{flag} only works with {needs}; add {needs}, or drop {flag}")
 
 
 def _confirm(pending: int, gateway: str, *, assume_yes: bool) -> None:

@@ -201,7 +201,7 @@ class EnOSClient:
             raise RuntimeError("EnOSClient used outside 'async with'")
         try:
             async with self._session.request(
-                method, url, headers=headers, data=body or None
+                method, url, headers=headers, data=body or None, allow_redirects=False
             ) as resp:
                 return resp.status, resp.headers, await resp.read()
         except aiohttp.ConnectionTimeoutError:
@@ -262,7 +262,7 @@ class EnOSClient:
             body = self._token_body(previous)
             self.token_requests += 1
             status, headers, raw = await self._exchange(
-                "POST", self._base.with_path(path), {}, body
+                "POST", self._api_url(path), {"Content-Type": p.JSON_CONTENT_TYPE}, body
             )
             reply = _token_reply(status, headers, raw)
             if reply is not None:
@@ -332,6 +332,12 @@ def _raise_for_http(status: int, headers: Mapping[str, str]) -> None:
         raise RateLimitedError("rate limited (HTTP 429)", retry_after=retry_after, request_id=None)
     if status >= 500:
         raise RetryableError(f"gateway error HTTP {status}", maybe_applied=True, http_status=status)
+    if 300 <= status < 400:
+        raise FatalError(
+            f"the gateway answered HTTP {status} (a redirect); worker never follows one, since "
+            "it would resend signed calls elsewhere: pass the final API gateway URL as --gateway",
+            http_status=status,
+        )
     if status == 404:
         raise FatalError(
             "the gateway has no such API (HTTP 404); check that --gateway is the API gateway's "

@@ -1,0 +1,107 @@
+"""Wire details against a recording gateway: token calls as JSON under the gateway's path prefix,
+redirects never followed, and flags that only make sense together refused alone."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import orjson
+import pytest
+from aiohttp import web
+
+from tests.conftest import APP_KEY, APP_SECRET, ORG
+from tests.simproc import run_worker
+from worker.enos import protocol as p
+from worker.enos.client import Credentials, EnOSClient
+from worker.errors import FatalError
+from worker.model import Target
+
+
+@asynccontextmanager
+async def served(app: web.Application) -> AsyncIterator[str]:
+    """Serve an aiohttp app on 127.0.0.1 (any free port); yields its base URL."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+def recording_gateway(seen: list[web.Request], redirect_to: str) -> web.Application:
+    """A gateway below /apim: a real token answer, and a 307 for every business call."""
+
+    async def token(request: web.Request) -> web.Response:
+        seen.append(request)
+        data = {"accessToken": "tok-1234567890", "expire": 7200}
+        return web.json_response({"status": 0, "msg": "SUCCESS", "data": data})
+
+    async def commands(request: web.Request) -> web.Response:
+        seen.append(request)
+        raise web.HTTPTemporaryRedirect(redirect_to + "/connect-service/v2.1/commands?x=1")
+
+    app = web.Application()
+    app.router.add_post("/apim" + p.TOKEN_GET_PATH, token)
+    app.router.add_route("*", "/apim" + p.COMMANDS_PATH, commands)
+    return app
+
+
+@pytest.mark.anyio
+async def test_token_call_is_json_under_the_prefix_and_redirects_are_fatal() -> None:
+    """The token request keeps the gateway's path prefix and says JSON; a 307 on a cancel is a
+    fatal error naming the redirect, and nothing reaches the host it points to."""
+    elsewhere: list[web.Request] = []
+
+    async def record(request: web.Request) -> web.Response:
+        elsewhere.append(request)
+        return web.Response()
+
+    other = web.Application()
+    other.router.add_route("*", "/{tail:.*}", record)
+    seen: list[web.Request] = []
+    credentials = Credentials(APP_KEY, APP_SECRET)
+    async with (
+        served(other) as other_url,
+        served(recording_gateway(seen, other_url)) as url,
+        EnOSClient(url + "/apim", credentials) as client,
+    ):
+        with pytest.raises(FatalError, match="HTTP 307") as caught:
+            await client.cancel(Target(org_id=ORG, asset_id="as000001"))
+    token_request, cancel_request = seen
+    assert token_request.path == "/apim" + p.TOKEN_GET_PATH
+    assert token_request.headers["Content-Type"] == p.JSON_CONTENT_TYPE
+    assert cancel_request.path == "/apim" + p.COMMANDS_PATH
+    assert elsewhere == []
+    assert caught.value.http_status == 307
+    assert other_url not in str(caught.value)  # gateway text is not repeated
+
+
+@pytest.mark.parametrize(
+    ("flags", "needs"),
+    [
+        (["--sample", "5"], "--dry-run"),
+        (["--retry-failed"], "--resume DIR"),
+        (["--force"], "--resume DIR"),
+    ],
+)
+def test_lone_flags_are_refused(tmp_path: Path, flags: list[str], needs: str) -> None:
+    """--sample without --dry-run would cancel for real: refused (exit 2), as are --retry-failed
+    and --force without --resume; nothing is sent (the gateway does not even exist)."""
+    job = tmp_path / "job.yaml"
+    job.write_text(f"version: 1\nname: t\norg_id: {ORG}\ntargets: [{{asset_id: a}}]\n")
+    done = run_worker("run", str(job), "--gateway", "http://127.0.0.1:9", *flags)
+    assert done.returncode == 2, done.stderr
+    assert f"{flags[0]} only works with {needs}" in done.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_token_body_is_the_documented_json() -> None:
+    """The token body: appKey, encryption, timestamp (as JSON, parsed back)."""
+    client = EnOSClient("http://127.0.0.1:9", Credentials(APP_KEY, APP_SECRET), clock=lambda: 1.5)
+    body = orjson.loads(client._token_body(None))
+    assert set(body) == {"appKey", "encryption", "timestamp"}
+    assert body["timestamp"] == "1500"
