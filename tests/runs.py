@@ -13,7 +13,8 @@ from tests.conftest import APP_KEY, APP_SECRET
 from worker.enos.client import Credentials
 from worker.jobfile import load_job, plan
 from worker.model import Limits
-from worker.runner import RunOptions, done_set, execute, new_manifest, read_manifest
+from worker.rundir import Finished, finished_targets, read_manifest
+from worker.runner import RunOptions, execute, new_manifest
 
 
 def write_job(tmp_path: Path, body: str, name: str = "job.yaml") -> Path:
@@ -47,7 +48,12 @@ async def run_job(
     run_dir.mkdir(parents=True, exist_ok=True)
     out = io.StringIO()
     code = await execute(
-        job, plan_, options, manifest=new_manifest(job, plan_, options), done=set(), out=out
+        job,
+        plan_,
+        options,
+        manifest=new_manifest(job, plan_, options),
+        finished=Finished(),
+        out=out,
     )
     return code, out.getvalue()
 
@@ -83,6 +89,6 @@ async def resume_job(
         backoff_cap_s=0.1,
     )
     out = io.StringIO()
-    done = done_set(run_dir, retry_failed=retry_failed)
-    code = await execute(job, plan_, options, manifest=manifest, done=done, out=out)
+    finished = finished_targets(run_dir, retry_failed=retry_failed)
+    code = await execute(job, plan_, options, manifest=manifest, finished=finished, out=out)
     return code, out.getvalue()

@@ -23,7 +23,7 @@ def write(tmp_path: Path, text: str, name: str = "job.yaml") -> Path:
 def targets_of(path: Path) -> list[Target]:
     """Load, plan and list the targets a run would send."""
     job = load_job(path)
-    return list(run_targets(job, plan(job)))
+    return [target for _, target in run_targets(job, plan(job))]
 
 
 def refusal(path: Path) -> str:
@@ -171,7 +171,7 @@ def test_duplicates_are_dropped_naming_both_places(tmp_path: Path) -> None:
     (note,) = result.duplicate_notes
     assert "d.csv:3" in note
     assert "job.yaml:5" in note
-    assert [t.asset_id for t in run_targets(job, result)] == ["a1", "a2"]
+    assert [t.asset_id for _, t in run_targets(job, result)] == ["a1", "a2"]
 
 
 def test_same_device_different_commands_are_not_duplicates(tmp_path: Path) -> None:

@@ -85,10 +85,19 @@ def test_kill_9_then_resume(sim5000: str, tmp_path: Path) -> None:
     devices = sim_get(sim5000, "/_sim/devices")
     assert len(devices) == 5000
     assert all(state != 1 for d in devices for state in d["commands"].values())
-    called_twice = sum(1 for d in devices if d["cancel_calls"] > 1)
-    assert called_twice <= 16
+    called_twice = {d["asset_id"] for d in devices if d["cancel_calls"] > 1}
+    assert len(called_twice) <= 16
+    # Crash truth: a target that may have been in flight when the first process died and
+    # whose re-call found nothing is effect_unknown, never a plain nothing_to_cancel.
+    by_asset = {line["target"]["asset_id"]: line for line in results(run_dir)}
+    for asset in called_twice:
+        line = by_asset[asset]
+        assert line["outcome"] == "cancelled" or line["effect_unknown"], line
+    unknown = [line for line in by_asset.values() if line["effect_unknown"]]
+    assert len(unknown) <= 16 + 16  # in flight, plus the mark written one concurrency ahead
     result = summary(run_dir)
     assert (result["segments"], result["not_attempted"], result["exit_code"]) == (2, 0, 0)
+    assert result["effect_unknown"] == len(unknown)
 
 
 def test_sigint_stops_within_the_timeout_then_resumes(tmp_path: Path) -> None:

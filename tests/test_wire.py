@@ -12,6 +12,7 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import APP_KEY, APP_SECRET, ORG
+from tests.runs import results, run_job, write_job
 from tests.simproc import run_worker
 from worker.enos import protocol as p
 from worker.enos.client import Credentials, EnOSClient
@@ -78,6 +79,77 @@ async def test_token_call_is_json_under_the_prefix_and_redirects_are_fatal() -> 
     assert elsewhere == []
     assert caught.value.http_status == 307
     assert other_url not in str(caught.value)  # gateway text is not repeated
+
+
+def canned_gateway(cancel_answer: bytes) -> web.Application:
+    """A gateway that issues tokens and answers every cancel with these bytes."""
+
+    async def token(_: web.Request) -> web.Response:
+        data = {"accessToken": "tok-1234567890", "expire": 7200}
+        return web.json_response({"status": 0, "msg": "SUCCESS", "data": data})
+
+    async def commands(_: web.Request) -> web.Response:
+        return web.Response(body=cancel_answer, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post(p.TOKEN_GET_PATH, token)
+    app.router.add_route("*", p.COMMANDS_PATH, commands)
+    return app
+
+
+def answer(data: object) -> bytes:
+    """A code-0 cancel answer with this `data`."""
+    return orjson.dumps({"code": 0, "msg": "OK", "requestId": "r-1", "data": data})
+
+
+ODD_ANSWERS = {
+    "superscript createTime": (answer([{"commandId": "c1", "createTime": "\u00b2"}]), ["c1"], 0),
+    "5,000-digit createTime": (answer([{"commandId": "c1", "createTime": "9" * 5000}]), ["c1"], 0),
+    "createTime an object": (answer([{"commandId": 7, "createTime": {"a": 1}}]), ["7"], 0),
+    "an item without id": (answer([{"commandId": "c1"}, {"state": 1}]), ["c1"], 1),
+    "an item that is text": (answer(["c9", {"commandId": "c2"}]), ["c2"], 1),
+    "data an object": (answer({"commandId": "c1"}), [], 1),
+    "state as text, name a list": (
+        answer([{"commandId": "c3", "state": "1", "commandName": ["x"]}]),
+        ["c3"],
+        0,
+    ),
+}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", list(ODD_ANSWERS))
+async def test_odd_answers_keep_what_can_be_read(name: str) -> None:
+    """A code-0 answer with fields the client cannot parse: the readable ids are kept, the
+    unreadable commands counted and the problem said; nothing raises."""
+    body, ids, unreadable = ODD_ANSWERS[name]
+    async with (
+        served(canned_gateway(body)) as url,
+        EnOSClient(url, Credentials(APP_KEY, APP_SECRET)) as client,
+    ):
+        reply = await client.cancel(Target(org_id=ORG, asset_id="as000001"))
+    assert [c.command_id for c in reply.commands] == ids
+    assert reply.unreadable == unreadable
+    assert (reply.problem is not None) == bool(unreadable)
+    assert all(c.create_time_ms is None for c in reply.commands)
+
+
+@pytest.mark.anyio
+async def test_a_run_records_odd_answers_as_results(tmp_path: Path) -> None:
+    """Through a whole run: every target gets a final line with the ids read and the problem
+    in `error`; the run finishes (exit 0) instead of ending as an internal error."""
+    body = answer([{"commandId": "c1", "createTime": "\u00b2"}, {"state": 1}])
+    job = write_job(tmp_path, "limits: {rate: 500}\ntargets:\n"
+                    + "".join(f"  - asset_id: as{i:06d}\n" for i in range(5)))  # fmt: skip
+    async with served(canned_gateway(body)) as url:
+        code, _ = await run_job(job, url, tmp_path / "run")
+    assert code == 0
+    lines = results(tmp_path / "run")
+    assert len(lines) == 5
+    for line in lines:
+        assert (line["outcome"], line["cancelled_command_ids"]) == ("cancelled", ["c1"])
+        assert line["effect_unknown"] is True  # one listed command could not be read
+        assert "commandId" in line["error"]
 
 
 @pytest.mark.parametrize(

@@ -23,20 +23,20 @@ import structlog
 from worker import __version__, dryrun, logs
 from worker.enos.client import Credentials, EnOSClient
 from worker.enos.simulator import Faults, Simulator, serve
-from worker.errors import FatalError, RetryableError, UsageError
+from worker.errors import UsageError
 from worker.htmlreport import combine, render_html
 from worker.jobfile import Plan, all_targets, load_job, plan, run_targets
 from worker.model import Job, Limits
-from worker.report import SUMMARY_FILE, build_summary, render, tally
+from worker.report import build_summary, render, tally
+from worker.rundir import SUMMARY_FILE, Finished, finished_targets, read_manifest, run_dir_lock
 from worker.runner import (
     EXIT_ABORTED,
     EXIT_USAGE,
     RunOptions,
-    done_set,
     execute,
+    limiter_for,
     new_manifest,
-    read_manifest,
-    run_dir_lock,
+    prove_gateway,
 )
 from worker.settings import load_credentials, merge_limits, new_run_dir, resolve_gateway
 
@@ -81,21 +81,23 @@ def cmd_run(args: argparse.Namespace) -> int:
         _confirm(plan_.total, gateway, assume_yes=args.yes)
         run_dir = new_run_dir(args.out, job)
     with run_dir_lock(run_dir):
-        done = done_set(run_dir, retry_failed=args.retry_failed) if resuming else set()
+        finished = (
+            finished_targets(run_dir, retry_failed=args.retry_failed) if resuming else Finished()
+        )
         if resuming:
-            _confirm(plan_.total - len(done), gateway, assume_yes=args.yes)
+            _confirm(plan_.total - len(finished.done), gateway, assume_yes=args.yes)
         options = RunOptions(gateway, credentials, limits, run_dir, resume=resuming)
         manifest = manifest if resuming else new_manifest(job, plan_, options)
         log.info(
             "worker.run_starting",
             run_dir=str(run_dir),
             targets=plan_.total,
-            already_final=len(done),
+            already_final=len(finished.done),
             gateway=gateway,
             rate=limits.rate,
             concurrency=limits.concurrency,
         )
-        return run_async(lambda: execute(job, plan_, options, manifest=manifest, done=done))
+        return run_async(lambda: execute(job, plan_, options, manifest=manifest, finished=finished))
 
 
 def _refuse_lone_flags(args: argparse.Namespace) -> None:
@@ -134,22 +136,27 @@ def _dry_run(
 ) -> int:
     """Token + optional sampled searches; never a cancel."""
     chosen = dryrun.reservoir(run_targets(job, plan_), sample, random.Random()) if sample else []
+    options = RunOptions(gateway, credentials, limits, Path())
 
-    async def go() -> list[dryrun.Probe]:
+    async def go() -> tuple[list[dryrun.Probe], str | None]:
         client = EnOSClient(
             gateway, credentials, concurrency=limits.concurrency, timeout=limits.timeout
         )
         async with client:
-            await client.authenticate()
-            return await dryrun.probe(client, chosen, limits)
+            problem = await prove_gateway(client, options.policy(), random.Random())
+            if problem is not None:
+                return [], problem
+            return await dryrun.probe(
+                client,
+                chosen,
+                limiter_for(limits),
+                concurrency=limits.concurrency,
+                policy=options.policy(),
+            )
 
-    try:
-        probes = run_async(go)
-    except FatalError as exc:
-        sys.stderr.write(f"worker: dry run stopped: {exc}\n")
-        return EXIT_ABORTED
-    except RetryableError as exc:
-        sys.stderr.write(f"worker: dry run could not reach the gateway: {exc}\n")
+    probes, problem = run_async(go)
+    if problem is not None:
+        sys.stderr.write(f"worker: dry run stopped: {problem}\n")
         return EXIT_ABORTED
     dryrun.render(probes, plan_.total)
     return 0
@@ -292,7 +299,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         async with serve(simulator) as url:
             options = RunOptions(url, credentials, job.limits, run_dir, progress=True)
             manifest = new_manifest(job, plan_, options)
-            return await execute(job, plan_, options, manifest=manifest, done=set())
+            return await execute(job, plan_, options, manifest=manifest, finished=Finished())
 
     sys.stdout.write(f"worker demo: running {job_path} against the built-in simulator\n")
     return run_async(demo)

@@ -1,7 +1,8 @@
 """`worker run --dry-run`: prove the credentials and the gateway, and show what a run would do.
 
 It obtains a token and, with ``--sample N``, searches N randomly chosen targets for cached
-(state 1) commands. It never sends a cancel.
+(state 1) commands, through the same engine as a run (the rate, the retries, the stop on a
+fatal answer). It never sends a cancel.
 """
 
 from __future__ import annotations
@@ -12,12 +13,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TextIO, TypeVar
 
-import anyio
-
-from worker.enos.client import EnOSClient
-from worker.errors import EnOSError, FatalError
-from worker.model import Limits, Target
+from worker.decide import Kind
+from worker.engine import Canceller, Engine, EngineSettings
+from worker.model import Attempt, Outcome, Target, TargetResult
 from worker.ratelimit import RateLimiter
+from worker.retry import RetryPolicy
 
 T = TypeVar("T")
 SHOWN = 20
@@ -45,31 +45,36 @@ def reservoir(items: Iterable[T], size: int, rng: random.Random) -> list[T]:
     return chosen
 
 
-async def probe(client: EnOSClient, sample: list[Target], limits: Limits) -> list[Probe]:
-    """Search each sampled target for cached commands, at the run's rate and concurrency."""
-    limiter = RateLimiter(limits.rate)
-    found: list[Probe] = []
-    gate = anyio.Semaphore(limits.concurrency)
+class _Probes:
+    """The dry run's Recorder: keeps each sampled target's search result in memory."""
 
-    async def one(target: Target) -> None:
-        async with gate:
-            await limiter.acquire()
-            try:
-                pending = await client.search_commands(target, "state = 1")
-            except FatalError:
-                raise
-            except EnOSError as exc:
-                found.append(Probe(target, error=f"{exc.label}: {exc}"))
-                return
-            ids = [c.command_id for c in pending]
-            if target.command_id is not None:
-                ids = [i for i in ids if i == target.command_id]
-            found.append(Probe(target, tuple(ids)))
+    def __init__(self) -> None:
+        self.found: list[Probe] = []
 
-    async with anyio.create_task_group() as group:
-        for target in sample:
-            group.start_soon(one, target)
-    return found
+    def attempt(self, attempt: Attempt, action: str) -> None:
+        """Attempts of a dry run are not recorded."""
+
+    def result(self, result: TargetResult) -> None:
+        error = None
+        if result.outcome is Outcome.FAILED:
+            error = f"{result.code or result.http_status or 'error'}: {result.error}"
+        self.found.append(Probe(result.target, result.found_command_ids, error))
+
+
+async def probe(
+    client: Canceller,
+    sample: list[tuple[int, Target]],
+    limiter: RateLimiter,
+    *,
+    concurrency: int,
+    policy: RetryPolicy,
+) -> tuple[list[Probe], str | None]:
+    """Search each sampled target for cached commands; (probes, why it stopped or None)."""
+    probes = _Probes()
+    settings = EngineSettings(concurrency=concurrency, policy=policy, first=Kind.SEARCH)
+    engine = Engine(client, probes, limiter, settings)
+    await engine.run(iter(sample))
+    return probes.found, engine.stop_message or None
 
 
 def render(probes: list[Probe], total: int, out: TextIO | None = None) -> None:

@@ -1,19 +1,29 @@
-"""The fan-out: K workers pull targets from one shared iterator, pace on the shared limiter,
-call the gateway, retry after failures, and hand every attempt and every final result to the
-recorder. The engine knows no HTTP, YAML or files: only the small protocols below.
+"""The async driver of the per-target core: K workers, one shared limiter, parked retries.
+
+Every decision is :mod:`worker.decide`'s; this module only carries the actions out. A worker
+takes the next piece of work (a parked target whose wait is over, else a new target from the
+shared iterator), waits for a slot of the shared limiter, sends the call, tells the target's
+core what came back and does what it answers: send again, park the target, record its
+result, or stop the run. The engine knows no HTTP, YAML or files: only the protocols below.
 
 Why workers and a shared iterator: admission happens before any work exists, so memory stays
 flat however many targets stream in, and there is no per-item channel cost (an anyio memory
 stream costs ~45 us per item when every send and receive yields).
 
+Why parked retries: a target waiting out its backoff holds no worker, so the concurrency bounds
+the requests in flight, not the targets that are waiting. With one in five answers a 5xx, a
+worker asleep in each backoff would otherwise leave too few to keep the rate.
+
 Stopping: :meth:`Engine.stop` (a signal, a deadline, an abort rule, a fatal error) ends
-admission and wakes workers that are waiting for the limiter or a backoff; requests in flight
-finish (each bounded by the attempt timeout). :meth:`Engine.cancel` also cancels those.
-A target that did not reach a final result is simply not in the journal: it is resumable.
+admission and wakes idle workers; requests in flight finish (each bounded by the attempt
+timeout); parked targets are left without a result. :meth:`Engine.cancel` also cancels the
+requests in flight. A target without a final result is not in the journal: it is resumable.
 """
 
 from __future__ import annotations
 
+import heapq
+import math
 import random
 import time
 from collections import Counter
@@ -25,12 +35,14 @@ from typing import Protocol
 import anyio
 import structlog
 
-from worker.errors import EnOSError, RateLimitedError, RetryableError
+from worker.decide import Action, Finish, Kind, Leave, Send, Situation, StopRun, TargetCore, Wait
+from worker.errors import EnOSError, RateLimitedError, RetryableError, UnreadableAnswerError
 from worker.model import AbortRule, Attempt, CancelReply, Command, Outcome, Target, TargetResult
 from worker.ratelimit import RateLimiter
-from worker.retry import RetryPolicy, Verdict
+from worker.retry import RetryPolicy
 
 log = structlog.get_logger("worker.engine")
+PENDING_EXPRESSION = "state = 1"
 
 
 class Canceller(Protocol):
@@ -44,6 +56,10 @@ class Canceller(Protocol):
         """Read one command's current state."""
         ...
 
+    async def search_commands(self, target: Target, expression: str | None = None) -> list[Command]:
+        """The device's commands matching `expression`, every page."""
+        ...
+
 
 class Recorder(Protocol):
     """Where attempts and results go (the audit log and the journal)."""
@@ -53,6 +69,13 @@ class Recorder(Protocol):
 
     def result(self, result: TargetResult) -> None:
         """Record one final result."""
+
+
+class Admissions(Protocol):
+    """Told of every target before its first call: the crash-truth high-water mark."""
+
+    def admit(self, ordinal: int) -> None:
+        """Target `ordinal` (its place in the job's list) may be sent from now on."""
 
 
 class StopReason(StrEnum):
@@ -72,11 +95,30 @@ class Progress:
     outcomes: Counter[Outcome] = field(default_factory=Counter)
     in_flight: int = 0
     requests: int = 0
+    waiting: int = 0  # targets parked until their retry is due
+    effect_unknown: int = 0
 
     @property
     def finished(self) -> int:
         """Targets with a final result in this segment."""
         return sum(self.outcomes.values())
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSettings:
+    """How the engine works through targets; built once by the runner."""
+
+    concurrency: int
+    policy: RetryPolicy = field(default_factory=RetryPolicy)
+    abort: AbortRule = field(default_factory=AbortRule)
+    deadline_at: float | None = None  # on the engine's clock
+    attempt_timeout: float = 10.0
+    first: Kind = Kind.CANCEL  # SEARCH for a dry run
+    verify: bool = True  # Get Command for evidence after a lost answer
+    max_waiting: int = 0  # parked targets at most (0: 64 per worker, at least 4,096)
+
+
+Work = tuple[TargetCore, Send | Leave]
 
 
 class Engine:
@@ -87,40 +129,43 @@ class Engine:
         client: Canceller,
         recorder: Recorder,
         limiter: RateLimiter,
+        settings: EngineSettings,
         *,
-        concurrency: int,
-        policy: RetryPolicy,
-        abort: AbortRule | None = None,
-        deadline_at: float | None = None,
-        attempt_timeout: float = 10.0,
+        admissions: Admissions | None = None,
+        sent_before: Callable[[int, Target], bool] | None = None,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
     ) -> None:
         self._client = client
         self.recorder = recorder
         self._limiter = limiter
-        self._concurrency = concurrency
-        self._policy = policy
-        self._abort = abort or AbortRule()
-        self._deadline_at = deadline_at
-        self._attempt_timeout = attempt_timeout
+        self._settings = settings
+        self._admissions = admissions
+        self._sent_before = sent_before
         self._clock = clock
         self._rng = rng or random.Random()
+        self._max_waiting = settings.max_waiting or max(4096, 64 * settings.concurrency)
         self._idle_scopes: set[anyio.CancelScope] = set()
         self._group_scope: anyio.CancelScope | None = None
+        self._parked: list[tuple[float, int, TargetCore]] = []
+        self._parked_seq = 0
+        self._busy = 0
+        self._admitting = True
+        self._targets: Iterator[tuple[int, Target]] = iter(())
+        self._wake: anyio.Event | None = None
         self.progress = Progress()
         self.stop_reason = StopReason.FINISHED
         self.stop_message = ""
-        # An outage, not bad luck: this many transient failures in a row, with no success in
-        # between, stop the run before the outage marks many targets `failed` (about one
-        # worker's worth of attempts each, so few have used them all); the rest stay resumable.
-        self._outage_after = max(10, min(256, concurrency * (policy.attempts - 1)))
+        # An outage, not bad luck: this many transient failures in a row, with no answer in
+        # between, stop the run before the outage marks many targets `failed`.
+        policy = settings.policy
+        self._outage_after = max(10, min(256, settings.concurrency * (policy.attempts - 1)))
         self._failures_in_a_row = 0
 
     @property
-    def rate_limit(self) -> float | None:
-        """The limiter's current rate (it moves with 429s, and with rate: auto)."""
-        return self._limiter.rate
+    def limiter(self) -> RateLimiter:
+        """The shared limiter (its rate moves with 429s, overload, and rate: auto)."""
+        return self._limiter
 
     @property
     def stopping(self) -> bool:
@@ -135,57 +180,200 @@ class Engine:
         log.warning("worker.stopping", reason=reason.value, why=message)
         for scope in list(self._idle_scopes):
             scope.cancel()
+        self._notify()
 
     def cancel(self) -> None:
         """Stop at once: requests in flight are abandoned (their targets stay resumable)."""
         if self._group_scope is not None:
             self._group_scope.cancel()
 
-    async def run(self, targets: Iterator[Target]) -> StopReason:
-        """Process every target (or until stopped); returns why the run ended."""
+    async def run(self, targets: Iterator[tuple[int, Target]]) -> StopReason:
+        """Process every (ordinal, target) (or until stopped); returns why the run ended."""
+        self._targets = targets
+        self._wake = anyio.Event()
         async with anyio.create_task_group() as group:
             self._group_scope = group.cancel_scope
-            workers = anyio.create_task_group()
-            if self._deadline_at is not None:
+            if self._settings.deadline_at is not None:
                 group.start_soon(self._deadline_timer)
-            async with workers:
-                for _ in range(self._concurrency):
-                    workers.start_soon(self._worker, targets)
+            async with anyio.create_task_group() as workers:
+                for _ in range(self._settings.concurrency):
+                    workers.start_soon(self._worker)
             group.cancel_scope.cancel()  # the deadline timer, if any
         return self.stop_reason
 
-    async def _deadline_timer(self) -> None:
-        """Stop admitting when the deadline leaves only one attempt's time for what is in flight."""
-        assert self._deadline_at is not None
-        await anyio.sleep(max(0.0, self._deadline_at - self._attempt_timeout - self._clock()))
-        self.stop(StopReason.DEADLINE, "the deadline was reached; the rest is resumable")
+    # -- finding work -------------------------------------------------------------------------
 
-    async def _worker(self, targets: Iterator[Target]) -> None:
+    async def _worker(self) -> None:
+        while (work := await self._next_work()) is not None:
+            await self._drive(*work)
+
+    async def _next_work(self) -> Work | None:
+        """A parked target whose wait is over, else a new one; None when all is done."""
         while not self.stopping:
-            if self._deadline_near():
-                self.stop(StopReason.DEADLINE, "the deadline was reached; the rest is resumable")
-                return
-            target = next(targets, None)
-            if target is None:
-                return
-            await self._process(target)
+            parked = self._parked
+            if parked and parked[0][0] <= time.monotonic():
+                due = heapq.heappop(parked)[2]
+                self.progress.waiting -= 1
+                return due, due.waited(self._situation())
+            if self._admitting and len(parked) < self._max_waiting:
+                admitted = self._admit()
+                if admitted is not None:
+                    return admitted, admitted.start()
+                continue
+            if not parked and not self._busy and not self._admitting:
+                self._notify()  # the other idle workers end too
+                return None
+            await self._idle(parked[0][0] - time.monotonic() if parked else math.inf)
+        return None
 
-    def _deadline_near(self, extra_s: float = 0.0) -> bool:
-        if self._deadline_at is None:
-            return False
-        return self._clock() + extra_s + self._attempt_timeout >= self._deadline_at
+    def _admit(self) -> TargetCore | None:
+        """The next target from the shared iterator, told to the admission mark first."""
+        if self._deadline_near():
+            self.stop(StopReason.DEADLINE, "the deadline was reached; the rest is resumable")
+            return None
+        item = next(self._targets, None)
+        if item is None:
+            self._admitting = False
+            return None
+        ordinal, target = item
+        if self._admissions is not None:
+            self._admissions.admit(ordinal)
+        settings = self._settings
+        return TargetCore(
+            target,
+            settings.policy,
+            started=self._clock(),
+            first=settings.first,
+            sent_before=self._sent_before is not None and self._sent_before(ordinal, target),
+            verify=settings.verify,
+        )
 
-    async def _sleep_unless_stopped(self, seconds: float) -> bool:
-        """Sleep (waiting for a slot or a backoff) unless a stop cuts it short; False if cut."""
-        with anyio.CancelScope() as scope:
-            self._idle_scopes.add(scope)
-            try:
-                if self.stopping:
-                    scope.cancel()
-                await anyio.sleep(seconds)
-            finally:
-                self._idle_scopes.discard(scope)
-        return not scope.cancel_called and not self.stopping
+    async def _idle(self, seconds: float) -> None:
+        """Wait until work may be there: a parked target is due, or something changed."""
+        assert self._wake is not None
+        event = self._wake
+        with anyio.move_on_after(seconds):
+            await event.wait()
+
+    def _notify(self) -> None:
+        """Wake every idle worker (a target was parked, the last one finished, a stop)."""
+        if self._wake is not None:
+            self._wake.set()
+            self._wake = anyio.Event()
+
+    # -- carrying out a target's actions ------------------------------------------------------
+
+    async def _drive(self, core: TargetCore, action: Action) -> None:
+        """Send as the core asks until it finishes, waits, leaves or stops the run."""
+        self._busy += 1
+        try:
+            while isinstance(action, Send):
+                if not (self._slot_now() or await self._slot()):
+                    action = core.stopped()
+                    break
+                action = await self._call(core, action.kind)
+            self._settle(core, action)
+        finally:
+            self._busy -= 1
+            if not self._busy and not self._admitting and not self._parked:
+                self._notify()
+
+    async def _call(self, core: TargetCore, kind: Kind) -> Action:
+        """One HTTP call; the core's answer to what came back. Never raises for an answer."""
+        target, progress = core.target, self.progress
+        progress.in_flight += 1
+        progress.requests += 1
+        began = time.perf_counter()
+        try:
+            answer = await self._ask(kind, target)
+        except anyio.get_cancelled_exc_class():
+            self.recorder.attempt(
+                Attempt(target, core.sent, self._clock(), _ms_since(began), None, None, None,
+                        "abandoned", error="cancelled in flight by a second stop signal"),
+                kind.value,
+            )  # fmt: skip
+            raise
+        except EnOSError as error:
+            return self._after_error(core, kind, error, began)
+        except Exception as exc:  # the client failed on an answer: the target, not the run
+            log.exception("worker.unreadable_answer", target=target.describe())
+            unreadable = UnreadableAnswerError(f"the answer could not be read: {exc!r}"[:500])
+            return self._after_error(core, kind, unreadable, began)
+        finally:
+            progress.in_flight -= 1
+        return self._after_answer(core, kind, answer, began)
+
+    async def _ask(self, kind: Kind, target: Target) -> CancelReply | Command | list[Command]:
+        if kind is Kind.CANCEL:
+            return await self._client.cancel(target)
+        if kind is Kind.GET:
+            assert target.command_id is not None
+            return await self._client.get_command(target, target.command_id)
+        return await self._client.search_commands(target, PENDING_EXPRESSION)
+
+    def _after_answer(
+        self, core: TargetCore, kind: Kind, answer: CancelReply | Command | list[Command],
+        began: float,
+    ) -> Action:  # fmt: skip
+        latency, now = _ms_since(began), self._clock()
+        self._limiter.accepted()
+        self._failures_in_a_row = 0
+        status, code, request_id = 200, 0, None
+        if isinstance(answer, CancelReply):
+            action = core.cancelled(answer, now, latency)
+            status, code, request_id = answer.http_status, answer.code, answer.request_id
+        elif isinstance(answer, list):
+            action = core.searched(answer, now, latency)
+        else:
+            action = core.got_command(answer, now, latency)
+        self.recorder.attempt(
+            Attempt(core.target, core.sent, now, latency, status, code, request_id, "done"),
+            kind.value,
+        )
+        return action
+
+    def _after_error(self, core: TargetCore, kind: Kind, error: EnOSError, began: float) -> Action:
+        latency = _ms_since(began)
+        if isinstance(error, RateLimitedError):
+            self._limiter.throttle(error.retry_after)
+        elif isinstance(error, RetryableError):
+            self._limiter.rejected()
+            self._count_outage(error)
+        else:
+            self._limiter.accepted()  # an answer: the gateway is up
+            self._failures_in_a_row = 0
+        now = self._clock()
+        action = core.failed(error, now, latency, self._rng, self._situation())
+        decision, wait_s = _decision(action, kind)
+        self.recorder.attempt(
+            Attempt(core.target, core.sent, now, latency, error.http_status, error.code,
+                    error.request_id, decision, wait_s, str(error)),
+            kind.value,
+        )  # fmt: skip
+        return action
+
+    def _settle(self, core: TargetCore, action: Action) -> None:
+        """Carry out where a target's turn ended: a result, a wait, a stop, or nothing."""
+        if isinstance(action, Finish):
+            self._finish(action.result)
+        elif isinstance(action, Wait):
+            seconds = action.seconds if action.seconds is not None else 1.0
+            heapq.heappush(self._parked, (time.monotonic() + seconds, self._parked_seq, core))
+            self._parked_seq += 1
+            self.progress.waiting += 1
+            self._notify()
+        elif isinstance(action, StopRun):
+            self.stop(StopReason.FATAL, action.why)
+
+    def _situation(self) -> Situation:
+        deadline = self._settings.deadline_at
+        return Situation(
+            stopping=self.stopping,
+            time_left_s=None if deadline is None else deadline - self._clock(),
+            attempt_timeout_s=self._settings.attempt_timeout,
+        )
+
+    # -- pacing ---------------------------------------------------------------------------------
 
     def _slot_now(self) -> bool:
         """The hot path: a slot free right now, taken without a coroutine (False: go slow)."""
@@ -203,90 +391,36 @@ class Engine:
         while True:
             wait, held = self._limiter.reserve()
             if wait > 0 and not await self._sleep_unless_stopped(wait):
+                if held:
+                    self._limiter.release()
                 return False
             if held and (wait == 0 or not self._limiter.paused()):
                 return not self.stopping
 
-    async def _process(self, target: Target) -> None:
-        """Attempt one target until it has a final result, or the run stops."""
-        state = _TargetState(started=self._clock())
-        while self._slot_now() or await self._slot():
-            state.sent += 1
-            self.progress.in_flight += 1
-            self.progress.requests += 1
-            began = time.perf_counter()
+    async def _sleep_unless_stopped(self, seconds: float) -> bool:
+        """Sleep unless a stop cuts it short; False if cut."""
+        with anyio.CancelScope() as scope:
+            self._idle_scopes.add(scope)
             try:
-                reply = await self._client.cancel(target)
-            except anyio.get_cancelled_exc_class():
-                self.recorder.attempt(
-                    Attempt(target, state.sent, self._clock(), _ms_since(began), None, None, None,
-                            "abandoned", error="cancelled in flight by a second stop signal"),
-                    "cancel",
-                )  # fmt: skip
-                raise
-            except EnOSError as error:
-                state.latency_ms = _ms_since(began)
-                if not await self._after_failure(target, state, error):
-                    return
-                continue
+                if self.stopping:
+                    scope.cancel()
+                await anyio.sleep(seconds)
             finally:
-                self.progress.in_flight -= 1
-            state.latency_ms = _ms_since(began)
-            self._limiter.succeeded()
-            self._failures_in_a_row = 0
-            if reply.commands or not state.maybe_applied or target.command_id is None:
-                self._finish_success(target, state, reply)
-            else:
-                await self._finish_after_lost_answer(target, state, reply)
-            return
+                self._idle_scopes.discard(scope)
+        return not scope.cancel_called and not self.stopping
 
-    async def _after_failure(self, target: Target, state: _TargetState, error: EnOSError) -> bool:
-        """Record a failed attempt and decide; True to try again."""
-        if isinstance(error, RetryableError):
-            state.maybe_applied |= error.maybe_applied
-            if error.http_status == 503:
-                self._limiter.slow_down()
-            if not isinstance(error, RateLimitedError):
-                self._count_outage(error)
-        failures = state.sent - state.throttles
-        decision = self._policy.decide(
-            error, failures=failures, throttles=state.throttles, rng=self._rng
-        )
-        verdict = decision.verdict
-        if verdict is Verdict.RETRY and (
-            self.stopping or self._deadline_near(decision.wait_s or 0)
-        ):
-            verdict = Verdict.FAILED if self._deadline_at is None and not self.stopping else verdict
-        self._record_attempt(target, state, error, verdict.value, decision.wait_s)
-        if verdict is Verdict.FATAL:
-            self.stop(StopReason.FATAL, str(error))
-            return False
-        if verdict is Verdict.FAILED:
-            self._finish(target, state, Outcome.FAILED, error=error)
-            return False
-        if verdict is Verdict.THROTTLED:
-            state.throttles += 1
-            self._limiter.throttle(decision.wait_s)
-            return True
-        return await self._sleep_unless_stopped(decision.wait_s or 0.0)
+    # -- stop rules -----------------------------------------------------------------------------
 
-    def _record_done(self, target: Target, state: _TargetState, reply: CancelReply) -> None:
-        self.recorder.attempt(
-            Attempt(target, state.sent, self._clock(), state.latency_ms, reply.http_status,
-                    reply.code, reply.request_id, "done"),
-            "cancel",
-        )  # fmt: skip
+    async def _deadline_timer(self) -> None:
+        """Stop admitting when the deadline leaves only one attempt's time for what is in flight."""
+        deadline = self._settings.deadline_at
+        assert deadline is not None
+        await anyio.sleep(max(0.0, deadline - self._settings.attempt_timeout - self._clock()))
+        self.stop(StopReason.DEADLINE, "the deadline was reached; the rest is resumable")
 
-    def _finish_success(self, target: Target, state: _TargetState, reply: CancelReply) -> None:
-        """code 0: cancelled with the ids seen, or nothing to cancel (effect unknown if an
-        earlier attempt's answer was lost)."""
-        self._record_done(target, state, reply)
-        if reply.commands:
-            ids = tuple(command.command_id for command in reply.commands)
-            self._finish(target, state, Outcome.CANCELLED, ids=ids, reply=reply)
-        else:
-            unknown = state.maybe_applied
-            self._finish(target, state, Outcome.NOTHING_TO_CANCEL, reply=reply, unknown=unknown)
+    def _deadline_near(self) -> bool:
+        deadline = self._settings.deadline_at
+        return deadline is not None and self._clock() + self._settings.attempt_timeout >= deadline
 
     def _count_outage(self, error: RetryableError) -> None:
         self._failures_in_a_row += 1
@@ -294,107 +428,20 @@ class Engine:
             self.stop(
                 StopReason.FATAL,
                 f"the gateway failed {self._failures_in_a_row} requests in a row (last: {error}); "
-                "stopped before an outage marks targets failed; resume (with --retry-failed) when "
+                "stopped before an outage marks targets failed; resume with --retry-failed when "
                 "it answers again",
             )
 
-    async def _finish_after_lost_answer(
-        self, target: Target, state: _TargetState, reply: CancelReply
-    ) -> None:
-        """Nothing left to cancel after a lost answer, for one command id: ask Get Command."""
-        self._record_done(target, state, reply)
-        assert target.command_id is not None
-        if await self._verify_cancelled(target, target.command_id):
-            ids = (target.command_id,)
-            self._finish(target, state, Outcome.CANCELLED, ids=ids, reply=reply)
-        else:
-            self._finish(target, state, Outcome.NOTHING_TO_CANCEL, reply=reply, unknown=True)
-
-    async def _verify_cancelled(self, target: Target, command_id: str) -> bool:
-        """After a lost answer: did our earlier attempt cancel the command? (state 2 means yes)
-
-        Get Command is retried like a cancel (transient failures, up to `attempts`); anything
-        else leaves the question open (the caller records effect_unknown)."""
-        for number in range(1, self._policy.attempts + 1):
-            if not await self._slot():
-                return False
-            began = time.perf_counter()
-            self.progress.requests += 1
-            try:
-                command = await self._client.get_command(target, command_id)
-            except EnOSError as error:
-                again = isinstance(error, RetryableError) and number < self._policy.attempts
-                self.recorder.attempt(
-                    Attempt(target, number, self._clock(), _ms_since(began), error.http_status,
-                            error.code, error.request_id, "retry" if again else "unverified",
-                            error=str(error)),
-                    "get",
-                )  # fmt: skip
-                if not again:
-                    return False
-                if isinstance(error, RateLimitedError):
-                    self._limiter.throttle(error.retry_after)
-                elif not await self._sleep_unless_stopped(self._policy.backoff(number, self._rng)):
-                    return False
-                continue
-            self._failures_in_a_row = 0
-            self.recorder.attempt(
-                Attempt(target, number, self._clock(), _ms_since(began), 200, 0, None,
-                        f"state {command.state}"),
-                "get",
-            )  # fmt: skip
-            return command.state == 2
-        return False
-
-    def _record_attempt(
-        self,
-        target: Target,
-        state: _TargetState,
-        error: EnOSError,
-        decision: str,
-        wait_s: float | None,
-    ) -> None:
-        self.recorder.attempt(
-            Attempt(target, state.sent, self._clock(), state.latency_ms, error.http_status,
-                    error.code, error.request_id, decision, wait_s, str(error)),
-            "cancel",
-        )  # fmt: skip
-
-    def _finish(
-        self,
-        target: Target,
-        state: _TargetState,
-        outcome: Outcome,
-        *,
-        ids: tuple[str, ...] = (),
-        reply: CancelReply | None = None,
-        error: EnOSError | None = None,
-        unknown: bool = False,
-    ) -> None:
-        self.recorder.result(
-            TargetResult(
-                target=target,
-                outcome=outcome,
-                cancelled_command_ids=ids,
-                attempts=state.sent,
-                http_status=reply.http_status if reply else error.http_status if error else None,
-                code=reply.code if reply else error.code if error else None,
-                msg=reply.msg if reply else None,
-                request_id=reply.request_id if reply else error.request_id if error else None,
-                error=str(error) if error else None,
-                started_at=state.started,
-                finished_at=self._clock(),
-                latency_ms=state.latency_ms,
-                effect_unknown=unknown,
-            )
-        )
-        self.progress.outcomes[outcome] += 1
+    def _finish(self, result: TargetResult) -> None:
+        self.recorder.result(result)
+        self.progress.outcomes[result.outcome] += 1
+        self.progress.effect_unknown += result.effect_unknown
         self._check_abort_rule()
 
     def _check_abort_rule(self) -> None:
-        ratio = self._abort.failure_ratio
-        finished = self.progress.finished
-        if ratio is None or finished < self._abort.min_finished:
+        abort = self._settings.abort
+        ratio, finished = abort.failure_ratio, self.progress.finished
+        if ratio is None or finished < abort.min_finished:
             return
         failed = self.progress.outcomes[Outcome.FAILED]
         if failed / finished >= ratio:
@@ -405,15 +452,19 @@ class Engine:
             )
 
 
-@dataclass(slots=True)
-class _TargetState:
-    """What the engine knows about one target while it is being attempted."""
-
-    started: float
-    sent: int = 0
-    throttles: int = 0
-    maybe_applied: bool = False
-    latency_ms: float | None = None
+def _decision(action: Action, kind: Kind) -> tuple[str, float | None]:
+    """The audit's word for what follows a failed attempt (and the wait, for a retry)."""
+    if isinstance(action, Wait):
+        return ("throttled" if action.throttled else "retry"), action.seconds
+    if isinstance(action, Finish):
+        if kind is Kind.GET:
+            return "unverified", None
+        return ("failed" if action.result.outcome is Outcome.FAILED else "done"), None
+    if isinstance(action, StopRun):
+        return "fatal", None
+    if isinstance(action, Leave):
+        return "left", None
+    return "done", None
 
 
 def _ms_since(began: float) -> float:

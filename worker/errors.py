@@ -10,6 +10,7 @@
         ├── RetryableError         worth another attempt: 5xx, timeout, dropped, malformed body
         │   └── RateLimitedError   HTTP 429: flow control, carries Retry-After
         ├── TargetError            final for this one target: 99400, 99404, other codes
+        │   └── UnreadableAnswerError  the client failed on an answer: final, effect unknown
         └── FatalError             stops the whole run (exit 3): nothing else will succeed
             ├── AuthError          credentials or token rejected, after one renewal
             └── PermissionDeniedError  99403 or HTTP 403
@@ -42,7 +43,13 @@ class InvalidTargetError(UsageError):
 
 
 class EnOSError(WorkerError):
-    """An answer (or the lack of one) from the gateway, with what is known of it."""
+    """An answer (or the lack of one) from the gateway, with what is known of it.
+
+    `maybe_applied` is true when the request may have reached the service and taken effect
+    although no usable answer came back (timeout, dropped connection, truncated body, 5xx).
+    """
+
+    maybe_applied: bool = False
 
     def __init__(
         self,
@@ -69,11 +76,7 @@ class EnOSError(WorkerError):
 
 
 class RetryableError(EnOSError):
-    """A failure that another attempt may fix.
-
-    `maybe_applied` is true when the request may have reached the service and taken effect
-    although no usable answer came back (timeout, dropped connection, truncated body, 5xx).
-    """
+    """A failure that another attempt may fix."""
 
     def __init__(
         self,
@@ -98,6 +101,16 @@ class RateLimitedError(RetryableError):
 
 class TargetError(EnOSError):
     """Final for this target (bad parameter, unknown device, unexpected code); no retry."""
+
+
+class UnreadableAnswerError(TargetError):
+    """The client could not turn an answer into a reply (a bug, or an answer no rule foresaw).
+
+    The request may well have taken effect, so its target ends `failed` with the effect
+    unknown, and the run goes on.
+    """
+
+    maybe_applied = True
 
 
 class FatalError(EnOSError):

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import csv
 import difflib
-import gc
 import hashlib
 import operator
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ from worker.model import (
     Limits,
     Target,
     TargetsFile,
+    gc_paused,
     identity_key,
     key_digest,
     selector_problem,
@@ -112,18 +111,6 @@ def _read_bytes(path: Path) -> bytes:
         return path.read_bytes()
     except OSError as exc:
         raise JobFileError([f"{path}: cannot read the job file: {exc.strerror}"]) from None
-
-
-@contextmanager
-def gc_paused() -> Iterator[None]:
-    """Building many small objects runs the cyclic GC over and over; it finds nothing here."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _compose(path: Path, raw: bytes) -> yaml.Node | None:
@@ -418,12 +405,15 @@ def _listed(job: Job, done: set[int] | None) -> Iterator[Target | None]:
         yield built
 
 
-def run_targets(job: Job, plan_: Plan, done: set[int] | None = None) -> Iterator[Target]:
-    """The targets to run, in order, without duplicates and without those in `done`."""
+def run_targets(
+    job: Job, plan_: Plan, done: set[int] | None = None
+) -> Iterator[tuple[int, Target]]:
+    """The targets to run, in order, without duplicates and without those in `done`, each with
+    its ordinal: its place in the job's list, the same in every segment of a run."""
     skip = plan_.skip
     for ordinal, target in enumerate(_listed(job, done)):
         if target is not None and ordinal not in skip:
-            yield target
+            yield ordinal, target
 
 
 def plan(job: Job) -> Plan:

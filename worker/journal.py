@@ -82,6 +82,7 @@ def result_record(result: TargetResult) -> dict[str, Any]:
         "request_id": result.request_id,
         "error": result.error,
         "effect_unknown": result.effect_unknown,
+        "get_state": result.get_state,
         "started_at": iso(result.started_at),
         "finished_at": iso(result.finished_at),
         "duration_ms": round((result.finished_at - result.started_at) * 1000, 1),

@@ -5,13 +5,28 @@ Nothing here does I/O; the engine, the client, the journal and the CLI all speak
 
 from __future__ import annotations
 
+import gc
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import NamedTuple
 
 from worker.errors import InvalidTargetError
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Building many small objects runs the cyclic GC over and over; it finds nothing here."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def identity_key(
@@ -115,13 +130,19 @@ class Command(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class CancelReply:
-    """A successful (`code 0`) answer to a cancel: the commands the service says it cancelled."""
+    """A successful (`code 0`) answer to a cancel: the commands the service says it cancelled.
+
+    `unreadable` counts listed commands whose id could not be read (a command was cancelled,
+    but which one is unknown); `problem` says what in the answer could not be parsed.
+    """
 
     http_status: int
     code: int
     msg: str
     request_id: str | None
     commands: tuple[Command, ...]
+    unreadable: int = 0
+    problem: str | None = None
 
 
 DEFAULT_RATE = 10.0  # requests per second: conservative, for a gateway we know nothing of
@@ -202,6 +223,8 @@ class TargetResult(NamedTuple):
     finished_at: float
     latency_ms: float | None
     effect_unknown: bool = False
+    get_state: int | None = None  # what Get Command showed after a lost answer: evidence only
+    found_command_ids: tuple[str, ...] = ()  # what a search found (dry run), never a claim
 
 
 class Attempt(NamedTuple):

@@ -129,6 +129,13 @@ class RateLimiter:
         self._rate = max(self.floor, self._knee * CUT_FACTOR)
         self._last_cut = now
 
+    def accepted(self) -> None:
+        """The gateway answered (a success or a target's own error)."""
+        self.succeeded()
+
+    def rejected(self) -> None:
+        """A 5xx, a timeout, a dropped connection, a garbled answer."""
+
     def succeeded(self) -> None:
         """A clean answer: probe upward toward the ceiling."""
         rate = self._rate

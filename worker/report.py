@@ -17,9 +17,8 @@ import anyio
 import structlog
 
 from worker.engine import Progress
-from worker.jobfile import gc_paused
 from worker.journal import RESULTS_FILE, read_journal, record_key
-from worker.model import Outcome
+from worker.model import Outcome, gc_paused
 
 SUMMARY_FILE = "summary.json"
 log = structlog.get_logger("worker.run")

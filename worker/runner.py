@@ -8,15 +8,12 @@ in synchronous code that no cancellation can interrupt.
 
 from __future__ import annotations
 
-import fcntl
-import os
 import random
 import secrets
 import signal
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,25 +25,25 @@ import structlog
 
 from worker import __version__
 from worker.audit import AUDIT_FILE, AuditLog, who_and_where
-from worker.engine import Engine, StopReason
+from worker.decide import Retrying
+from worker.engine import Engine, EngineSettings, StopReason
 from worker.enos.client import Credentials, EnOSClient
-from worker.errors import FatalError, RetryableError, UsageError
-from worker.jobfile import Plan, gc_paused, run_targets
-from worker.journal import (
-    RESULTS_FILE,
-    ResultJournal,
-    iso,
-    read_journal,
-    record_key,
-    repair_tail,
-)
-from worker.model import Attempt, Job, Limits, Outcome, Target, TargetResult, key_digest
+from worker.errors import EnOSError, FatalError
+from worker.jobfile import Plan, run_targets
+from worker.journal import RESULTS_FILE, ResultJournal, iso, repair_tail
+from worker.model import Attempt, Job, Limits, Target, TargetResult
 from worker.ratelimit import RateLimiter
-from worker.report import SUMMARY_FILE, build_summary, progress_loop, render, tally
-from worker.retry import RetryPolicy
+from worker.report import build_summary, progress_loop, render, tally
+from worker.retry import RetryPolicy, Verdict
+from worker.rundir import (
+    SUMMARY_FILE,
+    AdmissionMark,
+    Finished,
+    write_atomically,
+    write_manifest,
+)
 
 log = structlog.get_logger("worker.run")
-MANIFEST_FILE = "run.json"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ABORTED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4
 
 
@@ -64,19 +61,35 @@ class RunOptions:
     backoff_base_s: float = 0.5
     backoff_cap_s: float = 30.0
 
+    def policy(self) -> RetryPolicy:
+        """The retry policy of this run."""
+        return RetryPolicy(
+            attempts=self.limits.attempts,
+            max_throttles=self.limits.max_throttles,
+            base_s=self.backoff_base_s,
+            cap_s=self.backoff_cap_s,
+        )
+
 
 class _Recorder:
     """The engine's Recorder: attempts to the audit log, results to the journal."""
 
-    def __init__(self, audit: AuditLog, journal: ResultJournal) -> None:
+    def __init__(self, audit: AuditLog, journal: ResultJournal, mark: AdmissionMark) -> None:
         self.audit = audit
         self.journal = journal
+        self.mark = mark
 
     def attempt(self, attempt: Attempt, action: str) -> None:
         self.audit.attempt(attempt, action)
 
     def result(self, result: TargetResult) -> None:
         self.journal.write(result)
+
+    def sync(self) -> None:
+        """fdatasync everything written so far (off the event loop)."""
+        self.journal.log.sync()
+        self.audit.log.sync()
+        self.mark.sync()
 
 
 def new_run_id(job: Job) -> str:
@@ -85,56 +98,14 @@ def new_run_id(job: Job) -> str:
     return f"{job.name}-{stamp}-{secrets.token_hex(3)}"
 
 
-def read_manifest(run_dir: Path) -> dict[str, Any]:
-    """The run's manifest (run.json)."""
-    result: dict[str, Any] = orjson.loads((run_dir / MANIFEST_FILE).read_bytes())
-    return result
-
-
-def write_manifest(run_dir: Path, manifest: dict[str, Any]) -> None:
-    """Replace run.json atomically (write, fsync, rename)."""
-    tmp = run_dir / f".{MANIFEST_FILE}.tmp"
-    with tmp.open("wb") as stream:
-        stream.write(orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(tmp, run_dir / MANIFEST_FILE)
-
-
-LOCK_FILE = "run.lock"
-
-
-@contextmanager
-def run_dir_lock(run_dir: Path) -> Iterator[None]:
-    """Hold the run directory for this process: two workers appending to one journal would
-    break the one-line-per-target rule. The kernel drops the lock if the process dies."""
-    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o640)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        raise UsageError(
-            f"{run_dir} is in use by another worker (pid {holder}); wait for it to end, or stop "
-            "it (Ctrl-C / SIGTERM) and resume"
-        ) from None
-    try:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        yield
-    finally:
-        os.close(fd)
-
-
-def done_set(run_dir: Path, *, retry_failed: bool) -> set[int]:
-    """Digests of the targets already final in the journal (failed ones too, unless retried)."""
-    done: set[int] = set()
-    with gc_paused():
-        for record in read_journal(run_dir / RESULTS_FILE):
-            if retry_failed and record["outcome"] == Outcome.FAILED:
-                continue
-            done.add(key_digest(record_key(record)))
-    return done
+def limiter_for(limits: Limits) -> RateLimiter:
+    """The run's shared limiter for its limits."""
+    return RateLimiter(
+        limits.rate,
+        adaptive=limits.adaptive,
+        ceiling=limits.rate_max,
+        floor=min(limits.rate_floor, limits.rate or limits.rate_floor),
+    )
 
 
 def exit_code_for(reason: StopReason, failed: int, not_attempted: int) -> int:
@@ -152,49 +123,47 @@ async def execute(
     options: RunOptions,
     *,
     manifest: dict[str, Any],
-    done: set[int],
+    finished: Finished,
     out: TextIO | None = None,
 ) -> int:
     """Run the job's pending targets as one segment; returns the exit code."""
     run_dir = options.run_dir
     repair_tail(run_dir / RESULTS_FILE)
     repair_tail(run_dir / AUDIT_FILE)
+    earlier_segments = bool(manifest["segments"])
     segment: dict[str, Any] = {"started_at": iso(time.time()), "limits": asdict(options.limits)}
     manifest["segments"].append(segment)
     write_manifest(run_dir, manifest)
-    audit = AuditLog(run_dir, manifest["run_id"])
-    journal = ResultJournal(run_dir)
-    audit.write(_run_started(job, plan, options, manifest))
     limits = options.limits
+    mark = AdmissionMark(run_dir, ahead=limits.concurrency, earlier_segments=earlier_segments)
+    recorder = _Recorder(AuditLog(run_dir, manifest["run_id"]), ResultJournal(run_dir), mark)
+    recorder.audit.write(_run_started(job, plan, options, manifest))
     client = EnOSClient(
         options.gateway, options.credentials, concurrency=limits.concurrency, timeout=limits.timeout
     )
     engine = Engine(
         client,
-        _Recorder(audit, journal),
-        RateLimiter(
-            limits.rate,
-            adaptive=limits.adaptive,
-            ceiling=limits.rate_max,
-            floor=min(limits.rate_floor, limits.rate or limits.rate_floor),
+        recorder,
+        limiter_for(limits),
+        EngineSettings(
+            concurrency=limits.concurrency,
+            policy=options.policy(),
+            abort=job.abort,
+            deadline_at=time.time() + limits.deadline if limits.deadline else None,
+            attempt_timeout=limits.timeout,
         ),
-        concurrency=limits.concurrency,
-        policy=RetryPolicy(
-            attempts=limits.attempts,
-            max_throttles=limits.max_throttles,
-            base_s=options.backoff_base_s,
-            cap_s=options.backoff_cap_s,
-        ),
-        abort=job.abort,
-        deadline_at=time.time() + limits.deadline if limits.deadline else None,
-        attempt_timeout=limits.timeout,
+        admissions=mark,
+        sent_before=_sent_before(mark, finished),
         rng=random.Random(options.seed),
     )
     began = time.monotonic()
     try:
         async with client:
-            if await _gateway_answers(client, engine, options):
-                targets = run_targets(job, plan, done)
+            problem = await prove_gateway(client, options.policy(), random.Random(options.seed))
+            if problem is not None:
+                engine.stop(StopReason.FATAL, problem)
+            else:
+                targets = run_targets(job, plan, finished.done)
                 await _drive(engine, targets, plan, options, out=out, segment=segment)
     except Exception as exc:  # a bug or an OS failure: end as a resumable stop, say why
         log.exception("worker.internal_error")
@@ -203,39 +172,49 @@ async def execute(
         # Synchronous on purpose: no cancellation can interrupt closing the files.
         segment["requests"] = engine.progress.requests
         segment["duration_s"] = round(time.monotonic() - began, 3)
-        summary = _close_segment(engine, manifest, segment, audit, journal)
+        summary = _close_segment(engine, manifest, segment, recorder)
     render(summary, run_dir, out)
     if summary["exit_code"] in (EXIT_ABORTED, EXIT_INTERRUPTED):
-        _print_resume_hint(job, run_dir, out)
+        _print_resume_hint(job, run_dir, out, retry_failed=summary["outcomes"]["failed"] > 0)
     return int(summary["exit_code"])
 
 
-async def _gateway_answers(client: EnOSClient, engine: Engine, options: RunOptions) -> bool:
+def _sent_before(mark: AdmissionMark, finished: Finished) -> Callable[[int, Target], bool]:
+    """Whether an earlier segment may have sent a target (crash truth, design.md)."""
+    retried = finished.retried_maybe_applied
+    if not retried:
+        return lambda ordinal, _: mark.sent_before(ordinal)
+    return lambda ordinal, target: mark.sent_before(ordinal) or target.digest() in retried
+
+
+async def prove_gateway(
+    client: EnOSClient,
+    policy: RetryPolicy,
+    rng: random.Random,
+    sleep: Callable[[float], Any] = anyio.sleep,
+) -> str | None:
     """Get the access token before the first target: a wrong gateway or rejected credentials
-    stop the run at once (exit 3) instead of failing every target one by one."""
-    policy = RetryPolicy(attempts=options.limits.attempts, base_s=options.backoff_base_s,
-                         cap_s=options.backoff_cap_s)  # fmt: skip
-    rng = random.Random(options.seed)
-    for number in range(1, policy.attempts + 1):
+    stop the run at once (exit 3) instead of failing every target one by one. Retried like any
+    call (the same decisions); returns why the gateway cannot be used, or None."""
+    retrying = Retrying(policy)
+    while True:
         try:
             await client.authenticate()
-        except FatalError as exc:
-            engine.stop(StopReason.FATAL, str(exc))
-            return False
-        except RetryableError as exc:
-            if number == policy.attempts:
-                engine.stop(StopReason.FATAL, f"the gateway did not answer: {exc}")
-                return False
-            log.warning("worker.gateway_unreachable", attempt=number, error=str(exc))
-            await anyio.sleep(policy.backoff(number, rng))
+        except EnOSError as exc:
+            decision = retrying.failed(exc, rng)
+            if isinstance(exc, FatalError) or decision.verdict is Verdict.FATAL:
+                return str(exc)
+            if decision.verdict is Verdict.FAILED:
+                return f"the gateway did not answer: {exc}"
+            log.warning("worker.gateway_unreachable", attempt=retrying.failures, error=str(exc))
+            await sleep(decision.wait_s if decision.wait_s is not None else 1.0)
         else:
-            return True
-    return False
+            return None
 
 
 async def _drive(
     engine: Engine,
-    targets: Iterator[Target],
+    targets: Iterator[tuple[int, Target]],
     plan: Plan,
     options: RunOptions,
     *,
@@ -254,13 +233,12 @@ async def _drive(
 
 
 async def _sync_loop(engine: Engine) -> None:
-    """fdatasync the journal and the audit log twice a second, off the event loop."""
+    """fdatasync the journal, the audit log and the mark twice a second, off the event loop."""
     recorder = engine.recorder
     assert isinstance(recorder, _Recorder)
     while True:
         await anyio.sleep(0.5)
-        await anyio.to_thread.run_sync(recorder.journal.log.sync)
-        await anyio.to_thread.run_sync(recorder.audit.log.sync)
+        await anyio.to_thread.run_sync(recorder.sync)
 
 
 TIMELINE_POINTS = 600
@@ -275,7 +253,7 @@ async def _rate_sampler(engine: Engine, segment: dict[str, Any]) -> None:
     while True:
         await anyio.sleep(interval)
         requests = engine.progress.requests
-        limit = engine.rate_limit
+        limit = engine.limiter.rate
         timeline.append([
             round(time.monotonic() - began, 1),
             round((requests - last) / interval, 1),
@@ -307,15 +285,12 @@ async def _signal_loop(engine: Engine, out: TextIO | None) -> None:
 
 
 def _close_segment(
-    engine: Engine,
-    manifest: dict[str, Any],
-    segment: dict[str, Any],
-    audit: AuditLog,
-    journal: ResultJournal,
+    engine: Engine, manifest: dict[str, Any], segment: dict[str, Any], recorder: _Recorder
 ) -> dict[str, Any]:
     """Close the files, then write run.json, run_finished and summary.json for the whole run."""
-    journal.log.close()
-    run_dir = journal.log.path.parent
+    recorder.journal.log.close()
+    recorder.mark.close()
+    run_dir = recorder.journal.log.path.parent
     counts = tally(run_dir)
     reason = engine.stop_reason
     exit_code = exit_code_for(
@@ -327,10 +302,8 @@ def _close_segment(
     )  # fmt: skip
     write_manifest(run_dir, manifest)
     summary = build_summary(manifest, counts, exit_code=exit_code)
-    tmp = run_dir / f".{SUMMARY_FILE}.tmp"
-    tmp.write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
-    os.replace(tmp, run_dir / SUMMARY_FILE)
-    audit.write(
+    write_atomically(run_dir / SUMMARY_FILE, orjson.dumps(summary, option=orjson.OPT_INDENT_2))
+    recorder.audit.write(
         {
             "type": "run_finished",
             "at": iso(time.time()),
@@ -341,7 +314,7 @@ def _close_segment(
             "summary": summary,
         }
     )
-    audit.log.close()
+    recorder.audit.log.close()
     log.info(
         "worker.run_finished", reason=reason.value, exit_code=exit_code, why=engine.stop_message
     )
@@ -386,7 +359,8 @@ def new_manifest(job: Job, plan: Plan, options: RunOptions) -> dict[str, Any]:
     }
 
 
-def _print_resume_hint(job: Job, run_dir: Path, out: TextIO | None) -> None:
+def _print_resume_hint(job: Job, run_dir: Path, out: TextIO | None, *, retry_failed: bool) -> None:
     stream = out or sys.stdout
-    stream.write(f"\nTo continue this run:\n  worker run {job.path} --resume {run_dir}\n")
+    flag = " --retry-failed" if retry_failed else ""
+    stream.write(f"\nTo continue this run:\n  worker run {job.path} --resume {run_dir}{flag}\n")
     stream.flush()

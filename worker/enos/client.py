@@ -119,22 +119,25 @@ class EnOSClient:
         if target.command_id is not None:
             params.append(("commandId", target.command_id))
         status, payload = await self._business("POST", p.ACTION_CANCEL, params, b"")
+        commands, unreadable, problem = read_commands(payload.get("data"))
         return CancelReply(
             http_status=status,
             code=p.CODE_OK,
-            msg=str(payload.get("msg") or ""),
+            msg=_text(payload.get("msg")),
             request_id=_request_id(payload),
-            commands=_commands(payload.get("data"), payload),
+            commands=commands,
+            unreadable=unreadable,
+            problem=problem,
         )
 
     async def get_command(self, target: Target, command_id: str) -> Command:
         """The current state of one command of the target's device."""
         params = [*device_params(target), ("commandId", command_id)]
         _, payload = await self._business("GET", p.ACTION_GET, params, b"")
-        data = payload.get("data")
-        if not isinstance(data, dict):
-            raise _malformed("get returned no command object", payload)
-        return _command(data, payload)
+        command = _command(payload.get("data"))
+        if isinstance(command, str):
+            raise _malformed(f"get returned no readable command: {command}", payload)
+        return command
 
     async def search_commands(
         self, target: Target, expression: str | None = None, *, page_size: int = p.SEARCH_PAGE_SIZE
@@ -148,7 +151,9 @@ class EnOSClient:
             if expression is not None:
                 query["expression"] = expression
             _, payload = await self._business("POST", p.ACTION_SEARCH, params, orjson.dumps(query))
-            batch = _commands(payload.get("data"), payload)
+            batch, unreadable, problem = read_commands(payload.get("data"))
+            if unreadable:
+                raise _malformed(f"a search answer could not be read: {problem}", payload)
             found.extend(batch)
             total = (payload.get("pagination") or {}).get("totalSize")
             if not batch or not isinstance(total, int) or page * page_size >= total:
@@ -302,7 +307,7 @@ def _interpret(status: int, headers: Mapping[str, str], raw: bytes) -> dict[str,
         raise _malformed("the answer has no integer 'code'", payload)
     if code == p.CODE_OK:
         return payload
-    message, request_id = str(payload.get("msg") or ""), _request_id(payload)
+    message, request_id = _text(payload.get("msg")), _request_id(payload)
     if code == p.TOKEN_EXPIRED:
         raise _TokenRejected
     if code == p.CODE_NO_PERMISSION:
@@ -407,39 +412,70 @@ def _malformed(what: str, payload: Mapping[str, Any]) -> RetryableError:
     )
 
 
+TEXT_CAP = 1000  # characters of gateway text kept in a record
+
+
+def _text(value: object) -> str:
+    """Gateway text for a record: a string, capped (the gateway's text is never trusted)."""
+    text = value if isinstance(value, str) else "" if value is None else str(value)
+    return text if len(text) <= TEXT_CAP else text[:TEXT_CAP] + "...[cut]"
+
+
 def _request_id(payload: Mapping[str, Any]) -> str | None:
     value = payload.get("requestId")
-    return str(value) if value is not None else None
+    return _text(value)[:128] if value is not None else None
 
 
-def _commands(data: object, payload: Mapping[str, Any]) -> tuple[Command, ...]:
-    """The command list of an answer (`null` is an empty list); tolerant of wire variants."""
+def read_commands(data: object) -> tuple[tuple[Command, ...], int, str | None]:
+    """The commands of an answer's `data` (null is an empty list), tolerant of wire variants.
+
+    Returns (readable commands, how many listed commands had no readable id, the first
+    problem met). Never raises: a code-0 answer is a fact about the gateway (something was
+    cancelled), so what can be read is kept and the rest is said, not thrown away.
+    """
     if data is None:
-        return ()
+        return (), 0, None
     if not isinstance(data, list):
-        raise _malformed("'data' is not a list of commands", payload)
-    return tuple(_command(item, payload) for item in data)
+        return (), 1, f"'data' is a {type(data).__name__}, not a list of commands"
+    commands: list[Command] = []
+    unreadable, problem = 0, None
+    for item in data:
+        command = _command(item)
+        if isinstance(command, str):
+            unreadable += 1
+            problem = problem or command
+        else:
+            commands.append(command)
+    return tuple(commands), unreadable, problem
 
 
-def _command(item: object, payload: Mapping[str, Any]) -> Command:
-    """One Command struct: createTime as number or string, name as I18n object or text."""
-    if not isinstance(item, dict) or item.get("commandId") in (None, ""):
-        raise _malformed("a command has no commandId", payload)
-    state = item.get("state")
+def _command(item: object) -> Command | str:
+    """One Command struct (createTime as number or string, name as I18n object or text), or
+    what makes it unreadable. Only the id is required; any other field may be odd."""
+    if not isinstance(item, dict):
+        return f"a command is a {type(item).__name__}, not an object"
+    command_id = item.get("commandId")
+    if isinstance(command_id, bool) or not isinstance(command_id, str | int) or command_id == "":
+        return "a command has no readable commandId"
     name = item.get("commandName")
     if isinstance(name, dict):
         name = name.get("defaultValue")
+    state = item.get("state")
     return Command(
-        command_id=str(item["commandId"]),
-        state=state if isinstance(state, int) else None,
+        command_id=_text(command_id)[:128],
+        state=state if isinstance(state, int) and not isinstance(state, bool) else None,
         create_time_ms=_int_or_none(item.get("createTime")),
-        name=str(name) if name is not None else None,
+        name=_text(name)[:256] if isinstance(name, str) else None,
     )
 
 
 def _int_or_none(value: object) -> int | None:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.isdigit():
+    """An epoch-ms number from a number or a numeric string; None for anything else (a
+    string of 5,000 digits, a superscript two that str.isdigit() accepts but int() refuses)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if abs(value) < 10**15 else None
+    if isinstance(value, str) and 0 < len(value) <= 15 and value.isascii() and value.isdigit():
         return int(value)
     return None

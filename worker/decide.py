@@ -1,0 +1,310 @@
+"""The per-target decisions as a pure state machine (sans-IO): an event in, the next action out.
+
+The engine's async code only carries actions out (send a call, park the target for a while,
+record a result, stop the run) and tells the machine what happened. Every rule about retries,
+lost answers, stops and what a result may claim lives here, where a test drives it with plain
+values and no event loop.
+
+The truth rules (design.md, "Lost responses"):
+
+- A result lists a command as cancelled only when a cancel reply of this run listed it.
+- After an attempt that may have taken effect without an answer (timeout, dropped connection,
+  cut-off body, 5xx), or when an earlier segment may have sent the target before it died, a
+  retry that finds nothing is ``nothing_to_cancel`` with ``effect_unknown``. For one
+  ``command_id`` a Get Command may then be asked: its state is kept as evidence
+  (``get_state``), never as proof.
+- A target that fails after such an attempt is ``failed`` with ``effect_unknown`` too.
+
+::
+
+    start() ──> Send(first) ──reply──> Finish | Send(GET) ──reply/error──> Finish
+                    │
+                    └─error──> Wait(s) ──waited()──> Send(same) ...
+                           └─> Finish(failed) | StopRun(fatal) | Leave(stopping, deadline)
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from enum import StrEnum
+
+from worker.errors import EnOSError, RateLimitedError
+from worker.model import CancelReply, Command, Outcome, Target, TargetResult
+from worker.retry import Decision, RetryPolicy, Verdict
+
+
+class Kind(StrEnum):
+    """What a call asks of the gateway."""
+
+    CANCEL = "cancel"
+    GET = "get"  # Get Command: evidence after a lost answer
+    SEARCH = "search"  # Search Command (state = 1): what a dry run would cancel
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Send one call of this kind for the target, at the shared rate."""
+
+    kind: Kind
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """Put the target aside for `seconds`, then call :meth:`TargetCore.waited`.
+
+    `throttled` (HTTP 429) also pauses every caller: `seconds` is the gateway's Retry-After,
+    or None for the limiter's own pause.
+    """
+
+    seconds: float | None
+    throttled: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """The target's final result."""
+
+    result: TargetResult
+
+
+@dataclass(frozen=True, slots=True)
+class Leave:
+    """No final result: the run is stopping; the target stays resumable."""
+
+    why: str
+
+
+@dataclass(frozen=True, slots=True)
+class StopRun:
+    """Nothing else can succeed (credentials, permission, wrong gateway): stop the run."""
+
+    why: str
+
+
+Action = Send | Wait | Finish | Leave | StopRun
+
+
+class Retrying:
+    """Counts one operation's failures and 429s and asks the policy what they mean.
+
+    The one retry path: the token proof before a run, cancels, verification Gets and dry-run
+    searches all decide through it.
+    """
+
+    __slots__ = ("failures", "policy", "throttles")
+
+    def __init__(self, policy: RetryPolicy) -> None:
+        self.policy = policy
+        self.failures = 0
+        self.throttles = 0
+
+    def failed(self, error: EnOSError, rng: random.Random) -> Decision:
+        """Count `error` and return the policy's decision for it."""
+        if isinstance(error, RateLimitedError):
+            self.throttles += 1
+            return self.policy.decide(error, failures=self.failures, throttles=self.throttles - 1,
+                                      rng=rng)  # fmt: skip
+        self.failures += 1
+        return self.policy.decide(error, failures=self.failures, throttles=self.throttles, rng=rng)
+
+
+@dataclass(frozen=True, slots=True)
+class Situation:
+    """What the run is doing when an event arrives: stopping, and the time left (None: no
+    deadline), as the core needs them to decide whether a retry still fits."""
+
+    stopping: bool = False
+    time_left_s: float | None = None
+    attempt_timeout_s: float = 10.0
+
+
+RUNNING = Situation()
+
+
+class TargetCore:
+    """One target from its first call to its final result (or to being left resumable).
+
+    `sent_before`: an earlier segment may have sent this target before it died (or a
+    ``--retry-failed`` target failed after an answer was lost). `verify`: after a lost answer
+    and an empty retry for one command id, ask Get Command for evidence.
+    """
+
+    __slots__ = (
+        "_get",
+        "_pending_reply",
+        "_phase",
+        "_retry",
+        "first",
+        "last_latency_ms",
+        "maybe_applied",
+        "sent",
+        "started",
+        "target",
+        "verify",
+    )
+
+    def __init__(
+        self,
+        target: Target,
+        policy: RetryPolicy,
+        *,
+        started: float,
+        first: Kind = Kind.CANCEL,
+        sent_before: bool = False,
+        verify: bool = True,
+    ) -> None:
+        self.target = target
+        self.first = first
+        self.started = started
+        self.verify = verify
+        self.maybe_applied = sent_before
+        self.sent = 0
+        self.last_latency_ms: float | None = None
+        self._phase = first
+        self._retry = Retrying(policy)
+        self._get: Retrying | None = None
+        self._pending_reply: CancelReply | None = None
+
+    @property
+    def phase(self) -> Kind:
+        """The kind of call the target is at."""
+        return self._phase
+
+    def start(self) -> Send:
+        """The first call."""
+        return self._send()
+
+    def _send(self) -> Send:
+        self.sent += 1
+        return Send(self._phase)
+
+    def waited(self, situation: Situation = RUNNING) -> Send | Leave:
+        """The wait is over: call again, unless the run is stopping."""
+        if situation.stopping:
+            return Leave("the run is stopping")
+        return self._send()
+
+    def stopped(self) -> Leave:
+        """The run stopped while the target waited for a slot or a retry."""
+        return Leave("the run is stopping")
+
+    # -- answers ----------------------------------------------------------------------------
+
+    def cancelled(self, reply: CancelReply, now: float, latency_ms: float | None) -> Action:
+        """A code-0 answer to a cancel."""
+        self.last_latency_ms = latency_ms
+        ids = tuple(command.command_id for command in reply.commands)
+        unknown = self.maybe_applied or reply.unreadable > 0
+        if ids:
+            # For one command id the reply shows this attempt did it; for cancel-all an earlier
+            # lost attempt may have cancelled others, which no reply listed.
+            single = self.target.command_id is not None
+            unknown = reply.unreadable > 0 or (self.maybe_applied and not single)
+            return self._finish(Outcome.CANCELLED, now, reply=reply, ids=ids, unknown=unknown)
+        if self.maybe_applied and self.verify and self.target.command_id is not None:
+            self._phase, self._get = Kind.GET, Retrying(self._retry.policy)
+            self._pending_reply = reply
+            return self._send()
+        return self._finish(Outcome.NOTHING_TO_CANCEL, now, reply=reply, unknown=unknown)
+
+    def got_command(self, command: Command, now: float, latency_ms: float | None) -> Finish:
+        """Get Command's answer after a lost answer: evidence beside nothing_to_cancel."""
+        return self._finish(
+            Outcome.NOTHING_TO_CANCEL, now, reply=self._pending_reply, unknown=True,
+            get_state=command.state,
+        )  # fmt: skip
+
+    def searched(self, commands: list[Command], now: float, latency_ms: float | None) -> Finish:
+        """A search's answer (dry run): what a cancel would find; nothing is claimed."""
+        self.last_latency_ms = latency_ms
+        wanted = self.target.command_id
+        found = tuple(c.command_id for c in commands if wanted is None or c.command_id == wanted)
+        return self._finish(Outcome.NOTHING_TO_CANCEL, now, found=found)
+
+    def failed(
+        self,
+        error: EnOSError,
+        now: float,
+        latency_ms: float | None,
+        rng: random.Random,
+        situation: Situation = RUNNING,
+    ) -> Action:
+        """A classified failure of the current call."""
+        self.last_latency_ms = latency_ms
+        if self._phase is Kind.GET:
+            return self._get_failed(error, now, rng, situation)
+        self.maybe_applied |= error.maybe_applied
+        decision = self._retry.failed(error, rng)
+        if decision.verdict is Verdict.FATAL:
+            return StopRun(str(error))
+        if decision.verdict is Verdict.FAILED:
+            return self._finish(Outcome.FAILED, now, error=error, unknown=self.maybe_applied)
+        return self._wait_or_leave(decision, situation)
+
+    def _get_failed(
+        self, error: EnOSError, now: float, rng: random.Random, situation: Situation
+    ) -> Action:
+        """Evidence could not be had: the result stands without it. Even a fatal answer ends
+        only this question; the next cancel meets it and stops the run."""
+        assert self._get is not None
+        decision = self._get.failed(error, rng)
+        if decision.verdict in (Verdict.RETRY, Verdict.THROTTLED):
+            action = self._wait_or_leave(decision, situation)
+            if not isinstance(action, Leave):
+                return action
+        return self._finish(Outcome.NOTHING_TO_CANCEL, now, reply=self._pending_reply, unknown=True)
+
+    def _wait_or_leave(self, decision: Decision, situation: Situation) -> Wait | Leave:
+        throttled = decision.verdict is Verdict.THROTTLED
+        if situation.stopping:
+            return Leave("the run is stopping")
+        if situation.time_left_s is not None:
+            needed = (decision.wait_s or 1.0) + situation.attempt_timeout_s
+            if needed >= situation.time_left_s:
+                return Leave("no time left before the deadline")
+        return Wait(decision.wait_s, throttled=throttled)
+
+    # -- the result -------------------------------------------------------------------------
+
+    def _finish(
+        self,
+        outcome: Outcome,
+        now: float,
+        *,
+        reply: CancelReply | None = None,
+        error: EnOSError | None = None,
+        ids: tuple[str, ...] = (),
+        unknown: bool = False,
+        get_state: int | None = None,
+        found: tuple[str, ...] = (),
+    ) -> Finish:
+        status: int | None
+        code: int | None
+        if reply is not None:
+            status, code, request_id = reply.http_status, reply.code, reply.request_id
+            msg, problem = reply.msg, reply.problem
+        elif error is not None:
+            status, code, request_id = error.http_status, error.code, error.request_id
+            msg, problem = None, str(error)
+        else:
+            status, code, request_id, msg, problem = 200, 0, None, None, None
+        return Finish(
+            TargetResult(
+                target=self.target,
+                outcome=outcome,
+                cancelled_command_ids=ids,
+                attempts=self.sent,
+                http_status=status,
+                code=code,
+                msg=msg,
+                request_id=request_id,
+                error=problem,
+                started_at=self.started,
+                finished_at=now,
+                latency_ms=self.last_latency_ms,
+                effect_unknown=unknown,
+                get_state=get_state,
+                found_command_ids=found,
+            )
+        )

@@ -1,0 +1,153 @@
+"""The run directory: its file names, the lock, the manifest, the done set, the admission mark.
+
+::
+
+    run.json        the manifest (job and target hashes, limits, segments), replaced atomically
+    run.lock        flock'ed by the worker running the directory (released by the kernel)
+    results.jsonl   the journal: one final line per target (worker.journal)
+    audit.jsonl     every attempt, hash-chained (worker.audit)
+    admitted        the admission high-water mark: every target at or below it may have been sent
+    summary.json    the whole run's summary, replaced atomically
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from worker.errors import UsageError
+from worker.journal import RESULTS_FILE, read_journal, record_key
+from worker.model import Outcome, gc_paused, key_digest
+
+MANIFEST_FILE = "run.json"
+LOCK_FILE = "run.lock"
+ADMITTED_FILE = "admitted"
+SUMMARY_FILE = "summary.json"
+_MARK_WIDTH = 20
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` so that a reader (or a crash) sees the old or the new file,
+    never half of one: write beside it, fsync, rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as stream:
+        stream.write(data)
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(tmp, path)
+
+
+def read_manifest(run_dir: Path) -> dict[str, Any]:
+    """The run's manifest (run.json)."""
+    result: dict[str, Any] = orjson.loads((run_dir / MANIFEST_FILE).read_bytes())
+    return result
+
+
+def write_manifest(run_dir: Path, manifest: dict[str, Any]) -> None:
+    """Replace run.json atomically."""
+    write_atomically(run_dir / MANIFEST_FILE, orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
+
+
+@contextmanager
+def run_dir_lock(run_dir: Path) -> Iterator[None]:
+    """Hold the run directory for this process: two workers appending to one journal would
+    break the one-line-per-target rule. The kernel drops the lock if the process dies."""
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o640)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise UsageError(
+            f"{run_dir} is in use by another worker (pid {holder}); wait for it to end, or stop "
+            "it (Ctrl-C / SIGTERM) and resume"
+        ) from None
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Finished:
+    """What the journal says before a segment starts."""
+
+    done: set[int] = field(default_factory=set)  # digests of targets final (and not retried)
+    retried_maybe_applied: set[int] = field(default_factory=set)  # --retry-failed, effect unknown
+
+
+def finished_targets(run_dir: Path, *, retry_failed: bool) -> Finished:
+    """Digests of the targets already final in the journal (failed ones too, unless retried).
+
+    A failed target that is retried and whose failure may have taken effect (a lost answer,
+    a 5xx) is remembered: if its retry finds nothing, that is `effect_unknown`.
+    """
+    found = Finished()
+    with gc_paused():
+        for record in read_journal(run_dir / RESULTS_FILE):
+            digest = key_digest(record_key(record))
+            if retry_failed and record["outcome"] == Outcome.FAILED:
+                found.done.discard(digest)
+                if record.get("effect_unknown") or record.get("code") in (None, 99500):
+                    found.retried_maybe_applied.add(digest)
+                continue
+            found.done.add(digest)
+    return found
+
+
+class AdmissionMark:
+    """The crash-truth high-water mark: the highest ordinal that may have been sent.
+
+    Targets are admitted in order from one iterator, so one number marks every target that
+    may have been in flight (or waiting for a retry) when a segment ended or died. It is
+    written ahead, `ahead` ordinals at a time (one small ``pwrite`` per `ahead` targets), before
+    any of them is sent; it only ever grows. A target at or below the mark of an earlier
+    segment that has no result may have been cancelled by a call whose answer was never read.
+    """
+
+    def __init__(self, run_dir: Path, *, ahead: int, earlier_segments: bool) -> None:
+        path = run_dir / ADMITTED_FILE
+        existed = path.exists()
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
+        self._ahead = max(1, ahead)
+        self.earlier = self._read() if existed else (sys.maxsize if earlier_segments else -1)
+        self._written = self.earlier
+
+    def _read(self) -> int:
+        raw = os.pread(self._fd, _MARK_WIDTH + 1, 0)
+        try:
+            return int(raw)
+        except ValueError:
+            return sys.maxsize  # unreadable: assume every target may have been sent
+
+    def sent_before(self, ordinal: int) -> bool:
+        """Whether an earlier segment may have sent target `ordinal`."""
+        return ordinal <= self.earlier
+
+    def admit(self, ordinal: int) -> None:
+        """Target `ordinal` is about to be sent: make sure the mark covers it."""
+        if ordinal > self._written:
+            self._written = ordinal + self._ahead - 1
+            os.pwrite(self._fd, b"%0*d\n" % (_MARK_WIDTH, self._written), 0)
+
+    def sync(self) -> None:
+        """Durable against a machine crash (the journal's sync loop calls it)."""
+        if self._fd >= 0:
+            os.fdatasync(self._fd)
+
+    def close(self) -> None:
+        """Sync and close; safe to call twice."""
+        if self._fd >= 0:
+            self.sync()
+            os.close(self._fd)
+            self._fd = -1
