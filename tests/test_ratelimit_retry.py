@@ -7,7 +7,7 @@ import random
 import pytest
 
 from worker.errors import AuthError, RateLimitedError, RetryableError, TargetError
-from worker.ratelimit import RateLimiter
+from worker.ratelimit import OVERLOAD_K, RECOVERY_S, RateChange, RateLimiter
 from worker.retry import RetryPolicy, Verdict
 
 
@@ -43,43 +43,99 @@ async def test_no_start_up_burst_and_exact_rate() -> None:
     assert max(sum(1 for s in stamps if t <= s < t + 1) for t in stamps) <= 100
 
 
+def answer_for(
+    limiter: RateLimiter,
+    clock: FakeClock,
+    seconds: float,
+    *,
+    failing: float,
+    rng: random.Random,
+    rate: float | None = None,
+) -> list[float | None]:
+    """Answers arriving at the limiter's rate (or `rate`) for `seconds`, a share of them
+    failing (5xx); returns the allowed rate seen after each simulated second."""
+    seen: list[float | None] = []
+    end, next_second = clock.now + seconds, clock.now + 1.0
+    while clock.now < end:
+        clock.now += 1.0 / (rate or limiter.rate or 1000.0)
+        if rng.random() < failing:
+            limiter.rejected()
+        else:
+            limiter.accepted()
+        if clock.now >= next_second:
+            seen.append(limiter.rate)
+            next_second += 1.0
+    return seen
+
+
 @pytest.mark.anyio
-async def test_throttle_pauses_everyone_and_cuts_then_recovers() -> None:
-    """A 429 with Retry-After 2: nobody goes for 2 s, the rate drops to 80 %, then climbs back."""
+async def test_a_429_pauses_everyone_then_the_fixed_rate_is_back_within_seconds() -> None:
+    """Retry-After 2: nobody goes for 2 s, the rate is halved, then ramps back to the asked
+    rate within RECOVERY_S of the pause's end; a storm of 429s is one cut, logged once."""
     clock = FakeClock()
-    limiter = RateLimiter(100.0, clock=clock, sleep=clock.sleep)
+    changes: list[RateChange] = []
+    limiter = RateLimiter(100.0, clock=clock, sleep=clock.sleep, on_change=changes.append)
     await limiter.acquire()
     limiter.throttle(2.0)
-    limiter.throttle(2.0)  # the same storm: one cut, not two
-    assert limiter.rate == pytest.approx(80.0)
+    limiter.throttle(2.0)
+    assert limiter.rate == pytest.approx(50.0)
+    assert [c.cause for c in changes] == ["throttled"]
     paused_at = clock.now
     await limiter.acquire()
     assert clock.now >= paused_at + 2.0
-    for _ in range(2000):
-        limiter.succeeded()
+    clock.now = paused_at + 2.0 + RECOVERY_S / 2
+    limiter.reserve()
+    assert limiter.rate == pytest.approx(75.0, rel=0.05)
+    clock.now = paused_at + 2.0 + RECOVERY_S + 0.01
+    limiter.reserve()
     assert limiter.rate == 100.0
+    assert [c.cause for c in changes] == ["throttled", "asked"]
 
 
-@pytest.mark.anyio
-async def test_adaptive_rate_slow_starts_then_probes() -> None:
-    """rate: auto doubles roughly each second of clean answers; after a cut it returns to 90 %
-    of the knee fast, then probes above it slowly."""
-    limiter = RateLimiter(10.0, adaptive=True, ceiling=None, floor=10.0)
-    for _ in range(10):
-        limiter.succeeded()
-    assert limiter.rate == pytest.approx(17.0)
-    for _ in range(400):
-        limiter.succeeded()
-    knee = limiter.rate
-    assert knee is not None
-    limiter.slow_down()
-    assert limiter.rate == pytest.approx(0.8 * knee)
-    for _ in range(int(knee)):  # about a second of clean answers
-        limiter.succeeded()
-    assert limiter.rate == pytest.approx(0.9 * knee, rel=0.02)
-    for _ in range(int(knee)):
-        limiter.succeeded()
-    assert (limiter.rate or 0.0) < 0.92 * knee
+@pytest.mark.parametrize("failing", [0.1, 0.2, 0.4])
+def test_random_5xx_never_lower_a_fixed_rate(failing: float) -> None:
+    """Up to (nearly) half the answers failing at random: the rate is not touched at all."""
+    clock = FakeClock()
+    changes: list[RateChange] = []
+    limiter = RateLimiter(200.0, clock=clock, on_change=changes.append)
+    seen = answer_for(limiter, clock, 30, failing=failing, rng=random.Random(4))
+    assert set(seen) == {200.0}
+    assert changes == []
+
+
+def test_dominating_failures_cap_the_rate_then_lift() -> None:
+    """Three in four failing (overload): the rate is capped near K x the accepted rate; when
+    the gateway answers again the cap lifts and the asked rate is back at once."""
+    clock = FakeClock()
+    changes: list[RateChange] = []
+    limiter = RateLimiter(200.0, clock=clock, on_change=changes.append)
+    seen = answer_for(limiter, clock, 12, failing=0.75, rng=random.Random(5))
+    capped = seen[-1]
+    assert capped is not None
+    assert capped < 200.0 * OVERLOAD_K * 0.25 * 1.3  # about 2 x the accepted rate, or below
+    assert changes[0].cause == "overload"
+    assert "requests failed" in changes[0].detail
+    seen = answer_for(limiter, clock, 8, failing=0.0, rng=random.Random(6), rate=capped)
+    assert seen[-1] == 200.0
+    assert changes[-1].cause == "asked"
+
+
+def test_adaptive_slow_start_then_settles_under_the_knee() -> None:
+    """rate: auto grows ~70 % a second from the floor; a 429 sets it to 90 % of the answers
+    of the last second (5xx count: they passed the gateway's limiter), then it probes up."""
+    clock = FakeClock()
+    limiter = RateLimiter(10.0, adaptive=True, ceiling=None, floor=10.0, clock=clock)
+    seen = answer_for(limiter, clock, 6, failing=0.1, rng=random.Random(7))
+    assert seen[0] is not None
+    assert seen[-1] is not None
+    assert seen[-1] > 8 * seen[0]
+    answer_for(limiter, clock, 1.2, failing=0.1, rng=random.Random(8), rate=300.0)
+    limiter.throttle(1.0)
+    assert limiter.rate == pytest.approx(0.9 * 300.0, rel=0.06)
+    clock.now += 1.0
+    after = answer_for(limiter, clock, 10, failing=0.1, rng=random.Random(9))
+    assert after[-1] is not None
+    assert 0.9 * 300 < after[-1] <= 0.9 * 300 + 10 * 0.01 * 300 + 1
 
 
 @pytest.mark.anyio

@@ -123,6 +123,16 @@ async def test_rate_cap_answers_429_with_retry_after(sim: Simulator, client: EnO
     assert statuses[-1] == 429
 
 
+async def test_throttle_next_answers_exactly_that_many_429s(
+    sim: Simulator, client: EnOSClient, gateway: str
+) -> None:
+    """throttle_next N: the next N business calls get 429, the ones after are served."""
+    sim.faults = Faults(throttle_next=2)
+    query = [("action", "cancel"), ("orgId", ORG), ("assetId", "as000003")]
+    statuses = [(await signed(client, gateway, "POST", query))[0] for _ in range(4)]
+    assert statuses == [429, 429, 200, 200]
+
+
 def command(state: int, name: str = "restart", created: str = "2020-01-01 00:00:00") -> SimCommand:
     """A command for expression tests."""
     stamp = int(time.mktime(time.strptime(created, "%Y-%m-%d %H:%M:%S")) - time.timezone) * 1000

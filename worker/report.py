@@ -11,7 +11,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 import anyio
 import structlog
@@ -20,7 +20,7 @@ from worker.engine import Progress
 from worker.journal import RESULTS_FILE, read_journal, record_key
 from worker.model import Outcome, gc_paused
 
-SUMMARY_FILE = "summary.json"
+
 log = structlog.get_logger("worker.run")
 
 
@@ -164,7 +164,23 @@ def render(summary: dict[str, Any], run_dir: Path, out: TextIO | None = None) ->
     stream.flush()
 
 
-async def progress_loop(progress: Progress, total: int, out: TextIO | None) -> None:
+class RateView(Protocol):
+    """What the progress line shows of the limiter."""
+
+    @property
+    def rate(self) -> float | None:
+        """The allowed rate now."""
+        ...
+
+    @property
+    def cause(self) -> str:
+        """Why it is what it is (asked, throttled, overload, slow start, probing)."""
+        ...
+
+
+async def progress_loop(
+    progress: Progress, limiter: RateView, total: int, out: TextIO | None
+) -> None:
     """A live line on a terminal (ended with the final counts); a log line every 10 s otherwise."""
     stream = out or sys.stderr
     tty = stream.isatty()
@@ -172,10 +188,10 @@ async def progress_loop(progress: Progress, total: int, out: TextIO | None) -> N
     try:
         while True:
             await anyio.sleep(0.5 if tty else 10.0)
-            _show_progress(progress, total, stream, time.monotonic() - began, tty=tty)
+            _show_progress(progress, limiter, total, stream, time.monotonic() - began, tty=tty)
     finally:
         if tty:
-            _show_progress(progress, total, stream, time.monotonic() - began, tty=True)
+            _show_progress(progress, limiter, total, stream, time.monotonic() - began, tty=True)
             stream.write("\n")
             stream.flush()
 
@@ -185,22 +201,28 @@ def _minutes(seconds: float) -> str:
 
 
 def _show_progress(
-    progress: Progress, total: int, stream: TextIO, elapsed: float, *, tty: bool
+    progress: Progress, limiter: RateView, total: int, stream: TextIO, elapsed: float, *, tty: bool
 ) -> None:
     outcomes = progress.outcomes
     rate = progress.requests / elapsed if elapsed else 0.0
+    allowed = limiter.rate
+    allowed_text = "unlimited" if allowed is None else f"{allowed:,.0f}/s"
+    cause = "" if limiter.cause == "asked" else f" ({limiter.cause})"
     finished_rate = progress.finished / elapsed if elapsed else 0.0
     left = total - progress.finished
     eta = f"~{_minutes(left / finished_rate)} left" if finished_rate and left else ""
     if not tty:
         log.info("worker.progress", finished=progress.finished, targets=total,
                  failed=outcomes[Outcome.FAILED], in_flight=progress.in_flight,
-                 requests_per_s=round(rate, 1))  # fmt: skip
+                 waiting_retry=progress.waiting, requests_per_s=round(rate, 1),
+                 allowed_per_s=None if allowed is None else round(allowed, 1),
+                 rate_cause=limiter.cause)  # fmt: skip
         return
     stream.write(
         f"\r  {progress.finished:,}/{total:,} done: {outcomes[Outcome.CANCELLED]:,} cancelled, "
         f"{outcomes[Outcome.NOTHING_TO_CANCEL]:,} nothing to cancel, "
         f"{outcomes[Outcome.FAILED]:,} failed; {progress.in_flight} in flight, "
-        f"{rate:,.0f} req/s {eta}\x1b[K"
+        f"{progress.waiting:,} waiting to retry; {rate:,.0f} req/s of {allowed_text}{cause} "
+        f"{eta}\x1b[K"
     )
     stream.flush()

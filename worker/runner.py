@@ -32,7 +32,7 @@ from worker.errors import EnOSError, FatalError
 from worker.jobfile import Plan, run_targets
 from worker.journal import RESULTS_FILE, ResultJournal, iso, repair_tail
 from worker.model import Attempt, Job, Limits, Target, TargetResult
-from worker.ratelimit import RateLimiter
+from worker.ratelimit import RateChange, RateLimiter
 from worker.report import build_summary, progress_loop, render, tally
 from worker.retry import RetryPolicy, Verdict
 from worker.rundir import (
@@ -99,13 +99,29 @@ def new_run_id(job: Job) -> str:
 
 
 def limiter_for(limits: Limits) -> RateLimiter:
-    """The run's shared limiter for its limits."""
+    """The run's shared limiter for its limits; every rate decision is logged with its cause."""
     return RateLimiter(
         limits.rate,
         adaptive=limits.adaptive,
         ceiling=limits.rate_max,
         floor=min(limits.rate_floor, limits.rate or limits.rate_floor),
+        on_change=_log_rate_change,
     )
+
+
+def _log_rate_change(change: RateChange) -> None:
+    lowered = change.after is not None and (change.before is None or change.after < change.before)
+    (log.warning if lowered else log.info)(
+        "worker.rate_changed",
+        cause=change.cause,
+        from_per_s=_rounded(change.before),
+        to_per_s=_rounded(change.after),
+        why=change.detail,
+    )
+
+
+def _rounded(rate: float | None) -> float | str:
+    return "unlimited" if rate is None else round(rate, 1)
 
 
 def exit_code_for(reason: StopReason, failed: int, not_attempted: int) -> int:
@@ -227,7 +243,7 @@ async def _drive(
         helpers.start_soon(_rate_sampler, engine, segment)
         helpers.start_soon(_signal_loop, engine, out)
         if options.progress:
-            helpers.start_soon(progress_loop, engine.progress, plan.total, out)
+            helpers.start_soon(progress_loop, engine.progress, engine.limiter, plan.total, out)
         await engine.run(targets)
         helpers.cancel_scope.cancel()
 

@@ -45,6 +45,7 @@ class Faults:
     error_rate: float = 0.0  # HTTP 500/502/503 before the call is handled
     rate_cap: float | None = None  # business calls per second (1-s window); above: 429
     retry_after_s: int = 1  # the Retry-After sent with a 429
+    throttle_next: int = 0  # answer this many next business calls with 429, whatever the rate
     drop_rate: float = 0.0  # connection closed without an answer, after the call took effect
     malformed_rate: float = 0.0  # answer garbled or cut short, after the call took effect
     token_ttl_s: int = p.TOKEN_LIFETIME_S
@@ -215,7 +216,7 @@ class Simulator:
         if denied is not None:
             self.stats.rejected_auth += 1
             return denied
-        if self._over_rate_cap():
+        if self._over_rate_cap() or self._throttle_next():
             return _gateway_error(429, {"Retry-After": str(self.faults.retry_after_s)})
         if self.faults.error_rate and self._rng.random() < self.faults.error_rate:
             return _gateway_error(self._rng.choice((500, 502, 503)))
@@ -278,6 +279,12 @@ class Simulator:
         count = count + 1 if window == second else 1
         self._window = (second, count)
         return count > cap
+
+    def _throttle_next(self) -> bool:
+        if self.faults.throttle_next <= 0:
+            return False
+        self.faults.throttle_next -= 1
+        return True
 
     def _request_id(self) -> str:
         return f"{self._rng.getrandbits(128):032x}"
