@@ -20,7 +20,6 @@ from worker.engine import Progress
 from worker.journal import RESULTS_FILE, read_journal, record_key
 from worker.model import Outcome, gc_paused
 
-
 log = structlog.get_logger("worker.run")
 
 
