@@ -10,9 +10,8 @@ from typing import Any
 import orjson
 
 from tests.conftest import APP_KEY, APP_SECRET
-from worker.enos.client import Credentials
 from worker.jobfile import load_job, plan
-from worker.model import Limits
+from worker.model import Credentials
 from worker.rundir import Finished, finished_targets, read_manifest
 from worker.runner import RunOptions, execute, new_manifest
 
@@ -76,7 +75,7 @@ async def resume_job(
     job = load_job(job_path)
     plan_ = plan(job)
     manifest = read_manifest(run_dir)
-    recorded = Limits(**manifest["limits"])
+    recorded = manifest.limits
     options = RunOptions(
         gateway,
         Credentials(APP_KEY, APP_SECRET),

@@ -11,7 +11,7 @@ import structlog
 
 from tests.conftest import APP_KEY, APP_SECRET, ORG
 from worker.enos import protocol as p
-from worker.enos.client import Credentials, EnOSClient, parse_retry_after
+from worker.enos.client import EnOSClient, parse_retry_after
 from worker.enos.signing import request_signature
 from worker.enos.simstate import PRODUCT_KEYS, generated_command_id
 from worker.enos.simulator import Faults, Simulator
@@ -24,7 +24,7 @@ from worker.errors import (
     RetryableError,
     TargetError,
 )
-from worker.model import Target
+from worker.model import Credentials, Target
 
 pytestmark = pytest.mark.anyio
 

@@ -9,9 +9,11 @@ import orjson
 import pytest
 
 from tests.runs import resume_job, run_job, write_job
+from worker.appendlog import repair_tail
 from worker.audit import AuditLog
 from worker.htmlreport import render_html
-from worker.journal import read_journal, repair_tail
+from worker.journal import read_journal
+from worker.runstate import Summary
 
 
 def lines(path: Path) -> list[bytes]:
@@ -97,8 +99,9 @@ def test_html_report_escapes_and_charts() -> None:
         "errors": {"99404": 1}, "latency_ms": {"p50": 1, "p95": 2, "p99": 3},
         "rate": {"requested": 10, "achieved": 1.0,
                  "timeline": [[1, 1.0, 1.0, 10.0], [1, 2.0, 1.0, 10.0]]},
+        "resumable": True,
     }  # fmt: skip
-    page = render_html([(Path("run"), summary)])
+    page = render_html([(Path("run"), Summary.from_json(summary))])
     assert "&lt;b&gt;x&lt;/b&gt;" in page
     assert "<b>x</b>" not in page
     assert "<polyline" in page

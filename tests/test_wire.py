@@ -3,6 +3,8 @@ redirects never followed, and flags that only make sense together refused alone.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -15,9 +17,9 @@ from tests.conftest import APP_KEY, APP_SECRET, ORG
 from tests.runs import results, run_job, write_job
 from tests.simproc import run_worker
 from worker.enos import protocol as p
-from worker.enos.client import Credentials, EnOSClient
+from worker.enos.client import EnOSClient
 from worker.errors import FatalError
-from worker.model import Target
+from worker.model import Credentials, Target
 
 
 @asynccontextmanager
@@ -177,3 +179,19 @@ def test_token_body_is_the_documented_json() -> None:
     body = orjson.loads(client._token_body(None))
     assert set(body) == {"appKey", "encryption", "timestamp"}
     assert body["timestamp"] == "1500"
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["worker.settings", "worker.report", "worker.runstate", "worker.model", "worker.decide",
+     "worker.engine", "worker.rundir", "worker.units"],
+)  # fmt: skip
+def test_light_modules_load_neither_aiohttp_nor_yaml(module: str) -> None:
+    """design.md: importing settings, model or report (and the engine's core) must not load
+    aiohttp or YAML; checked in a fresh interpreter."""
+    code = (
+        f"import sys, {module}; print(sorted(m for m in ('aiohttp', 'yaml') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)  # fmt: skip
+    assert done.stdout.strip() == "[]"

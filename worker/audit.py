@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from worker.journal import AppendLog, iso, last_line
+from worker.appendlog import AppendLog, iso, last_line
 from worker.model import Attempt
 
 AUDIT_FILE = "audit.jsonl"

@@ -15,29 +15,21 @@ import secrets
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import anyio
 import structlog
 
 from worker import __version__, dryrun, logs
-from worker.enos.client import Credentials, EnOSClient
 from worker.enos.simulator import Faults, Simulator, serve
 from worker.errors import UsageError
 from worker.htmlreport import combine, render_html
 from worker.jobfile import Plan, all_targets, load_job, plan, run_targets
-from worker.model import Job, Limits
+from worker.model import Credentials, Job, Limits
 from worker.report import build_summary, render, tally
 from worker.rundir import SUMMARY_FILE, Finished, finished_targets, read_manifest, run_dir_lock
-from worker.runner import (
-    EXIT_ABORTED,
-    EXIT_USAGE,
-    RunOptions,
-    execute,
-    limiter_for,
-    new_manifest,
-    prove_gateway,
-)
+from worker.runner import RunOptions, dry_run, execute, new_manifest
+from worker.runstate import ExitCode, Manifest
 from worker.settings import load_credentials, merge_limits, new_run_dir, resolve_gateway
 
 log = structlog.get_logger("worker")
@@ -137,27 +129,10 @@ def _dry_run(
     """Token + optional sampled searches; never a cancel."""
     chosen = dryrun.reservoir(run_targets(job, plan_), sample, random.Random()) if sample else []
     options = RunOptions(gateway, credentials, limits, Path())
-
-    async def go() -> tuple[list[dryrun.Probe], str | None]:
-        client = EnOSClient(
-            gateway, credentials, concurrency=limits.concurrency, timeout=limits.timeout
-        )
-        async with client:
-            problem = await prove_gateway(client, options.policy(), random.Random())
-            if problem is not None:
-                return [], problem
-            return await dryrun.probe(
-                client,
-                chosen,
-                limiter_for(limits),
-                concurrency=limits.concurrency,
-                policy=options.policy(),
-            )
-
-    probes, problem = run_async(go)
+    probes, problem = run_async(lambda: dry_run(options, chosen))
     if problem is not None:
         sys.stderr.write(f"worker: dry run stopped: {problem}\n")
-        return EXIT_ABORTED
+        return ExitCode.ABORTED
     dryrun.render(probes, plan_.total)
     return 0
 
@@ -166,17 +141,12 @@ def _limits(base: Limits, args: argparse.Namespace) -> Limits:
     return merge_limits(base, rate=args.rate, concurrency=args.concurrency, deadline=args.deadline)
 
 
-def _resume(
-    args: argparse.Namespace, job: Job, plan_: Plan
-) -> tuple[Path, dict[str, Any], Limits, str]:
+def _resume(args: argparse.Namespace, job: Job, plan_: Plan) -> tuple[Path, Manifest, Limits, str]:
     run_dir = Path(args.resume)
-    try:
-        manifest = read_manifest(run_dir)
-    except (OSError, ValueError):
-        raise UsageError(f"{run_dir} is not a run directory (no readable run.json)") from None
+    manifest = read_manifest(run_dir)
     for field_name, now, then in (
-        ("job file", job.sha256, manifest["job_sha256"]),
-        ("target list", plan_.targets_sha256, manifest["targets_sha256"]),
+        ("job file", job.sha256, manifest.job_sha256),
+        ("target list", plan_.targets_sha256, manifest.targets_sha256),
     ):
         if now != then and not args.force:
             raise UsageError(
@@ -184,10 +154,9 @@ def _resume(
                 f"{now[:12]}... now); resuming would mix two different runs. Start a new run, or "
                 "pass --force to resume anyway"
             )
-    recorded = Limits(**manifest["limits"])
-    gateway = resolve_gateway(args.gateway or manifest["gateway"], job, insecure=args.insecure)
-    manifest["targets"] = plan_.total
-    return run_dir, manifest, _limits(recorded, args), gateway
+    gateway = resolve_gateway(args.gateway or manifest.gateway, job, insecure=args.insecure)
+    manifest.targets = plan_.total
+    return run_dir, manifest, _limits(manifest.limits, args), gateway
 
 
 def _plan_with_warnings(job: Job) -> Plan:
@@ -319,23 +288,19 @@ def cmd_report(args: argparse.Namespace) -> int:
     runs = []
     for name in args.dirs:
         run_dir = Path(name)
-        try:
-            manifest = read_manifest(run_dir)
-        except (OSError, ValueError):
-            raise UsageError(f"{run_dir} is not a run directory (no readable run.json)") from None
-        exit_code = manifest["segments"][-1].get("exit_code") if manifest["segments"] else None
-        summary = build_summary(manifest, tally(run_dir), exit_code=exit_code or 0)
+        manifest = read_manifest(run_dir)
+        summary = build_summary(manifest, tally(run_dir), exit_code=manifest.last_exit_code or 0)
         render(summary, run_dir)
         if not (run_dir / SUMMARY_FILE).exists():
             sys.stdout.write("  (the run has no summary.json: it did not finish; resume it)\n")
         runs.append((run_dir, summary))
     if len(runs) > 1:
         total = combine([summary for _, summary in runs])
-        outcomes = total["outcomes"]
+        outcomes = total.outcomes
         sys.stdout.write(
-            f"All {len(runs)} runs: {total['targets']:,} targets, {outcomes['cancelled']:,} "
+            f"All {len(runs)} runs: {total.targets:,} targets, {outcomes['cancelled']:,} "
             f"cancelled, {outcomes['nothing_to_cancel']:,} nothing to cancel, "
-            f"{outcomes['failed']:,} failed, {total['not_attempted']:,} not attempted\n"
+            f"{outcomes['failed']:,} failed, {total.not_attempted:,} not attempted\n"
         )
     page = args.html or (runs[0][0] / "report.html" if len(runs) == 1 else Path("report.html"))
     page.write_text(render_html(runs), encoding="utf-8")
@@ -447,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args))
     except UsageError as exc:
         sys.stderr.write(f"worker: error: {exc}\n")
-        return EXIT_USAGE
+        return ExitCode.USAGE
     except KeyboardInterrupt:
         sys.stderr.write("worker: interrupted before the run started; nothing was sent\n")
         return 4

@@ -26,7 +26,6 @@ import heapq
 import math
 import random
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -40,6 +39,7 @@ from worker.errors import EnOSError, RateLimitedError, RetryableError, Unreadabl
 from worker.model import AbortRule, Attempt, CancelReply, Command, Outcome, Target, TargetResult
 from worker.ratelimit import RateLimiter
 from worker.retry import RetryPolicy
+from worker.runstate import Progress
 
 log = structlog.get_logger("worker.engine")
 PENDING_EXPRESSION = "state = 1"
@@ -86,22 +86,6 @@ class StopReason(StrEnum):
     ABORTED = "aborted"  # the failure-ratio rule: exit 3
     INTERRUPTED = "interrupted"  # SIGINT/SIGTERM: exit 4
     DEADLINE = "deadline"  # limits.deadline reached: exit 4
-
-
-@dataclass
-class Progress:
-    """Live counters, read by the progress display and the abort rule."""
-
-    outcomes: Counter[Outcome] = field(default_factory=Counter)
-    in_flight: int = 0
-    requests: int = 0
-    waiting: int = 0  # targets parked until their retry is due
-    effect_unknown: int = 0
-
-    @property
-    def finished(self) -> int:
-        """Targets with a final result in this segment."""
-        return sum(self.outcomes.values())
 
 
 @dataclass(frozen=True, slots=True)

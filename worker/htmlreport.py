@@ -9,26 +9,42 @@ from __future__ import annotations
 
 import html
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from worker.runstate import Summary
 
 OUTCOMES = ("cancelled", "nothing_to_cancel", "failed")
 
 
-def combine(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Totals:
+    """Counts over several runs (shards, or segments run apart); rates stay per run."""
+
+    targets: int
+    outcomes: dict[str, int]
+    not_attempted: int
+    effect_unknown: int
+    attempts: int
+    errors: dict[str, int]
+    exit_code: int
+
+
+def combine(summaries: list[Summary]) -> Totals:
     """Totals over several runs: counts add up, rates and durations are reported per run."""
     errors: Counter[str] = Counter()
     for summary in summaries:
-        errors.update(summary["errors"])
-    return {
-        "targets": sum(s["targets"] for s in summaries),
-        "outcomes": {o: sum(s["outcomes"][o] for s in summaries) for o in OUTCOMES},
-        "not_attempted": sum(s["not_attempted"] for s in summaries),
-        "effect_unknown": sum(s["effect_unknown"] for s in summaries),
-        "attempts": sum(s["attempts"] for s in summaries),
-        "errors": dict(errors.most_common()),
-        "exit_code": max(s["exit_code"] for s in summaries),
-    }
+        errors.update(summary.errors)
+    return Totals(
+        targets=sum(s.targets for s in summaries),
+        outcomes={o: sum(s.outcomes[o] for s in summaries) for o in OUTCOMES},
+        not_attempted=sum(s.not_attempted for s in summaries),
+        effect_unknown=sum(s.effect_unknown for s in summaries),
+        attempts=sum(s.attempts for s in summaries),
+        errors=dict(errors.most_common()),
+        exit_code=max(s.exit_code for s in summaries),
+    )
 
 
 def _rows(pairs: list[tuple[str, object]]) -> str:
@@ -65,31 +81,28 @@ def _chart(timeline: list[list[Any]], width: int = 640, height: int = 160) -> st
     )
 
 
-def _run_section(run_dir: Path, summary: dict[str, Any]) -> str:
-    outcomes = summary["outcomes"]
-    latency = summary["latency_ms"]
+def _run_section(run_dir: Path, summary: Summary) -> str:
+    outcomes = summary.outcomes
+    latency = summary.latency_ms
     pairs: list[tuple[str, object]] = [
-        ("run", summary["run_id"]),
+        ("run", summary.run_id),
         ("directory", str(run_dir)),
-        ("stopped", f"{summary['stopped']} {summary.get('stop_message') or ''}".strip()),
-        ("exit code", summary["exit_code"]),
-        ("targets", summary["targets"]),
+        ("stopped", f"{summary.stopped} {summary.stop_message or ''}".strip()),
+        ("exit code", summary.exit_code),
+        ("targets", summary.targets),
         *[(o.replace("_", " "), outcomes[o]) for o in OUTCOMES],
-        ("not attempted (resumable)", summary["not_attempted"]),
-        ("effect unknown", summary["effect_unknown"]),
-        ("requests", summary["attempts"]),
-        ("segments", summary["segments"]),
-        ("started / finished", f"{summary['started_at']} / {summary['finished_at']}"),
-        ("duration", f"{summary['duration_s']:,.1f} s"),
-        (
-            "rate asked / achieved",
-            f"{summary['rate']['requested']} / {summary['rate']['achieved']}",
-        ),
-        ("latency p50 / p95 / p99 ms", f"{latency['p50']} / {latency['p95']} / {latency['p99']}"),
+        ("not attempted (resumable)", summary.not_attempted),
+        ("effect unknown", summary.effect_unknown),
+        ("requests", summary.attempts),
+        ("segments", summary.segments),
+        ("started / finished", f"{summary.started_at} / {summary.finished_at}"),
+        ("duration", f"{summary.duration_s:,.1f} s"),
+        ("rate asked / achieved", f"{summary.rate.requested} / {summary.rate.achieved}"),
+        ("latency p50 / p95 / p99 ms", f"{latency.p50} / {latency.p95} / {latency.p99}"),
     ]
     errors = "".join(
         f"<tr><td>{html.escape(code)}</td><td>{count:,}</td></tr>"
-        for code, count in summary["errors"].items()
+        for code, count in summary.errors.items()
     )
     failures = (
         f"<h3>Failed targets by code</h3><table><tr><th>code</th><th>targets</th></tr>{errors}"
@@ -98,12 +111,12 @@ def _run_section(run_dir: Path, summary: dict[str, Any]) -> str:
         else ""
     )
     return (
-        f"<section><h2>{html.escape(summary['job'])}</h2><table>{_rows(pairs)}</table>"
-        f"{failures}<h3>Rate</h3>{_chart(summary['rate'].get('timeline') or [])}</section>"
+        f"<section><h2>{html.escape(summary.job)}</h2><table>{_rows(pairs)}</table>"
+        f"{failures}<h3>Rate</h3>{_chart(summary.rate.timeline)}</section>"
     )
 
 
-def render_html(runs: list[tuple[Path, dict[str, Any]]]) -> str:
+def render_html(runs: list[tuple[Path, Summary]]) -> str:
     """The whole page for one or several run directories."""
     sections = "".join(_run_section(run_dir, summary) for run_dir, summary in runs)
     total = ""
@@ -111,11 +124,11 @@ def render_html(runs: list[tuple[Path, dict[str, Any]]]) -> str:
         combined = combine([summary for _, summary in runs])
         pairs: list[tuple[str, object]] = [
             ("runs", len(runs)),
-            ("targets", combined["targets"]),
-            *[(o.replace("_", " "), combined["outcomes"][o]) for o in OUTCOMES],
-            ("not attempted (resumable)", combined["not_attempted"]),
-            ("requests", combined["attempts"]),
-            ("worst exit code", combined["exit_code"]),
+            ("targets", combined.targets),
+            *[(o.replace("_", " "), combined.outcomes[o]) for o in OUTCOMES],
+            ("not attempted (resumable)", combined.not_attempted),
+            ("requests", combined.attempts),
+            ("worst exit code", combined.exit_code),
         ]
         total = f"<section><h2>All runs</h2><table>{_rows(pairs)}</table></section>"
     style = (

@@ -16,7 +16,7 @@ import operator
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from worker.model import (
     key_digest,
     selector_problem,
 )
+from worker.units import parse_duration, parse_rate, positive, with_rate
 
 JOB_KEYS = (
     "version", "name", "gateway", "org_id", "command_id", "targets", "targets_file", "limits",
@@ -48,7 +49,6 @@ ABORT_KEYS = ("failure_ratio", "min_finished")
 MAX_PROBLEMS = 20
 _STR_TAG = "tag:yaml.org,2002:str"
 _NULL_TAG = "tag:yaml.org,2002:null"
-_DURATION_RE = re.compile(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
 _Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
@@ -267,49 +267,13 @@ def _gateway(node: yaml.Node | None, problems: _Problems) -> str | None:
 # -- limits and abort rules ---------------------------------------------------------------
 
 
-def parse_rate(value: object) -> float | str | None:
-    """A rate: requests/s above 0, 'unlimited' (None) or 'auto'. Raises ValueError."""
-    if isinstance(value, str) and value.strip().lower() in ("unlimited", "auto"):
-        return None if value.strip().lower() == "unlimited" else "auto"
-    return float(_positive(value, float))
-
-
-def with_rate(limits: Limits, rate: float | str | None) -> Limits:
-    """`limits` with a parsed rate: a number, None (unlimited) or 'auto' (from rate_floor)."""
-    if rate == "auto":
-        return replace(limits, adaptive=True, rate=limits.rate_floor)
-    assert not isinstance(rate, str)
-    return replace(limits, adaptive=False, rate=rate)
-
-
-def parse_duration(value: object) -> float:
-    """Seconds from '45m', '2h', '90s', '1h30m' or a number of seconds. Raises ValueError."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(_positive(value, float))
-    match = _DURATION_RE.fullmatch(str(value).strip())
-    if not match or not any(match.groups()):
-        raise ValueError(f"{value!r} is not a duration")
-    hours, minutes, seconds = (int(g or 0) for g in match.groups())
-    return float(_positive(hours * 3600 + minutes * 60 + seconds, float))
-
-
-def _positive(value: object, kind: Callable[[Any], Any]) -> Any:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{value!r} is not a number")
-    if kind is int and not isinstance(value, int):
-        raise ValueError(f"{value!r} is not a whole number")
-    if value <= 0:
-        raise ValueError(f"{value!r} is not above zero")
-    return kind(value)
-
-
 _LIMIT_PARSERS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "rate": (parse_rate, "requests per second above 0, 'unlimited' or 'auto'"),
-    "rate_floor": (lambda v: _positive(v, float), "with rate: auto, the starting rate, e.g. 10"),
-    "rate_max": (lambda v: _positive(v, float), "with rate: auto, the highest rate to try"),
-    "concurrency": (lambda v: _positive(v, int), "a whole number of requests in flight, 1 or more"),
-    "attempts": (lambda v: _positive(v, int), "a whole number of attempts, 1 or more"),
-    "timeout": (lambda v: _positive(v, float), "seconds per attempt above 0, e.g. 10"),
+    "rate_floor": (lambda v: positive(v, float), "with rate: auto, the starting rate, e.g. 10"),
+    "rate_max": (lambda v: positive(v, float), "with rate: auto, the highest rate to try"),
+    "concurrency": (lambda v: positive(v, int), "a whole number of requests in flight, 1 or more"),
+    "attempts": (lambda v: positive(v, int), "a whole number of attempts, 1 or more"),
+    "timeout": (lambda v: positive(v, float), "seconds per attempt above 0, e.g. 10"),
     "deadline": (parse_duration, "a duration such as 90s, 45m, 2h or 1h30m"),
 }
 
@@ -324,7 +288,7 @@ def _abort(node: yaml.Node | None, problems: _Problems) -> AbortRule:
     parsers: dict[str, tuple[Callable[[Any], Any], str]] = {
         "failure_ratio": (_ratio, "a share of failed targets, above 0 and at most 1, e.g. 0.2"),
         "min_finished": (
-            lambda v: _positive(v, int),
+            lambda v: positive(v, int),
             "a whole number of finished targets, 1 or more",
         ),
     }
@@ -332,7 +296,7 @@ def _abort(node: yaml.Node | None, problems: _Problems) -> AbortRule:
 
 
 def _ratio(value: object) -> float:
-    number = float(_positive(value, float))
+    number = float(positive(value, float))
     if number > 1:
         raise ValueError(f"{value!r} is above 1")
     return number

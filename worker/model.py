@@ -29,6 +29,14 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """An application's access key and secret key. The secret never appears in a repr."""
+
+    app_key: str
+    app_secret: str = field(repr=False)
+
+
 def identity_key(
     org_id: str,
     asset_id: str | None,

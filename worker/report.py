@@ -16,9 +16,9 @@ from typing import Any, Protocol, TextIO
 import anyio
 import structlog
 
-from worker.engine import Progress
 from worker.journal import RESULTS_FILE, read_journal, record_key
 from worker.model import Outcome, gc_paused
+from worker.runstate import Latency, Manifest, Progress, RateSummary, Summary
 
 log = structlog.get_logger("worker.run")
 
@@ -84,81 +84,77 @@ def percentile(values: list[float], share: float) -> float | None:
     return round(ordered[rank], 1)
 
 
-def build_summary(
-    manifest: dict[str, Any], counts: JournalTally, *, exit_code: int
-) -> dict[str, Any]:
+def build_summary(manifest: Manifest, counts: JournalTally, *, exit_code: int) -> Summary:
     """summary.json's content for the whole run (all segments)."""
-    segments = manifest["segments"]
-    duration = sum(s.get("duration_s") or 0.0 for s in segments)
-    requests = sum(s.get("requests") or 0 for s in segments)
+    segments = manifest.segments
+    duration = sum(s.duration_s for s in segments)
+    requests = sum(s.requests for s in segments)
     ordered = sorted(counts.latencies)
-    total = manifest["targets"]
-    outcomes = {o.value: counts.outcomes.get(o.value, 0) for o in Outcome}
-    return {
-        "job": manifest["job_name"],
-        "run_id": manifest["run_id"],
-        "targets": total,
-        "outcomes": outcomes,
-        "not_attempted": total - counts.finished,
-        "effect_unknown": counts.effect_unknown,
-        "attempts": counts.attempts,
-        "errors": dict(counts.errors.most_common()),
-        "started_at": segments[0]["started_at"],
-        "finished_at": segments[-1].get("finished_at"),
-        "duration_s": round(duration, 3),
-        "segments": len(segments),
-        "stopped": segments[-1].get("reason"),
-        "stop_message": segments[-1].get("message"),
-        "rate": {
-            "requested": "auto"
-            if manifest["limits"].get("adaptive")
-            else manifest["limits"]["rate"],
-            "achieved": round(requests / duration, 2) if duration > 0 else None,
-            "timeline": [
+    total = manifest.targets
+    limits = manifest.limits
+    return Summary(
+        job=manifest.job_name,
+        run_id=manifest.run_id,
+        targets=total,
+        outcomes={o.value: counts.outcomes.get(o.value, 0) for o in Outcome},
+        not_attempted=total - counts.finished,
+        effect_unknown=counts.effect_unknown,
+        attempts=counts.attempts,
+        errors=dict(counts.errors.most_common()),
+        started_at=segments[0].started_at if segments else None,
+        finished_at=segments[-1].finished_at if segments else None,
+        duration_s=round(duration, 3),
+        segments=len(segments),
+        stopped=segments[-1].reason if segments else None,
+        stop_message=segments[-1].message if segments else None,
+        rate=RateSummary(
+            requested="auto" if limits.adaptive else limits.rate,
+            achieved=round(requests / duration, 2) if duration > 0 else None,
+            timeline=[
                 [number, *point]
                 for number, segment in enumerate(segments, start=1)
-                for point in segment.get("rate_timeline", [])
+                for point in segment.rate_timeline
             ],
-        },
-        "latency_ms": {
-            "p50": percentile(ordered, 0.50),
-            "p95": percentile(ordered, 0.95),
-            "p99": percentile(ordered, 0.99),
-        },
-        "exit_code": exit_code,
-        "resumable": total - counts.finished > 0 or counts.outcomes.get("failed", 0) > 0,
-    }
+        ),
+        latency_ms=Latency(
+            p50=percentile(ordered, 0.50),
+            p95=percentile(ordered, 0.95),
+            p99=percentile(ordered, 0.99),
+        ),
+        exit_code=exit_code,
+        resumable=total - counts.finished > 0 or counts.outcomes.get("failed", 0) > 0,
+    )
 
 
-def render(summary: dict[str, Any], run_dir: Path, out: TextIO | None = None) -> None:
+def render(summary: Summary, run_dir: Path, out: TextIO | None = None) -> None:
     """A short table for people: what happened, what is left, where the files are."""
     stream = out or sys.stdout
-    outcomes = summary["outcomes"]
-    rate = summary["rate"]
-    latency = summary["latency_ms"]
+    outcomes = summary.outcomes
+    rate = summary.rate
+    latency = summary.latency_ms
     lines = [
-        f"Run {summary['run_id']} ({summary['job']}): {summary['stopped']}",
-        f"  targets            {summary['targets']:>10,}",
+        f"Run {summary.run_id} ({summary.job}): {summary.stopped}",
+        f"  targets            {summary.targets:>10,}",
         f"  cancelled          {outcomes['cancelled']:>10,}",
         f"  nothing to cancel  {outcomes['nothing_to_cancel']:>10,}",
         f"  failed             {outcomes['failed']:>10,}",
-        f"  not attempted      {summary['not_attempted']:>10,}",
-        f"  requests           {summary['attempts']:>10,}   in {summary['duration_s']:.1f} s, "
-        f"{rate['achieved'] or 0:.1f}/s (asked {rate['requested'] or 'unlimited'})",
-        f"  latency ms         p50 {latency['p50']}  p95 {latency['p95']}  p99 {latency['p99']}",
+        f"  not attempted      {summary.not_attempted:>10,}",
+        f"  requests           {summary.attempts:>10,}   in {summary.duration_s:.1f} s, "
+        f"{rate.achieved or 0:.1f}/s (asked {rate.requested or 'unlimited'})",
+        f"  latency ms         p50 {latency.p50}  p95 {latency.p95}  p99 {latency.p99}",
     ]
-    if summary["effect_unknown"]:
+    if summary.effect_unknown:
         lines.append(
-            f"  effect unknown     {summary['effect_unknown']:>10,}   (answer lost, then nothing "
-            "left to cancel: see results.jsonl)"
+            f"  effect unknown     {summary.effect_unknown:>10,}   (an answer was lost: the "
+            "effect of those targets is not known, see results.jsonl)"
         )
-    if summary["errors"]:
-        top = ", ".join(f"{label} x{n}" for label, n in list(summary["errors"].items())[:5])
+    if summary.errors:
+        top = ", ".join(f"{label} x{n}" for label, n in list(summary.errors.items())[:5])
         lines.append(f"  failures by code   {top}")
-    if summary.get("stop_message"):
-        lines.append(f"  why it stopped     {summary['stop_message']}")
+    if summary.stop_message:
+        lines.append(f"  why it stopped     {summary.stop_message}")
     lines.append(f"  files              {run_dir}/ (results.jsonl, audit.jsonl, summary.json)")
-    lines.append(f"  exit code          {summary['exit_code']}")
+    lines.append(f"  exit code          {summary.exit_code}")
     stream.write("\n".join(lines) + "\n")
     stream.flush()
 

@@ -19,13 +19,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import orjson
 
 from worker.errors import UsageError
 from worker.journal import RESULTS_FILE, read_journal, record_key
 from worker.model import Outcome, gc_paused, key_digest
+from worker.runstate import Manifest, Summary
 
 MANIFEST_FILE = "run.json"
 LOCK_FILE = "run.lock"
@@ -45,15 +45,24 @@ def write_atomically(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def read_manifest(run_dir: Path) -> dict[str, Any]:
-    """The run's manifest (run.json)."""
-    result: dict[str, Any] = orjson.loads((run_dir / MANIFEST_FILE).read_bytes())
-    return result
+def read_manifest(run_dir: Path) -> Manifest:
+    """The run's manifest (run.json); UsageError if the directory holds no readable one."""
+    try:
+        return Manifest.from_json(orjson.loads((run_dir / MANIFEST_FILE).read_bytes()))
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UsageError(f"{run_dir} is not a run directory (no readable run.json)") from None
 
 
-def write_manifest(run_dir: Path, manifest: dict[str, Any]) -> None:
+def write_manifest(run_dir: Path, manifest: Manifest) -> None:
     """Replace run.json atomically."""
-    write_atomically(run_dir / MANIFEST_FILE, orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
+    data = orjson.dumps(manifest.to_json(), option=orjson.OPT_INDENT_2)
+    write_atomically(run_dir / MANIFEST_FILE, data)
+
+
+def write_summary(run_dir: Path, summary: Summary) -> None:
+    """Replace summary.json atomically."""
+    data = orjson.dumps(summary.to_json(), option=orjson.OPT_INDENT_2)
+    write_atomically(run_dir / SUMMARY_FILE, data)
 
 
 @contextmanager

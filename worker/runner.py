@@ -20,31 +20,26 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import anyio
-import orjson
 import structlog
 
 from worker import __version__
+from worker.appendlog import iso, repair_tail
 from worker.audit import AUDIT_FILE, AuditLog, who_and_where
 from worker.decide import Retrying
+from worker.dryrun import Probe, probe
 from worker.engine import Engine, EngineSettings, StopReason
-from worker.enos.client import Credentials, EnOSClient
+from worker.enos.client import EnOSClient
 from worker.errors import EnOSError, FatalError
 from worker.jobfile import Plan, run_targets
-from worker.journal import RESULTS_FILE, ResultJournal, iso, repair_tail
-from worker.model import Attempt, Job, Limits, Target, TargetResult
+from worker.journal import RESULTS_FILE, ResultJournal
+from worker.model import Attempt, Credentials, Job, Limits, Target, TargetResult
 from worker.ratelimit import RateChange, RateLimiter
 from worker.report import build_summary, progress_loop, render, tally
 from worker.retry import RetryPolicy, Verdict
-from worker.rundir import (
-    SUMMARY_FILE,
-    AdmissionMark,
-    Finished,
-    write_atomically,
-    write_manifest,
-)
+from worker.rundir import AdmissionMark, Finished, write_manifest, write_summary
+from worker.runstate import ExitCode, Manifest, Segment, Summary
 
 log = structlog.get_logger("worker.run")
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ABORTED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4
 
 
 @dataclass(frozen=True)
@@ -127,10 +122,10 @@ def _rounded(rate: float | None) -> float | str:
 def exit_code_for(reason: StopReason, failed: int, not_attempted: int) -> int:
     """The contract's exit code for how a run ended."""
     if reason in (StopReason.FATAL, StopReason.ABORTED):
-        return EXIT_ABORTED
+        return ExitCode.ABORTED
     if reason in (StopReason.INTERRUPTED, StopReason.DEADLINE):
-        return EXIT_INTERRUPTED
-    return EXIT_FAILED if failed or not_attempted else EXIT_OK
+        return ExitCode.INTERRUPTED
+    return ExitCode.FAILED if failed or not_attempted else ExitCode.OK
 
 
 async def execute(
@@ -138,7 +133,7 @@ async def execute(
     plan: Plan,
     options: RunOptions,
     *,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     finished: Finished,
     out: TextIO | None = None,
 ) -> int:
@@ -146,13 +141,13 @@ async def execute(
     run_dir = options.run_dir
     repair_tail(run_dir / RESULTS_FILE)
     repair_tail(run_dir / AUDIT_FILE)
-    earlier_segments = bool(manifest["segments"])
-    segment: dict[str, Any] = {"started_at": iso(time.time()), "limits": asdict(options.limits)}
-    manifest["segments"].append(segment)
+    earlier_segments = bool(manifest.segments)
+    segment = Segment(started_at=iso(time.time()), limits=options.limits)
+    manifest.segments.append(segment)
     write_manifest(run_dir, manifest)
     limits = options.limits
     mark = AdmissionMark(run_dir, ahead=limits.concurrency, earlier_segments=earlier_segments)
-    recorder = _Recorder(AuditLog(run_dir, manifest["run_id"]), ResultJournal(run_dir), mark)
+    recorder = _Recorder(AuditLog(run_dir, manifest.run_id), ResultJournal(run_dir), mark)
     recorder.audit.write(_run_started(job, plan, options, manifest))
     client = EnOSClient(
         options.gateway, options.credentials, concurrency=limits.concurrency, timeout=limits.timeout
@@ -186,13 +181,30 @@ async def execute(
         engine.stop(StopReason.FATAL, f"internal error: {exc!r}; the run is resumable")
     finally:
         # Synchronous on purpose: no cancellation can interrupt closing the files.
-        segment["requests"] = engine.progress.requests
-        segment["duration_s"] = round(time.monotonic() - began, 3)
+        segment.requests = engine.progress.requests
+        segment.duration_s = round(time.monotonic() - began, 3)
         summary = _close_segment(engine, manifest, segment, recorder)
     render(summary, run_dir, out)
-    if summary["exit_code"] in (EXIT_ABORTED, EXIT_INTERRUPTED):
-        _print_resume_hint(job, run_dir, out, retry_failed=summary["outcomes"]["failed"] > 0)
-    return int(summary["exit_code"])
+    if summary.exit_code in (ExitCode.ABORTED, ExitCode.INTERRUPTED):
+        _print_resume_hint(job, run_dir, out, retry_failed=summary.outcomes["failed"] > 0)
+    return summary.exit_code
+
+
+async def dry_run(
+    options: RunOptions, sample: list[tuple[int, Target]]
+) -> tuple[list[Probe], str | None]:
+    """`--dry-run`: prove the gateway, then search the sampled targets (no cancel); returns
+    the probes and why the gateway cannot be used (None when it can)."""
+    limits = options.limits
+    client = EnOSClient(
+        options.gateway, options.credentials, concurrency=limits.concurrency, timeout=limits.timeout
+    )
+    async with client:
+        problem = await prove_gateway(client, options.policy(), random.Random(options.seed))
+        if problem is not None:
+            return [], problem
+        return await probe(client, sample, limiter_for(limits),
+                           concurrency=limits.concurrency, policy=options.policy())  # fmt: skip
 
 
 def _sent_before(mark: AdmissionMark, finished: Finished) -> Callable[[int, Target], bool]:
@@ -235,7 +247,7 @@ async def _drive(
     options: RunOptions,
     *,
     out: TextIO | None,
-    segment: dict[str, Any],
+    segment: Segment,
 ) -> None:
     """The engine, with its helpers: journal syncing, signals, progress."""
     async with anyio.create_task_group() as helpers:
@@ -260,11 +272,10 @@ async def _sync_loop(engine: Engine) -> None:
 TIMELINE_POINTS = 600
 
 
-async def _rate_sampler(engine: Engine, segment: dict[str, Any]) -> None:
+async def _rate_sampler(engine: Engine, segment: Segment) -> None:
     """Record [seconds, achieved req/s, limiter req/s] into the segment, about 600 points at
     most: when full, every other point is dropped and the interval doubles."""
-    timeline: list[list[float | None]] = []
-    segment["rate_timeline"] = timeline
+    timeline = segment.rate_timeline
     interval, began, last = 1.0, time.monotonic(), 0
     while True:
         await anyio.sleep(interval)
@@ -301,8 +312,8 @@ async def _signal_loop(engine: Engine, out: TextIO | None) -> None:
 
 
 def _close_segment(
-    engine: Engine, manifest: dict[str, Any], segment: dict[str, Any], recorder: _Recorder
-) -> dict[str, Any]:
+    engine: Engine, manifest: Manifest, segment: Segment, recorder: _Recorder
+) -> Summary:
     """Close the files, then write run.json, run_finished and summary.json for the whole run."""
     recorder.journal.log.close()
     recorder.mark.close()
@@ -310,24 +321,22 @@ def _close_segment(
     counts = tally(run_dir)
     reason = engine.stop_reason
     exit_code = exit_code_for(
-        reason, counts.outcomes.get("failed", 0), manifest["targets"] - counts.finished
+        reason, counts.outcomes.get("failed", 0), manifest.targets - counts.finished
     )
-    segment.update(
-        finished_at=iso(time.time()), reason=reason.value, message=engine.stop_message,
-        exit_code=exit_code,
-    )  # fmt: skip
+    segment.finished_at, segment.reason = iso(time.time()), reason.value
+    segment.message, segment.exit_code = engine.stop_message, exit_code
     write_manifest(run_dir, manifest)
     summary = build_summary(manifest, counts, exit_code=exit_code)
-    write_atomically(run_dir / SUMMARY_FILE, orjson.dumps(summary, option=orjson.OPT_INDENT_2))
+    write_summary(run_dir, summary)
     recorder.audit.write(
         {
             "type": "run_finished",
             "at": iso(time.time()),
-            "segment": len(manifest["segments"]),
+            "segment": len(manifest.segments),
             "reason": reason.value,
             "message": engine.stop_message,
             "exit_code": exit_code,
-            "summary": summary,
+            "summary": summary.to_json(),
         }
     )
     recorder.audit.log.close()
@@ -337,14 +346,12 @@ def _close_segment(
     return summary
 
 
-def _run_started(
-    job: Job, plan: Plan, options: RunOptions, manifest: dict[str, Any]
-) -> dict[str, Any]:
+def _run_started(job: Job, plan: Plan, options: RunOptions, manifest: Manifest) -> dict[str, Any]:
     return {
         "type": "run_started",
         "at": iso(time.time()),
-        "run_id": manifest["run_id"],
-        "segment": len(manifest["segments"]),
+        "run_id": manifest.run_id,
+        "segment": len(manifest.segments),
         "worker_version": __version__,
         **who_and_where(),
         "job": str(job.path),
@@ -360,19 +367,18 @@ def _run_started(
     }
 
 
-def new_manifest(job: Job, plan: Plan, options: RunOptions) -> dict[str, Any]:
+def new_manifest(job: Job, plan: Plan, options: RunOptions) -> Manifest:
     """The manifest of a new run."""
-    return {
-        "run_id": new_run_id(job),
-        "job": str(job.path),
-        "job_name": job.name,
-        "job_sha256": job.sha256,
-        "targets_sha256": plan.targets_sha256,
-        "targets": plan.total,
-        "gateway": options.gateway,
-        "limits": asdict(options.limits),
-        "segments": [],
-    }
+    return Manifest(
+        run_id=new_run_id(job),
+        job=str(job.path),
+        job_name=job.name,
+        job_sha256=job.sha256,
+        targets_sha256=plan.targets_sha256,
+        targets=plan.total,
+        gateway=options.gateway,
+        limits=options.limits,
+    )
 
 
 def _print_resume_hint(job: Job, run_dir: Path, out: TextIO | None, *, retry_failed: bool) -> None:

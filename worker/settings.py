@@ -14,10 +14,9 @@ from urllib.parse import urlsplit
 
 import structlog
 
-from worker.enos.client import Credentials
 from worker.errors import UsageError
-from worker.jobfile import parse_duration, parse_rate, with_rate
-from worker.model import Job, Limits
+from worker.model import Credentials, Job, Limits
+from worker.units import parse_duration, parse_rate, with_rate
 
 ENV_KEY, ENV_SECRET, ENV_GATEWAY = "ENOS_APP_KEY", "ENOS_APP_SECRET", "ENOS_GATEWAY"
 

@@ -11,7 +11,7 @@ import asyncio
 import email.utils
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -29,19 +29,11 @@ from worker.errors import (
     RetryableError,
     TargetError,
 )
-from worker.model import CancelReply, Command, Target
+from worker.model import CancelReply, Command, Credentials, Target
 
 log = structlog.get_logger("worker.enos")
 
 Params = list[tuple[str, str]]
-
-
-@dataclass(frozen=True, slots=True)
-class Credentials:
-    """An application's access key and secret key. The secret never appears in a repr."""
-
-    app_key: str
-    app_secret: str = field(repr=False)
 
 
 @dataclass(slots=True)

@@ -1,0 +1,177 @@
+"""The run's typed state: the manifest (run.json) with its segments, the summary, live progress
+and the exit codes. JSON is read and written at one boundary, :meth:`to_json`/:meth:`from_json`;
+everything else speaks these types.
+
+Nothing here does I/O or imports aiohttp or YAML: the report, the CLI and tests use it freely.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+from worker.model import Limits, Outcome
+
+
+class ExitCode(IntEnum):
+    """The contract's exit codes (design.md)."""
+
+    OK = 0  # every target cancelled or had nothing to cancel
+    FAILED = 1  # finished; some targets failed
+    USAGE = 2  # bad usage or job file: nothing was sent
+    ABORTED = 3  # fatal error, abort rule, outage, internal error: resumable
+    INTERRUPTED = 4  # signal or deadline: resumable
+
+
+@dataclass
+class Progress:
+    """Live counters of one segment, read by the progress display and the abort rule."""
+
+    outcomes: Counter[Outcome] = field(default_factory=Counter)
+    in_flight: int = 0
+    requests: int = 0
+    waiting: int = 0  # targets parked until their retry is due
+    effect_unknown: int = 0
+
+    @property
+    def finished(self) -> int:
+        """Targets with a final result in this segment."""
+        return sum(self.outcomes.values())
+
+
+def limits_from_json(data: dict[str, Any]) -> Limits:
+    """Limits as recorded (fields a newer or older version wrote and this one lacks are
+    dropped, missing ones take their defaults)."""
+    known = {f.name for f in dataclasses.fields(Limits)}
+    return Limits(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class Segment:
+    """One process's part of a run: from start to whatever ended it."""
+
+    started_at: str
+    limits: Limits
+    finished_at: str | None = None
+    reason: str | None = None  # a StopReason value
+    message: str = ""
+    exit_code: int | None = None
+    requests: int = 0
+    duration_s: float = 0.0
+    rate_timeline: list[list[float | None]] = field(default_factory=list)  # [s, achieved, allowed]
+
+    def to_json(self) -> dict[str, Any]:
+        """As written in run.json."""
+        data = dataclasses.asdict(self)
+        data["limits"] = dataclasses.asdict(self.limits)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Segment:
+        """From run.json (a segment that died early lacks its end fields)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["limits"] = limits_from_json(data.get("limits") or {})
+        values["message"] = values.get("message") or ""
+        values["requests"] = values.get("requests") or 0
+        values["duration_s"] = values.get("duration_s") or 0.0
+        return cls(**values)
+
+
+@dataclass
+class Manifest:
+    """run.json: what the run is (job, targets, their hashes, gateway, limits) and its segments."""
+
+    run_id: str
+    job: str
+    job_name: str
+    job_sha256: str
+    targets_sha256: str
+    targets: int
+    gateway: str
+    limits: Limits
+    segments: list[Segment] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """As written in run.json."""
+        data = dataclasses.asdict(self)
+        data["limits"] = dataclasses.asdict(self.limits)
+        data["segments"] = [segment.to_json() for segment in self.segments]
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Manifest:
+        """From run.json."""
+        return cls(
+            run_id=data["run_id"],
+            job=data["job"],
+            job_name=data["job_name"],
+            job_sha256=data["job_sha256"],
+            targets_sha256=data["targets_sha256"],
+            targets=data["targets"],
+            gateway=data["gateway"],
+            limits=limits_from_json(data["limits"]),
+            segments=[Segment.from_json(s) for s in data.get("segments") or []],
+        )
+
+    @property
+    def last_exit_code(self) -> int | None:
+        """The exit code the last segment ended with (None: it never ended)."""
+        return self.segments[-1].exit_code if self.segments else None
+
+
+@dataclass(frozen=True)
+class RateSummary:
+    """The asked and achieved rate, and the rate over time ([segment, s, achieved, allowed])."""
+
+    requested: float | str | None
+    achieved: float | None
+    timeline: list[list[Any]]
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Percentiles of each target's last attempt, in milliseconds."""
+
+    p50: float | None
+    p95: float | None
+    p99: float | None
+
+
+@dataclass(frozen=True)
+class Summary:
+    """summary.json: the whole run, all segments, recomputed from the journal."""
+
+    job: str
+    run_id: str
+    targets: int
+    outcomes: dict[str, int]
+    not_attempted: int
+    effect_unknown: int
+    attempts: int
+    errors: dict[str, int]
+    started_at: str | None
+    finished_at: str | None
+    duration_s: float
+    segments: int
+    stopped: str | None
+    stop_message: str | None
+    rate: RateSummary
+    latency_ms: Latency
+    exit_code: int
+    resumable: bool
+
+    def to_json(self) -> dict[str, Any]:
+        """summary.json's content (design.md's keys)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Summary:
+        """From summary.json."""
+        values = dict(data)
+        values["rate"] = RateSummary(**data["rate"])
+        values["latency_ms"] = Latency(**data["latency_ms"])
+        return cls(**values)

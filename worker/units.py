@@ -1,0 +1,51 @@
+"""The units operators write (rates, durations, positive numbers), parsed the same way for
+job files and command-line flags. Pure: no I/O, no YAML.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+from worker.model import Limits
+
+_DURATION_RE = re.compile(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
+
+
+def parse_rate(value: object) -> float | str | None:
+    """A rate: requests/s above 0, 'unlimited' (None) or 'auto'. Raises ValueError."""
+    if isinstance(value, str) and value.strip().lower() in ("unlimited", "auto"):
+        return None if value.strip().lower() == "unlimited" else "auto"
+    return float(positive(value, float))
+
+
+def with_rate(limits: Limits, rate: float | str | None) -> Limits:
+    """`limits` with a parsed rate: a number, None (unlimited) or 'auto' (from rate_floor)."""
+    if rate == "auto":
+        return replace(limits, adaptive=True, rate=limits.rate_floor)
+    assert not isinstance(rate, str)
+    return replace(limits, adaptive=False, rate=rate)
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from '45m', '2h', '90s', '1h30m' or a number of seconds. Raises ValueError."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(positive(value, float))
+    match = _DURATION_RE.fullmatch(str(value).strip())
+    if not match or not any(match.groups()):
+        raise ValueError(f"{value!r} is not a duration")
+    hours, minutes, seconds = (int(g or 0) for g in match.groups())
+    return float(positive(hours * 3600 + minutes * 60 + seconds, float))
+
+
+def positive(value: object, kind: Callable[[Any], Any]) -> Any:
+    """`value` as `kind` (int or float) when it is a number above zero; else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{value!r} is not a number")
+    if kind is int and not isinstance(value, int):
+        raise ValueError(f"{value!r} is not a whole number")
+    if value <= 0:
+        raise ValueError(f"{value!r} is not above zero")
+    return kind(value)
