@@ -83,6 +83,7 @@ class StopRun:
 
 
 Action = Send | Wait | Finish | Leave | StopRun
+_SENDS = {kind: Send(kind) for kind in Kind}  # frozen: one value per kind, none per call
 
 
 class Retrying:
@@ -134,6 +135,7 @@ class TargetCore:
         "_get",
         "_pending_reply",
         "_phase",
+        "_policy",
         "_retry",
         "first",
         "last_latency_ms",
@@ -162,7 +164,8 @@ class TargetCore:
         self.sent = 0
         self.last_latency_ms: float | None = None
         self._phase = first
-        self._retry = Retrying(policy)
+        self._policy = policy
+        self._retry: Retrying | None = None  # made at the first failure: success costs nothing
         self._get: Retrying | None = None
         self._pending_reply: CancelReply | None = None
 
@@ -177,7 +180,7 @@ class TargetCore:
 
     def _send(self) -> Send:
         self.sent += 1
-        return Send(self._phase)
+        return _SENDS[self._phase]
 
     def waited(self, situation: Situation = RUNNING) -> Send | Leave:
         """The wait is over: call again, unless the run is stopping."""
@@ -203,7 +206,7 @@ class TargetCore:
             unknown = reply.unreadable > 0 or (self.maybe_applied and not single)
             return self._finish(Outcome.CANCELLED, now, reply=reply, ids=ids, unknown=unknown)
         if self.maybe_applied and self.verify and self.target.command_id is not None:
-            self._phase, self._get = Kind.GET, Retrying(self._retry.policy)
+            self._phase, self._get = Kind.GET, Retrying(self._policy)
             self._pending_reply = reply
             return self._send()
         return self._finish(Outcome.NOTHING_TO_CANCEL, now, reply=reply, unknown=unknown)
@@ -235,6 +238,8 @@ class TargetCore:
         if self._phase is Kind.GET:
             return self._get_failed(error, now, rng, situation)
         self.maybe_applied |= error.maybe_applied
+        if self._retry is None:
+            self._retry = Retrying(self._policy)
         decision = self._retry.failed(error, rng)
         if decision.verdict is Verdict.FATAL:
             return StopRun(str(error))
