@@ -13,6 +13,7 @@ from worker.appendlog import repair_tail
 from worker.audit import AuditLog
 from worker.htmlreport import render_html
 from worker.journal import read_journal
+from worker.rundir import AdmissionMark
 from worker.runstate import Summary
 
 
@@ -106,3 +107,41 @@ def test_html_report_escapes_and_charts() -> None:
     assert "<b>x</b>" not in page
     assert "<polyline" in page
     assert "<td>99404</td><td>1</td>" in page
+
+
+def test_admission_mark_is_written_ahead_and_only_grows(tmp_path: Path) -> None:
+    """The mark covers every admitted ordinal before it is sent, written `ahead` at a time;
+    a later segment reads it back; it never shrinks when a resume starts again from 0."""
+    mark = AdmissionMark(tmp_path, ahead=4, earlier_segments=False)
+    assert not mark.sent_before(0)
+    for ordinal in range(6):
+        mark.admit(ordinal)
+    mark.close()
+    assert (tmp_path / "admitted").read_bytes() == b"%020d\n" % 7
+    again = AdmissionMark(tmp_path, ahead=4, earlier_segments=True)
+    assert again.sent_before(7)
+    assert not again.sent_before(8)
+    again.admit(2)  # the resume admits from the start: below the mark, nothing is written
+    again.close()
+    assert int((tmp_path / "admitted").read_bytes()) == 7
+
+
+@pytest.mark.parametrize(
+    ("content", "earlier_segments", "sent_before_0", "sent_before_huge"),
+    [
+        (None, False, False, False),  # a new run
+        (None, True, True, True),  # a run from before the mark existed: assume any was sent
+        (b"", True, False, False),  # the earlier segment admitted nothing
+        (b"garbage\n", True, True, True),  # unreadable: assume any was sent
+    ],
+)
+def test_admission_mark_without_a_readable_number(
+    tmp_path: Path, content: bytes | None, earlier_segments: bool, sent_before_0: bool,
+    sent_before_huge: bool,
+) -> None:  # fmt: skip
+    """What the mark says when there is no number to read: never less careful than the facts."""
+    if content is not None:
+        (tmp_path / "admitted").write_bytes(content)
+    mark = AdmissionMark(tmp_path, ahead=4, earlier_segments=earlier_segments)
+    assert (mark.sent_before(0), mark.sent_before(10**9)) == (sent_before_0, sent_before_huge)
+    mark.close()

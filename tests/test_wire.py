@@ -3,6 +3,7 @@ redirects never followed, and flags that only make sense together refused alone.
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -11,11 +12,13 @@ from pathlib import Path
 
 import orjson
 import pytest
+import structlog
 from aiohttp import web
 
 from tests.conftest import APP_KEY, APP_SECRET, ORG
 from tests.runs import results, run_job, write_job
 from tests.simproc import run_worker
+from worker import logs
 from worker.enos import protocol as p
 from worker.enos.client import EnOSClient
 from worker.errors import FatalError
@@ -195,3 +198,25 @@ def test_light_modules_load_neither_aiohttp_nor_yaml(module: str) -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True)  # fmt: skip
     assert done.stdout.strip() == "[]"
+
+
+class _Terminal(io.StringIO):
+    """A stream that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_log_lines_clear_the_progress_line_on_a_terminal() -> None:
+    """On a TTY a log line starts by clearing the live progress line, so the two never glue
+    together; JSON lines (off a TTY) are left as they are."""
+    terminal, pipe = _Terminal(), io.StringIO()
+    try:
+        logs.configure(stream=terminal)
+        structlog.get_logger("t").warning("worker.rate_changed", cause="throttled")
+        logs.configure(stream=pipe)
+        structlog.get_logger("t").warning("worker.rate_changed", cause="throttled")
+    finally:
+        structlog.reset_defaults()
+    assert terminal.getvalue().startswith("\r\x1b[K")
+    assert orjson.loads(pipe.getvalue())["cause"] == "throttled"

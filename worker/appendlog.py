@@ -34,18 +34,13 @@ def iso(moment: float) -> str:
     return f"{_iso_second[1]}{millis:03d}Z"
 
 
-class AppendLog:
-    """An append-only JSON-lines file written with one syscall per line."""
+class SyncedFile:
+    """A file descriptor whose writes are made durable in batches, off the event loop."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, flags: int) -> None:
         self.path = path
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        self._fd = os.open(path, flags | os.O_CREAT, 0o640)
         self.unsynced = 0
-
-    def append_line(self, line: bytes) -> None:
-        """Write one line (without its newline); durable against a process crash at once."""
-        os.write(self._fd, line + b"\n")
-        self.unsynced += 1
 
     def sync(self) -> None:
         """Make what was written durable against a machine crash (called off the loop)."""
@@ -59,6 +54,18 @@ class AppendLog:
             self.sync()
             os.close(self._fd)
             self._fd = -1
+
+
+class AppendLog(SyncedFile):
+    """An append-only JSON-lines file written with one syscall per line."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, os.O_WRONLY | os.O_APPEND)
+
+    def append_line(self, line: bytes) -> None:
+        """Write one line (without its newline); durable against a process crash at once."""
+        os.write(self._fd, line + b"\n")
+        self.unsynced += 1
 
 
 TAIL_BYTES = 1 << 20

@@ -38,6 +38,11 @@ def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[s
     return event
 
 
+def _clear_progress_line(_: Any, __: str, line: str) -> str:
+    """On a terminal, a log line first clears the live progress line (which redraws below)."""
+    return "\r\x1b[K" + line
+
+
 def configure(
     *, json: bool | None = None, level: int = logging.INFO, stream: TextIO | None = None
 ) -> None:
@@ -49,14 +54,17 @@ def configure(
         if as_json
         else structlog.dev.ConsoleRenderer(colors=out.isatty())
     )
+    processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        redact,
+        renderer,
+    ]
+    if not as_json and out.isatty():
+        processors.append(_clear_progress_line)
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            redact,
-            renderer,
-        ],
+        processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=False,

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import orjson
 
+from worker.appendlog import SyncedFile
 from worker.errors import UsageError
 from worker.journal import RESULTS_FILE, read_journal, record_key
 from worker.model import Outcome, gc_paused, key_digest
@@ -114,7 +115,7 @@ def finished_targets(run_dir: Path, *, retry_failed: bool) -> Finished:
     return found
 
 
-class AdmissionMark:
+class AdmissionMark(SyncedFile):
     """The crash-truth high-water mark: the highest ordinal that may have been sent.
 
     Targets are admitted in order from one iterator, so one number marks every target that
@@ -127,13 +128,15 @@ class AdmissionMark:
     def __init__(self, run_dir: Path, *, ahead: int, earlier_segments: bool) -> None:
         path = run_dir / ADMITTED_FILE
         existed = path.exists()
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
+        super().__init__(path, os.O_RDWR)
         self._ahead = max(1, ahead)
         self.earlier = self._read() if existed else (sys.maxsize if earlier_segments else -1)
         self._written = self.earlier
 
     def _read(self) -> int:
         raw = os.pread(self._fd, _MARK_WIDTH + 1, 0)
+        if not raw:
+            return -1  # created, but nothing was admitted (the run stopped before a target)
         try:
             return int(raw)
         except ValueError:
@@ -148,15 +151,4 @@ class AdmissionMark:
         if ordinal > self._written:
             self._written = ordinal + self._ahead - 1
             os.pwrite(self._fd, b"%0*d\n" % (_MARK_WIDTH, self._written), 0)
-
-    def sync(self) -> None:
-        """Durable against a machine crash (the journal's sync loop calls it)."""
-        if self._fd >= 0:
-            os.fdatasync(self._fd)
-
-    def close(self) -> None:
-        """Sync and close; safe to call twice."""
-        if self._fd >= 0:
-            self.sync()
-            os.close(self._fd)
-            self._fd = -1
+            self.unsynced += 1
