@@ -212,7 +212,7 @@ class Engine:
 
     def _admit(self) -> TargetCore | None:
         """The next target from the shared iterator, told to the admission mark first."""
-        if self._deadline_near():
+        if self._settings.deadline_at is not None and self._deadline_near():
             self.stop(StopReason.DEADLINE, "the deadline was reached; the rest is resumable")
             return None
         item = next(self._targets, None)
@@ -222,13 +222,13 @@ class Engine:
         ordinal, target = item
         if self._admissions is not None:
             self._admissions.admit(ordinal)
-        settings = self._settings
+        settings, sent_before = self._settings, self._sent_before
         return TargetCore(
             target,
             settings.policy,
             started=self._clock(),
             first=settings.first,
-            sent_before=self._sent_before is not None and self._sent_before(ordinal, target),
+            sent_before=sent_before is not None and sent_before(ordinal, target),
             verify=settings.verify,
         )
 
@@ -269,7 +269,10 @@ class Engine:
         progress.requests += 1
         began = time.perf_counter()
         try:
-            answer = await self._ask(kind, target)
+            if kind is Kind.CANCEL:  # the hot path: no extra coroutine frame
+                answer: CancelReply | Command | list[Command] = await self._client.cancel(target)
+            else:
+                answer = await self._ask(kind, target)
         except anyio.get_cancelled_exc_class():
             self.recorder.attempt(
                 Attempt(target, core.sent, self._clock(), _ms_since(began), None, None, None,
@@ -287,9 +290,7 @@ class Engine:
             progress.in_flight -= 1
         return self._after_answer(core, kind, answer, began)
 
-    async def _ask(self, kind: Kind, target: Target) -> CancelReply | Command | list[Command]:
-        if kind is Kind.CANCEL:
-            return await self._client.cancel(target)
+    async def _ask(self, kind: Kind, target: Target) -> Command | list[Command]:
         if kind is Kind.GET:
             assert target.command_id is not None
             return await self._client.get_command(target, target.command_id)

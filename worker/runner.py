@@ -207,10 +207,15 @@ async def dry_run(
                            concurrency=limits.concurrency, policy=options.policy())  # fmt: skip
 
 
-def _sent_before(mark: AdmissionMark, finished: Finished) -> Callable[[int, Target], bool]:
-    """Whether an earlier segment may have sent a target (crash truth, design.md)."""
+def _sent_before(
+    mark: AdmissionMark, finished: Finished
+) -> Callable[[int, Target], bool] | None:
+    """Whether an earlier segment may have sent a target (crash truth, design.md); None when
+    no target can have been (a new run), so the hot path asks nothing."""
     retried = finished.retried_maybe_applied
     if not retried:
+        if not mark.sent_before(0):
+            return None
         return lambda ordinal, _: mark.sent_before(ordinal)
     return lambda ordinal, target: mark.sent_before(ordinal) or target.digest() in retried
 
