@@ -207,9 +207,7 @@ async def dry_run(
                            concurrency=limits.concurrency, policy=options.policy())  # fmt: skip
 
 
-def _sent_before(
-    mark: AdmissionMark, finished: Finished
-) -> Callable[[int, Target], bool] | None:
+def _sent_before(mark: AdmissionMark, finished: Finished) -> Callable[[int, Target], bool] | None:
     """Whether an earlier segment may have sent a target (crash truth, design.md); None when
     no target can have been (a new run), so the hot path asks nothing."""
     retried = finished.retried_maybe_applied
