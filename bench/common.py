@@ -37,9 +37,10 @@ def simulator(*extra: str) -> Iterator[tuple[str, int]]:
     command = pinned(
         SERVER_CORE,
         [sys.executable, "-m", "worker", "simulate", "--port", "0", "--app-key", APP_KEY,
-         "--app-secret", APP_SECRET, *extra],
+         *extra],
     )  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    env = {**os.environ, "ENOS_APP_SECRET": APP_SECRET}  # a secret never goes on argv
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert process.stdout is not None
         line = process.stdout.readline()

@@ -29,6 +29,7 @@ async def run_job(
     run_dir: Path,
     *,
     credentials: Credentials | None = None,
+    ca_bundle: Path | None = None,
     **limits: Any,
 ) -> tuple[int, str]:
     """Run a job as `worker run` would (fast backoff); returns (exit code, printed report)."""
@@ -43,6 +44,7 @@ async def run_job(
         seed=1,
         backoff_base_s=0.01,
         backoff_cap_s=0.1,
+        ca_bundle=ca_bundle,
     )
     run_dir.mkdir(parents=True, exist_ok=True)
     out = io.StringIO()

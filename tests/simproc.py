@@ -19,8 +19,9 @@ from tests.conftest import APP_KEY, APP_SECRET
 def simulator_process(*extra: str) -> Iterator[str]:
     """Start `worker simulate --port 0 ...`, yield its URL, stop it."""
     command = [sys.executable, "-m", "worker", "simulate", "--port", "0",
-               "--app-key", APP_KEY, "--app-secret", APP_SECRET, *extra]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+               "--app-key", APP_KEY, *extra]  # fmt: skip
+    env = {**os.environ, "ENOS_APP_SECRET": APP_SECRET}  # a secret never goes on argv
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert process.stdout is not None
         line = process.stdout.readline()

@@ -6,8 +6,6 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import orjson
@@ -16,6 +14,7 @@ import structlog
 from aiohttp import web
 
 from tests.conftest import APP_KEY, APP_SECRET, ORG
+from tests.gateways import answer, canned_gateway, served
 from tests.runs import results, run_job, write_job
 from tests.simproc import run_worker
 from worker import logs
@@ -23,19 +22,6 @@ from worker.enos import protocol as p
 from worker.enos.client import EnOSClient
 from worker.errors import FatalError
 from worker.model import Credentials, Target
-
-
-@asynccontextmanager
-async def served(app: web.Application) -> AsyncIterator[str]:
-    """Serve an aiohttp app on 127.0.0.1 (any free port); yields its base URL."""
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
 
 
 def recording_gateway(seen: list[web.Request], redirect_to: str) -> web.Application:
@@ -84,27 +70,6 @@ async def test_token_call_is_json_under_the_prefix_and_redirects_are_fatal() -> 
     assert elsewhere == []
     assert caught.value.http_status == 307
     assert other_url not in str(caught.value)  # gateway text is not repeated
-
-
-def canned_gateway(cancel_answer: bytes) -> web.Application:
-    """A gateway that issues tokens and answers every cancel with these bytes."""
-
-    async def token(_: web.Request) -> web.Response:
-        data = {"accessToken": "tok-1234567890", "expire": 7200}
-        return web.json_response({"status": 0, "msg": "SUCCESS", "data": data})
-
-    async def commands(_: web.Request) -> web.Response:
-        return web.Response(body=cancel_answer, content_type="application/json")
-
-    app = web.Application()
-    app.router.add_post(p.TOKEN_GET_PATH, token)
-    app.router.add_route("*", p.COMMANDS_PATH, commands)
-    return app
-
-
-def answer(data: object) -> bytes:
-    """A code-0 cancel answer with this `data`."""
-    return orjson.dumps({"code": 0, "msg": "OK", "requestId": "r-1", "data": data})
 
 
 ODD_ANSWERS = {

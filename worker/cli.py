@@ -30,7 +30,14 @@ from worker.report import build_summary, render, tally
 from worker.rundir import SUMMARY_FILE, Finished, finished_targets, read_manifest, run_dir_lock
 from worker.runner import RunOptions, dry_run, execute, new_manifest
 from worker.runstate import ExitCode, Manifest
-from worker.settings import load_credentials, merge_limits, new_run_dir, resolve_gateway
+from worker.settings import (
+    ca_bundle,
+    load_credentials,
+    merge_limits,
+    new_run_dir,
+    read_secret_file,
+    resolve_gateway,
+)
 
 log = structlog.get_logger("worker")
 T = TypeVar("T")
@@ -68,7 +75,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         gateway = resolve_gateway(args.gateway, job, insecure=args.insecure)
         limits = _limits(job.limits, args)
     if args.dry_run:
-        return _dry_run(job, plan_, gateway, credentials, limits, sample=args.sample)
+        return _dry_run(job, plan_, RunOptions(gateway, credentials, limits, Path(),
+                                               ca_bundle=ca_bundle(args.ca_bundle)),
+                        sample=args.sample)  # fmt: skip
     if not resuming:
         _confirm(plan_.total, gateway, assume_yes=args.yes)
         run_dir = new_run_dir(args.out, job)
@@ -78,7 +87,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         if resuming:
             _confirm(plan_.total - len(finished.done), gateway, assume_yes=args.yes)
-        options = RunOptions(gateway, credentials, limits, run_dir, resume=resuming)
+        options = RunOptions(
+            gateway,
+            credentials,
+            limits,
+            run_dir,
+            resume=resuming,
+            ca_bundle=ca_bundle(args.ca_bundle),
+        )
         manifest = manifest if resuming else new_manifest(job, plan_, options)
         log.info(
             "worker.run_starting",
@@ -123,12 +139,9 @@ def _confirm(pending: int, gateway: str, *, assume_yes: bool) -> None:
         raise UsageError("not confirmed; nothing was sent")
 
 
-def _dry_run(
-    job: Job, plan_: Plan, gateway: str, credentials: Credentials, limits: Limits, *, sample: int
-) -> int:
+def _dry_run(job: Job, plan_: Plan, options: RunOptions, *, sample: int) -> int:
     """Token + optional sampled searches; never a cancel."""
     chosen = dryrun.reservoir(run_targets(job, plan_), sample, random.Random()) if sample else []
-    options = RunOptions(gateway, credentials, limits, Path())
     probes, problem = run_async(lambda: dry_run(options, chosen))
     if problem is not None:
         sys.stderr.write(f"worker: dry run stopped: {problem}\n")
@@ -214,7 +227,11 @@ def _duration(seconds: float) -> str:
 
 def _simulator(args: argparse.Namespace) -> Simulator:
     key = args.app_key or os.environ.get("ENOS_APP_KEY") or SIM_APP_KEY
-    secret = args.app_secret or os.environ.get("ENOS_APP_SECRET") or SIM_APP_SECRET
+    secret = (
+        read_secret_file(args.app_secret_file)
+        if args.app_secret_file
+        else os.environ.get("ENOS_APP_SECRET") or SIM_APP_SECRET
+    )
     faults = Faults(
         latency_ms=args.latency_ms,
         error_rate=args.error_rate,
@@ -336,6 +353,13 @@ def _parser() -> argparse.ArgumentParser:
         "--insecure", action="store_true", help="allow plain http to a non-loopback host"
     )
     run.add_argument(
+        "--ca-bundle",
+        type=Path,
+        metavar="FILE",
+        help="PEM file of CA certificates to verify the gateway with (else the system store, "
+        "or SSL_CERT_FILE)",
+    )
+    run.add_argument(
         "--dry-run", action="store_true", help="get a token, search a sample; no cancel"
     )
     run.add_argument(
@@ -386,7 +410,12 @@ def _simulate_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080, help="0 picks a free port")
     parser.add_argument("--app-key", help=f"accepted app key (ENOS_APP_KEY, else {SIM_APP_KEY})")
-    parser.add_argument("--app-secret", help=f"its secret (ENOS_APP_SECRET, else {SIM_APP_SECRET})")
+    parser.add_argument(
+        "--app-secret-file",
+        type=Path,
+        help=f"a file (chmod 600) holding its secret; else ENOS_APP_SECRET, else {SIM_APP_SECRET}. "
+        "Never on the command line, where ps shows it",
+    )
     parser.add_argument("--job", help="make every target of this job exist, with cached commands")
     parser.add_argument("--devices", type=int, default=1000, help="generated devices (as000000...)")
     parser.add_argument("--commands", type=int, default=3, help="cached commands per device")

@@ -44,7 +44,8 @@ JOB_KEYS = (
 )  # fmt: skip
 TARGET_KEYS = ("asset_id", "product_key", "device_key", "command_id", "org_id")
 Row = tuple[str, str, str, str, str]  # TARGET_KEYS in order; "" where absent
-LIMIT_KEYS = ("rate", "rate_floor", "rate_max", "concurrency", "attempts", "timeout", "deadline")
+LIMIT_KEYS = ("rate", "rate_floor", "rate_max", "concurrency", "attempts", "timeout", "deadline",
+              "max_retry_after")  # fmt: skip
 ABORT_KEYS = ("failure_ratio", "min_finished")
 MAX_PROBLEMS = 20
 _STR_TAG = "tag:yaml.org,2002:str"
@@ -275,6 +276,10 @@ _LIMIT_PARSERS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "attempts": (lambda v: positive(v, int), "a whole number of attempts, 1 or more"),
     "timeout": (lambda v: positive(v, float), "seconds per attempt above 0, e.g. 10"),
     "deadline": (parse_duration, "a duration such as 90s, 45m, 2h or 1h30m"),
+    "max_retry_after": (
+        lambda v: positive(v, float),
+        "seconds, the longest pause a gateway's Retry-After may ask for, e.g. 300",
+    ),
 }
 
 

@@ -1,7 +1,8 @@
 """structlog configuration, done once at the edge: readable on a TTY, JSON lines otherwise.
 
 Redaction is part of the pipeline, not a convention: any key that names a secret is masked,
-and any value containing a registered secret (the app secret, an access token) is masked too.
+and any value containing a registered secret (the app secret, every access token: see
+:mod:`worker.redact`) is masked too, tracebacks included.
 """
 
 from __future__ import annotations
@@ -13,15 +14,15 @@ from typing import Any, TextIO
 
 import structlog
 
+from worker import redact as redact_values
+
 _SECRET_KEYS = ("secret", "token", "signature", "password", "encryption", "authorization")
-_secrets: set[str] = set()
-REDACTED = "[redacted]"
+REDACTED = redact_values.REDACTED
 
 
 def register_secret(value: str) -> None:
-    """Mask this exact text wherever it would appear in a log line."""
-    if len(value) >= 4:
-        _secrets.add(value)
+    """Mask this exact text wherever it would appear in a log line (or any output)."""
+    redact_values.register(value)
 
 
 def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
@@ -30,11 +31,8 @@ def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[s
         lowered = key.lower()
         if any(word in lowered for word in _SECRET_KEYS) and not lowered.endswith(("_s", "_ms")):
             event[key] = REDACTED
-        elif isinstance(value, str) and _secrets and any(s in value for s in _secrets):
-            masked = value
-            for secret in _secrets:
-                masked = masked.replace(secret, REDACTED)
-            event[key] = masked
+        elif isinstance(value, str):
+            event[key] = redact_values.scrub_text(value)
     return event
 
 
@@ -58,6 +56,7 @@ def configure(
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        *([structlog.processors.format_exc_info] if as_json else []),  # the traceback, as text
         redact,
         renderer,
     ]

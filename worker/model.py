@@ -173,6 +173,7 @@ class Limits:
     adaptive: bool = False
     rate_floor: float = 10.0
     rate_max: float | None = None
+    max_retry_after: float = 300.0  # seconds: a longer Retry-After is capped (and logged)
 
 
 @dataclass(frozen=True, slots=True)

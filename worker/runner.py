@@ -55,6 +55,19 @@ class RunOptions:
     seed: int | None = None
     backoff_base_s: float = 0.5
     backoff_cap_s: float = 30.0
+    ca_bundle: Path | None = None
+
+    def client(self) -> EnOSClient:
+        """The run's client for its gateway, credentials and limits."""
+        limits = self.limits
+        return EnOSClient(
+            self.gateway,
+            self.credentials,
+            concurrency=limits.concurrency,
+            timeout=limits.timeout,
+            max_retry_after=limits.max_retry_after,
+            ca_bundle=self.ca_bundle,
+        )
 
     def policy(self) -> RetryPolicy:
         """The retry policy of this run."""
@@ -149,9 +162,7 @@ async def execute(
     mark = AdmissionMark(run_dir, ahead=limits.concurrency, earlier_segments=earlier_segments)
     recorder = _Recorder(AuditLog(run_dir, manifest.run_id), ResultJournal(run_dir), mark)
     recorder.audit.write(_run_started(job, plan, options, manifest))
-    client = EnOSClient(
-        options.gateway, options.credentials, concurrency=limits.concurrency, timeout=limits.timeout
-    )
+    client = options.client()
     engine = Engine(
         client,
         recorder,
@@ -196,10 +207,7 @@ async def dry_run(
     """`--dry-run`: prove the gateway, then search the sampled targets (no cancel); returns
     the probes and why the gateway cannot be used (None when it can)."""
     limits = options.limits
-    client = EnOSClient(
-        options.gateway, options.credentials, concurrency=limits.concurrency, timeout=limits.timeout
-    )
-    async with client:
+    async with options.client() as client:
         problem = await prove_gateway(client, options.policy(), random.Random(options.seed))
         if problem is not None:
             return [], problem

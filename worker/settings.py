@@ -12,8 +12,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import structlog
-
 from worker.errors import UsageError
 from worker.model import Credentials, Job, Limits
 from worker.units import parse_duration, parse_rate, with_rate
@@ -41,8 +39,9 @@ def _read_env_file(path: Path) -> dict[str, str]:
     except OSError as exc:
         raise UsageError(f"cannot read the credentials file {path}: {exc.strerror}") from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        structlog.get_logger("worker").warning(
-            "worker.credentials_file_readable_by_others", path=str(path), fix=f"chmod 600 {path}"
+        raise UsageError(
+            f"the credentials file {path} can be read by others (mode {stat.S_IMODE(mode):03o}); "
+            f"a secret must be readable by its owner only: chmod 600 {path}"
         )
     values: dict[str, str] = {}
     for number, raw in enumerate(text.splitlines(), start=1):
@@ -54,6 +53,33 @@ def _read_env_file(path: Path) -> dict[str, str]:
             raise UsageError(f"{path}:{number}: expected NAME=value (e.g. {ENV_KEY}=...)")
         values[name.strip()] = value.strip().strip("'\"")
     return values
+
+
+def read_secret_file(path: Path) -> str:
+    """A secret kept in a file of its own (owner-only), e.g. the simulator's app secret."""
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise UsageError(f"cannot read the secret file {path}: {exc.strerror}") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise UsageError(f"the secret file {path} can be read by others; chmod 600 {path}")
+    return text
+
+
+def ca_bundle(path: Path | None) -> Path | None:
+    """--ca-bundle FILE: a readable file of PEM certificates (checked before anything is sent)."""
+    if path is None:
+        return None
+    if not path.is_file():
+        raise UsageError(f"--ca-bundle {path}: no such file; give a PEM file of CA certificates")
+    try:
+        text = path.read_text(encoding="ascii", errors="replace")
+    except OSError as exc:
+        raise UsageError(f"--ca-bundle {path}: cannot read it: {exc.strerror}") from None
+    if "-----BEGIN CERTIFICATE-----" not in text:
+        raise UsageError(f"--ca-bundle {path}: no PEM certificate (BEGIN CERTIFICATE) in it")
+    return path
 
 
 def resolve_gateway(flag: str | None, job: Job, *, insecure: bool) -> str:

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import math
+import ssl
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -19,6 +22,7 @@ import orjson
 import structlog
 from yarl import URL
 
+from worker import redact
 from worker.enos import protocol as p
 from worker.enos.signing import request_signature, token_encryption
 from worker.errors import (
@@ -32,6 +36,8 @@ from worker.errors import (
 from worker.model import CancelReply, Command, Credentials, Target
 
 log = structlog.get_logger("worker.enos")
+MAX_BODY = 1 << 20  # bytes of an answer read at the most
+MAX_RETRY_AFTER_S = 300.0  # the longest pause a Retry-After may ask for
 
 Params = list[tuple[str, str]]
 
@@ -68,6 +74,9 @@ class EnOSClient:
         concurrency: int = 16,
         timeout: float = 10.0,
         clock: Callable[[], float] = time.time,
+        max_body: int = MAX_BODY,
+        max_retry_after: float = MAX_RETRY_AFTER_S,
+        ca_bundle: Path | None = None,
     ) -> None:
         self._base = URL(gateway.rstrip("/"))
         self._commands_url = self._api_url(p.COMMANDS_PATH)
@@ -75,6 +84,9 @@ class EnOSClient:
         self._concurrency = concurrency
         self._timeout = timeout
         self._clock = clock
+        self._max_body = max_body
+        self._max_retry_after = max_retry_after
+        self._ca_bundle = ca_bundle
         self._session: aiohttp.ClientSession | None = None
         self._token: _Token | None = None
         self._renewal = asyncio.Lock()
@@ -86,9 +98,13 @@ class EnOSClient:
         return self._base / path.lstrip("/")
 
     async def __aenter__(self) -> EnOSClient:
+        # TLS is verified: against --ca-bundle when given, else the system store (which
+        # honours SSL_CERT_FILE / SSL_CERT_DIR).
+        context = ssl.create_default_context(cafile=self._ca_bundle)
         connector = aiohttp.TCPConnector(
-            limit=self._concurrency, limit_per_host=self._concurrency, ttl_dns_cache=300
-        )
+            limit=self._concurrency, limit_per_host=self._concurrency, ttl_dns_cache=300,
+            ssl=context,
+        )  # fmt: skip
         self._session = aiohttp.ClientSession(
             connector=connector, timeout=aiohttp.ClientTimeout(total=self._timeout)
         )
@@ -147,7 +163,8 @@ class EnOSClient:
             if unreadable:
                 raise _malformed(f"a search answer could not be read: {problem}", payload)
             found.extend(batch)
-            total = (payload.get("pagination") or {}).get("totalSize")
+            pagination = payload.get("pagination")
+            total = pagination.get("totalSize") if isinstance(pagination, dict) else None
             if not batch or not isinstance(total, int) or page * page_size >= total:
                 return found
             page += 1
@@ -188,7 +205,9 @@ class EnOSClient:
             headers["Content-Type"] = p.JSON_CONTENT_TYPE
         url = self._commands_url.with_query(query)
         status, headers_in, raw = await self._exchange(method, url, headers, body)
-        return status, _interpret(status, headers_in, raw)
+        # The gateway's text is never trusted: what it echoes of this request is masked.
+        raw = redact.scrub_bytes(raw, token.encode(), headers[p.HEADER_SIGNATURE].encode())
+        return status, _interpret(status, headers_in, raw, self._max_retry_after)
 
     async def _exchange(
         self, method: str, url: URL, headers: Mapping[str, str], body: bytes
@@ -200,7 +219,15 @@ class EnOSClient:
             async with self._session.request(
                 method, url, headers=headers, data=body or None, allow_redirects=False
             ) as resp:
-                return resp.status, resp.headers, await resp.read()
+                length = resp.content_length
+                if length is not None and length <= self._max_body:
+                    return resp.status, resp.headers, await resp.read()
+                return resp.status, resp.headers, await self._read_capped(resp)
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise FatalError(
+                f"the gateway's TLS certificate was not accepted ({_text(exc.certificate_error)}"
+                "); if it is signed by a private CA, pass --ca-bundle FILE (or set SSL_CERT_FILE)"
+            ) from None
         except aiohttp.ConnectionTimeoutError:
             raise RetryableError(
                 "timed out connecting to the gateway", maybe_applied=False
@@ -219,6 +246,22 @@ class EnOSClient:
             raise RetryableError(
                 f"connection lost: {type(exc).__name__}", maybe_applied=True
             ) from None
+
+    async def _read_capped(self, resp: aiohttp.ClientResponse) -> bytes:
+        """The body, unless it grows past the cap: then the connection is dropped (a gateway
+        that answers without end must not exhaust memory) and the attempt is retried."""
+        chunks, size = [], 0
+        async for chunk in resp.content.iter_chunked(1 << 16):
+            size += len(chunk)
+            if size > self._max_body:
+                resp.close()
+                raise RetryableError(
+                    f"the answer is larger than {self._max_body:,} bytes; not read",
+                    maybe_applied=True,
+                    http_status=resp.status,
+                )
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     # -- the access token ---------------------------------------------------------------
 
@@ -261,9 +304,12 @@ class EnOSClient:
             status, headers, raw = await self._exchange(
                 "POST", self._api_url(path), {"Content-Type": p.JSON_CONTENT_TYPE}, body
             )
-            reply = _token_reply(status, headers, raw)
+            # Not byte-scrubbed: a token answer legitimately holds a token (the same one again,
+            # while it is valid); what is kept of it goes through _text(), which masks.
+            reply = _token_reply(status, headers, raw, self._max_retry_after)
             if reply is not None:
                 value, expire = reply
+                redact.register(value)  # from now on masked in every output, also once replaced
                 log.info("enos.token_obtained", expires_in_s=expire)
                 margin = min(300.0, 0.1 * expire)
                 return _Token(value, self._clock() + expire - margin)
@@ -289,10 +335,12 @@ class EnOSClient:
 # -- interpreting answers (pure) --------------------------------------------------------------
 
 
-def _interpret(status: int, headers: Mapping[str, str], raw: bytes) -> dict[str, Any]:
+def _interpret(
+    status: int, headers: Mapping[str, str], raw: bytes, max_retry_after: float
+) -> dict[str, Any]:
     """Map a business answer to its payload, or raise the classified error it stands for."""
     if status != 200:
-        _raise_for_http(status, headers)
+        _raise_for_http(status, headers, max_retry_after)
     payload = _json_object(raw)
     code = payload.get("code")
     if not isinstance(code, int) or isinstance(code, bool):
@@ -319,13 +367,13 @@ def _interpret(status: int, headers: Mapping[str, str], raw: bytes) -> dict[str,
     )
 
 
-def _raise_for_http(status: int, headers: Mapping[str, str]) -> None:
+def _raise_for_http(status: int, headers: Mapping[str, str], max_retry_after: float) -> None:
     if status == 401:
         raise _TokenRejected
     if status == 403:
         raise PermissionDeniedError("the gateway refused access (HTTP 403)", http_status=403)
     if status == 429:
-        retry_after = parse_retry_after(headers.get("Retry-After"))
+        retry_after = _capped_retry_after(headers.get("Retry-After"), max_retry_after)
         raise RateLimitedError("rate limited (HTTP 429)", retry_after=retry_after, request_id=None)
     if status >= 500:
         raise RetryableError(f"gateway error HTTP {status}", maybe_applied=True, http_status=status)
@@ -344,12 +392,14 @@ def _raise_for_http(status: int, headers: Mapping[str, str]) -> None:
     raise TargetError(f"HTTP {status}", http_status=status)
 
 
-def _token_reply(status: int, headers: Mapping[str, str], raw: bytes) -> tuple[str, float] | None:
+def _token_reply(
+    status: int, headers: Mapping[str, str], raw: bytes, max_retry_after: float
+) -> tuple[str, float] | None:
     """The (token, expire) of a token answer; None for a replay (1001); raise otherwise."""
     if status in (401, 403):
         raise AuthError(f"the token service refused the application (HTTP {status})")
     if status != 200:
-        _raise_for_http(status, headers)
+        _raise_for_http(status, headers, max_retry_after)
     payload = _json_object(raw)
     outcome = payload.get("status")
     data = payload.get("data")
@@ -365,20 +415,32 @@ def _token_reply(status: int, headers: Mapping[str, str], raw: bytes) -> tuple[s
     if outcome == p.TOKEN_INTERNAL:
         raise RetryableError("the token service failed (1005)", maybe_applied=False, code=1005)
     raise AuthError(
-        f"the token service rejected the application credentials (status {outcome}: "
-        f"{payload.get('msg')}); check ENOS_APP_KEY and ENOS_APP_SECRET",
+        f"the token service rejected the application credentials (status {_text(outcome)}: "
+        f"{_text(payload.get('msg'))}); check ENOS_APP_KEY and ENOS_APP_SECRET",
         code=outcome if isinstance(outcome, int) else None,
     )
 
 
+def _capped_retry_after(value: str | None, cap: float) -> float | None:
+    """Retry-After, at most `cap` seconds: a gateway must not pause the run for days."""
+    wanted = parse_retry_after(value)
+    if wanted is not None and wanted > cap:
+        log.warning("worker.retry_after_capped", asked_s=_text(value)[:40], used_s=cap)
+        return cap
+    return wanted
+
+
 def parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or an HTTP date); None if absent/bad."""
-    if not value:
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date); None if absent/bad.
+    `inf` is kept (the caller caps it); `nan` is nonsense and ignored."""
+    if not value or len(value) > 64:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        return None if math.isnan(seconds) else max(0.0, seconds)
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
@@ -408,9 +470,12 @@ TEXT_CAP = 1000  # characters of gateway text kept in a record
 
 
 def _text(value: object) -> str:
-    """Gateway text for a record: a string, capped (the gateway's text is never trusted)."""
-    text = value if isinstance(value, str) else "" if value is None else str(value)
-    return text if len(text) <= TEXT_CAP else text[:TEXT_CAP] + "...[cut]"
+    """Gateway text for a record: a string, capped, with every registered secret masked (the
+    gateway's text is never trusted)."""
+    text = value if type(value) is str else "" if value is None else str(value)
+    if len(text) > TEXT_CAP:
+        text = text[:TEXT_CAP] + "...[cut]"
+    return redact.scrub_text(text)
 
 
 def _request_id(payload: Mapping[str, Any]) -> str | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
+import ssl
 import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -526,14 +527,21 @@ async def _cut_off(request: web.Request, raw: bytes, *, sent: int) -> web.Stream
 
 
 @asynccontextmanager
-async def serve(simulator: Simulator, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
-    """Run the simulator on host:port (0 = any free port) and yield its base URL."""
+async def serve(
+    simulator: Simulator,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    tls: ssl.SSLContext | None = None,
+) -> AsyncIterator[str]:
+    """Run the simulator on host:port (0 = any free port), over TLS when given a server
+    context, and yield its base URL."""
     runner = web.AppRunner(simulator.app(), access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, ssl_context=tls)
     await site.start()
     try:
         bound = runner.addresses[0][1]
-        yield f"http://{host}:{bound}"
+        yield f"{'https' if tls else 'http'}://{host}:{bound}"
     finally:
         await runner.cleanup()
