@@ -21,6 +21,18 @@ Messages never contain a secret, an access token or a signature.
 
 from __future__ import annotations
 
+import reprlib
+
+_SHOWN = reprlib.Repr()  # keyword arguments only from Python 3.12
+_SHOWN.maxlevel, _SHOWN.maxlist, _SHOWN.maxtuple, _SHOWN.maxdict = 2, 4, 4, 4
+_SHOWN.maxstring = _SHOWN.maxother = 60
+
+
+def shown(value: object) -> str:
+    """A value for an error message: its repr, bounded (a billion-laughs alias or a 200 MB
+    string must not become a 2 GB message)."""
+    return _SHOWN.repr(value)
+
 
 class WorkerError(Exception):
     """Base of every error `worker` raises on purpose."""

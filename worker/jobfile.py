@@ -14,6 +14,7 @@ import difflib
 import hashlib
 import operator
 import re
+import stat
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from typing import Any
 import orjson
 import yaml
 
-from worker.errors import JobFileError
+from worker.errors import JobFileError, shown
 from worker.model import (
     DEFAULT_RATE,
     AbortRule,
@@ -48,6 +49,8 @@ LIMIT_KEYS = ("rate", "rate_floor", "rate_max", "concurrency", "attempts", "time
               "max_retry_after")  # fmt: skip
 ABORT_KEYS = ("failure_ratio", "min_finished")
 MAX_PROBLEMS = 20
+JOB_FILE_MAX = 16 << 20  # bytes; a larger job file should move its targets to a targets_file
+LINE_MAX = 1 << 16  # bytes of one targets-file line: five ids of 256 characters fit many times
 _STR_TAG = "tag:yaml.org,2002:str"
 _NULL_TAG = "tag:yaml.org,2002:null"
 _Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -83,7 +86,7 @@ def load_job(path: Path) -> Job:
         raise JobFileError([f"{path}: the job file must be a YAML mapping (key: value lines)"])
     fields = _mapping(root, JOB_KEYS, "", problems)
     version = fields.get("version")
-    if version is None or _value(version) != 1 or isinstance(_value(version), bool):
+    if version is None or not _is_version_1(version):
         problems.add(version or root, "version", "missing or not 1", "write 'version: 1'")
     org_id = _id(fields.get("org_id"), "org_id", problems, allow_null=True)
     job_command = _id(fields.get("command_id"), "command_id", problems, allow_null=True)
@@ -108,8 +111,19 @@ def load_job(path: Path) -> Job:
 
 
 def _read_bytes(path: Path) -> bytes:
+    """The job file's bytes: a regular file (a FIFO would hang, /dev/zero never ends) of at
+    most JOB_FILE_MAX bytes (targets belong in a targets file)."""
     try:
-        return path.read_bytes()
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise JobFileError([f"{path}: not a regular file; give the path of a YAML job file"])
+        if info.st_size > JOB_FILE_MAX:
+            raise JobFileError([
+                f"{path}: {info.st_size:,} bytes, more than a job file may hold "
+                f"({JOB_FILE_MAX:,}); put the targets in a targets_file (CSV or JSONL)"
+            ])  # fmt: skip
+        with path.open("rb") as stream:
+            return stream.read(JOB_FILE_MAX + 1)
     except OSError as exc:
         raise JobFileError([f"{path}: cannot read the job file: {exc.strerror}"]) from None
 
@@ -124,6 +138,14 @@ def _compose(path: Path, raw: bytes) -> yaml.Node | None:
         raise JobFileError([f"{path}{line}: not valid YAML: {exc.problem}"]) from None
     except yaml.YAMLError as exc:
         raise JobFileError([f"{path}: not valid YAML: {exc}"]) from None
+
+
+def _is_version_1(node: yaml.Node) -> bool:
+    try:
+        value = _value(node)
+    except ValueError:
+        return False
+    return value == 1 and not isinstance(value, bool)
 
 
 def _mapping(
@@ -146,8 +168,13 @@ def _mapping(
 
 
 def _value(node: yaml.Node) -> Any:
-    """A scalar's YAML value (numbers, booleans, null) for non-id settings."""
-    return yaml.constructor.SafeConstructor().construct_object(node, deep=True)
+    """A scalar's YAML value (numbers, booleans, null) for non-id settings; ValueError when
+    YAML cannot build it (``!!int ''``, ``!!binary yes``, ``!!timestamp ''``, ...)."""
+    try:
+        return yaml.constructor.SafeConstructor().construct_object(node, deep=True)
+    except Exception as exc:  # the constructors raise IndexError, KeyError, binascii.Error...
+        tag = str(node.tag).rsplit(":", 1)[-1]
+        raise ValueError(f"cannot be read as a YAML value (tag {shown(tag)})") from exc
 
 
 def _id(
@@ -164,15 +191,36 @@ def _id(
         if not allow_null:
             problems.add(node, field_name, "is empty", "give a value or remove the field")
         return None
-    if not text.strip():
-        problems.add(
-            node, field_name, "is empty or only spaces", "give a value or remove the field"
-        )
-        return None
-    if text != text.strip():
-        problems.add(node, field_name, f"{text!r} has spaces around it", "remove the spaces")
+    problem = _text_problem(text)
+    if problem is not None:
+        problems.add(node, field_name, *problem.split("; ", 1))
         return None
     return text
+
+
+def _text_problem(text: str) -> str | None:
+    """What is wrong with an id as written ("problem; fix"), or None."""
+    if not text.strip():
+        return "is empty or only spaces; give a value or remove the field"
+    if text != text.strip():
+        return f"{shown(text)} has spaces around it; remove the spaces"
+    return id_problem(text)
+
+
+ID_MAX = 256  # characters; EnOS ids are short, anything longer is a mistake or an attack
+_HIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
+
+
+def id_problem(text: str) -> str | None:
+    """What is wrong with an id ("problem; fix"), or None: too long, or holding a control,
+    line-break, zero-width or bidi character (which would also reach logs and reports)."""
+    if len(text) > ID_MAX:
+        return f"{len(text):,} characters long; an id has at most {ID_MAX}"
+    hidden = _HIDDEN.search(text)
+    if hidden is not None:
+        return (f"holds the invisible character U+{ord(hidden.group()):04X}; remove it (control, "
+                "line-break, zero-width and bidi characters are refused)")  # fmt: skip
+    return None
 
 
 def _inline_targets(
@@ -240,14 +288,17 @@ def _targets_file(
     suffix = path.suffix.lower()
     fmt = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}.get(suffix)
     if fmt is None:
-        problems.add(
-            node, "targets_file", f"{text!r} is neither .csv nor .jsonl", "rename or convert it"
-        )
+        problems.add(node, "targets_file", f"{shown(text)} is neither .csv nor .jsonl",
+                     "rename or convert it")  # fmt: skip
         return None
-    if not path.is_file():
+    if not path.exists():
         problems.add(
             node, "targets_file", f"{path} does not exist", "the path is relative to the job file"
         )
+        return None
+    if not path.is_file():
+        problems.add(node, "targets_file", f"{path} is not a regular file",
+                     "give a CSV or JSONL file (not a FIFO, device or directory)")  # fmt: skip
         return None
     return TargetsFile(path=path, fmt=fmt)
 
@@ -260,7 +311,7 @@ def _name(node: yaml.Node | None, path: Path, problems: _Problems) -> str:
 def _gateway(node: yaml.Node | None, problems: _Problems) -> str | None:
     text = _id(node, "gateway", problems, allow_null=True)
     if text is not None and not re.match(r"https?://[^/\s]+", text):
-        problems.add(node, "gateway", f"{text!r} is not an http(s) URL", "write https://host")
+        problems.add(node, "gateway", f"{shown(text)} is not an http(s) URL", "write https://host")
         return None
     return text
 
@@ -303,7 +354,7 @@ def _abort(node: yaml.Node | None, problems: _Problems) -> AbortRule:
 def _ratio(value: object) -> float:
     number = float(positive(value, float))
     if number > 1:
-        raise ValueError(f"{value!r} is above 1")
+        raise ValueError(f"{shown(value)} is above 1")
     return number
 
 
@@ -503,9 +554,35 @@ def _file_rows(targets_file: TargetsFile) -> Iterator[tuple[int, Row]]:
     return _jsonl_rows(targets_file.path)
 
 
+def _raw_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, bytes) of a targets file, each line at most LINE_MAX bytes: a 200 MB
+    "id" or a header of fifty million commas is refused before it is held in memory."""
+    with path.open("rb") as stream:
+        number = 0
+        while raw := stream.readline(LINE_MAX + 1):
+            number += 1
+            if len(raw) > LINE_MAX and not raw.endswith(b"\n"):
+                raise JobFileError([f"{path}:{number}: the line is longer than {LINE_MAX:,} "
+                                    "bytes; a target row holds a few short ids"])  # fmt: skip
+            yield number, raw
+
+
+def _text_lines(path: Path) -> Iterator[str]:
+    """The lines of a targets file as text: UTF-8 (a leading BOM dropped), else JobFileError
+    naming the line and the byte."""
+    for number, raw in _raw_lines(path):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            byte, column = raw[exc.start], exc.start + 1
+            message = f"not UTF-8 text (byte 0x{byte:02x} at column {column}); save it as UTF-8"
+            raise JobFileError([f"{path}:{number}: {message}"]) from None
+        yield text.removeprefix("\ufeff") if number == 1 else text
+
+
 def _csv_rows(path: Path) -> Iterator[tuple[int, Row]]:
-    with path.open(newline="", encoding="utf-8-sig") as stream:
-        reader = csv.reader(stream)
+    reader = csv.reader(_text_lines(path))
+    try:
         columns = _columns(path, next(reader, None))
         width = len(columns)
         # Absent columns read the empty cell appended to every row: one C-level itemgetter call.
@@ -523,14 +600,26 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, Row]]:
             joined = "".join(row)
             if " " in joined or "\t" in joined:
                 _refuse_padding(path, reader.line_num, row)
+            if len(joined) > ID_MAX or _HIDDEN.search(joined):
+                _refuse_odd_ids(path, reader.line_num, row)
             row.append("")
             yield reader.line_num, pick(row)
+    except csv.Error as exc:
+        raise JobFileError([f"{path}:{reader.line_num}: not valid CSV ({shown(str(exc))}); "
+                            "fix the row"]) from None  # fmt: skip
+
+
+def _refuse_odd_ids(path: Path, line: int, row: list[str]) -> None:
+    for value in row:
+        problem = id_problem(value)
+        if problem is not None:
+            raise JobFileError([f"{path}:{line}: {shown(value)} {problem}"])
 
 
 def _refuse_padding(path: Path, line: int, row: list[str]) -> None:
     for value in row:
         if value != value.strip():
-            raise JobFileError([f"{path}:{line}: {value!r} has spaces around it; remove them"])
+            raise JobFileError([f"{path}:{line}: {shown(value)} has spaces around it; remove them"])
 
 
 def _columns(path: Path, header: list[str] | None) -> list[str]:
@@ -540,38 +629,36 @@ def _columns(path: Path, header: list[str] | None) -> list[str]:
     unknown = [name for name in columns if name not in TARGET_KEYS]
     if unknown:
         raise JobFileError(
-            [f"{path}:1: unknown column(s) {unknown}; columns are {', '.join(TARGET_KEYS)}"]
+            [f"{path}:1: unknown column(s) {shown(unknown)}; columns are {', '.join(TARGET_KEYS)}"]
         )
     return columns
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, Row]]:
-    with path.open("rb") as stream:
-        for number, line in enumerate(stream, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                item = orjson.loads(line)
-            except orjson.JSONDecodeError as exc:
-                raise JobFileError(
-                    [f"{where}: not valid JSON ({exc}); one object per line"]
-                ) from None
-            if not isinstance(item, dict):
-                raise JobFileError(
-                    [f'{where}: must be a JSON object such as {{"asset_id": "..."}}']
-                )
-            yield number, _json_row(where, item)
+    for number, line in _raw_lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            item = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            raise JobFileError(
+                [f"{where}: not valid JSON ({shown(str(exc))}); one object per line"]
+            ) from None
+        if not isinstance(item, dict):
+            raise JobFileError([f'{where}: must be a JSON object such as {{"asset_id": "..."}}'])
+        yield number, _json_row(where, item)
 
 
 def _json_row(where: str, item: dict[str, Any]) -> Row:
     for name, value in item.items():
         if name not in TARGET_KEYS:
             raise JobFileError(
-                [f"{where}: unknown key {name!r}; keys are {', '.join(TARGET_KEYS)}"]
+                [f"{where}: unknown key {shown(name)}; keys are {', '.join(TARGET_KEYS)}"]
             )
         if value is not None and not isinstance(value, str):
-            raise JobFileError([f"{where}: {name}: {value!r} is not text; write it in quotes"])
-        if isinstance(value, str) and (not value.strip() or value != value.strip()):
-            raise JobFileError([f"{where}: {name}: {value!r} is empty or has spaces around it"])
+            raise JobFileError([f"{where}: {name}: {shown(value)} is not text; write it in quotes"])
+        problem = _text_problem(value) if isinstance(value, str) else None
+        if problem is not None:
+            raise JobFileError([f"{where}: {name}: {problem}"])
     return tuple(item.get(name) or "" for name in TARGET_KEYS)  # type: ignore[return-value]

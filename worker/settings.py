@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from worker.errors import UsageError
+from worker.errors import UsageError, shown
 from worker.model import Credentials, Job, Limits
 from worker.units import parse_duration, parse_rate, with_rate
 
@@ -92,7 +92,7 @@ def resolve_gateway(flag: str | None, job: Job, *, insecure: bool) -> str:
         )
     parts = urlsplit(gateway)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise UsageError(f"the gateway {gateway!r} is not an http(s) URL")
+        raise UsageError(f"the gateway {shown(gateway)} is not an http(s) URL")
     if parts.scheme == "http" and not insecure and not _is_loopback(parts.hostname):
         raise UsageError(
             f"the gateway {gateway} is plain http on a non-loopback host; use https, or pass "

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+from worker.errors import shown
 from worker.model import Limits
 
 _DURATION_RE = re.compile(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
@@ -35,7 +36,7 @@ def parse_duration(value: object) -> float:
         return float(positive(value, float))
     match = _DURATION_RE.fullmatch(str(value).strip())
     if not match or not any(match.groups()):
-        raise ValueError(f"{value!r} is not a duration")
+        raise ValueError(f"{shown(value)} is not a duration")
     hours, minutes, seconds = (int(g or 0) for g in match.groups())
     return float(positive(hours * 3600 + minutes * 60 + seconds, float))
 
@@ -43,9 +44,9 @@ def parse_duration(value: object) -> float:
 def positive(value: object, kind: Callable[[Any], Any]) -> Any:
     """`value` as `kind` (int or float) when it is a number above zero; else ValueError."""
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{value!r} is not a number")
+        raise ValueError(f"{shown(value)} is not a number")
     if kind is int and not isinstance(value, int):
-        raise ValueError(f"{value!r} is not a whole number")
+        raise ValueError(f"{shown(value)} is not a whole number")
     if value <= 0:
-        raise ValueError(f"{value!r} is not above zero")
+        raise ValueError(f"{shown(value)} is not above zero")
     return kind(value)
