@@ -31,6 +31,11 @@ class AuditLog:
         self._prev = _last_line_hash(path) or hashlib.sha256(run_id.encode()).hexdigest()
         self.log = AppendLog(path)
 
+    @property
+    def head(self) -> str:
+        """The sha256 of the last line written: the chain's head, to record in a ticket."""
+        return self._prev
+
     def write(self, record: dict[str, Any]) -> None:
         """Append one record, chained to the previous one."""
         record["prev"] = self._prev

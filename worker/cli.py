@@ -20,7 +20,7 @@ from typing import TypeVar
 import anyio
 import structlog
 
-from worker import __version__, dryrun, logs
+from worker import __version__, auditverify, dryrun, logs
 from worker.enos.simulator import Faults, Simulator, serve
 from worker.errors import UsageError
 from worker.htmlreport import combine, render_html
@@ -325,6 +325,26 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    """Check each run directory's audit chain and its agreement with results and summary."""
+    worst = 0
+    for name in args.dirs:
+        try:
+            found = auditverify.verify(Path(name), head=args.head)
+        except auditverify.AuditBroken as exc:
+            sys.stdout.write(f"FAILED  {exc}\n")
+            worst = 1
+            continue
+        sys.stdout.write(
+            f"OK      {name}: {found.records:,} audit records in {found.segments} segment(s), "
+            f"chain intact; {found.results:,} results, each with its attempts "
+            f"({found.attempts:,}); summary agrees\n        audit head {found.head}\n"
+        )
+        for note in found.notes:
+            sys.stdout.write(f"        note: {note}\n")
+    return worst
+
+
 # -- the parser ----------------------------------------------------------------------------
 
 
@@ -397,6 +417,19 @@ def _parser() -> argparse.ArgumentParser:
         "./report.html for several directories)",
     )
     report.set_defaults(handler=cmd_report)
+
+    audit = commands.add_parser("audit", help="check a run's audit log")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+    check = audit_commands.add_parser(
+        "verify",
+        help="check the hash chain, and that results and summary agree with it (exit 0 when "
+        "whole, 1 naming the first bad line)",
+    )
+    check.add_argument("dirs", nargs="+", metavar="DIR")
+    check.add_argument(
+        "--head", metavar="SHA256", help="the audit head the run printed: the chain must end there"
+    )
+    check.set_defaults(handler=cmd_audit_verify)
     return parser
 
 

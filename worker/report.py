@@ -126,7 +126,9 @@ def build_summary(manifest: Manifest, counts: JournalTally, *, exit_code: int) -
     )
 
 
-def render(summary: Summary, run_dir: Path, out: TextIO | None = None) -> None:
+def render(
+    summary: Summary, run_dir: Path, out: TextIO | None = None, *, audit_head: str | None = None
+) -> None:
     """A short table for people: what happened, what is left, where the files are."""
     stream = out or sys.stdout
     outcomes = summary.outcomes
@@ -154,6 +156,10 @@ def render(summary: Summary, run_dir: Path, out: TextIO | None = None) -> None:
     if summary.stop_message:
         lines.append(f"  why it stopped     {summary.stop_message}")
     lines.append(f"  files              {run_dir}/ (results.jsonl, audit.jsonl, summary.json)")
+    if audit_head is not None:
+        lines.append(
+            f"  audit head         {audit_head}   (worker audit verify {run_dir} --head ...)"
+        )
     lines.append(f"  exit code          {summary.exit_code}")
     stream.write("\n".join(lines) + "\n")
     stream.flush()

@@ -195,7 +195,7 @@ async def execute(
         segment.requests = engine.progress.requests
         segment.duration_s = round(time.monotonic() - began, 3)
         summary = _close_segment(engine, manifest, segment, recorder)
-    render(summary, run_dir, out)
+    render(summary, run_dir, out, audit_head=recorder.audit.head)
     if summary.exit_code in (ExitCode.ABORTED, ExitCode.INTERRUPTED):
         _print_resume_hint(job, run_dir, out, retry_failed=summary.outcomes["failed"] > 0)
     return summary.exit_code

@@ -1,0 +1,214 @@
+"""`worker audit verify DIR`: is the run's record whole, in order, and consistent?
+
+It checks, reading each file once (memory: a few dozen bytes per target):
+
+1. **The hash chain** of audit.jsonl across all segments: every line is complete JSON, its
+   ``prev`` is the sha256 of the line before (the first: of the run id in run.json), the
+   segments are in order (``run_started``, attempts, ``run_finished``; a segment that died has
+   no ``run_finished``), nothing follows the last ``run_finished`` but a new ``run_started``, and
+   there are as many segments as run.json lists. An edited, removed, reordered, truncated or
+   appended line breaks one of these.
+2. **The journal against the audit**: every result has attempt records for its target (at least
+   as many as it counts) and one with its request id; one result per target, except one that a
+   ``--retry-failed`` segment superseded.
+3. **The summary**: summary.json says what the journal says (outcomes, not attempted, effect
+   unknown, attempts), and the last ``run_finished`` record carries the same summary.
+
+A chain proves order and completeness up to its last line, not against someone who rewrites
+the whole file: record the chain head the run prints (``audit head``) in the ticket, and pass it
+as ``--head`` to prove the file still ends there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from worker.audit import AUDIT_FILE
+from worker.journal import RESULTS_FILE, record_key
+from worker.model import Outcome, gc_paused, key_digest
+from worker.report import build_summary, tally
+from worker.rundir import SUMMARY_FILE, read_manifest
+
+
+class AuditBroken(Exception):
+    """The first thing found wrong: the file, its line, and what."""
+
+    def __init__(self, path: Path, line: int | None, what: str) -> None:
+        where = f"{path}:{line}" if line is not None else str(path)
+        super().__init__(f"{where}: {what}")
+
+
+@dataclass
+class Verified:
+    """What a verification read (when nothing was wrong)."""
+
+    records: int = 0
+    segments: int = 0
+    attempts: int = 0
+    results: int = 0
+    head: str = ""
+    died: bool = False  # the last segment has no run_finished
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Attempts:
+    """Per target (by digest): how many attempt records, and which (target, request id) pairs."""
+
+    counts: Counter[int] = field(default_factory=Counter)
+    request_ids: set[int] = field(default_factory=set)
+
+
+def verify(run_dir: Path, *, head: str | None = None) -> Verified:
+    """Check the run directory; raise AuditBroken at the first problem."""
+    manifest = read_manifest(run_dir)
+    found = Verified()
+    with gc_paused():
+        attempts = _check_chain(run_dir / AUDIT_FILE, manifest.run_id, found)
+        if found.segments != len(manifest.segments):
+            raise AuditBroken(
+                run_dir / AUDIT_FILE,
+                None,
+                f"{found.segments} segments started, run.json lists {len(manifest.segments)}",
+            )
+        _check_results(run_dir / RESULTS_FILE, attempts, found)
+    if head is not None and head.lower() != found.head:
+        raise AuditBroken(
+            run_dir / AUDIT_FILE,
+            found.records,
+            f"the chain ends at {found.head}, "
+            f"not at the head given ({head}): records were removed or rewritten",
+        )
+    _check_summary(run_dir, found)
+    return found
+
+
+def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    if not path.exists():
+        raise AuditBroken(path, None, "missing")
+    with path.open("rb") as stream:
+        for number, line in enumerate(stream, start=1):
+            if not line.endswith(b"\n"):
+                raise AuditBroken(path, number, "the last line is incomplete (cut off)")
+            yield number, line[:-1]
+
+
+def _check_chain(path: Path, run_id: str, found: Verified) -> _Attempts:
+    """The chain and the segment structure; collects the attempts by target."""
+    prev = hashlib.sha256(run_id.encode()).hexdigest()
+    attempts = _Attempts()
+    in_segment = False
+    for number, line in _lines(path):
+        try:
+            record: dict[str, Any] = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            raise AuditBroken(path, number, "not JSON") from None
+        if record.get("prev") != prev:
+            raise AuditBroken(
+                path,
+                number,
+                "the chain is broken: its prev is not the sha256 of "
+                "the line before (a record was edited, removed or reordered)",
+            )
+        prev = hashlib.sha256(line).hexdigest()
+        kind = record.get("type")
+        if kind == "run_started":
+            found.segments += 1
+            if record.get("segment") != found.segments or record.get("run_id") != run_id:
+                raise AuditBroken(path, number, "a run_started out of order or of another run")
+            in_segment = True
+        elif not in_segment:
+            raise AuditBroken(
+                path,
+                number,
+                f"a {kind} record outside a segment (after "
+                "run_finished, or before run_started): forged or misplaced",
+            )
+        elif kind == "run_finished":
+            in_segment = False
+        elif kind == "attempt":
+            digest = key_digest(record_key(record))
+            attempts.counts[digest] += 1
+            attempts.request_ids.add(hash((digest, record.get("request_id"))))
+            found.attempts += 1
+        else:
+            raise AuditBroken(path, number, f"an unknown record type {kind!r:.40}")
+        found.records += 1
+    if not found.records:
+        raise AuditBroken(path, None, "empty")
+    if in_segment:
+        found.died = True
+        found.notes.append("the last segment has no run_finished: it died (kill -9, OOM, power)")
+    found.head = prev
+    return attempts
+
+
+def _check_results(path: Path, attempts: _Attempts, found: Verified) -> None:
+    """Every result has its attempts and request id; one result per target."""
+    final: dict[int, str] = {}  # digest -> outcome of its line so far
+    if not path.exists():
+        return
+    for number, line in _lines(path):
+        try:
+            record: dict[str, Any] = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            raise AuditBroken(path, number, "not JSON") from None
+        digest = key_digest(record_key(record))
+        seen = attempts.counts.get(digest, 0)
+        if not seen:
+            raise AuditBroken(path, number, "a result with no attempt record in audit.jsonl")
+        if (record.get("attempts") or 0) > seen:
+            raise AuditBroken(
+                path,
+                number,
+                f"the result counts {record.get('attempts')} attempts, audit.jsonl has {seen}",
+            )
+        request_id = record.get("request_id")
+        if request_id is not None and hash((digest, request_id)) not in attempts.request_ids:
+            raise AuditBroken(path, number, "no attempt record has this result's request_id")
+        earlier = final.get(digest)
+        if earlier is not None and earlier != Outcome.FAILED:
+            raise AuditBroken(path, number, "a second final result for one target")
+        final[digest] = record.get("outcome", "")
+        found.results += 1
+
+
+def _check_summary(run_dir: Path, found: Verified) -> None:
+    path = run_dir / SUMMARY_FILE
+    if not path.exists() or found.died:
+        found.notes.append(
+            "summary.json does not cover the last segment, which did not finish "
+            "(resume the run to complete it)"
+        )
+        return
+    written = orjson.loads(path.read_bytes())
+    manifest = read_manifest(run_dir)
+    expected = build_summary(manifest, tally(run_dir), exit_code=written.get("exit_code", 0))
+    for key in ("outcomes", "not_attempted", "effect_unknown", "attempts", "targets"):
+        if written.get(key) != getattr(expected, key):
+            raise AuditBroken(
+                path,
+                None,
+                f"{key} is {written.get(key)!r:.80}; the journal says "
+                f"{getattr(expected, key)!r:.80}",
+            )
+    last = _last_finished_summary(run_dir / AUDIT_FILE)
+    if last is not None and last != written:
+        raise AuditBroken(path, None, "differs from the summary in the last run_finished record")
+
+
+def _last_finished_summary(path: Path) -> dict[str, Any] | None:
+    last: dict[str, Any] | None = None
+    for _, line in _lines(path):
+        if b'"run_finished"' in line:
+            record = orjson.loads(line)
+            if record.get("type") == "run_finished":
+                last = record.get("summary")
+    return last
