@@ -47,6 +47,14 @@ class Faults:
     rate_cap: float | None = None  # business calls per second (1-s window); above: 429
     retry_after_s: int = 1  # the Retry-After sent with a 429
     throttle_next: int = 0  # answer this many next business calls with 429, whatever the rate
+    slow_rate: float = 0.0  # answers held back `slow_ms` after the call took effect
+    slow_ms: float = 0.0
+    drop_before_rate: float = 0.0  # connection closed before the call is handled (no effect)
+    oversize_rate: float = 0.0  # a 2 MiB answer after the call took effect
+    redirect_rate: float = 0.0  # HTTP 307 to another host, before the call is handled
+    down_until: float = 0.0  # CLOCK_MONOTONIC: until then every connection is closed unanswered
+    burst_from: int = 0  # business calls burst_from .. burst_from + burst_calls - 1 get a 503
+    burst_calls: int = 0
     drop_rate: float = 0.0  # connection closed without an answer, after the call took effect
     malformed_rate: float = 0.0  # answer garbled or cut short, after the call took effect
     token_ttl_s: int = p.TOKEN_LIFETIME_S
@@ -213,6 +221,9 @@ class Simulator:
         body = await request.read()
         self.stats.arrivals.append(time.monotonic())
         self.stats.by_action[request.query.get("action", "")] += 1
+        unhandled = self._before_handling(request)
+        if unhandled is not None:
+            return unhandled
         denied = self._authenticate(request, body)
         if denied is not None:
             self.stats.rejected_auth += 1
@@ -221,6 +232,9 @@ class Simulator:
             return _gateway_error(429, {"Retry-After": str(self.faults.retry_after_s)})
         if self.faults.error_rate and self._rng.random() < self.faults.error_rate:
             return _gateway_error(self._rng.choice((500, 502, 503)))
+        burst = self.faults.burst_from
+        if burst and burst <= self.stats.business_calls < burst + self.faults.burst_calls:
+            return _gateway_error(503)
         if self.faults.latency_ms:
             await asyncio.sleep(self.faults.latency_ms / 1000)
         try:
@@ -281,6 +295,23 @@ class Simulator:
         self._window = (second, count)
         return count > cap
 
+    def _before_handling(self, request: web.Request) -> web.Response | None:
+        """Faults that strike before the call is handled: it has no effect."""
+        faults, rng = self.faults, self._rng
+        down = faults.down_until > time.monotonic()
+        if down or (faults.drop_before_rate and rng.random() < faults.drop_before_rate):
+            if request.transport is not None:
+                request.transport.close()
+            return web.Response(status=503)  # never delivered: the connection is gone
+        if faults.redirect_rate and rng.random() < faults.redirect_rate:
+            location = "http://127.0.0.1:9/connect-service/v2.1/commands?" + request.query_string
+            return web.Response(status=307, headers={"Location": location})
+        return None
+
+    async def up_again(self) -> None:
+        """Return once a `down_until` outage is over (for tests that wait out an outage)."""
+        await asyncio.sleep(max(0.0, self.faults.down_until - time.monotonic()))
+
     def _throttle_next(self) -> bool:
         if self.faults.throttle_next <= 0:
             return False
@@ -294,6 +325,11 @@ class Simulator:
         """Send the answer, or lose it on the way as configured (after the effect took place)."""
         raw = orjson.dumps(payload)
         faults = self.faults
+        if faults.slow_rate and self._rng.random() < faults.slow_rate:
+            await asyncio.sleep(faults.slow_ms / 1000)
+        if faults.oversize_rate and self._rng.random() < faults.oversize_rate:
+            return web.Response(body=raw[:-1] + b',"pad":"' + b"x" * (2 << 20) + b'"}',
+                                content_type="application/json")  # fmt: skip
         if faults.drop_rate and self._rng.random() < faults.drop_rate:
             if request.transport is not None:
                 request.transport.close()
@@ -473,6 +509,8 @@ class Simulator:
 
     async def _set_faults(self, request: web.Request) -> web.Response:
         changes = _json_body(await request.read())
+        if "down_for_s" in changes:  # a convenience: down from now on, for that long
+            changes["down_until"] = time.monotonic() + float(changes.pop("down_for_s"))
         known = {f.name for f in dataclasses.fields(Faults)}
         unknown = sorted(set(changes) - known)
         if unknown:
