@@ -172,3 +172,16 @@ async def test_untrusted_certificate_stops_at_once_and_ca_bundle_fixes_it(
         code, _ = await run_job(job, url, tmp_path / "trusted", ca_bundle=bundle)
         assert code == 0
     assert results(tmp_path / "trusted")[0]["outcome"] == "cancelled"
+
+
+def test_a_missing_ca_bundle_is_refused_before_anything_is_sent(tmp_path: Path) -> None:
+    """--ca-bundle naming no PEM file: exit 2 with the fix, nothing sent."""
+    job = tmp_path / "job.yaml"
+    job.write_text(f"version: 1\nname: t\norg_id: {ORG}\ntargets: [{{asset_id: a}}]\n")
+    (tmp_path / "empty.pem").write_text("not a certificate\n")
+    for bundle, words in ((tmp_path / "nope.pem", "no such file"), (tmp_path / "empty.pem",
+                                                                     "no PEM certificate")):  # fmt: skip
+        done = run_worker("run", str(job), "--gateway", "https://127.0.0.1:9", "--ca-bundle",
+                          str(bundle), "--out", str(tmp_path / "run"))  # fmt: skip
+        assert done.returncode == 2, done.stderr
+        assert words in done.stderr
