@@ -179,9 +179,10 @@ def test_a_missing_ca_bundle_is_refused_before_anything_is_sent(tmp_path: Path) 
     job = tmp_path / "job.yaml"
     job.write_text(f"version: 1\nname: t\norg_id: {ORG}\ntargets: [{{asset_id: a}}]\n")
     (tmp_path / "empty.pem").write_text("not a certificate\n")
-    for bundle, words in ((tmp_path / "nope.pem", "no such file"), (tmp_path / "empty.pem",
-                                                                     "no PEM certificate")):  # fmt: skip
+    cases = ((tmp_path / "nope.pem", "no such file"), (tmp_path / "empty.pem", "no PEM"))
+    for bundle, words in cases:
         done = run_worker("run", str(job), "--gateway", "https://127.0.0.1:9", "--ca-bundle",
                           str(bundle), "--out", str(tmp_path / "run"))  # fmt: skip
         assert done.returncode == 2, done.stderr
         assert words in done.stderr
+        assert not (tmp_path / "run").exists(), "refused before the run directory is made"

@@ -68,6 +68,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError(f"{job.path} lists no targets; nothing to do")
     credentials = load_credentials(args.credentials)
     logs.register_secret(credentials.app_secret)
+    bundle = ca_bundle(args.ca_bundle)  # every input is checked before anything is created
     resuming = args.resume is not None
     if resuming:
         run_dir, manifest, limits, gateway = _resume(args, job, plan_)
@@ -75,9 +76,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         gateway = resolve_gateway(args.gateway, job, insecure=args.insecure)
         limits = _limits(job.limits, args)
     if args.dry_run:
-        return _dry_run(job, plan_, RunOptions(gateway, credentials, limits, Path(),
-                                               ca_bundle=ca_bundle(args.ca_bundle)),
-                        sample=args.sample)  # fmt: skip
+        options = RunOptions(gateway, credentials, limits, Path(), ca_bundle=bundle)
+        return _dry_run(job, plan_, options, sample=args.sample)
     if not resuming:
         _confirm(plan_.total, gateway, assume_yes=args.yes)
         run_dir = new_run_dir(args.out, job)
@@ -88,12 +88,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if resuming:
             _confirm(plan_.total - len(finished.done), gateway, assume_yes=args.yes)
         options = RunOptions(
-            gateway,
-            credentials,
-            limits,
-            run_dir,
-            resume=resuming,
-            ca_bundle=ca_bundle(args.ca_bundle),
+            gateway, credentials, limits, run_dir, resume=resuming, ca_bundle=bundle
         )
         manifest = manifest if resuming else new_manifest(job, plan_, options)
         log.info(
