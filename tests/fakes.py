@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import anyio
 import anyio.lowlevel
 
-from worker.model import Attempt, CancelReply, Command, Target, TargetResult
+from worker.model import Attempt, CancelReply, Command, SearchPage, Target, TargetResult
 
-Answer = CancelReply | Command | list[Command] | BaseException
+Answer = CancelReply | Command | list[Command] | SearchPage | BaseException
 
 
 def ok(*ids: str) -> CancelReply:
@@ -61,10 +61,13 @@ class FakeCanceller:
         assert isinstance(answer, Command), answer
         return answer
 
-    async def search_commands(self, target: Target, expression: str | None = None) -> list[Command]:
+    async def search_page(self, target: Target, expression: str | None, page: int) -> SearchPage:
+        """A scripted list of commands is one page holding all of them."""
         answer = await self._answer("search", target)
+        if isinstance(answer, SearchPage):
+            return answer
         assert isinstance(answer, list), answer
-        return answer
+        return SearchPage(tuple(answer), len(answer), 0, 50)
 
 
 @dataclass

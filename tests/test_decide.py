@@ -33,7 +33,7 @@ from worker.errors import (
     TargetError,
     UnreadableAnswerError,
 )
-from worker.model import CancelReply, Command, Outcome, Target
+from worker.model import CancelReply, Command, Outcome, SearchPage, Target
 from worker.retry import RetryPolicy, Verdict
 
 ORG = "o15541858646501"
@@ -232,9 +232,10 @@ def test_a_failing_get_never_changes_the_result(error: EnOSError) -> None:
 
 def test_search_finds_without_claiming() -> None:
     """A dry run's search lists what a cancel would find (the one command id, if given)."""
-    core = TargetCore(ONE, POLICY, started=0.0, first=Kind.SEARCH)
+    core = TargetCore(ONE, POLICY, started=0.0, probe=True)
     assert core.start() == Send(Kind.SEARCH)
-    finish = core.searched([Command("c0", 1), Command("c1", 1)], 1.0, 1.0)
+    finish = core.searched(SearchPage((Command("c0", 1), Command("c1", 1)), 2, 0, 50), 1.0, 1.0)
+    assert isinstance(finish, Finish)
     assert finish.result.found_command_ids == ("c1",)
     assert finish.result.cancelled_command_ids == ()
 

@@ -9,7 +9,6 @@ import anyio.lowlevel
 import pytest
 
 from tests.fakes import FakeCanceller, MarkRecorder, MemoryRecorder, assets, ok
-from worker.decide import Kind
 from worker.engine import Engine, EngineSettings, StopReason
 from worker.errors import AuthError, RetryableError, TargetError
 from worker.model import AbortRule, Command, Outcome, Target
@@ -163,7 +162,7 @@ async def test_dry_run_searches_and_never_cancels() -> None:
     fake = FakeCanceller({"a1": [[Command("c9", 1)]]})
     fake.script.update({f"a{i}": [[]] for i in (0, 2)})
     recorder = MemoryRecorder()
-    await engine(fake, recorder, first=Kind.SEARCH).run(iter(assets(3)))
+    await engine(fake, recorder, dry_run=True).run(iter(assets(3)))
     assert {action for action, _ in fake.calls} == {"search"}
     done = recorder.by_asset()
     assert done["a1"].found_command_ids == ("c9",)

@@ -62,6 +62,7 @@ class AuditLog:
                 "decision": attempt.decision,
                 "wait_s": attempt.wait_s,
                 "error": attempt.error,
+                **({"subject": attempt.subject} if attempt.subject is not None else {}),
             }
         )
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from worker.errors import EnOSError, RateLimitedError
-from worker.model import CancelReply, Command, Outcome, Target, TargetResult
+from worker.model import CancelReply, Command, Outcome, SearchPage, Target, TargetResult
 from worker.retry import Decision, RetryPolicy, Verdict
 
 
@@ -44,9 +44,12 @@ class Kind(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Send:
-    """Send one call of this kind for the target, at the shared rate."""
+    """Send one call of this kind for the target, at the shared rate: for a selective target,
+    a search `page`, or a cancel of one `command_id`."""
 
     kind: Kind
+    page: int = 1
+    command_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +87,7 @@ class StopRun:
 
 Action = Send | Wait | Finish | Leave | StopRun
 _SENDS = {kind: Send(kind) for kind in Kind}  # frozen: one value per kind, none per call
+PLAIN_CANCEL = _SENDS[Kind.CANCEL]  # the engine's hot path recognises it by identity
 
 
 class Retrying:
@@ -137,6 +141,7 @@ class TargetCore:
         "_phase",
         "_policy",
         "_retry",
+        "_selection",
         "first",
         "last_latency_ms",
         "maybe_applied",
@@ -152,12 +157,16 @@ class TargetCore:
         policy: RetryPolicy,
         *,
         started: float,
-        first: Kind = Kind.CANCEL,
+        probe: bool = False,
         sent_before: bool = False,
         verify: bool = True,
     ) -> None:
         self.target = target
+        # A selective target finds its commands first; a probe (dry run) only searches.
+        searching = probe or target.match is not None
+        first = Kind.SEARCH if searching else Kind.CANCEL
         self.first = first
+        self._selection = _Selection(target, cancel=not probe) if searching else None
         self.started = started
         self.verify = verify
         self.maybe_applied = sent_before
@@ -180,7 +189,18 @@ class TargetCore:
 
     def _send(self) -> Send:
         self.sent += 1
-        return _SENDS[self._phase]
+        selection = self._selection
+        if selection is None:
+            return _SENDS[self._phase]
+        if self._phase is Kind.SEARCH:
+            return Send(Kind.SEARCH, page=selection.page)
+        return Send(Kind.CANCEL, command_id=selection.current)
+
+    @property
+    def expression(self) -> str:
+        """The search expression of this target (its match narrows it by name)."""
+        match = self.target.match
+        return match.expression() if match is not None else PENDING
 
     def waited(self, situation: Situation = RUNNING) -> Send | Leave:
         """The wait is over: call again, unless the run is stopping."""
@@ -197,6 +217,9 @@ class TargetCore:
     def cancelled(self, reply: CancelReply, now: float, latency_ms: float | None) -> Action:
         """A code-0 answer to a cancel."""
         self.last_latency_ms = latency_ms
+        if self._selection is not None:
+            self._selection.answered(reply)
+            return self._next_match(now, reply)
         ids = tuple(command.command_id for command in reply.commands)
         unknown = self.maybe_applied or reply.unreadable > 0
         if ids:
@@ -218,12 +241,32 @@ class TargetCore:
             get_state=command.state,
         )  # fmt: skip
 
-    def searched(self, commands: list[Command], now: float, latency_ms: float | None) -> Finish:
-        """A search's answer (dry run): what a cancel would find; nothing is claimed."""
+    def searched(self, page: SearchPage, now: float, latency_ms: float | None) -> Action:
+        """A page of Search Command: sort its cached commands into matched and kept; read the
+        next page, then cancel each match by id (a dry run stops at what it found)."""
         self.last_latency_ms = latency_ms
-        wanted = self.target.command_id
-        found = tuple(c.command_id for c in commands if wanted is None or c.command_id == wanted)
-        return self._finish(Outcome.NOTHING_TO_CANCEL, now, found=found)
+        selection = self._selection
+        assert selection is not None
+        selection.sort(page)
+        if page.more(selection.page):
+            selection.page += 1
+            return self._send()
+        if not selection.cancel:
+            return self._finish(Outcome.NOTHING_TO_CANCEL, now, found=tuple(selection.matched))
+        self._phase = Kind.CANCEL
+        return self._next_match(now, None)
+
+    def _next_match(self, now: float, reply: CancelReply | None) -> Action:
+        """Cancel the next match by id, or finish: cancelled if any was, else nothing."""
+        selection = self._selection
+        assert selection is not None
+        if selection.advance():
+            self._retry = None  # each command id has its own attempts
+            return self._send()
+        outcome = Outcome.CANCELLED if selection.cancelled else Outcome.NOTHING_TO_CANCEL
+        unknown = self.maybe_applied or bool(selection.unknown)
+        return self._finish(outcome, now, reply=reply, ids=tuple(selection.cancelled),
+                            unknown=unknown)  # fmt: skip
 
     def failed(
         self,
@@ -237,13 +280,22 @@ class TargetCore:
         self.last_latency_ms = latency_ms
         if self._phase is Kind.GET:
             return self._get_failed(error, now, rng, situation)
-        self.maybe_applied |= error.maybe_applied
+        selection = self._selection
+        if self._phase is Kind.CANCEL:  # a search that fails changed nothing
+            if selection is not None:
+                selection.current_maybe_applied |= error.maybe_applied
+            else:
+                self.maybe_applied |= error.maybe_applied
         if self._retry is None:
             self._retry = Retrying(self._policy)
         decision = self._retry.failed(error, rng)
         if decision.verdict is Verdict.FATAL:
             return StopRun(str(error))
         if decision.verdict is Verdict.FAILED:
+            if selection is not None:  # what was cancelled so far is kept in the record
+                unknown = self.maybe_applied or selection.failing_unknown()
+                return self._finish(Outcome.FAILED, now, error=error, unknown=unknown,
+                                    ids=tuple(selection.cancelled))  # fmt: skip
             return self._finish(Outcome.FAILED, now, error=error, unknown=self.maybe_applied)
         return self._wait_or_leave(decision, situation)
 
@@ -294,6 +346,12 @@ class TargetCore:
             msg, problem = None, str(error)
         else:
             status, code, request_id, msg, problem = 200, 0, None, None, None
+        selection = self._selection
+        if selection is not None:
+            matched, missed = tuple(selection.matched), tuple(selection.missed)
+            kept = tuple(selection.kept)
+        else:
+            matched = missed = kept = ()
         return Finish(
             TargetResult(
                 target=self.target,
@@ -311,5 +369,69 @@ class TargetCore:
                 effect_unknown=unknown,
                 get_state=get_state,
                 found_command_ids=found,
+                matched_command_ids=matched,
+                missed_command_ids=missed,
+                kept_command_ids=kept,
             )
         )
+
+
+PENDING = "state = 1"
+
+
+class _Selection:
+    """A selective target's bookkeeping: what the search found, and each match's fate."""
+
+    __slots__ = ("cancel", "cancelled", "current", "current_maybe_applied", "kept", "match",
+                 "matched", "missed", "page", "queue", "unknown", "wanted_id")  # fmt: skip
+
+    def __init__(self, target: Target, *, cancel: bool) -> None:
+        self.match = target.match
+        self.wanted_id = target.command_id  # a dry run of a one-command target
+        self.cancel = cancel  # False: a dry run, which only searches
+        self.page = 1
+        self.matched: list[str] = []
+        self.kept: list[str] = []
+        self.queue: list[str] = []
+        self.current: str | None = None
+        self.current_maybe_applied = False
+        self.cancelled: list[str] = []
+        self.missed: list[str] = []
+        self.unknown: list[str] = []
+
+    def sort(self, page: SearchPage) -> None:
+        """Matched or kept, for every cached command of the page (unreadable ones are kept)."""
+        for command in page.commands:
+            if command.state not in (None, 1):
+                continue  # not cached: neither to cancel nor kept
+            if self._wanted(command):
+                self.matched.append(command.command_id)
+            else:
+                self.kept.append(command.command_id)
+        self.queue = list(reversed(self.matched))
+
+    def _wanted(self, command: Command) -> bool:
+        if self.match is not None:
+            return self.match.matches(command)
+        return self.wanted_id is None or command.command_id == self.wanted_id
+
+    def advance(self) -> bool:
+        """Move to the next match to cancel; False when none is left."""
+        self.current = self.queue.pop() if self.queue else None
+        self.current_maybe_applied = False
+        return self.current is not None
+
+    def answered(self, reply: CancelReply) -> None:
+        """The cancel of `current` answered code 0: cancelled, gone, or not known."""
+        current = self.current
+        assert current is not None
+        if any(c.command_id == current for c in reply.commands):
+            self.cancelled.append(current)
+        elif reply.unreadable or self.current_maybe_applied:
+            self.unknown.append(current)  # an earlier try of it may have done it
+        else:
+            self.missed.append(current)  # delivered or expired since the search
+
+    def failing_unknown(self) -> bool:
+        """Whether a target that fails now may have had more effect than it lists."""
+        return bool(self.unknown) or self.current_maybe_applied

@@ -13,7 +13,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TextIO, TypeVar
 
-from worker.decide import Kind
 from worker.engine import Canceller, Engine, EngineSettings
 from worker.model import Attempt, Outcome, Target, TargetResult
 from worker.ratelimit import RateLimiter
@@ -71,7 +70,7 @@ async def probe(
 ) -> tuple[list[Probe], str | None]:
     """Search each sampled target for cached commands; (probes, why it stopped or None)."""
     probes = _Probes()
-    settings = EngineSettings(concurrency=concurrency, policy=policy, first=Kind.SEARCH)
+    settings = EngineSettings(concurrency=concurrency, policy=policy, dry_run=True)
     engine = Engine(client, probes, limiter, settings)
     await engine.run(iter(sample))
     return probes.found, engine.stop_message or None

@@ -27,22 +27,41 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import anyio
 import structlog
 
-from worker.decide import Action, Finish, Kind, Leave, Send, Situation, StopRun, TargetCore, Wait
+from worker.decide import (
+    PLAIN_CANCEL,
+    Action,
+    Finish,
+    Kind,
+    Leave,
+    Send,
+    Situation,
+    StopRun,
+    TargetCore,
+    Wait,
+)
 from worker.errors import EnOSError, RateLimitedError, RetryableError, UnreadableAnswerError
-from worker.model import AbortRule, Attempt, CancelReply, Command, Outcome, Target, TargetResult
+from worker.model import (
+    AbortRule,
+    Attempt,
+    CancelReply,
+    Command,
+    Outcome,
+    SearchPage,
+    Target,
+    TargetResult,
+)
 from worker.ratelimit import RateLimiter
 from worker.retry import RetryPolicy
 from worker.runstate import Progress
 
 log = structlog.get_logger("worker.engine")
-PENDING_EXPRESSION = "state = 1"
 
 
 class Canceller(Protocol):
@@ -56,8 +75,8 @@ class Canceller(Protocol):
         """Read one command's current state."""
         ...
 
-    async def search_commands(self, target: Target, expression: str | None = None) -> list[Command]:
-        """The device's commands matching `expression`, every page."""
+    async def search_page(self, target: Target, expression: str | None, page: int) -> SearchPage:
+        """One page of the device's commands matching `expression`."""
         ...
 
 
@@ -97,7 +116,7 @@ class EngineSettings:
     abort: AbortRule = field(default_factory=AbortRule)
     deadline_at: float | None = None  # on the engine's clock
     attempt_timeout: float = 10.0
-    first: Kind = Kind.CANCEL  # SEARCH for a dry run
+    dry_run: bool = False  # search each target, cancel nothing
     verify: bool = True  # Get Command for evidence after a lost answer
     max_waiting: int = 0  # parked targets at most (0: 64 per worker, at least 4,096)
 
@@ -227,7 +246,7 @@ class Engine:
             target,
             settings.policy,
             started=self._clock(),
-            first=settings.first,
+            probe=settings.dry_run,
             sent_before=sent_before is not None and sent_before(ordinal, target),
             verify=settings.verify,
         )
@@ -255,51 +274,53 @@ class Engine:
                 if not (self._slot_now() or await self._slot()):
                     action = core.stopped()
                     break
-                action = await self._call(core, action.kind)
+                action = await self._call(core, action)
             self._settle(core, action)
         finally:
             self._busy -= 1
             if not self._busy and not self._admitting and not self._parked:
                 self._notify()
 
-    async def _call(self, core: TargetCore, kind: Kind) -> Action:
+    async def _call(self, core: TargetCore, send: Send) -> Action:
         """One HTTP call; the core's answer to what came back. Never raises for an answer."""
         target, progress = core.target, self.progress
+        sent = _Sent(send.kind, core.sent, _subject(send))
         progress.in_flight += 1
         progress.requests += 1
         began = time.perf_counter()
         try:
-            if kind is Kind.CANCEL:  # the hot path: no extra coroutine frame
-                answer: CancelReply | Command | list[Command] = await self._client.cancel(target)
+            if send is PLAIN_CANCEL:  # the hot path: no extra coroutine frame
+                answer: Answer = await self._client.cancel(target)
             else:
-                answer = await self._ask(kind, target)
+                answer = await self._ask(send, core)
         except anyio.get_cancelled_exc_class():
             self.recorder.attempt(
-                Attempt(target, core.sent, self._clock(), _ms_since(began), None, None, None,
-                        "abandoned", error="cancelled in flight by a second stop signal"),
-                kind.value,
+                Attempt(target, sent.number, self._clock(), _ms_since(began), None, None, None,
+                        "abandoned", error="cancelled in flight by a second stop signal",
+                        subject=sent.subject),
+                sent.kind.value,
             )  # fmt: skip
             raise
         except EnOSError as error:
-            return self._after_error(core, kind, error, began)
+            return self._after_error(core, sent, error, began)
         except Exception as exc:  # the client failed on an answer: the target, not the run
             log.exception("worker.unreadable_answer", target=target.describe())
             unreadable = UnreadableAnswerError(f"the answer could not be read: {exc!r}"[:500])
-            return self._after_error(core, kind, unreadable, began)
+            return self._after_error(core, sent, unreadable, began)
         finally:
             progress.in_flight -= 1
-        return self._after_answer(core, kind, answer, began)
+        return self._after_answer(core, sent, answer, began)
 
-    async def _ask(self, kind: Kind, target: Target) -> Command | list[Command]:
-        if kind is Kind.GET:
+    async def _ask(self, send: Send, core: TargetCore) -> Answer:
+        target = core.target
+        if send.kind is Kind.CANCEL:  # one command of a selective target
+            return await self._client.cancel(replace(target, command_id=send.command_id))
+        if send.kind is Kind.GET:
             assert target.command_id is not None
             return await self._client.get_command(target, target.command_id)
-        return await self._client.search_commands(target, PENDING_EXPRESSION)
+        return await self._client.search_page(target, core.expression, send.page)
 
-    def _after_answer(
-        self, core: TargetCore, kind: Kind, answer: CancelReply | Command | list[Command],
-        began: float,
-    ) -> Action:  # fmt: skip
+    def _after_answer(self, core: TargetCore, sent: _Sent, answer: Answer, began: float) -> Action:
         latency, now = _ms_since(began), self._clock()
         self._limiter.accepted()
         self._failures_in_a_row = 0
@@ -307,17 +328,18 @@ class Engine:
         if isinstance(answer, CancelReply):
             action = core.cancelled(answer, now, latency)
             status, code, request_id = answer.http_status, answer.code, answer.request_id
-        elif isinstance(answer, list):
+        elif isinstance(answer, SearchPage):
             action = core.searched(answer, now, latency)
         else:
             action = core.got_command(answer, now, latency)
         self.recorder.attempt(
-            Attempt(core.target, core.sent, now, latency, status, code, request_id, "done"),
-            kind.value,
-        )
+            Attempt(core.target, sent.number, now, latency, status, code, request_id, "done",
+                    subject=sent.subject),
+            sent.kind.value,
+        )  # fmt: skip
         return action
 
-    def _after_error(self, core: TargetCore, kind: Kind, error: EnOSError, began: float) -> Action:
+    def _after_error(self, core: TargetCore, sent: _Sent, error: EnOSError, began: float) -> Action:
         latency = _ms_since(began)
         if isinstance(error, RateLimitedError):
             self._limiter.throttle(error.retry_after)
@@ -329,11 +351,11 @@ class Engine:
             self._failures_in_a_row = 0
         now = self._clock()
         action = core.failed(error, now, latency, self._rng, self._situation())
-        decision, wait_s = _decision(action, kind)
+        decision, wait_s = _decision(action, sent.kind)
         self.recorder.attempt(
-            Attempt(core.target, core.sent, now, latency, error.http_status, error.code,
-                    error.request_id, decision, wait_s, str(error)),
-            kind.value,
+            Attempt(core.target, sent.number, now, latency, error.http_status, error.code,
+                    error.request_id, decision, wait_s, str(error), sent.subject),
+            sent.kind.value,
         )  # fmt: skip
         return action
 
@@ -450,6 +472,24 @@ def _decision(action: Action, kind: Kind) -> tuple[str, float | None]:
     if isinstance(action, Leave):
         return "left", None
     return "done", None
+
+
+Answer = CancelReply | Command | SearchPage
+
+
+class _Sent(NamedTuple):
+    """What one call was, captured before the core is told its answer (which may already
+    hand out the next call)."""
+
+    kind: Kind
+    number: int
+    subject: str | None
+
+
+def _subject(send: Send) -> str | None:
+    if send.command_id is not None:
+        return send.command_id
+    return f"page {send.page}" if send.kind is Kind.SEARCH else None
 
 
 def _ms_since(began: float) -> float:

@@ -18,6 +18,7 @@ import stat
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from worker.model import (
     AbortRule,
     Job,
     Limits,
+    Match,
     Target,
     TargetsFile,
     gc_paused,
@@ -40,10 +42,15 @@ from worker.model import (
 from worker.units import parse_duration, parse_rate, positive, with_rate
 
 JOB_KEYS = (
-    "version", "name", "gateway", "org_id", "command_id", "targets", "targets_file", "limits",
-    "abort",
+    "version", "name", "gateway", "org_id", "command_id", "match", "targets", "targets_file",
+    "limits", "abort",
 )  # fmt: skip
 TARGET_KEYS = ("asset_id", "product_key", "device_key", "command_id", "org_id")
+MATCH_KEYS = (
+    "command_name", "command_name_locale", "tsl_identifier", "command_type", "created_after",
+    "created_before",
+)  # fmt: skip
+_BOTH = "has both a match and a command_id; remove one (a match finds the command ids itself)"
 Row = tuple[str, str, str, str, str]  # TARGET_KEYS in order; "" where absent
 LIMIT_KEYS = ("rate", "rate_floor", "rate_max", "concurrency", "attempts", "timeout", "deadline",
               "max_retry_after")  # fmt: skip
@@ -90,7 +97,10 @@ def load_job(path: Path) -> Job:
         problems.add(version or root, "version", "missing or not 1", "write 'version: 1'")
     org_id = _id(fields.get("org_id"), "org_id", problems, allow_null=True)
     job_command = _id(fields.get("command_id"), "command_id", problems, allow_null=True)
-    inline = _inline_targets(fields.get("targets"), org_id, job_command, problems)
+    job_match = _match(fields.get("match"), "match", problems)
+    if job_match is not None and job_command is not None:
+        problems.add(fields["match"], "match", *_BOTH.split("; ", 1))
+    inline = _inline_targets(fields.get("targets"), org_id, job_command, job_match, problems)
     targets_file = _targets_file(fields.get("targets_file"), path, problems)
     if not inline and targets_file is None and "targets" not in fields:
         problems.add(root, "targets", "no targets", "add 'targets:' and/or 'targets_file:'")
@@ -101,6 +111,7 @@ def load_job(path: Path) -> Job:
         gateway=_gateway(fields.get("gateway"), problems),
         org_id=org_id,
         command_id=job_command,
+        match=job_match,
         limits=_limits(fields.get("limits"), problems),
         abort=_abort(fields.get("abort"), problems),
         inline_targets=tuple(inline),
@@ -224,7 +235,11 @@ def id_problem(text: str) -> str | None:
 
 
 def _inline_targets(
-    node: yaml.Node | None, org_id: str | None, command_id: str | None, problems: _Problems
+    node: yaml.Node | None,
+    org_id: str | None,
+    command_id: str | None,
+    job_match: Match | None,
+    problems: _Problems,
 ) -> list[Target]:
     if node is None or (isinstance(node, yaml.ScalarNode) and node.tag == _NULL_TAG):
         return []
@@ -238,13 +253,15 @@ def _inline_targets(
             problems.add(item, f"targets[{index}]", "must be a mapping", "write '- asset_id: ...'")
             continue
         before = len(problems.items)
-        fields = _mapping(item, TARGET_KEYS, prefix, problems)
+        fields = _mapping(item, (*TARGET_KEYS, "match"), prefix, problems)
+        own_match = fields.pop("match", None)
+        match = _match(own_match, prefix + "match", problems) if own_match else job_match
         values = {key: _id(value, prefix + key, problems) for key, value in fields.items()}
         if len(problems.items) > before:
             continue  # one report per mistake: do not also say "no selector"
         where = f"{problems.path}:{item.start_mark.line + 1}"
         target = _target(
-            {k: v for k, v in values.items() if v is not None}, org_id, command_id, where
+            {k: v for k, v in values.items() if v is not None}, org_id, command_id, where, match
         )
         if isinstance(target, str):
             problems.add(item, f"targets[{index}]", *target.split("; ", 1))
@@ -254,28 +271,121 @@ def _inline_targets(
 
 
 def _target(
-    values: dict[str, str], org_id: str | None, command_id: str | None, where: str
+    values: dict[str, str],
+    org_id: str | None,
+    command_id: str | None,
+    where: str,
+    match: Match | None,
 ) -> Target | str:
     """A target from its fields and the job's defaults, or "problem; fix" text."""
     row = tuple(values.get(name, "") for name in TARGET_KEYS)
-    return _row_target(row, org_id or "", command_id or "", where)  # type: ignore[arg-type]
+    return _row_target(row, org_id or "", command_id or "", where, match)  # type: ignore[arg-type]
 
 
-def _row_target(row: Row, org_id: str, command_id: str, where: str) -> Target | str:
+def _row_target(
+    row: Row, org_id: str, command_id: str, where: str, match: Match | None = None
+) -> Target | str:
     """A Target from a row (job defaults applied), or "problem; fix" text."""
     asset, product, device, command, org = row
     org = org or org_id
     problem = selector_problem(asset, product, device, org)
     if problem is not None:
         return problem
+    command = command or command_id
+    if match is not None and command:
+        return _BOTH
     return Target(
         org_id=org,
         asset_id=asset or None,
         product_key=product or None,
         device_key=device or None,
-        command_id=command or command_id or None,
+        command_id=command or None,
         source=where,
+        match=match,
     )
+
+
+_LOCALE_RE = re.compile(r"default|[a-z]{2,3}(?:_[A-Z]{2})?")
+
+
+def _match(node: yaml.Node | None, field_name: str, problems: _Problems) -> Match | None:
+    """A `match:` block: which cached commands a selective target cancels."""
+    if node is None or (isinstance(node, yaml.ScalarNode) and node.tag == _NULL_TAG):
+        return None
+    if not isinstance(node, yaml.MappingNode):
+        problems.add(node, field_name, "must be a mapping", "write 'match:' then indented keys")
+        return None
+    before = len(problems.items)
+    fields = _mapping(node, MATCH_KEYS, f"{field_name}.", problems)
+    values: dict[str, Any] = {}
+    for key in ("command_name", "command_name_locale", "tsl_identifier"):
+        if key in fields:
+            values[key] = _id(fields[key], f"{field_name}.{key}", problems)
+    locale = values.get("command_name_locale")
+    if locale is not None and not _LOCALE_RE.fullmatch(locale):
+        problems.add(
+            fields["command_name_locale"],
+            f"{field_name}.command_name_locale",
+            f"{shown(locale)} is not a locale",
+            "write e.g. en_US, zh_CN or default",
+        )
+    if "command_type" in fields:
+        values["command_type"] = _command_type(fields["command_type"], field_name, problems)
+    for key in ("created_after", "created_before"):
+        if key in fields:
+            values[f"{key}_ms"] = _instant(fields[key], f"{field_name}.{key}", problems)
+    if len(problems.items) > before:
+        return None
+    if not values:
+        problems.add(
+            node, field_name, "names no criterion", f"give at least one of {', '.join(MATCH_KEYS)}"
+        )
+        return None
+    after, until = values.get("created_after_ms"), values.get("created_before_ms")
+    if after is not None and until is not None and after >= until:
+        problems.add(
+            node,
+            field_name,
+            "created_after is not before created_before",
+            "swap them, or widen the window",
+        )
+        return None
+    return Match(**values)
+
+
+def _command_type(node: yaml.Node, field_name: str, problems: _Problems) -> int | None:
+    try:
+        value = _value(node)
+    except ValueError:
+        value = None
+    if value not in (1, 2) or isinstance(value, bool):
+        problems.add(
+            node,
+            f"{field_name}.command_type",
+            f"{shown(value)} is not 1 or 2",
+            "1 = measurement-point setting, 2 = service invocation",
+        )
+        return None
+    return int(value)
+
+
+def _instant(node: yaml.Node, field_name: str, problems: _Problems) -> int | None:
+    """An ISO 8601 moment with a zone, as epoch milliseconds (the scalar's text, not YAML's
+    timestamp, which would drop or guess the zone)."""
+    text = str(node.value).strip() if isinstance(node, yaml.ScalarNode) else ""
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        moment = None
+    if moment is None or moment.tzinfo is None:
+        problems.add(
+            node,
+            field_name,
+            f"{shown(text)} is not an ISO 8601 time with a zone",
+            "write e.g. 2026-11-30T08:00:00Z or 2026-11-30T09:00:00+01:00",
+        )
+        return None
+    return int(moment.timestamp() * 1000)
 
 
 def _targets_file(
@@ -419,7 +529,7 @@ def _listed(job: Job, done: set[int] | None) -> Iterator[Target | None]:
             if key_digest(key) in done:
                 yield None
                 continue
-        built = _row_target(row, org_default, command_default, f"{path}:{line}")
+        built = _row_target(row, org_default, command_default, f"{path}:{line}", job.match)
         if isinstance(built, str):
             raise JobFileError([f"{path}:{line}: {built}"])
         yield built
@@ -487,6 +597,9 @@ def _keys(job: Job) -> Iterator[Key]:
     try:
         for line, (asset, product, device, command, own_org) in _file_rows(job.targets_file):
             org = own_org or org_default
+            if job.match is not None and command:
+                problems.append(f"{path}:{line}: {_BOTH}")
+                continue
             if not org or not asset or product or device:  # the common case skips the check
                 problem = selector_problem(asset, product, device, org)
                 if problem is not None:

@@ -10,6 +10,7 @@ import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import NamedTuple
@@ -86,6 +87,7 @@ class Target:
     device_key: str | None = None
     command_id: str | None = None
     source: str = field(default="", compare=False)
+    match: Match | None = field(default=None, compare=False)  # selective: cancel what matches
 
     def check(self) -> None:
         """Refuse a target that cannot become a request, before anything is sent."""
@@ -133,7 +135,97 @@ class Command(NamedTuple):
     command_id: str
     state: int | None = None
     create_time_ms: int | None = None
-    name: str | None = None
+    name: str | None = None  # commandName.defaultValue
+    command_type: int | None = None  # 1 = measurement-point setting, 2 = service invocation
+    tsl_identifier: str | None = None
+    names: tuple[tuple[str, str], ...] = ()  # commandName.i18nValue: (locale, name) pairs
+
+    def name_in(self, locale: str | None) -> str | None:
+        """The command's name in `locale` (None or "default": the default value)."""
+        if locale is None or locale == "default":
+            return self.name
+        return next((name for key, name in self.names if key == locale), None)
+
+
+class SearchPage(NamedTuple):
+    """One page of a Search Command answer."""
+
+    commands: tuple[Command, ...]
+    total: int | None  # totalSize: every command matching the expression, all pages
+    unreadable: int  # listed commands without a readable id (cannot be matched: kept)
+    page_size: int
+
+    def more(self, page: int) -> bool:
+        """Whether a page after `page` holds more (the answer says so, and this one was full)."""
+        if not self.commands and not self.unreadable:
+            return False
+        return self.total is not None and page * self.page_size < self.total
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    """Which cached commands a selective target cancels: every given criterion must hold.
+
+    Matching is done here, exactly, on the fields Search Command returns (the server's `like`
+    is fuzzy, and the zone of `createTime` in expressions is undocumented). The window is
+    half-open: created_after <= createTime < created_before (epoch ms). A command whose field
+    cannot be read does not match the criterion on it: it is kept, never cancelled by guess.
+    """
+
+    command_name: str | None = None  # contained in the name (case-sensitive)
+    command_name_locale: str | None = None  # the name in this locale; None: the default name
+    tsl_identifier: str | None = None  # exact
+    command_type: int | None = None  # 1 or 2
+    created_after_ms: int | None = None
+    created_before_ms: int | None = None
+
+    def matches(self, command: Command) -> bool:
+        """Whether `command` is one to cancel."""
+        if self.command_name is not None:
+            name = command.name_in(self.command_name_locale)
+            if name is None or self.command_name not in name:
+                return False
+        if self.tsl_identifier is not None and command.tsl_identifier != self.tsl_identifier:
+            return False
+        if self.command_type is not None and command.command_type != self.command_type:
+            return False
+        created = command.create_time_ms
+        if self.created_after_ms is not None and (
+            created is None or created < self.created_after_ms
+        ):
+            return False
+        return self.created_before_ms is None or (
+            created is not None and created < self.created_before_ms
+        )
+
+    def expression(self) -> str:
+        """The Search Command expression: cached commands, narrowed by name when it is safe to
+        quote (the grammar has no escapes); the exact filter is :meth:`matches`."""
+        clauses = ["state = 1"]
+        name = self.command_name
+        if name is not None and "'" not in name and '"' not in name:
+            clauses.append(f"commandName.{self.command_name_locale or 'default'} like '{name}'")
+        return " and ".join(clauses)
+
+    def describe(self) -> str:
+        """The rule in words, for validate, the dry run and logs."""
+        parts = []
+        if self.command_name is not None:
+            where = f" ({self.command_name_locale})" if self.command_name_locale else ""
+            parts.append(f"name contains {self.command_name!r}{where}")
+        if self.tsl_identifier is not None:
+            parts.append(f"tslIdentifier = {self.tsl_identifier!r}")
+        if self.command_type is not None:
+            parts.append(f"commandType = {self.command_type}")
+        if self.created_after_ms is not None:
+            parts.append(f"created at or after {_utc(self.created_after_ms)}")
+        if self.created_before_ms is not None:
+            parts.append(f"created before {_utc(self.created_before_ms)}")
+        return " and ".join(parts)
+
+
+def _utc(epoch_ms: int) -> str:
+    return datetime.fromtimestamp(epoch_ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +298,7 @@ class Job:
     abort: AbortRule
     inline_targets: tuple[Target, ...]
     targets_file: TargetsFile | None
+    match: Match | None = None  # selective: the job's rule for every target without its own
 
 
 class Outcome(StrEnum):
@@ -234,10 +327,17 @@ class TargetResult(NamedTuple):
     effect_unknown: bool = False
     get_state: int | None = None  # what Get Command showed after a lost answer: evidence only
     found_command_ids: tuple[str, ...] = ()  # what a search found (dry run), never a claim
+    matched_command_ids: tuple[str, ...] = ()  # selective: cached commands the match selected
+    missed_command_ids: tuple[str, ...] = ()  # selective: matched, but gone when cancelled
+    kept_command_ids: tuple[str, ...] = ()  # selective: cached commands that did not match
 
 
 class Attempt(NamedTuple):
-    """One HTTP attempt, for the audit log: what was asked, what came back, what happens next."""
+    """One HTTP attempt, for the audit log: what was asked, what came back, what happens next.
+
+    `subject` is what a selective target's call was about: the command id a cancel named, or
+    the search page ("page 2").
+    """
 
     target: Target
     number: int
@@ -249,3 +349,4 @@ class Attempt(NamedTuple):
     decision: str  # "done" | "retry" | "throttled" | "failed" | "fatal" | "abandoned"
     wait_s: float | None = None
     error: str | None = None
+    subject: str | None = None

@@ -33,7 +33,7 @@ from worker.errors import (
     RetryableError,
     TargetError,
 )
-from worker.model import CancelReply, Command, Credentials, Target
+from worker.model import CancelReply, Command, Credentials, SearchPage, Target
 
 log = structlog.get_logger("worker.enos")
 MAX_BODY = 1 << 20  # bytes of an answer read at the most
@@ -147,25 +147,38 @@ class EnOSClient:
             raise _malformed(f"get returned no readable command: {command}", payload)
         return command
 
+    async def search_page(
+        self,
+        target: Target,
+        expression: str | None,
+        page: int,
+        *,
+        page_size: int = p.SEARCH_PAGE_SIZE,
+    ) -> SearchPage:
+        """One page of the device's commands matching `expression` (e.g. ``state = 1``), with
+        every field a match looks at; commands whose id cannot be read are only counted."""
+        query: dict[str, Any] = {"pagination": {"pageNo": page, "pageSize": page_size}}
+        if expression is not None:
+            query["expression"] = expression
+        params = device_params(target)
+        _, payload = await self._business("POST", p.ACTION_SEARCH, params, orjson.dumps(query))
+        commands, unreadable, _ = read_commands(payload.get("data"), full=True)
+        pagination = payload.get("pagination")
+        total = pagination.get("totalSize") if isinstance(pagination, dict) else None
+        return SearchPage(commands, total if type(total) is int else None, unreadable, page_size)
+
     async def search_commands(
         self, target: Target, expression: str | None = None, *, page_size: int = p.SEARCH_PAGE_SIZE
     ) -> list[Command]:
-        """All commands of the device matching `expression` (e.g. ``state = 1``), every page."""
-        params = device_params(target)
+        """All commands of the device matching `expression`, every page."""
         found: list[Command] = []
         page = 1
         while True:
-            query: dict[str, Any] = {"pagination": {"pageNo": page, "pageSize": page_size}}
-            if expression is not None:
-                query["expression"] = expression
-            _, payload = await self._business("POST", p.ACTION_SEARCH, params, orjson.dumps(query))
-            batch, unreadable, problem = read_commands(payload.get("data"))
-            if unreadable:
-                raise _malformed(f"a search answer could not be read: {problem}", payload)
-            found.extend(batch)
-            pagination = payload.get("pagination")
-            total = pagination.get("totalSize") if isinstance(pagination, dict) else None
-            if not batch or not isinstance(total, int) or page * page_size >= total:
+            batch = await self.search_page(target, expression, page, page_size=page_size)
+            if batch.unreadable:
+                raise _malformed("a search answer lists a command without a readable id", {})
+            found.extend(batch.commands)
+            if not batch.more(page):
                 return found
             page += 1
 
@@ -483,7 +496,9 @@ def _request_id(payload: Mapping[str, Any]) -> str | None:
     return _text(value)[:128] if value is not None else None
 
 
-def read_commands(data: object) -> tuple[tuple[Command, ...], int, str | None]:
+def read_commands(
+    data: object, *, full: bool = False
+) -> tuple[tuple[Command, ...], int, str | None]:
     """The commands of an answer's `data` (null is an empty list), tolerant of wire variants.
 
     Returns (readable commands, how many listed commands had no readable id, the first
@@ -497,7 +512,7 @@ def read_commands(data: object) -> tuple[tuple[Command, ...], int, str | None]:
     commands: list[Command] = []
     unreadable, problem = 0, None
     for item in data:
-        command = _command(item)
+        command = _command_full(item) if full else _command(item)
         if isinstance(command, str):
             unreadable += 1
             problem = problem or command
@@ -532,6 +547,26 @@ def _command(item: object) -> Command | str:
         state if type(state) is int else None,
         _int_or_none(item.get("createTime")),
         name[:NAME_CAP] if type(name) is str else None,
+    )
+
+
+def _command_full(item: object) -> Command | str:
+    """A command with every field a match looks at (search answers only)."""
+    command = _command(item)
+    if isinstance(command, str):
+        return command
+    assert type(item) is dict
+    kind, tsl, name = item.get("commandType"), item.get("tslIdentifier"), item.get("commandName")
+    i18n = name.get("i18nValue") if type(name) is dict else None
+    names = tuple(
+        (str(locale)[:32], text[:NAME_CAP])
+        for locale, text in (i18n.items() if type(i18n) is dict else ())
+        if type(text) is str
+    )[:16]
+    return command._replace(
+        command_type=kind if type(kind) is int else None,
+        tsl_identifier=tsl[:NAME_CAP] if type(tsl) is str else None,
+        names=names,
     )
 
 
