@@ -199,8 +199,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
         f"  limits            rate {limits.rate or 'unlimited'}/s, concurrency "
         f"{limits.concurrency}, attempts {limits.attempts}, timeout {limits.timeout:g} s\n"
     )
+    calls = plan_.total
+    if job.match is not None or any(t.match is not None for t in job.inline_targets):
+        rule = job.match.describe() if job.match is not None else "per target (inline)"
+        out.write(f"  match             {rule}\n")
+        out.write(
+            f"  calls             1 search (a page per 50 cached commands) + 1 cancel per match, "
+            f"per target: {plan_.total:,} to {plan_.total * 51:,} (matches are known only "
+            "during the run)\n"
+        )
     if limits.rate:
-        estimate = plan_.total / limits.rate
+        estimate = calls / limits.rate
         out.write(f"  estimated time    {_duration(estimate)} at {limits.rate:g}/s (no retries)\n")
         if limits.deadline and estimate > limits.deadline:
             out.write(

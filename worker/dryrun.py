@@ -29,6 +29,7 @@ class Probe:
     target: Target
     would_cancel: tuple[str, ...] = ()
     error: str | None = None
+    kept: tuple[str, ...] = ()  # cached commands a selective target's match leaves alone
 
 
 def reservoir(items: Iterable[T], size: int, rng: random.Random) -> list[T]:
@@ -57,7 +58,9 @@ class _Probes:
         error = None
         if result.outcome is Outcome.FAILED:
             error = f"{result.code or result.http_status or 'error'}: {result.error}"
-        self.found.append(Probe(result.target, result.found_command_ids, error))
+        self.found.append(
+            Probe(result.target, result.found_command_ids, error, result.kept_command_ids)
+        )
 
 
 async def probe(
@@ -98,6 +101,8 @@ def render(probes: list[Probe], total: int, out: TextIO | None = None) -> None:
             what = f"would cancel {len(item.would_cancel)}: {', '.join(item.would_cancel)}"
         else:
             what = "nothing to cancel"
+        if item.target.match is not None:
+            what += f"; keeps {len(item.kept)}" + (f": {', '.join(item.kept)}" if item.kept else "")
         stream.write(f"  {item.target.describe():<60} {what}\n")
     share = len(with_pending) / len(probes)
     stream.write(

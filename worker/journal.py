@@ -15,15 +15,25 @@ import orjson
 import structlog
 
 from worker.appendlog import AppendLog, iso
-from worker.model import TargetResult, identity_key
+from worker.model import Target, TargetResult, identity_key
 
 RESULTS_FILE = "results.jsonl"
 log = structlog.get_logger("worker.journal")
 
 
 def result_record(result: TargetResult) -> dict[str, Any]:
-    """The results.jsonl fields of one result (design.md, Outputs)."""
+    """The results.jsonl fields of one result (design.md, Outputs); a selective target's line
+    also says what its match selected, what was gone, and how many cached commands it kept."""
     target = result.target
+    record = _plain_record(result, target)
+    if target.match is not None:
+        record["matched_command_ids"] = list(result.matched_command_ids)
+        record["missed_command_ids"] = list(result.missed_command_ids)
+        record["kept"] = len(result.kept_command_ids)
+    return record
+
+
+def _plain_record(result: TargetResult, target: Target) -> dict[str, Any]:
     return {
         "target": target.selector(),
         "org_id": target.org_id,

@@ -199,13 +199,10 @@ class Match:
         )
 
     def expression(self) -> str:
-        """The Search Command expression: cached commands, narrowed by name when it is safe to
-        quote (the grammar has no escapes); the exact filter is :meth:`matches`."""
-        clauses = ["state = 1"]
-        name = self.command_name
-        if name is not None and "'" not in name and '"' not in name:
-            clauses.append(f"commandName.{self.command_name_locale or 'default'} like '{name}'")
-        return " and ".join(clauses)
+        """The Search Command expression: every cached command. Not narrowed by name: a device
+        caches at most 50 commands, one page of 50 either way, and the full list is what tells
+        the operator which commands were kept. The exact filter is :meth:`matches`."""
+        return "state = 1"
 
     def describe(self) -> str:
         """The rule in words, for validate, the dry run and logs."""

@@ -32,6 +32,7 @@ class JournalTally:
     attempts: int
     effect_unknown: int
     latencies: list[float]
+    commands: Counter[str]  # cancelled ids, and a selective run's matched, missed, kept
 
     @property
     def finished(self) -> int:
@@ -45,6 +46,7 @@ def tally(run_dir: Path) -> JournalTally:
     errors: Counter[str] = Counter()
     attempts = unknown = 0
     latencies: list[float] = []
+    commands: Counter[str] = Counter()
     failed_earlier: dict[str, str] = {}  # a --retry-failed segment supersedes these lines
     with gc_paused():
         for record in read_journal(run_dir / RESULTS_FILE):
@@ -57,6 +59,11 @@ def tally(run_dir: Path) -> JournalTally:
             outcomes[record["outcome"]] += 1
             attempts += record.get("attempts") or 0
             unknown += bool(record.get("effect_unknown"))
+            commands["cancelled"] += len(record.get("cancelled_command_ids") or ())
+            if "matched_command_ids" in record:
+                commands["matched"] += len(record["matched_command_ids"])
+                commands["missed"] += len(record.get("missed_command_ids") or ())
+                commands["kept"] += record.get("kept") or 0
             if failed:
                 label = _error_label(record)
                 errors[label] += 1
@@ -64,7 +71,7 @@ def tally(run_dir: Path) -> JournalTally:
             latency = record.get("latency_ms")
             if isinstance(latency, int | float):
                 latencies.append(float(latency))
-    return JournalTally(+outcomes, +errors, attempts, unknown, latencies)
+    return JournalTally(+outcomes, +errors, attempts, unknown, latencies, commands)
 
 
 def _error_label(record: dict[str, Any]) -> str:
@@ -123,6 +130,7 @@ def build_summary(manifest: Manifest, counts: JournalTally, *, exit_code: int) -
         ),
         exit_code=exit_code,
         resumable=total - counts.finished > 0 or counts.outcomes.get("failed", 0) > 0,
+        commands={k: counts.commands.get(k, 0) for k in ("cancelled", "matched", "missed", "kept")},
     )
 
 
@@ -145,6 +153,13 @@ def render(
         f"{rate.achieved or 0:.1f}/s (asked {rate.requested or 'unlimited'})",
         f"  latency ms         p50 {latency.p50}  p95 {latency.p95}  p99 {latency.p99}",
     ]
+    commands = summary.commands
+    if commands.get("matched") or commands.get("kept"):
+        lines.append(
+            f"  commands           {commands['matched']:,} matched, {commands['cancelled']:,} "
+            f"cancelled, {commands['missed']:,} gone before their cancel, {commands['kept']:,} "
+            "kept (did not match)"
+        )
     if summary.effect_unknown:
         lines.append(
             f"  effect unknown     {summary.effect_unknown:>10,}   (an answer was lost: the "

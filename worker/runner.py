@@ -352,8 +352,9 @@ def _close_segment(
     )
     recorder.audit.log.close()
     log.info(
-        "worker.run_finished", reason=reason.value, exit_code=exit_code, why=engine.stop_message
-    )
+        "worker.run_finished", reason=reason.value, exit_code=int(exit_code),
+        why=engine.stop_message,
+    )  # fmt: skip
     return summary
 
 

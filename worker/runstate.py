@@ -163,6 +163,7 @@ class Summary:
     latency_ms: Latency
     exit_code: int
     resumable: bool
+    commands: dict[str, int] = field(default_factory=dict)  # cancelled, matched, missed, kept
 
     def to_json(self) -> dict[str, Any]:
         """summary.json's content (design.md's keys)."""

@@ -22,6 +22,10 @@ from worker.enos.protocol import MAX_PENDING_TTL_S, CommandState
 from worker.model import Target
 
 DEFAULT_ORG = "o15541858646501"
+# What a generated device holds, in order (name, commandType): the k-th cached command has the
+# k-th name (modulo), so a selective job can match one of them and keep the others.
+SEEDED_COMMANDS = (("setPoint42", 1), ("restart", 2), ("firmwareCheck", 2), ("setPoint7", 1))
+SEEDED_SPACING_MS = 600_000
 PRODUCT_KEYS = ("bXuuAiku", "pQ7sLk2d", "Zt9wN4ha", "mK3vR8ce")
 _GENERATED_ID_BASE = 2_278_935_391_225_600_000
 _EXPLICIT_ID_BASE = 3_278_935_391_225_600_000
@@ -136,12 +140,16 @@ class DeviceStore:
             product_key=PRODUCT_KEYS[index % len(PRODUCT_KEYS)],
             device_key=f"dev_{index:06d}",
         )
-        created = self.now_ms() - 3_600_000
         pending = 0 if self.is_pending_free(index) else self.commands_per_device
+        first = self.now_ms() - (pending + 1) * SEEDED_SPACING_MS
         for k in range(pending + 1):
             state = CommandState.CREATED if k < pending else CommandState.SUCCEEDED
             cid = generated_command_id(index, k)
-            device.commands[cid] = SimCommand(cid, state, created + k * 1000)
+            name, kind = SEEDED_COMMANDS[k % len(SEEDED_COMMANDS)]
+            moment = first + k * SEEDED_SPACING_MS  # the k-th, k x 10 minutes after the first
+            device.commands[cid] = SimCommand(
+                cid, state, moment, command_type=kind, identifier=name
+            )
         self._add(device)
         return device
 
@@ -221,7 +229,7 @@ def render_command(
         "commandType": command.command_type,
         "commandName": {
             "defaultValue": command.identifier,
-            "i18nValue": {"en_US": command.identifier},
+            "i18nValue": {"en_US": command.identifier, "zh_CN": localized(command.identifier)},
         },
         "timeout": command.timeout,
         "pendingTtl": command.pending_ttl,
@@ -290,10 +298,23 @@ def _comparison(tokens: list[str], position: int) -> tuple[Predicate, int]:
         return _state_comparison(tokens, position + 1)
     value = tokens[position + 2].strip("'\"")
     if field_name.startswith("commandName.") and operator == "like":
-        return (lambda c: value.lower() in c.identifier.lower()), position + 3
+        locale = field_name.split(".", 1)[1]
+        return (lambda c: value.lower() in _name_in(c, locale).lower()), position + 3
     if field_name == "createTime":
         return _time_comparison(operator, value), position + 3
     raise ExpressionError(f"unsupported condition {field_name} {operator}")
+
+
+def localized(name: str) -> str:
+    """The simulated zh_CN name of a command (en_US and the default are the name itself)."""
+    return f"中文-{name}"
+
+
+def _name_in(command: SimCommand, locale: str) -> str:
+    """A command's name in a locale, as the service's `like` sees it ("" when it has none)."""
+    if locale in ("default", "en_US"):
+        return command.identifier
+    return localized(command.identifier) if locale == "zh_CN" else ""
 
 
 def _state_comparison(tokens: list[str], position: int) -> tuple[Predicate, int]:
