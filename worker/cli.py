@@ -15,7 +15,7 @@ import secrets
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import TextIO, TypeVar
 
 import anyio
 import structlog
@@ -189,8 +189,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
     out.write(
         f"  targets           {plan_.total:,} ({plan_.listed - plan_.total:,} duplicates dropped)\n"
     )
-    out.write(f"  cancel all        {plan_.cancel_all:,} devices; one command: "
-              f"{plan_.total - plan_.cancel_all:,}\n")  # fmt: skip
+    selective = (
+        plan_.total
+        if job.match is not None
+        else sum(t.match is not None for t in job.inline_targets)
+    )
+    out.write(f"  cancel            all cached: {plan_.cancel_all - selective:,} devices; one "
+              f"command: {plan_.total - plan_.cancel_all:,}; selective (match): "
+              f"{selective:,}\n")  # fmt: skip
     orgs = ", ".join(f"{org} ({n:,})" for org, n in plan_.orgs.most_common(5))
     out.write(f"  orgs              {orgs}{' ...' if len(plan_.orgs) > 5 else ''}\n")
     gateway = args.gateway or os.environ.get("ENOS_GATEWAY") or job.gateway or "(not set)"
@@ -199,18 +205,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
         f"  limits            rate {limits.rate or 'unlimited'}/s, concurrency "
         f"{limits.concurrency}, attempts {limits.attempts}, timeout {limits.timeout:g} s\n"
     )
-    calls = plan_.total
-    if job.match is not None or any(t.match is not None for t in job.inline_targets):
-        rule = job.match.describe() if job.match is not None else "per target (inline)"
-        out.write(f"  match             {rule}\n")
-        out.write(
-            f"  calls             1 search (a page per 50 cached commands) + 1 cancel per match, "
-            f"per target: {plan_.total:,} to {plan_.total * 51:,} (matches are known only "
-            "during the run)\n"
-        )
+    calls = plan_.total + (_write_match(out, job, selective) if selective else 0)
     if limits.rate:
         estimate = calls / limits.rate
-        out.write(f"  estimated time    {_duration(estimate)} at {limits.rate:g}/s (no retries)\n")
+        basis = "one match a selective target, no retries" if selective else "no retries"
+        out.write(f"  estimated time    {_duration(estimate)} at {limits.rate:g}/s ({basis})\n")
         if limits.deadline and estimate > limits.deadline:
             out.write(
                 f"  WARNING           the deadline ({_duration(limits.deadline)}) comes before "
@@ -218,6 +217,18 @@ def cmd_validate(args: argparse.Namespace) -> int:
             )
     out.write(f"  targets sha256    {plan_.targets_sha256}\n")
     return 0
+
+
+def _write_match(out: TextIO, job: Job, selective: int) -> int:
+    """The match rule and the call range of a selective job; returns the cancels estimated
+    (one match a target: the number is known only during the run)."""
+    rule = job.match.describe() if job.match is not None else "per target (inline)"
+    out.write(f"  match             {rule}\n")
+    out.write(
+        f"  calls             per selective target 1 search (50 cached commands at most, one "
+        f"page) + 1 cancel per match: {selective:,} to {selective * 51:,}\n"
+    )
+    return selective
 
 
 def _duration(seconds: float) -> str:
