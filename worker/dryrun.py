@@ -106,7 +106,7 @@ def render(probes: list[Probe], total: int, out: TextIO | None = None) -> None:
         stream.write(f"  {item.target.describe():<60} {what}\n")
     share = len(with_pending) / len(probes)
     stream.write(
-        f"  {len(with_pending)} of {len(probes)} sampled targets have cached commands "
+        f"  {len(with_pending)} of {len(probes)} sampled targets have commands to cancel "
         f"({commands} in all); a real run would cancel on about {share * total:,.0f} targets.\n"
     )
     if errors:

@@ -121,7 +121,10 @@ class Target:
             if self.asset_id is not None
             else f"device {self.product_key}/{self.device_key}"
         )
-        command = f"command {self.command_id}" if self.command_id else "all cached commands"
+        if self.match is not None:
+            command = "matching commands"
+        else:
+            command = f"command {self.command_id}" if self.command_id else "all cached commands"
         return f"{device} in {self.org_id}, {command}"
 
 

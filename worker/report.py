@@ -172,9 +172,7 @@ def render(
         lines.append(f"  why it stopped     {summary.stop_message}")
     lines.append(f"  files              {run_dir}/ (results.jsonl, audit.jsonl, summary.json)")
     if audit_head is not None:
-        lines.append(
-            f"  audit head         {audit_head}   (worker audit verify {run_dir} --head ...)"
-        )
+        lines.append(f"  audit head         {audit_head}   (keep it; worker audit verify --head)")
     lines.append(f"  exit code          {summary.exit_code}")
     stream.write("\n".join(lines) + "\n")
     stream.flush()
