@@ -147,6 +147,8 @@ def command(state: int, name: str = "restart", created: str = "2020-01-01 00:00:
         ("state in (1, 5)", [True, False, True]),
         ("state = 2 or state = 5", [False, True, True]),
         ("commandName.en_US like 'rest' and state = 1", [True, False, False]),
+        ("commandName.zh_CN like '中文-REST'", [True, False, False]),
+        ("commandName.fr_FR like 'rest'", [False, False, False]),
         ("createTime < '2021-01-01 00:00:00'", [True, True, False]),
         ("createTime >= '2021-01-01 00:00:00' AND state = 5", [False, False, True]),
     ],

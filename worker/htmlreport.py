@@ -100,6 +100,10 @@ def _run_section(run_dir: Path, summary: Summary) -> str:
         ("rate asked / achieved", f"{summary.rate.requested} / {summary.rate.achieved}"),
         ("latency p50 / p95 / p99 ms", f"{latency.p50} / {latency.p95} / {latency.p99}"),
     ]
+    commands = summary.commands
+    if commands.get("matched") or commands.get("kept"):
+        counts = [f"{commands.get(k, 0):,}" for k in ("matched", "cancelled", "missed", "kept")]
+        pairs.append(("commands matched / cancelled / gone / kept", " / ".join(counts)))
     errors = "".join(
         f"<tr><td>{html.escape(code)}</td><td>{count:,}</td></tr>"
         for code, count in summary.errors.items()
