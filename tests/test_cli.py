@@ -46,7 +46,7 @@ def test_example_job_runs_to_exit_0(sim_url: str, tmp_path: Path) -> None:
     assert report.returncode == 0, report.stderr
     assert "All 2 runs: 600 targets" in report.stdout
     html = page.read_text()
-    assert "<h3>Rate</h3>" in html
+    assert "<h3>Throughput</h3>" in html
     assert f"<tr><th>targets</th><td>{600:,}</td></tr>" in html
 
 

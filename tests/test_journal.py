@@ -13,8 +13,10 @@ from worker.appendlog import repair_tail
 from worker.audit import AuditLog
 from worker.htmlreport import render_html
 from worker.journal import read_journal
+from worker.model import Limits
+from worker.reportdata import Details, RunReport
 from worker.rundir import AdmissionMark
-from worker.runstate import Summary
+from worker.runstate import Manifest, Summary
 
 
 def lines(path: Path) -> list[bytes]:
@@ -90,6 +92,12 @@ async def test_audit_chain_spans_a_resumed_run(gateway: str, tmp_path: Path) -> 
     assert attempts == 60
 
 
+def manifest_for(summary: dict[str, object]) -> Manifest:
+    """A manifest to go with a hand-written summary."""
+    return Manifest(str(summary["run_id"]), "job.yaml", str(summary["job"]), "", "", 2, "gw",
+                    Limits())  # fmt: skip
+
+
 def test_html_report_escapes_and_charts() -> None:
     """The page escapes what it shows and draws the rate timeline when there is one."""
     summary = {
@@ -102,11 +110,15 @@ def test_html_report_escapes_and_charts() -> None:
                  "timeline": [[1, 1.0, 1.0, 10.0], [1, 2.0, 1.0, 10.0]]},
         "resumable": True,
     }  # fmt: skip
-    page = render_html([(Path("run"), Summary.from_json(summary))])
+    report = RunReport(Path("run"), manifest_for(summary), Summary.from_json(summary), Details())
+    page = render_html([report])
     assert "&lt;b&gt;x&lt;/b&gt;" in page
     assert "<b>x</b>" not in page
     assert "<polyline" in page
-    assert "<td>99404</td><td>1</td>" in page
+    assert (
+        '<td>99404</td><td>not found (no such device, or no such command)</td><td class="n">1'
+        in page
+    )
 
 
 def test_admission_mark_is_written_ahead_and_only_grows(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import importlib.util
 import os
@@ -15,19 +16,21 @@ import secrets
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TextIO, TypeVar
+from typing import Any, TextIO, TypeVar
 
 import anyio
+import orjson
 import structlog
 
 from worker import __version__, auditverify, dryrun, logs
 from worker.enos.simulator import Faults, Simulator, serve
 from worker.errors import UsageError
-from worker.htmlreport import combine, render_html
+from worker.htmlreport import Totals, combine, write_report
 from worker.jobfile import Plan, all_targets, load_job, plan, run_targets
 from worker.model import Credentials, Job, Limits
-from worker.report import build_summary, render, tally
-from worker.rundir import SUMMARY_FILE, Finished, finished_targets, read_manifest, run_dir_lock
+from worker.report import render
+from worker.reportdata import RunReport, load_run
+from worker.rundir import Finished, finished_targets, read_manifest, run_dir_lock
 from worker.runner import RunOptions, dry_run, execute, new_manifest
 from worker.runstate import ExitCode, Manifest
 from worker.settings import (
@@ -316,28 +319,53 @@ def _find_example() -> Path:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Print the summary of each run directory (recomputed from its journal), a total when
-    there are several, and write an HTML report."""
-    runs = []
-    for name in args.dirs:
-        run_dir = Path(name)
-        manifest = read_manifest(run_dir)
-        summary = build_summary(manifest, tally(run_dir), exit_code=manifest.last_exit_code or 0)
-        render(summary, run_dir)
-        if not (run_dir / SUMMARY_FILE).exists():
-            sys.stdout.write("  (the run has no summary.json: it did not finish; resume it)\n")
-        runs.append((run_dir, summary))
-    if len(runs) > 1:
-        total = combine([summary for _, summary in runs])
-        outcomes = total.outcomes
-        sys.stdout.write(
-            f"All {len(runs)} runs: {total.targets:,} targets, {outcomes['cancelled']:,} "
-            f"cancelled, {outcomes['nothing_to_cancel']:,} nothing to cancel, "
-            f"{outcomes['failed']:,} failed, {total.not_attempted:,} not attempted\n"
-        )
-    page = args.html or (runs[0][0] / "report.html" if len(runs) == 1 else Path("report.html"))
-    page.write_text(render_html(runs), encoding="utf-8")
-    sys.stdout.write(f"HTML report: {page}\n")
+    there are several, and write the HTML report (with failed.csv and followup.yaml)."""
+    reports = [load_run(Path(name)) for name in args.dirs]
+    page = args.html or (reports[0].run_dir / "report.html" if len(reports) == 1
+                         else Path("report.html"))  # fmt: skip
+    _check_writable(page, "--html")
+    if args.json:
+        data: dict[str, Any] = {"runs": [r.summary.to_json() for r in reports]}
+        if len(reports) > 1:
+            data["total"] = dataclasses.asdict(combine([r.summary for r in reports]))
+        sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        for report in reports:
+            render(report.summary, report.run_dir)
+            if not report.summary.finished or report.summary.not_attempted:
+                _print_resume(report)
+        if len(reports) > 1:
+            _print_total(combine([r.summary for r in reports]), len(reports))
+    followups = write_report(reports, page)
+    if not args.json:
+        sys.stdout.write(f"HTML report: {page}\n")
+        for followup in followups:
+            sys.stdout.write(f"Follow-up job for the failed targets: {followup}\n")
     return 0
+
+
+def _print_resume(report: RunReport) -> None:
+    state = "did not finish (it died)" if not report.summary.finished else "stopped early"
+    flag = " --retry-failed" if report.summary.outcomes.get("failed") else ""
+    sys.stdout.write(f"  (this run {state}; continue it: worker run {report.manifest.job} "
+                     f"--resume {report.run_dir}{flag})\n")  # fmt: skip
+
+
+def _print_total(total: Totals, runs: int) -> None:
+    outcomes = total.outcomes
+    sys.stdout.write(
+        f"All {runs} runs: {total.targets:,} targets, {outcomes['cancelled']:,} "
+        f"cancelled, {outcomes['nothing_to_cancel']:,} nothing to cancel, "
+        f"{outcomes['failed']:,} failed, {total.not_attempted:,} not attempted\n"
+    )
+
+
+def _check_writable(page: Path, flag: str) -> None:
+    """An output path an operator gave: its folder exists, and it is not a folder itself."""
+    if page.is_dir():
+        raise UsageError(f"{flag} {page} is a directory; give a file name, e.g. {page}/report.html")
+    if not page.parent.is_dir():
+        raise UsageError(f"{flag} {page}: the folder {page.parent} does not exist; create it first")
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
@@ -424,7 +452,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=cmd_demo)
 
     report = commands.add_parser("report", help="print the summary of run directories")
-    report.add_argument("dirs", nargs="+", metavar="DIR")
+    report.add_argument("dirs", nargs="+", metavar="DIR", help="run directories (or shards)")
+    report.add_argument(
+        "--json", action="store_true", help="print the summaries (and their total) as JSON"
+    )
     report.add_argument(
         "--html",
         type=Path,

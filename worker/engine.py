@@ -294,6 +294,7 @@ class Engine:
             else:
                 answer = await self._ask(send, core)
         except anyio.get_cancelled_exc_class():
+            progress.abandoned += 1
             self.recorder.attempt(
                 Attempt(target, sent.number, self._clock(), _ms_since(began), None, None, None,
                         "abandoned", error="cancelled in flight by a second stop signal",

@@ -1,8 +1,11 @@
 """`worker report`'s HTML page: one self-contained file people can read and attach to a ticket.
 
-No scripts and no external assets: the numbers from summary.json of each run directory, a total
-when there are several (shards, or segments run apart), the failures by code, and the achieved
-and allowed rate over time as an inline SVG chart.
+No scripts and no external assets (no network, no CDN): tables and inline SVG charts. For each
+run directory: the summary (an unfinished run says so, with the command that resumes it), the
+throughput over time beside the asked and the allowed rate (segments side by side on one time
+line), the outcomes, a latency histogram, outcomes by org and by product key, the failed and
+the effect-unknown targets, the requests abandoned in flight, and the run's timeline; a total
+when there are several directories (shards, or segments run apart).
 """
 
 from __future__ import annotations
@@ -13,9 +16,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from worker.enos.protocol import CODE_MEANINGS
+from worker.reportdata import LATENCY_EDGES_MS, LISTED, Details, RunReport, write_followup
 from worker.runstate import Summary
 
 OUTCOMES = ("cancelled", "nothing_to_cancel", "failed")
+COLOURS = {"cancelled": "#2da44e", "nothing_to_cancel": "#8c959f", "failed": "#cf222e"}
+_STYLE = (
+    "body{font-family:system-ui,sans-serif;margin:2em;max-width:64em;color:#1f2328}"
+    "table{border-collapse:collapse;margin:.5em 0}th,td{border:1px solid #d0d7de;"
+    "padding:.25em .6em;text-align:left;vertical-align:top}th{background:#f6f8fa;font-weight:600}"
+    "td.n{text-align:right}.banner{background:#fff8c5;border:1px solid #d4a72c;padding:.6em 1em}"
+    "code{background:#f6f8fa;padding:.1em .3em}svg text{font-size:11px;fill:#57606a}"
+)
 
 
 @dataclass(frozen=True)
@@ -47,85 +60,284 @@ def combine(summaries: list[Summary]) -> Totals:
     )
 
 
-def _rows(pairs: list[tuple[str, object]]) -> str:
-    def shown(value: object) -> str:
-        return html.escape(f"{value:,}" if isinstance(value, int) else str(value))
-
-    return "".join(f"<tr><th>{html.escape(k)}</th><td>{shown(v)}</td></tr>" for k, v in pairs)
+def _esc(value: object) -> str:
+    return html.escape(f"{value:,}" if isinstance(value, int) else str(value))
 
 
-def _chart(timeline: list[list[Any]], width: int = 640, height: int = 160) -> str:
-    """Achieved (solid) and allowed (dashed) requests/s over the run, as an SVG."""
-    if len(timeline) < 2:
-        return "<p>Too short a run for a rate chart.</p>"
-    points = [(float(p[1]), float(p[2]), p[3]) for p in timeline]
-    span = max(t for t, _, _ in points) or 1.0
-    top = max([a for _, a, _ in points] + [float(lim) for _, _, lim in points if lim]) or 1.0
-
-    def line(values: list[tuple[float, float]]) -> str:
-        return " ".join(
-            f"{t / span * width:.1f},{height - v / top * height:.1f}" for t, v in values
+def _table(header: list[str], rows: list[list[object]]) -> str:
+    head = "".join(f"<th>{_esc(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>"
+        + "".join(
+            f'<td class="n">{_esc(c)}</td>' if isinstance(c, int | float) else f"<td>{_esc(c)}</td>"
+            for c in row
         )
+        + "</tr>"
+        for row in rows
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
 
-    achieved = line([(t, a) for t, a, _ in points])
-    allowed = line([(t, float(lim)) for t, _, lim in points if lim is not None])
+
+def _pairs(pairs: list[tuple[str, object]]) -> str:
     return (
-        f'<svg width="{width}" height="{height + 20}" role="img" '
-        'aria-label="achieved and allowed requests per second over time">'
-        f'<polyline fill="none" stroke="#1f6feb" stroke-width="2" points="{achieved}"/>'
-        f'<polyline fill="none" stroke="#888" stroke-dasharray="4 3" points="{allowed}"/>'
-        f'<text x="0" y="{height + 16}" font-size="12">0 s</text>'
-        f'<text x="{width - 60}" y="{height + 16}" font-size="12">{span:,.0f} s</text>'
-        f'<text x="4" y="12" font-size="12">{top:,.0f}/s</text></svg>'
-        "<p>Solid: achieved requests/s. Dashed: the rate the limiter allowed.</p>"
+        "<table>"
+        + "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in pairs)
+        + "</table>"
     )
 
 
-def _run_section(run_dir: Path, summary: Summary) -> str:
-    outcomes = summary.outcomes
-    latency = summary.latency_ms
+# -- charts (inline SVG) -------------------------------------------------------------------------
+
+
+def _throughput(summary: Summary, width: int = 640, height: int = 180) -> str:
+    """Achieved (solid), allowed (dashed) and asked (dotted) requests/s; segments side by side."""
+    points = summary.rate.timeline
+    if len(points) < 2:
+        return "<p>Too short a run for a throughput chart.</p>"
+    ends: dict[int, float] = {}
+    for segment, seconds, *_ in points:
+        ends[segment] = max(ends.get(segment, 0.0), float(seconds))
+    offsets, position = {}, 0.0
+    for segment in sorted(ends):
+        offsets[segment] = position
+        position += ends[segment]
+    span, left = position or 1.0, 48
+    asked = {n: s.get("asked") for n, s in enumerate(summary.rate.segments, start=1)}
+    numbers = [float(a) for a in asked.values() if isinstance(a, int | float)]
+    values = [float(p[2]) for p in points] + [float(p[3]) for p in points if p[3] is not None]
+    top = _nice(max(values + numbers) if values else 1.0)
+
+    def x(segment: int, seconds: float) -> float:
+        return left + (offsets[segment] + seconds) / span * (width - left)
+
+    def y(value: float) -> float:
+        return height - value / top * height
+
+    def polyline(column: int, style: str) -> str:
+        lines = []
+        for segment in sorted(ends):
+            run = " ".join(
+                f"{x(segment, float(p[1])):.1f},{y(float(p[column])):.1f}"
+                for p in points
+                if p[0] == segment and p[column] is not None
+            )
+            if run:
+                lines.append(f'<polyline fill="none" {style} points="{run}"/>')
+        return "".join(lines)
+
+    asked_lines = "".join(
+        f'<line x1="{x(n, 0):.1f}" x2="{x(n, ends[n]):.1f}" y1="{y(float(a)):.1f}" '
+        f'y2="{y(float(a)):.1f}" stroke="#bf8700" stroke-dasharray="1 3" stroke-width="2"/>'
+        for n, a in asked.items()
+        if isinstance(a, int | float) and n in ends
+    )
+    grid = "".join(
+        f'<line x1="{left}" x2="{width}" y1="{y(top * f):.1f}" y2="{y(top * f):.1f}" '
+        f'stroke="#eaeef2"/><text x="0" y="{y(top * f) + 4:.1f}">{top * f:,.0f}/s</text>'
+        for f in (0.0, 0.25, 0.5, 0.75, 1.0)
+    )
+    dividers = "".join(
+        f'<line x1="{x(n, 0):.1f}" x2="{x(n, 0):.1f}" y1="0" y2="{height}" stroke="#57606a" '
+        f'stroke-dasharray="2 2"/><text x="{x(n, 0) + 3:.1f}" y="10">segment {n}</text>'
+        for n in sorted(ends)
+        if n > 1
+    )
+    allowed = polyline(3, 'stroke="#8c959f" stroke-dasharray="5 3"')
+    achieved = polyline(2, 'stroke="#0969da" stroke-width="2"')
+    return (
+        f'<svg width="{width}" height="{height + 20}" role="img" class="chart" '
+        'aria-label="achieved, allowed and asked requests per second over time">'
+        f"{grid}{dividers}{asked_lines}{allowed}{achieved}"
+        f'<text x="{left}" y="{height + 14}">0 s</text>'
+        f'<text x="{width - 50}" y="{height + 14}">{span:,.0f} s</text></svg>'
+        "<p>Solid blue: achieved requests/s. Dashed grey: the rate the limiter allowed. "
+        "Dotted: the rate asked for. Segments of a resumed run stand side by side.</p>"
+    )
+
+
+def _nice(value: float) -> float:
+    """A round upper bound for an axis."""
+    for step in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000):
+        if value <= step:
+            return float(step)
+    return value
+
+
+def _outcome_bar(summary: Summary, width: int = 640) -> str:
+    total = sum(summary.outcomes.values()) + summary.not_attempted or 1
+    parts, x = [], 0.0
+    shown = [
+        *((o, summary.outcomes[o]) for o in OUTCOMES),
+        ("not_attempted", summary.not_attempted),
+    ]
+    for name, count in shown:
+        w = count / total * width
+        colour = COLOURS.get(name, "#eaeef2")
+        parts.append(
+            f'<rect x="{x:.1f}" y="0" width="{w:.1f}" height="24" fill="{colour}">'
+            f"<title>{_esc(name)}: {count:,}</title></rect>"
+        )
+        x += w
+    legend = " &nbsp; ".join(
+        f'<span style="color:{COLOURS.get(n, "#57606a")}">&#9632;</span> '
+        f"{_esc(n.replace('_', ' '))} {c:,}"
+        for n, c in shown
+    )
+    return (
+        f'<svg width="{width}" height="24" role="img" class="chart" aria-label="outcomes">'
+        f"{''.join(parts)}</svg><p>{legend}</p>"
+    )
+
+
+def _latency_histogram(details: Details, width: int = 640, height: int = 120) -> str:
+    counts = details.latency
+    if not any(counts):
+        return "<p>No latencies recorded.</p>"
+    labels = [f"<{e}" for e in LATENCY_EDGES_MS] + [f">={LATENCY_EDGES_MS[-1]}"]
+    top = max(counts)
+    bar = width / len(counts)
+    bars = "".join(
+        f'<rect x="{i * bar + 2:.1f}" y="{height - c / top * height:.1f}" width="{bar - 4:.1f}" '
+        f'height="{c / top * height:.1f}" fill="#0969da">'
+        f"<title>{labels[i]} ms: {c:,}</title></rect>"
+        f'<text x="{i * bar + 2:.1f}" y="{height + 14}">{labels[i]}</text>'
+        for i, c in enumerate(counts)
+    )
+    return (
+        f'<svg width="{width}" height="{height + 20}" role="img" class="chart" '
+        f'aria-label="latency histogram">{bars}</svg><p>Targets by the latency of their last '
+        f"attempt, in milliseconds (most: {top:,}).</p>"
+    )
+
+
+# -- sections ----------------------------------------------------------------------------------
+
+
+def _summary_pairs(report: RunReport) -> list[tuple[str, object]]:
+    summary = report.summary
+    latency, rate, commands = summary.latency_ms, summary.rate, summary.commands
+    asked = ", ".join(str(s.get("asked")) for s in rate.segments) or str(rate.requested)
     pairs: list[tuple[str, object]] = [
         ("run", summary.run_id),
-        ("directory", str(run_dir)),
-        ("stopped", f"{summary.stopped} {summary.stop_message or ''}".strip()),
-        ("exit code", summary.exit_code),
+        ("directory", str(report.run_dir)),
+        ("stopped", f"{summary.stopped or 'unfinished'} {summary.stop_message or ''}".strip()),
+        ("exit code", summary.exit_code if summary.finished else "none yet (unfinished)"),
         ("targets", summary.targets),
-        *[(o.replace("_", " "), outcomes[o]) for o in OUTCOMES],
+        *[(o.replace("_", " "), summary.outcomes[o]) for o in OUTCOMES],
         ("not attempted (resumable)", summary.not_attempted),
         ("effect unknown", summary.effect_unknown),
-        ("requests", summary.attempts),
+        ("requests sent", summary.requests),
+        ("abandoned in flight", summary.abandoned),
         ("segments", summary.segments),
-        ("started / finished", f"{summary.started_at} / {summary.finished_at}"),
+        ("started / finished", f"{summary.started_at} / {summary.finished_at or '-'}"),
         ("duration", f"{summary.duration_s:,.1f} s"),
-        ("rate asked / achieved", f"{summary.rate.requested} / {summary.rate.achieved}"),
+        ("rate asked (per segment) / achieved", f"{asked} / {rate.achieved}"),
         ("latency p50 / p95 / p99 ms", f"{latency.p50} / {latency.p95} / {latency.p99}"),
     ]
-    commands = summary.commands
     if commands.get("matched") or commands.get("kept"):
         counts = [f"{commands.get(k, 0):,}" for k in ("matched", "cancelled", "missed", "kept")]
         pairs.append(("commands matched / cancelled / gone / kept", " / ".join(counts)))
-    errors = "".join(
-        f"<tr><td>{html.escape(code)}</td><td>{count:,}</td></tr>"
-        for code, count in summary.errors.items()
-    )
-    failures = (
-        f"<h3>Failed targets by code</h3><table><tr><th>code</th><th>targets</th></tr>{errors}"
-        "</table>"
-        if errors
+    return pairs
+
+
+def _target_rows(rows: list[dict[str, Any]], extra: str) -> list[list[object]]:
+    def who(row: dict[str, Any]) -> str:
+        device = row["asset_id"] or f"{row['product_key']}/{row['device_key']}"
+        return f"{device} ({row['org_id']})" + (
+            f" command {row['command_id']}" if row["command_id"] else ""
+        )
+
+    return [[who(r), r.get(extra) if extra else r["code"], r["msg"], r["attempts"]] for r in rows]
+
+
+def _listed(
+    title: str, rows: list[dict[str, Any]], total: int, header: list[str], extra: str = ""
+) -> str:
+    if not total:
+        return ""
+    more = (
+        f"<p>... and {total - len(rows):,} more (see results.jsonl).</p>"
+        if total > len(rows)
         else ""
     )
+    return f"<h3>{_esc(title)} ({total:,})</h3>{_table(header, _target_rows(rows, extra))}{more}"
+
+
+def _by(title: str, counts: dict[str, Counter[str]]) -> str:
+    rows = sorted(counts.items(), key=lambda kv: -sum(kv[1].values()))[:20]
+    table = _table(
+        [title, *(o.replace("_", " ") for o in OUTCOMES)],
+        [[name, *(c.get(o, 0) for o in OUTCOMES)] for name, c in rows],
+    )
+    more = f"<p>Top 20 of {len(counts):,}.</p>" if len(counts) > 20 else ""
+    return f"<h3>Outcomes by {title}</h3>{table}{more}"
+
+
+def _codes(summary: Summary) -> str:
+    if not summary.errors:
+        return ""
+    rows: list[list[object]] = [
+        [code, _meaning(code), count] for code, count in summary.errors.items()
+    ]
+    return f"<h3>Failed targets by code</h3>{_table(['code', 'meaning', 'targets'], rows)}"
+
+
+def _meaning(code: str) -> str:
+    if code in CODE_MEANINGS:
+        return CODE_MEANINGS[code]
+    return "gateway error" if code.startswith("http_5") else "see the failed targets below"
+
+
+def _run_section(report: RunReport) -> str:
+    summary, found = report.summary, report.details
+    banner = ""
+    if not summary.finished or summary.not_attempted:
+        command = f"worker run {report.manifest.job} --resume {report.run_dir}"
+        if summary.outcomes.get("failed"):
+            command += " --retry-failed"
+        state = "did not finish" if not summary.finished else "stopped before the end"
+        banner = (
+            f'<p class="banner">This run {state}: {summary.not_attempted:,} targets were '
+            f"not attempted and are resumable. Continue it with <code>{_esc(command)}</code></p>"
+        )
+    failed = list(found.failed.values())
     return (
-        f"<section><h2>{html.escape(summary.job)}</h2><table>{_rows(pairs)}</table>"
-        f"{failures}<h3>Rate</h3>{_chart(summary.rate.timeline)}</section>"
+        f"<section><h2>{_esc(summary.job)}: run {_esc(summary.run_id)}</h2>{banner}"
+        f"{_pairs(_summary_pairs(report))}"
+        f"<h3>Outcomes</h3>{_outcome_bar(summary)}{_codes(summary)}"
+        f"<h3>Throughput</h3>{_throughput(summary)}"
+        f"<h3>Latency</h3>{_latency_histogram(found)}"
+        f"{_by('org', found.by_org)}{_by('product key', found.by_product)}"
+        + _listed(
+            "Failed targets",
+            failed[:LISTED],
+            len(failed),
+            ["target", "code", "EnOS message", "attempts"],
+        )
+        + _listed(
+            "Effect unknown",
+            found.unknown,
+            found.unknown_total,
+            ["target", "outcome", "message", "attempts"],
+            extra="outcome",
+        )
+        + _listed(
+            "Requests abandoned in flight (their targets may have been cancelled)",
+            found.abandoned,
+            summary.abandoned,
+            ["target", "at", "message", "attempt"],
+            extra="at",
+        )
+        + f"<h3>Timeline</h3>{_table(['when', 'what'], [list(e) for e in found.events])}</section>"
     )
 
 
-def render_html(runs: list[tuple[Path, Summary]]) -> str:
+def render_html(runs: list[RunReport]) -> str:
     """The whole page for one or several run directories."""
-    sections = "".join(_run_section(run_dir, summary) for run_dir, summary in runs)
+    sections = "".join(_run_section(report) for report in runs)
     total = ""
     if len(runs) > 1:
-        combined = combine([summary for _, summary in runs])
+        combined = combine([report.summary for report in runs])
         pairs: list[tuple[str, object]] = [
             ("runs", len(runs)),
             ("targets", combined.targets),
@@ -134,14 +346,23 @@ def render_html(runs: list[tuple[Path, Summary]]) -> str:
             ("requests", combined.attempts),
             ("worst exit code", combined.exit_code),
         ]
-        total = f"<section><h2>All runs</h2><table>{_rows(pairs)}</table></section>"
-    style = (
-        "body{font-family:system-ui,sans-serif;margin:2em;max-width:60em}"
-        "table{border-collapse:collapse;margin:.5em 0}th,td{border:1px solid #ccc;"
-        "padding:.25em .6em;text-align:left}th{background:#f4f4f4;font-weight:600}"
-    )
+        total = f"<section><h2>All runs</h2>{_pairs(pairs)}</section>"
+    first = runs[0].summary
+    title = f"{first.job}: run {first.run_id}" if len(runs) == 1 else f"{len(runs)} runs"
     return (
         "<!doctype html><html lang=en><head><meta charset=utf-8>"
-        f"<title>worker report</title><style>{style}</style></head><body>"
-        f"<h1>EnOS command cancellation report</h1>{total}{sections}</body></html>\n"
+        f"<title>{_esc(title)} - worker report</title><style>{_STYLE}</style></head><body>"
+        f"<h1>EnOS command cancellation report: {_esc(title)}</h1>{total}{sections}</body></html>\n"
     )
+
+
+def write_report(reports: list[RunReport], page: Path) -> list[Path]:
+    """Write the page, and beside each run its failed.csv and followup.yaml (when targets
+    failed); returns the follow-up job files written."""
+    page.write_text(render_html(reports), encoding="utf-8")
+    written = []
+    for report in reports:
+        followup = write_followup(report.run_dir, report.manifest, report.details)
+        if followup is not None:
+            written.append(followup)
+    return written

@@ -17,8 +17,8 @@ import anyio
 import structlog
 
 from worker.journal import RESULTS_FILE, read_journal, record_key
-from worker.model import Outcome, gc_paused
-from worker.runstate import Latency, Manifest, Progress, RateSummary, Summary
+from worker.model import Limits, Outcome, gc_paused
+from worker.runstate import Latency, Manifest, Progress, RateSummary, Segment, Summary
 
 log = structlog.get_logger("worker.run")
 
@@ -115,13 +115,14 @@ def build_summary(manifest: Manifest, counts: JournalTally, *, exit_code: int) -
         stopped=segments[-1].reason if segments else None,
         stop_message=segments[-1].message if segments else None,
         rate=RateSummary(
-            requested="auto" if limits.adaptive else limits.rate,
+            requested=_asked(limits),
             achieved=round(requests / duration, 2) if duration > 0 else None,
             timeline=[
                 [number, *point]
                 for number, segment in enumerate(segments, start=1)
                 for point in segment.rate_timeline
             ],
+            segments=[_segment_rate(s) for s in segments],
         ),
         latency_ms=Latency(
             p50=percentile(ordered, 0.50),
@@ -131,7 +132,24 @@ def build_summary(manifest: Manifest, counts: JournalTally, *, exit_code: int) -
         exit_code=exit_code,
         resumable=total - counts.finished > 0 or counts.outcomes.get("failed", 0) > 0,
         commands={k: counts.commands.get(k, 0) for k in ("cancelled", "matched", "missed", "kept")},
+        requests=requests,
+        abandoned=sum(s.abandoned for s in segments),
+        finished=bool(segments) and segments[-1].finished_at is not None,
     )
+
+
+def _segment_rate(segment: Segment) -> dict[str, Any]:
+    achieved = segment.requests / segment.duration_s if segment.duration_s > 0 else None
+    return {
+        "asked": _asked(segment.limits),
+        "achieved": round(achieved, 2) if achieved is not None else None,
+        "requests": segment.requests,
+        "duration_s": segment.duration_s,
+    }
+
+
+def _asked(limits: Limits) -> float | str | None:
+    return "auto" if limits.adaptive else limits.rate
 
 
 def render(

@@ -30,11 +30,13 @@ from worker.dryrun import Probe, probe
 from worker.engine import Engine, EngineSettings, StopReason
 from worker.enos.client import EnOSClient
 from worker.errors import EnOSError, FatalError
+from worker.htmlreport import write_report
 from worker.jobfile import Plan, run_targets
 from worker.journal import RESULTS_FILE, ResultJournal
 from worker.model import Attempt, Credentials, Job, Limits, Target, TargetResult
 from worker.ratelimit import RateChange, RateLimiter
 from worker.report import build_summary, progress_loop, render, tally
+from worker.reportdata import load_run
 from worker.retry import RetryPolicy, Verdict
 from worker.rundir import AdmissionMark, Finished, write_manifest, write_summary
 from worker.runstate import ExitCode, Manifest, Segment, Summary
@@ -193,9 +195,11 @@ async def execute(
     finally:
         # Synchronous on purpose: no cancellation can interrupt closing the files.
         segment.requests = engine.progress.requests
+        segment.abandoned = engine.progress.abandoned
         segment.duration_s = round(time.monotonic() - began, 3)
         summary = _close_segment(engine, manifest, segment, recorder)
     render(summary, run_dir, out, audit_head=recorder.audit.head)
+    _write_run_report(run_dir, out)
     if summary.exit_code in (ExitCode.ABORTED, ExitCode.INTERRUPTED):
         _print_resume_hint(job, run_dir, out, retry_failed=summary.outcomes["failed"] > 0)
     return summary.exit_code
@@ -390,7 +394,24 @@ def new_manifest(job: Job, plan: Plan, options: RunOptions) -> Manifest:
         targets=plan.total,
         gateway=options.gateway,
         limits=options.limits,
+        match=asdict(job.match) if job.match is not None else None,
     )
+
+
+def _write_run_report(run_dir: Path, out: TextIO | None) -> None:
+    """report.html (and failed.csv, followup.yaml when targets failed) in the run directory.
+    Only a convenience: a failure here is logged and never changes the run's outcome."""
+    stream = out or sys.stdout
+    try:
+        page = run_dir / "report.html"
+        followups = write_report([load_run(run_dir)], page)
+    except Exception:  # the run's files are complete; the report can be made again later
+        log.warning("worker.report_failed", exc_info=True, fix=f"worker report {run_dir}")
+        return
+    stream.write(f"  report             {page}\n")
+    for followup in followups:
+        stream.write(f"  follow-up job      {followup} (the failed targets)\n")
+    stream.flush()
 
 
 def _print_resume_hint(job: Job, run_dir: Path, out: TextIO | None, *, retry_failed: bool) -> None:

@@ -35,6 +35,7 @@ class Progress:
     requests: int = 0
     waiting: int = 0  # targets parked until their retry is due
     effect_unknown: int = 0
+    abandoned: int = 0  # requests cut off in flight by a second stop signal
 
     @property
     def finished(self) -> int:
@@ -60,6 +61,7 @@ class Segment:
     message: str = ""
     exit_code: int | None = None
     requests: int = 0
+    abandoned: int = 0  # requests cut off in flight: their targets may have been cancelled
     duration_s: float = 0.0
     rate_timeline: list[list[float | None]] = field(default_factory=list)  # [s, achieved, allowed]
 
@@ -94,6 +96,7 @@ class Manifest:
     gateway: str
     limits: Limits
     segments: list[Segment] = field(default_factory=list)
+    match: dict[str, Any] | None = None  # the job's match rule (Match fields), for follow-ups
 
     def to_json(self) -> dict[str, Any]:
         """As written in run.json."""
@@ -115,6 +118,7 @@ class Manifest:
             gateway=data["gateway"],
             limits=limits_from_json(data["limits"]),
             segments=[Segment.from_json(s) for s in data.get("segments") or []],
+            match=data.get("match"),
         )
 
     @property
@@ -130,6 +134,7 @@ class RateSummary:
     requested: float | str | None
     achieved: float | None
     timeline: list[list[Any]]
+    segments: list[dict[str, Any]] = field(default_factory=list)  # asked / achieved, each
 
 
 @dataclass(frozen=True)
@@ -164,6 +169,9 @@ class Summary:
     exit_code: int
     resumable: bool
     commands: dict[str, int] = field(default_factory=dict)  # cancelled, matched, missed, kept
+    requests: int = 0  # every HTTP request sent, all segments (attempts: of final results)
+    abandoned: int = 0  # requests cut off in flight by a second stop signal
+    finished: bool = True  # False: the last segment never ended (kill -9, OOM, power loss)
 
     def to_json(self) -> dict[str, Any]:
         """summary.json's content (design.md's keys)."""

@@ -47,6 +47,17 @@ MAX_CACHED_COMMANDS: Final = 50
 MAX_PENDING_TTL_S: Final = 172_800
 SEARCH_PAGE_SIZE: Final = 50
 
+CODE_MEANINGS: Final = {
+    "99400": "invalid parameter (a malformed id, an unknown org)",
+    "99403": "no permission (the application lacks Asset Control on the org)",
+    "99404": "not found (no such device, or no such command)",
+    "99500": "internal error of the service",
+    "11902": "the device's command cache is full",
+    "http_404": "no such API: --gateway is not the API gateway's base URL",
+    "http_429": "rate limited",
+    "transport": "no answer (timeouts, dropped connections, garbled bodies)",
+}
+
 GATEWAY_MESSAGES: Final = {
     401: "Invalid authentication credentials",
     403: "Your IP address is not allowed",

@@ -1,0 +1,255 @@
+"""What a report shows beyond the summary, read from the run's journal and audit log once each.
+
+Outcomes by org and by product key, a latency histogram, the failed and effect-unknown targets
+(the first LISTED of each, and how many), requests abandoned in flight, the run's timeline
+(segments, stops, rate cuts), and per-segment request counts for a segment that died before it
+could record them. Memory stays bounded: counters, capped lists, and the failed targets (which
+``failed.csv`` must list in full).
+
+It also writes ``failed.csv`` (every target whose final outcome is failed, usable as the
+``targets_file`` of a follow-up job) and ``followup.yaml`` (that job, ready to validate).
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from worker.audit import AUDIT_FILE
+from worker.journal import RESULTS_FILE, read_journal, record_key
+from worker.model import Outcome, gc_paused, key_digest
+from worker.report import build_summary, tally
+from worker.rundir import read_manifest
+from worker.runstate import ExitCode, Manifest, Summary
+
+LISTED = 1000
+LATENCY_EDGES_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+FAILED_FILE, FOLLOWUP_FILE = "failed.csv", "followup.yaml"
+_COLUMNS = ("asset_id", "product_key", "device_key", "command_id", "org_id")
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """One run directory, read for a report."""
+
+    run_dir: Path
+    manifest: Manifest
+    summary: Summary
+    details: Details
+
+
+def load_run(run_dir: Path) -> RunReport:
+    """Read a run directory for a report. A last segment that died (kill -9, OOM) recorded
+    neither its requests nor its duration: they are taken from its audit records."""
+    manifest = read_manifest(run_dir)
+    counts = tally(run_dir)
+    summary = build_summary(manifest, counts, exit_code=manifest.last_exit_code or 0)
+    found = details(run_dir, summary)
+    last = manifest.segments[-1] if manifest.segments else None
+    if last is not None and last.finished_at is None and found.segment_requests:
+        last.requests = found.segment_requests[-1]
+        last.duration_s = max(0.0, _seconds(found.segment_last_at[-1]) - _seconds(last.started_at))
+        summary = build_summary(manifest, counts, exit_code=int(ExitCode.ABORTED))
+    return RunReport(run_dir, manifest, summary, found)
+
+
+def _seconds(iso: str) -> float:
+    try:
+        return datetime.fromisoformat(iso).timestamp()
+    except ValueError:
+        return 0.0
+
+
+@dataclass
+class Details:
+    """The report's detail of one run directory."""
+
+    by_org: dict[str, Counter[str]] = field(default_factory=dict)
+    by_product: dict[str, Counter[str]] = field(default_factory=dict)
+    latency: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_EDGES_MS) + 1))
+    failed: dict[int, dict[str, Any]] = field(default_factory=dict)  # digest -> row, in order
+    unknown: list[dict[str, Any]] = field(default_factory=list)
+    unknown_total: int = 0
+    abandoned: list[dict[str, Any]] = field(default_factory=list)
+    events: list[tuple[str, str]] = field(default_factory=list)  # (ISO time, what happened)
+    segment_requests: list[int] = field(default_factory=list)  # counted from the audit
+    segment_last_at: list[str] = field(default_factory=list)
+
+
+def details(run_dir: Path, summary: Summary) -> Details:
+    """Read the journal and the audit log of `run_dir` once each."""
+    found = Details()
+    with gc_paused():
+        for record in read_journal(run_dir / RESULTS_FILE):
+            _count_result(found, record)
+        _read_audit(found, run_dir / AUDIT_FILE)
+    _rate_cuts(found, summary)
+    return found
+
+
+def _row(record: dict[str, Any]) -> dict[str, Any]:
+    target = record["target"]
+    return {
+        "asset_id": target.get("asset_id") or "",
+        "product_key": target.get("product_key") or "",
+        "device_key": target.get("device_key") or "",
+        "command_id": record.get("command_id") or "",
+        "org_id": record.get("org_id") or "",
+        "code": record.get("code")
+        if record.get("code") not in (None, 0)
+        else record.get("http_status"),
+        "msg": (record.get("msg") or record.get("error") or "")[:200],
+        "attempts": record.get("attempts"),
+        "outcome": record.get("outcome"),
+    }
+
+
+def _count_result(found: Details, record: dict[str, Any]) -> None:
+    outcome = record.get("outcome", "")
+    row = _row(record)
+    digest = key_digest(record_key(record))
+    earlier = found.failed.pop(digest, None)  # a --retry-failed line supersedes a failed one
+    if earlier is not None:
+        found.by_org[earlier["org_id"]][Outcome.FAILED] -= 1
+        found.by_product[_product(earlier)][Outcome.FAILED] -= 1
+    found.by_org.setdefault(row["org_id"], Counter())[outcome] += 1
+    found.by_product.setdefault(_product(row), Counter())[outcome] += 1
+    latency = record.get("latency_ms")
+    if isinstance(latency, int | float):
+        found.latency[_bucket(float(latency))] += 1
+    if outcome == Outcome.FAILED:
+        found.failed[digest] = row
+    if record.get("effect_unknown"):
+        found.unknown_total += 1
+        if len(found.unknown) < LISTED:
+            found.unknown.append(row)
+
+
+def _product(row: dict[str, Any]) -> str:
+    return str(row["product_key"]) or "(by asset id)"
+
+
+def _bucket(latency_ms: float) -> int:
+    for index, edge in enumerate(LATENCY_EDGES_MS):
+        if latency_ms < edge:
+            return index
+    return len(LATENCY_EDGES_MS)
+
+
+def _read_audit(found: Details, path: Path) -> None:
+    """Segments, stops and abandoned requests from the audit log."""
+    if not path.exists():
+        return
+    with path.open("rb") as stream:
+        for line in stream:
+            if b'"type":"attempt"' in line and b'"abandoned"' not in line:
+                if found.segment_requests:
+                    found.segment_requests[-1] += 1
+                    found.segment_last_at[-1] = _at(line)
+                continue
+            try:
+                record = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            _audit_record(found, record)
+
+
+def _at(line: bytes) -> str:
+    start = line.find(b'"at":"') + 6
+    return line[start : line.find(b'"', start)].decode(errors="replace")
+
+
+def _audit_record(found: Details, record: dict[str, Any]) -> None:
+    kind, at = record.get("type"), str(record.get("at", ""))
+    if kind == "run_started":
+        found.segment_requests.append(0)
+        found.segment_last_at.append(at)
+        limits = record.get("limits") or {}
+        asked = "auto" if limits.get("adaptive") else limits.get("rate") or "unlimited"
+        found.events.append(
+            (
+                at,
+                f"segment {record.get('segment')} started: "
+                f"{record.get('targets', 0):,} targets, rate {asked}",
+            )
+        )
+    elif kind == "run_finished":
+        why = f": {record.get('message')}" if record.get("message") else ""
+        found.events.append(
+            (
+                at,
+                f"segment {record.get('segment')} ended "
+                f"({record.get('reason')}, exit {record.get('exit_code')}){why}",
+            )
+        )
+    elif kind == "attempt" and record.get("decision") == "abandoned":
+        if found.segment_requests:
+            found.segment_requests[-1] += 1
+        if len(found.abandoned) < LISTED:
+            found.abandoned.append({**_row({**record, "outcome": "abandoned"}), "at": at})
+
+
+def _rate_cuts(found: Details, summary: Summary) -> None:
+    """Where the allowed rate fell, from the summary's timeline."""
+    previous: dict[int, float] = {}
+    for segment, seconds, _, allowed in summary.rate.timeline:
+        if allowed is None:
+            continue
+        before = previous.get(segment)
+        if before is not None and allowed < 0.95 * before:
+            found.events.append(
+                (
+                    f"segment {segment} +{seconds:.0f} s",
+                    f"allowed rate lowered {before:.0f} -> {allowed:.0f}/s",
+                )
+            )
+        previous[segment] = allowed
+
+
+def write_followup(directory: Path, manifest: Manifest, found: Details) -> Path | None:
+    """failed.csv and followup.yaml for the targets still failed; None when there are none."""
+    if not found.failed:
+        for name in (FAILED_FILE, FOLLOWUP_FILE):
+            (directory / name).unlink(missing_ok=True)
+        return None
+    with (directory / FAILED_FILE).open("w", newline="", encoding="utf-8") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(_COLUMNS)
+        for row in found.failed.values():
+            writer.writerow([row[name] for name in _COLUMNS])
+    limits = manifest.limits
+    rate = "auto" if limits.adaptive else (limits.rate or "unlimited")
+    lines = [
+        f"# Follow-up of run {manifest.run_id}: the {len(found.failed):,} targets that failed.",
+        "# Read why in report.html (failed targets) before you run it; fix the cause first.",
+        "version: 1",
+        f"name: {manifest.job_name}-followup",
+        *_match_lines(manifest.match),
+        f"limits: {{rate: {rate}, concurrency: {limits.concurrency}, attempts: "
+        f"{limits.attempts}, timeout: {limits.timeout:g}}}",
+        f"targets_file: {FAILED_FILE}",
+    ]
+    path = directory / FOLLOWUP_FILE
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _match_lines(match: dict[str, Any] | None) -> list[str]:
+    if not match:
+        return []
+    lines = ["match:"]
+    for key, value in match.items():
+        if value is None:
+            continue
+        if key.endswith("_ms"):
+            moment = datetime.fromtimestamp(value / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+            lines.append(f"  {key.removesuffix('_ms')}: {moment}")
+        else:
+            lines.append(f"  {key}: {orjson.dumps(value).decode()}")
+    return lines
