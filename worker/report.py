@@ -18,6 +18,7 @@ import structlog
 
 from worker.journal import RESULTS_FILE, read_journal, record_key
 from worker.model import Limits, Outcome, gc_paused
+from worker.rundir import SUMMARY_FILE
 from worker.runstate import Latency, Manifest, Progress, RateSummary, Segment, Summary
 
 log = structlog.get_logger("worker.run")
@@ -157,26 +158,44 @@ def render(
 ) -> None:
     """A short table for people: what happened, what is left, where the files are."""
     stream = out or sys.stdout
-    outcomes = summary.outcomes
-    rate = summary.rate
-    latency = summary.latency_ms
+    outcomes, latency = summary.outcomes, summary.latency_ms
+    state = summary.stopped or "unfinished (the process died; resumable)"
     lines = [
-        f"Run {summary.run_id} ({summary.job}): {summary.stopped}",
+        f"Run {summary.run_id} ({summary.job}): {state}",
         f"  targets            {summary.targets:>10,}",
         f"  cancelled          {outcomes['cancelled']:>10,}",
         f"  nothing to cancel  {outcomes['nothing_to_cancel']:>10,}",
         f"  failed             {outcomes['failed']:>10,}",
         f"  not attempted      {summary.not_attempted:>10,}",
-        f"  requests           {summary.attempts:>10,}   in {summary.duration_s:.1f} s, "
-        f"{rate.achieved or 0:.1f}/s (asked {rate.requested or 'unlimited'})",
-        f"  latency ms         p50 {latency.p50}  p95 {latency.p95}  p99 {latency.p99}",
+        f"  requests           {summary.requests:>10,}   in {summary.duration_s:.1f} s, "
+        f"{summary.rate.achieved or 0:.1f}/s ({_asked_text(summary)})",
+        f"  latency ms         p50 {_ms(latency.p50)}  p95 {_ms(latency.p95)}  "
+        f"p99 {_ms(latency.p99)}",
+        *_notes(summary),
+        f"  files              {run_dir}/ ({_files(run_dir)})",
     ]
+    if audit_head is not None:
+        lines.append(f"  audit head         {audit_head}   (keep it; worker audit verify --head)")
+    code = summary.exit_code if summary.finished else "none yet (unfinished; resumable)"
+    lines.append(f"  exit code          {code}")
+    stream.write("\n".join(lines) + "\n")
+    stream.flush()
+
+
+def _notes(summary: Summary) -> list[str]:
+    """The lines that only some runs need."""
+    lines = []
     commands = summary.commands
     if commands.get("matched") or commands.get("kept"):
         lines.append(
             f"  commands           {commands['matched']:,} matched, {commands['cancelled']:,} "
             f"cancelled, {commands['missed']:,} gone before their cancel, {commands['kept']:,} "
             "kept (did not match)"
+        )
+    if summary.abandoned:
+        lines.append(
+            f"  abandoned          {summary.abandoned:>10,}   (requests cut off in flight "
+            "by a second signal: their targets may have been cancelled; resume)"
         )
     if summary.effect_unknown:
         lines.append(
@@ -188,12 +207,25 @@ def render(
         lines.append(f"  failures by code   {top}")
     if summary.stop_message:
         lines.append(f"  why it stopped     {summary.stop_message}")
-    lines.append(f"  files              {run_dir}/ (results.jsonl, audit.jsonl, summary.json)")
-    if audit_head is not None:
-        lines.append(f"  audit head         {audit_head}   (keep it; worker audit verify --head)")
-    lines.append(f"  exit code          {summary.exit_code}")
-    stream.write("\n".join(lines) + "\n")
-    stream.flush()
+    return lines
+
+
+def _asked_text(summary: Summary) -> str:
+    asked = [s.get("asked") for s in summary.rate.segments] or [summary.rate.requested]
+    shown = ["unlimited" if a is None else f"{a:g}/s" if isinstance(a, float) else str(a)
+             for a in asked]  # fmt: skip
+    if len(set(shown)) == 1:
+        return f"asked {shown[0]}"
+    return "asked " + ", then ".join(shown)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}"
+
+
+def _files(run_dir: Path) -> str:
+    names = ("results.jsonl", "audit.jsonl", SUMMARY_FILE)
+    return ", ".join(name for name in names if (run_dir / name).exists()) or "none yet"
 
 
 class RateView(Protocol):
