@@ -115,7 +115,54 @@ def test_validate_prints_the_plan(tmp_path: Path) -> None:
                    "  - asset_id: b\n  - asset_id: a\n")  # fmt: skip
     done = run_worker("validate", str(job))
     assert done.returncode == 0, done.stderr
-    assert "2 (1 duplicates dropped)" in done.stdout
+    assert "2 targets (1 duplicate dropped)" in done.stdout
     assert "0m02s at 1/s" in done.stdout
+    assert "deadline          0m01s" in done.stdout
+    assert "abort rule        none" in done.stdout
     assert "WARNING" in done.stdout
     assert "duplicate of the target at" in done.stderr
+    auto = run_worker("validate", str(job), "--rate", "auto", "--json")
+    facts = orjson.loads(auto.stdout)
+    assert (facts["rate"], facts["targets"], facts["estimated_s"]) == ("auto", 2, None)
+    assert "auto (from" in run_worker("validate", str(job), "--rate", "auto").stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["validate", "JOB", "--rate", "fast"], "--rate fast:"),
+        (["validate", "JOB", "--deadline", "2hours"], "--deadline 2hours:"),
+        (["run", "JOB", "--gateway", "http://127.0.0.1:181660"], "port out of range"),
+        (["report", "NOPE"], "not a run directory"),
+        (["simulate", "--port", "PORT_IN_USE"], "pick another --port"),
+    ],
+)
+def test_operator_mistakes_exit_2_with_the_flag_named(
+    tmp_path: Path, idle_sim: str, args: list[str], words: str
+) -> None:
+    """Each mistake: exit 2, a message naming that flag alone, no traceback."""
+    job = tmp_path / "job.yaml"
+    job.write_text(HEAD + "targets: [{asset_id: a}]\n")
+    port = idle_sim.rsplit(":", 1)[1]
+    argv = [a.replace("JOB", str(job)).replace("NOPE", str(tmp_path / "nope"))
+            .replace("PORT_IN_USE", port) for a in args]  # fmt: skip
+    done = run_worker(*argv)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert words in done.stderr
+    assert "Traceback" not in done.stderr
+    assert "--deadline" not in done.stderr or "--deadline" in words
+
+
+def test_report_html_path_mistakes_exit_2(sim_url: str, tmp_path: Path) -> None:
+    """--html into a missing folder, or at a folder: exit 2 with the fix, no traceback."""
+    out = tmp_path / "run"
+    done = run_worker("run", str(ROOT / "jobs" / "example.yaml"), "--gateway", sim_url,
+                      "--rate", "1000", "--out", str(out), "--no-progress")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    for page, words in (
+        (tmp_path / "missing" / "x.html", "does not exist"),
+        (tmp_path, "is a directory"),
+    ):
+        done = run_worker("report", str(out), "--html", str(page))
+        assert (done.returncode, "Traceback" in done.stderr) == (2, False), done.stderr
+        assert words in done.stderr

@@ -9,7 +9,9 @@ import argparse
 import contextlib
 import dataclasses
 import gc
+import importlib.resources
 import importlib.util
+import logging
 import os
 import random
 import secrets
@@ -22,7 +24,8 @@ import anyio
 import orjson
 import structlog
 
-from worker import __version__, auditverify, dryrun, logs
+from worker import auditverify, dryrun, logs
+from worker.cliargs import CONFIRM_ABOVE, SIM_APP_KEY, SIM_APP_SECRET, build_parser
 from worker.enos.simulator import Faults, Simulator, serve
 from worker.errors import UsageError
 from worker.htmlreport import Totals, combine, write_report
@@ -44,8 +47,6 @@ from worker.settings import (
 
 log = structlog.get_logger("worker")
 T = TypeVar("T")
-SIM_APP_KEY, SIM_APP_SECRET = "sim-app-key", "sim-app-secret"
-CONFIRM_ABOVE = 1000
 
 
 def run_async(function: Callable[[], Awaitable[T]]) -> T:
@@ -91,7 +92,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         if resuming:
             _confirm(plan_.total - len(finished.done), gateway, assume_yes=args.yes)
         options = RunOptions(
-            gateway, credentials, limits, run_dir, resume=resuming, ca_bundle=bundle
+            gateway,
+            credentials,
+            limits,
+            run_dir,
+            resume=resuming,
+            ca_bundle=bundle,
+            progress=not (args.no_progress or args.quiet),
         )
         manifest = manifest if resuming else new_manifest(job, plan_, options)
         log.info(
@@ -186,52 +193,116 @@ def cmd_validate(args: argparse.Namespace) -> int:
     """Check a job file and print the plan; sends nothing."""
     job = load_job(Path(args.job))
     plan_ = _plan_with_warnings(job)
-    limits = _limits(job.limits, args)
-    out = sys.stdout
-    out.write(f"Job {job.name} ({job.path}) is valid.\n")
-    out.write(
-        f"  targets           {plan_.total:,} ({plan_.listed - plan_.total:,} duplicates dropped)\n"
-    )
+    facts = _plan_facts(job, plan_, _limits(job.limits, args), args.gateway)
+    if args.json:
+        sys.stdout.write(orjson.dumps(facts, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return 0
+    _write_plan(sys.stdout, job, facts)
+    return 0
+
+
+def _plan_facts(job: Job, plan_: Plan, limits: Limits, gateway: str | None) -> dict[str, Any]:
+    """What validate says, as data (printed as text or as JSON)."""
     selective = (
         plan_.total
         if job.match is not None
         else sum(t.match is not None for t in job.inline_targets)
     )
-    out.write(f"  cancel            all cached: {plan_.cancel_all - selective:,} devices; one "
-              f"command: {plan_.total - plan_.cancel_all:,}; selective (match): "
-              f"{selective:,}\n")  # fmt: skip
-    orgs = ", ".join(f"{org} ({n:,})" for org, n in plan_.orgs.most_common(5))
-    out.write(f"  orgs              {orgs}{' ...' if len(plan_.orgs) > 5 else ''}\n")
-    gateway = args.gateway or os.environ.get("ENOS_GATEWAY") or job.gateway or "(not set)"
-    out.write(f"  gateway           {gateway}\n")
-    out.write(
-        f"  limits            rate {limits.rate or 'unlimited'}/s, concurrency "
-        f"{limits.concurrency}, attempts {limits.attempts}, timeout {limits.timeout:g} s\n"
-    )
-    calls = plan_.total + (_write_match(out, job, selective) if selective else 0)
-    if limits.rate:
-        estimate = calls / limits.rate
-        basis = "one match a selective target, no retries" if selective else "no retries"
-        out.write(f"  estimated time    {_duration(estimate)} at {limits.rate:g}/s ({basis})\n")
-        if limits.deadline and estimate > limits.deadline:
-            out.write(
-                f"  WARNING           the deadline ({_duration(limits.deadline)}) comes before "
-                "the estimated end: the run will stop early, resumable\n"
-            )
-    out.write(f"  targets sha256    {plan_.targets_sha256}\n")
-    return 0
+    rate = "auto" if limits.adaptive else limits.rate  # None: unlimited
+    calls = plan_.total + selective  # one match a selective target
+    estimate = calls / limits.rate if limits.rate and not limits.adaptive else None
+    return {
+        "job": job.name,
+        "path": str(job.path),
+        "targets": plan_.total,
+        "duplicates_dropped": plan_.listed - plan_.total,
+        "cancel_all": plan_.cancel_all - selective,
+        "one_command": plan_.total - plan_.cancel_all,
+        "selective": selective,
+        "match": job.match.describe() if job.match is not None else None,
+        "calls": {"min": plan_.total, "max": plan_.total + 50 * selective, "estimated": calls},
+        "orgs": dict(plan_.orgs.most_common(5)),
+        "more_orgs": max(0, len(plan_.orgs) - 5),
+        "gateway": gateway or os.environ.get("ENOS_GATEWAY") or job.gateway,
+        "rate": rate,
+        "rate_floor": limits.rate_floor if limits.adaptive else None,
+        "rate_max": limits.rate_max if limits.adaptive else None,
+        "concurrency": limits.concurrency,
+        "attempts": limits.attempts,
+        "timeout_s": limits.timeout,
+        "deadline_s": limits.deadline,
+        "abort": {"failure_ratio": job.abort.failure_ratio, "min_finished": job.abort.min_finished},
+        "estimated_s": estimate,
+        "targets_sha256": plan_.targets_sha256,
+    }
 
 
-def _write_match(out: TextIO, job: Job, selective: int) -> int:
-    """The match rule and the call range of a selective job; returns the cancels estimated
-    (one match a target: the number is known only during the run)."""
-    rule = job.match.describe() if job.match is not None else "per target (inline)"
-    out.write(f"  match             {rule}\n")
+def _write_plan(out: TextIO, job: Job, facts: dict[str, Any]) -> None:
+    out.write(f"Job {job.name} ({job.path}) is valid.\n")
     out.write(
-        f"  calls             per selective target 1 search (50 cached commands at most, one "
-        f"page) + 1 cancel per match: {selective:,} to {selective * 51:,}\n"
+        f"  targets           {_count(facts['targets'], 'target')} "
+        f"({_count(facts['duplicates_dropped'], 'duplicate')} dropped)\n"
     )
-    return selective
+    out.write(
+        f"  cancel            all cached on {_count(facts['cancel_all'], 'device')}; one "
+        f"command on {facts['one_command']:,}; selective (match) on "
+        f"{facts['selective']:,}\n"
+    )
+    orgs = ", ".join(f"{org} ({n:,})" for org, n in facts["orgs"].items())
+    more = f" and {facts['more_orgs']:,} more" if facts["more_orgs"] else ""
+    out.write(f"  orgs              {orgs}{more}\n")
+    out.write(f"  gateway           {facts['gateway'] or '(not set)'}\n")
+    out.write(
+        f"  limits            rate {_rate_text(facts)}, concurrency {facts['concurrency']}, "
+        f"attempts {facts['attempts']}, timeout {facts['timeout_s']:g} s\n"
+    )
+    deadline = facts["deadline_s"]
+    out.write(f"  deadline          {_duration(deadline) if deadline else 'none'}\n")
+    abort = facts["abort"]
+    rule = (
+        f"stop when {abort['failure_ratio']:.0%} of the finished targets failed (after "
+        f"{abort['min_finished']:,})"
+        if abort["failure_ratio"]
+        else "none (rejected credentials, 99403 and an outage always stop the run)"
+    )
+    out.write(f"  abort rule        {rule}\n")
+    if facts["selective"]:
+        out.write(f"  match             {facts['match'] or 'per target (inline)'}\n")
+        out.write(
+            f"  calls             per selective target 1 search (at most 50 cached commands: "
+            f"one page) + 1 cancel per match: {facts['calls']['min']:,} to "
+            f"{facts['calls']['max']:,}\n"
+        )
+    _write_estimate(out, facts)
+    out.write(f"  targets sha256    {facts['targets_sha256']}\n")
+
+
+def _write_estimate(out: TextIO, facts: dict[str, Any]) -> None:
+    estimate = facts["estimated_s"]
+    if estimate is None:
+        why = "rate: auto finds the gateway's limit" if facts["rate"] == "auto" else "no rate limit"
+        out.write(f"  estimated time    unknown ({why})\n")
+        return
+    basis = "one match a selective target, no retries" if facts["selective"] else "no retries"
+    out.write(f"  estimated time    {_duration(estimate)} at {facts['rate']:g}/s ({basis})\n")
+    deadline = facts["deadline_s"]
+    if deadline and estimate > deadline:
+        out.write(
+            f"  WARNING           the deadline ({_duration(deadline)}) comes before the "
+            "estimated end: the run will stop early, resumable\n"
+        )
+
+
+def _rate_text(facts: dict[str, Any]) -> str:
+    if facts["rate"] == "auto":
+        upper = f" up to {facts['rate_max']:g}/s" if facts["rate_max"] else ""
+        return f"auto (from {facts['rate_floor']:g}/s{upper})"
+    return "unlimited" if facts["rate"] is None else f"{facts['rate']:g}/s"
+
+
+def _count(number: int, noun: str) -> str:
+    """'1 target', '2 targets'."""
+    return f"{number:,} {noun}{'' if number == 1 else 's'}"
 
 
 def _duration(seconds: float) -> str:
@@ -285,8 +356,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             sys.stdout.flush()
             await anyio.sleep_forever()
 
-    with contextlib.suppress(KeyboardInterrupt):
-        run_async(serve_forever)
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            run_async(serve_forever)
+    except OSError as exc:  # the address is taken, or not this machine's
+        raise UsageError(
+            f"cannot listen on {args.host}:{args.port}: {exc.strerror}; pick another --port "
+            "(0 picks a free one)"
+        ) from None
     return 0
 
 
@@ -310,19 +387,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _find_example() -> Path:
-    for base in (Path.cwd(), Path(__file__).resolve().parent.parent):
-        candidate = base / "jobs" / "example.yaml"
-        if candidate.is_file():
-            return candidate
-    raise UsageError("jobs/example.yaml not found; run 'worker demo' from the repository")
+    """The example job shipped inside the package (so `worker demo` works from any install)."""
+    example = Path(str(importlib.resources.files("worker") / "examples" / "example.yaml"))
+    if not example.is_file():
+        raise UsageError(f"the example job is missing from this install ({example}); reinstall")
+    return example
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Print the summary of each run directory (recomputed from its journal), a total when
     there are several, and write the HTML report (with failed.csv and followup.yaml)."""
     reports = [load_run(Path(name)) for name in args.dirs]
-    page = args.html or (reports[0].run_dir / "report.html" if len(reports) == 1
-                         else Path("report.html"))  # fmt: skip
+    page = args.html or (
+        reports[0].run_dir / "report.html" if len(reports) == 1 else Path("report.html")
+    )
     _check_writable(page, "--html")
     if args.json:
         data: dict[str, Any] = {"runs": [r.summary.to_json() for r in reports]}
@@ -347,8 +425,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 def _print_resume(report: RunReport) -> None:
     state = "did not finish (it died)" if not report.summary.finished else "stopped early"
     flag = " --retry-failed" if report.summary.outcomes.get("failed") else ""
-    sys.stdout.write(f"  (this run {state}; continue it: worker run {report.manifest.job} "
-                     f"--resume {report.run_dir}{flag})\n")  # fmt: skip
+    sys.stdout.write(
+        f"  (this run {state}; continue it: worker run {report.manifest.job} "
+        f"--resume {report.run_dir}{flag})\n"
+    )
 
 
 def _print_total(total: Totals, runs: int) -> None:
@@ -391,131 +471,21 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 # -- the parser ----------------------------------------------------------------------------
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="worker", description="Cancel cached EnOS IoT commands across a fleet."
-    )
-    parser.add_argument("--version", action="version", version=f"worker {__version__}")
-    parser.add_argument("--log-json", action="store_true", help="log JSON lines even on a TTY")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    run = commands.add_parser("run", help="run a job file against a gateway")
-    run.add_argument("job", help="the job file (YAML)")
-    _limit_flags(run)
-    run.add_argument("--out", type=Path, help="run directory (default runs/<job>-<UTC time>/)")
-    run.add_argument("--gateway", help="API gateway base URL (else ENOS_GATEWAY, else the job's)")
-    run.add_argument(
-        "--credentials", type=Path, help="file with ENOS_APP_KEY=... ENOS_APP_SECRET=..."
-    )
-    run.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR")
-    run.add_argument(
-        "--retry-failed", action="store_true", help="with --resume: re-run failed targets"
-    )
-    run.add_argument("--force", action="store_true", help="with --resume: even if the job changed")
-    run.add_argument(
-        "--insecure", action="store_true", help="allow plain http to a non-loopback host"
-    )
-    run.add_argument(
-        "--ca-bundle",
-        type=Path,
-        metavar="FILE",
-        help="PEM file of CA certificates to verify the gateway with (else the system store, "
-        "or SSL_CERT_FILE)",
-    )
-    run.add_argument(
-        "--dry-run", action="store_true", help="get a token, search a sample; no cancel"
-    )
-    run.add_argument(
-        "--sample",
-        type=int,
-        default=0,
-        metavar="N",
-        help="with --dry-run: search N random targets for cached commands",
-    )
-    run.add_argument(
-        "--yes", action="store_true", help=f"skip the confirmation above {CONFIRM_ABOVE} targets"
-    )
-    run.set_defaults(handler=cmd_run)
-
-    validate = commands.add_parser("validate", help="check a job file and print the plan")
-    validate.add_argument("job")
-    validate.add_argument("--gateway")
-    _limit_flags(validate)
-    validate.set_defaults(handler=cmd_validate)
-
-    simulate = commands.add_parser("simulate", help="serve a local EnOS gateway simulator")
-    _simulate_flags(simulate)
-    simulate.set_defaults(handler=cmd_simulate)
-
-    demo = commands.add_parser("demo", help="run jobs/example.yaml against the built-in simulator")
-    demo.add_argument("--out", type=Path, help="run directory (default runs/<job>-<UTC time>/)")
-    demo.set_defaults(handler=cmd_demo)
-
-    report = commands.add_parser("report", help="print the summary of run directories")
-    report.add_argument("dirs", nargs="+", metavar="DIR", help="run directories (or shards)")
-    report.add_argument(
-        "--json", action="store_true", help="print the summaries (and their total) as JSON"
-    )
-    report.add_argument(
-        "--html",
-        type=Path,
-        help="where to write the HTML report (default DIR/report.html, or "
-        "./report.html for several directories)",
-    )
-    report.set_defaults(handler=cmd_report)
-
-    audit = commands.add_parser("audit", help="check a run's audit log")
-    audit_commands = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
-    check = audit_commands.add_parser(
-        "verify",
-        help="check the hash chain, and that results and summary agree with it (exit 0 when "
-        "whole, 1 naming the first bad line)",
-    )
-    check.add_argument("dirs", nargs="+", metavar="DIR")
-    check.add_argument(
-        "--head", metavar="SHA256", help="the audit head the run printed: the chain must end there"
-    )
-    check.set_defaults(handler=cmd_audit_verify)
-    return parser
-
-
-def _limit_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--rate", help="requests per second for the whole run, or 'unlimited'")
-    parser.add_argument("--concurrency", type=int, help="requests in flight")
-    parser.add_argument("--deadline", help="stop cleanly after this long (90s, 45m, 2h)")
-
-
-def _simulate_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8080, help="0 picks a free port")
-    parser.add_argument("--app-key", help=f"accepted app key (ENOS_APP_KEY, else {SIM_APP_KEY})")
-    parser.add_argument(
-        "--app-secret-file",
-        type=Path,
-        help=f"a file (chmod 600) holding its secret; else ENOS_APP_SECRET, else {SIM_APP_SECRET}. "
-        "Never on the command line, where ps shows it",
-    )
-    parser.add_argument("--job", help="make every target of this job exist, with cached commands")
-    parser.add_argument("--devices", type=int, default=1000, help="generated devices (as000000...)")
-    parser.add_argument("--commands", type=int, default=3, help="cached commands per device")
-    parser.add_argument("--seed", type=int, default=7)
-    faults = parser.add_argument_group("faults")
-    faults.add_argument("--latency-ms", type=float, default=0.0)
-    faults.add_argument("--error-rate", type=float, default=0.0, help="share of HTTP 5xx")
-    faults.add_argument("--rate-cap", type=float, help="requests/s above which to answer 429")
-    faults.add_argument("--drop-rate", type=float, default=0.0, help="share of dropped connections")
-    faults.add_argument("--malformed-rate", type=float, default=0.0, help="share of bad bodies")
-    faults.add_argument("--token-ttl", type=int, default=7200, help="token lifetime in seconds")
-    faults.add_argument("--deny-org", action="append", help="answer 99403 for this org")
-    faults.add_argument("--expired-token-answer", choices=("401", "1203"), default="401")
-    faults.add_argument("--require-command-id", action="store_true")
-    faults.add_argument("--legacy-wire", action="store_true", help="2019 wire variants")
+HANDLERS = {
+    "run": cmd_run,
+    "validate": cmd_validate,
+    "simulate": cmd_simulate,
+    "demo": cmd_demo,
+    "report": cmd_report,
+    "audit verify": cmd_audit_verify,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `worker` console script."""
-    args = _parser().parse_args(argv)
-    logs.configure(json=True if args.log_json else None)
+    args = build_parser(HANDLERS).parse_args(argv)
+    level = logging.WARNING if args.quiet else logging.INFO
+    logs.configure(json=True if args.log_json else None, level=level)
     try:
         return int(args.handler(args))
     except UsageError as exc:

@@ -8,6 +8,7 @@ and any value containing a registered secret (the app secret, every access token
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import MutableMapping
 from typing import Any, TextIO
@@ -50,7 +51,7 @@ def configure(
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if as_json
-        else structlog.dev.ConsoleRenderer(colors=out.isatty())
+        else structlog.dev.ConsoleRenderer(colors=out.isatty() and not os.environ.get("NO_COLOR"))
     )
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,

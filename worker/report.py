@@ -6,9 +6,10 @@ and a resume, the summary of the whole run is still exact.
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TextIO
@@ -243,50 +244,101 @@ class RateView(Protocol):
 
 
 async def progress_loop(
-    progress: Progress, limiter: RateView, total: int, out: TextIO | None
+    progress: Progress, limiter: RateView, total: int, out: TextIO | None, already: int = 0
 ) -> None:
-    """A live line on a terminal (ended with the final counts); a log line every 10 s otherwise."""
+    """A live line on a terminal (ended with the final counts); a log line every 10 s otherwise.
+
+    `already`: targets final from earlier segments, counted as done from the start."""
     stream = out or sys.stderr
-    tty = stream.isatty()
-    began = time.monotonic()
+    line = ProgressLine(progress, limiter, total, already, tty=stream.isatty())
     try:
         while True:
-            await anyio.sleep(0.5 if tty else 10.0)
-            _show_progress(progress, limiter, total, stream, time.monotonic() - began, tty=tty)
+            await anyio.sleep(0.5 if line.tty else 10.0)
+            line.show(stream, time.monotonic())
     finally:
-        if tty:
-            _show_progress(progress, limiter, total, stream, time.monotonic() - began, tty=True)
+        if line.tty:
+            line.show(stream, time.monotonic())
             stream.write("\n")
             stream.flush()
 
 
+RECENT_S = 15.0  # the window of the ETA's rate
+
+
+class ProgressLine:
+    """The live progress line: one line that fits the terminal, redrawn in place."""
+
+    def __init__(
+        self, progress: Progress, limiter: RateView, total: int, already: int, *, tty: bool
+    ) -> None:
+        self.progress, self.limiter, self.total, self.already = progress, limiter, total, already
+        self.tty = tty
+        self._samples: deque[tuple[float, int, int]] = deque()  # (time, finished, requests)
+
+    def show(self, stream: TextIO, now: float) -> None:
+        """Draw (or, off a terminal, log) the current state."""
+        progress = self.progress
+        self._samples.append((now, progress.finished, progress.requests))
+        while len(self._samples) > 2 and now - self._samples[0][0] > RECENT_S:
+            self._samples.popleft()
+        if not self.tty:
+            self._log()
+            return
+        width = shutil.get_terminal_size((80, 24)).columns
+        stream.write("\r" + fit(self.parts(), width - 1) + "\x1b[K")
+        stream.flush()
+
+    def _recent(self) -> tuple[float, float]:
+        """Targets finished and requests sent per second, over the last RECENT_S."""
+        (t0, f0, r0), (t1, f1, r1) = self._samples[0], self._samples[-1]
+        span = t1 - t0
+        return ((f1 - f0) / span, (r1 - r0) / span) if span > 0 else (0.0, 0.0)
+
+    def parts(self) -> list[str]:
+        """The line's parts, most important first (the narrower the terminal, the fewer)."""
+        progress, outcomes = self.progress, self.progress.outcomes
+        done = self.already + progress.finished
+        finishing, requesting = self._recent()
+        allowed = self.limiter.rate
+        rate = f"{requesting:,.0f} of {'unlimited' if allowed is None else f'{allowed:,.0f}'}/s"
+        if self.limiter.cause != "asked":
+            rate += f" ({self.limiter.cause})"
+        left = self.total - done
+        eta = f"~{_minutes(left / finishing)} left" if finishing > 0 and left > 0 else ""
+        return [
+            f"  {done:,}/{self.total:,} done",
+            f"{outcomes[Outcome.FAILED]:,} failed",
+            rate,
+            eta,
+            f"{outcomes[Outcome.CANCELLED]:,} cancelled",
+            f"{outcomes[Outcome.NOTHING_TO_CANCEL]:,} nothing to cancel",
+            f"{progress.in_flight} in flight",
+            f"{progress.waiting:,} waiting to retry",
+        ]
+
+    def _log(self) -> None:
+        progress, allowed = self.progress, self.limiter.rate
+        finishing, requesting = self._recent()
+        log.info("worker.progress", finished=self.already + progress.finished,
+                 targets=self.total, failed=progress.outcomes[Outcome.FAILED],
+                 in_flight=progress.in_flight, waiting_retry=progress.waiting,
+                 requests_per_s=round(requesting, 1), finished_per_s=round(finishing, 1),
+                 allowed_per_s=None if allowed is None else round(allowed, 1),
+                 rate_cause=self.limiter.cause)  # fmt: skip
+
+
+def fit(parts: list[str], width: int) -> str:
+    """As many parts as fit in `width` characters, in order, joined by " · "."""
+    line = ""
+    for part in parts:
+        if not part:
+            continue
+        candidate = f"{line} · {part}" if line else part
+        if len(candidate) > width:
+            break
+        line = candidate
+    return line[:width]
+
+
 def _minutes(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
-
-
-def _show_progress(
-    progress: Progress, limiter: RateView, total: int, stream: TextIO, elapsed: float, *, tty: bool
-) -> None:
-    outcomes = progress.outcomes
-    rate = progress.requests / elapsed if elapsed else 0.0
-    allowed = limiter.rate
-    allowed_text = "unlimited" if allowed is None else f"{allowed:,.0f}/s"
-    cause = "" if limiter.cause == "asked" else f" ({limiter.cause})"
-    finished_rate = progress.finished / elapsed if elapsed else 0.0
-    left = total - progress.finished
-    eta = f"~{_minutes(left / finished_rate)} left" if finished_rate and left else ""
-    if not tty:
-        log.info("worker.progress", finished=progress.finished, targets=total,
-                 failed=outcomes[Outcome.FAILED], in_flight=progress.in_flight,
-                 waiting_retry=progress.waiting, requests_per_s=round(rate, 1),
-                 allowed_per_s=None if allowed is None else round(allowed, 1),
-                 rate_cause=limiter.cause)  # fmt: skip
-        return
-    stream.write(
-        f"\r  {progress.finished:,}/{total:,} done: {outcomes[Outcome.CANCELLED]:,} cancelled, "
-        f"{outcomes[Outcome.NOTHING_TO_CANCEL]:,} nothing to cancel, "
-        f"{outcomes[Outcome.FAILED]:,} failed; {progress.in_flight} in flight, "
-        f"{progress.waiting:,} waiting to retry; {rate:,.0f} req/s of {allowed_text}{cause} "
-        f"{eta}\x1b[K"
-    )
-    stream.flush()

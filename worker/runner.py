@@ -188,7 +188,9 @@ async def execute(
                 engine.stop(StopReason.FATAL, problem)
             else:
                 targets = run_targets(job, plan, finished.done)
-                await _drive(engine, targets, plan, options, out=out, segment=segment)
+                already = len(finished.done)
+                await _drive(engine, targets, plan, options, out=out, segment=segment,
+                             already=already)  # fmt: skip
     except Exception as exc:  # a bug or an OS failure: end as a resumable stop, say why
         log.exception("worker.internal_error")
         engine.stop(StopReason.FATAL, f"internal error: {exc!r}; the run is resumable")
@@ -263,6 +265,7 @@ async def _drive(
     *,
     out: TextIO | None,
     segment: Segment,
+    already: int = 0,
 ) -> None:
     """The engine, with its helpers: journal syncing, signals, progress."""
     async with anyio.create_task_group() as helpers:
@@ -270,7 +273,9 @@ async def _drive(
         helpers.start_soon(_rate_sampler, engine, segment)
         helpers.start_soon(_signal_loop, engine, out)
         if options.progress:
-            helpers.start_soon(progress_loop, engine.progress, engine.limiter, plan.total, out)
+            helpers.start_soon(
+                progress_loop, engine.progress, engine.limiter, plan.total, out, already
+            )
         await engine.run(targets)
         helpers.cancel_scope.cancel()
 

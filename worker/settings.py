@@ -93,6 +93,12 @@ def resolve_gateway(flag: str | None, job: Job, *, insecure: bool) -> str:
     parts = urlsplit(gateway)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UsageError(f"the gateway {shown(gateway)} is not an http(s) URL")
+    try:
+        parts.port  # noqa: B018 (it raises for a port out of range)
+    except ValueError:
+        raise UsageError(
+            f"the gateway {shown(gateway)} has a port out of range; ports are 1 to 65535"
+        ) from None
     if parts.scheme == "http" and not insecure and not _is_loopback(parts.hostname):
         raise UsageError(
             f"the gateway {gateway} is plain http on a non-loopback host; use https, or pass "
@@ -115,15 +121,20 @@ def merge_limits(
 ) -> Limits:
     """The job's (or the resumed run's) limits with the command line's overrides."""
     limits = base
-    try:
-        if rate is not None:
+    if rate is not None:
+        try:
             limits = with_rate(limits, parse_rate(_number(rate)))
-        if deadline is not None:
+        except ValueError as exc:
+            raise UsageError(
+                f"--rate {rate}: {exc}; give requests per second (e.g. 20), 'auto' or 'unlimited'"
+            ) from None
+    if deadline is not None:
+        try:
             limits = replace(limits, deadline=parse_duration(deadline))
-    except ValueError as exc:
-        raise UsageError(
-            f"{exc}: --rate takes a number, 'unlimited' or 'auto'; --deadline e.g. 45m"
-        ) from None
+        except ValueError as exc:
+            raise UsageError(
+                f"--deadline {deadline}: {exc}; give e.g. 90s, 45m, 2h or 1h30m"
+            ) from None
     if concurrency is not None:
         if concurrency < 1:
             raise UsageError("--concurrency must be 1 or more")
