@@ -110,8 +110,8 @@ def _throughput(summary: Summary, width: int = 640, height: int = 180) -> str:
     def x(segment: int, seconds: float) -> float:
         return left + (offsets[segment] + seconds) / span * (width - left)
 
-    def y(value: float) -> float:
-        return height - value / top * height
+    def y(value: float) -> float:  # 12 px of room above the top line for its label
+        return 12 + (height - 12) * (1 - value / top)
 
     def polyline(column: int, style: str) -> str:
         lines = []
@@ -247,7 +247,8 @@ def _target_rows(rows: list[dict[str, Any]], extra: str) -> list[list[object]]:
             f" command {row['command_id']}" if row["command_id"] else ""
         )
 
-    return [[who(r), r.get(extra) if extra else r["code"], r["msg"], r["attempts"]] for r in rows]
+    return [[who(r), str(r.get(extra) if extra else r["code"]), r["msg"], r["attempts"]]
+            for r in rows]  # fmt: skip
 
 
 def _listed(
