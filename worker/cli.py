@@ -378,7 +378,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     async def demo() -> int:
         async with serve(simulator) as url:
-            options = RunOptions(url, credentials, job.limits, run_dir, progress=True)
+            options = RunOptions(url, credentials, job.limits, run_dir, progress=not args.quiet)
             manifest = new_manifest(job, plan_, options)
             return await execute(job, plan_, options, manifest=manifest, finished=Finished())
 
