@@ -56,6 +56,15 @@ def start_worker(*args: str) -> subprocess.Popen[str]:
     )  # fmt: skip
 
 
+def kill_9_midway(job: Path, gateway: str, run_dir: Path, lines: int) -> None:
+    """Start `worker run`, kill -9 it once `lines` results are journalled."""
+    process = start_worker("run", str(job), "--gateway", gateway, "--out", str(run_dir), "--yes")
+    wait_for_lines(process, run_dir, lines)
+    process.kill()
+    process.communicate()
+    assert process.returncode == -signal.SIGKILL
+
+
 def assert_one_line_per_target(run_dir: Path, count: int) -> None:
     """Exactly one final line per target across all segments."""
     keys = Counter(line["target"]["asset_id"] for line in results(run_dir))
@@ -74,11 +83,7 @@ def test_kill_9_then_resume(sim5000: str, tmp_path: Path) -> None:
     """kill -9 at a random point, resume: one line per target, all cancelled, few calls twice."""
     job = csv_job(tmp_path, 5000, "{rate: 3000, concurrency: 16}")
     run_dir = tmp_path / "run"
-    process = start_worker("run", str(job), "--gateway", sim5000, "--out", str(run_dir), "--yes")
-    wait_for_lines(process, run_dir, random.Random(9).randint(500, 4000))
-    process.kill()
-    process.communicate()
-    assert process.returncode == -signal.SIGKILL
+    kill_9_midway(job, sim5000, run_dir, random.Random(9).randint(500, 4000))
     done = run_worker("run", str(job), "--resume", str(run_dir), "--yes")
     assert done.returncode == 0, done.stderr
     assert_one_line_per_target(run_dir, 5000)

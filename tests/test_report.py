@@ -22,7 +22,7 @@ import pytest
 
 from tests.runs import resume_job, run_job, write_job
 from tests.simproc import run_worker, sim_get, simulator_process, worker_env
-from tests.test_operate import csv_job, start_worker, wait_for_lines
+from tests.test_operate import csv_job, kill_9_midway, start_worker
 from worker.enos.simulator import Simulator
 from worker.htmlreport import write_report
 from worker.reportdata import load_run
@@ -98,10 +98,7 @@ def test_a_killed_run_is_reported_unfinished(tmp_path: Path) -> None:
     job = csv_job(tmp_path, 3000, "{rate: 2000, concurrency: 8}")
     run_dir = tmp_path / "run"
     with simulator_process("--devices", "3000") as url:
-        process = start_worker("run", str(job), "--gateway", url, "--out", str(run_dir), "--yes")
-        wait_for_lines(process, run_dir, 500)
-        process.kill()
-        process.communicate()
+        kill_9_midway(job, url, run_dir, 500)
     done = run_worker("report", str(run_dir))
     assert done.returncode == 0, done.stderr
     assert "unfinished (the process died; resumable)" in done.stdout

@@ -4,7 +4,6 @@ exactly those that match, keep the others; every claim checked against the gatew
 from __future__ import annotations
 
 import random
-import signal
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from tests.conftest import APP_KEY, APP_SECRET, ORG
 from tests.fakes import FakeCanceller, MemoryRecorder, ok
 from tests.runs import results, run_job, summary, write_job
 from tests.simproc import run_worker, sim_get, simulator_process
-from tests.test_operate import start_worker, wait_for_lines
+from tests.test_operate import kill_9_midway
 from worker.auditverify import verify
 from worker.engine import Engine, EngineSettings
 from worker.enos.simstate import (
@@ -162,11 +161,7 @@ def test_kill_9_then_resume_cancels_each_match_once(tmp_path: Path) -> None:
     job.write_text(head + "limits: {rate: 3000, concurrency: 16}\ntargets_file: devices.csv\n")
     run_dir = tmp_path / "run"
     with simulator_process("--devices", str(count), "--commands", "4") as url:
-        process = start_worker("run", str(job), "--gateway", url, "--out", str(run_dir), "--yes")
-        wait_for_lines(process, run_dir, random.Random(5).randint(300, 2500))
-        process.kill()
-        process.communicate()
-        assert process.returncode == -signal.SIGKILL
+        kill_9_midway(job, url, run_dir, random.Random(5).randint(300, 2500))
         done = run_worker("run", str(job), "--resume", str(run_dir), "--yes")
         assert done.returncode == 0, done.stderr
         devices = {d["asset_id"]: d for d in sim_get(url, "/_sim/devices")}
