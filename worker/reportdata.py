@@ -24,7 +24,7 @@ import orjson
 from worker.audit import AUDIT_FILE
 from worker.journal import RESULTS_FILE, read_journal, record_key
 from worker.model import Outcome, gc_paused, key_digest
-from worker.report import build_summary, tally
+from worker.report import JournalTally, build_summary, tally
 from worker.rundir import read_manifest
 from worker.runstate import ExitCode, Manifest, Summary
 
@@ -44,11 +44,12 @@ class RunReport:
     details: Details
 
 
-def load_run(run_dir: Path) -> RunReport:
-    """Read a run directory for a report. A last segment that died (kill -9, OOM) recorded
-    neither its requests nor its duration: they are taken from its audit records."""
+def load_run(run_dir: Path, counts: JournalTally | None = None) -> RunReport:
+    """Read a run directory for a report (`counts`: the journal's tally, when the caller has
+    just made it). A last segment that died (kill -9, OOM) recorded neither its requests nor
+    its duration: they are taken from its audit records."""
     manifest = read_manifest(run_dir)
-    counts = tally(run_dir)
+    counts = counts if counts is not None else tally(run_dir)
     summary = build_summary(manifest, counts, exit_code=manifest.last_exit_code or 0)
     found = details(run_dir, summary)
     last = manifest.segments[-1] if manifest.segments else None
@@ -111,28 +112,42 @@ def _row(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def _count_result(found: Details, record: dict[str, Any]) -> None:
+    """Count one journal line; rows and digests are built only for the few lines that need
+    them (failed, effect unknown), since this runs once per target at the end of every run."""
     outcome = record.get("outcome", "")
-    row = _row(record)
-    digest = key_digest(record_key(record))
-    earlier = found.failed.pop(digest, None)  # a --retry-failed line supersedes a failed one
-    if earlier is not None:
-        found.by_org[earlier["org_id"]][Outcome.FAILED] -= 1
-        found.by_product[_product(earlier)][Outcome.FAILED] -= 1
-    found.by_org.setdefault(row["org_id"], Counter())[outcome] += 1
-    found.by_product.setdefault(_product(row), Counter())[outcome] += 1
+    failed = outcome == Outcome.FAILED
+    if found.failed or failed:  # a --retry-failed line may supersede a failed one
+        digest = key_digest(record_key(record))
+        earlier = found.failed.pop(digest, None)
+        if earlier is not None:
+            found.by_org[earlier["org_id"]][Outcome.FAILED] -= 1
+            found.by_product[_product(earlier)][Outcome.FAILED] -= 1
+        if failed:
+            found.failed[digest] = _row(record)
+    org = record.get("org_id") or ""
+    product = record["target"].get("product_key") or _BY_ASSET
+    counts = found.by_org.get(org)
+    if counts is None:
+        counts = found.by_org[org] = Counter()
+    counts[outcome] += 1
+    counts = found.by_product.get(product)
+    if counts is None:
+        counts = found.by_product[product] = Counter()
+    counts[outcome] += 1
     latency = record.get("latency_ms")
-    if isinstance(latency, int | float):
-        found.latency[_bucket(float(latency))] += 1
-    if outcome == Outcome.FAILED:
-        found.failed[digest] = row
+    if latency is not None:
+        found.latency[_bucket(latency)] += 1
     if record.get("effect_unknown"):
         found.unknown_total += 1
         if len(found.unknown) < LISTED:
-            found.unknown.append(row)
+            found.unknown.append(_row(record))
+
+
+_BY_ASSET = "(by asset id)"
 
 
 def _product(row: dict[str, Any]) -> str:
-    return str(row["product_key"]) or "(by asset id)"
+    return str(row["product_key"]) or _BY_ASSET
 
 
 def _bucket(latency_ms: float) -> int:
@@ -146,18 +161,24 @@ def _read_audit(found: Details, path: Path) -> None:
     """Segments, stops and abandoned requests from the audit log."""
     if not path.exists():
         return
+    last = b""
     with path.open("rb") as stream:
         for line in stream:
             if b'"type":"attempt"' in line and b'"abandoned"' not in line:
                 if found.segment_requests:
                     found.segment_requests[-1] += 1
-                    found.segment_last_at[-1] = _at(line)
+                    last = line
                 continue
+            if last and found.segment_last_at:  # a new segment starts: the last one ended there
+                found.segment_last_at[-1] = _at(last)
+                last = b""
             try:
                 record = orjson.loads(line)
             except orjson.JSONDecodeError:
                 continue
             _audit_record(found, record)
+    if last and found.segment_last_at:
+        found.segment_last_at[-1] = _at(last)
 
 
 def _at(line: bytes) -> str:
