@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import orjson
 import structlog
@@ -18,20 +19,27 @@ import structlog
 log = structlog.get_logger("worker.journal")
 
 
-_iso_second: list[object] = [None, ""]  # (whole second, "YYYY-MM-DDTHH:MM:SS.") of the last call
+_iso_cache: list[Any] = [-1, "", -1, ""]  # whole second and its text; millisecond and its text
 
 
 def iso(moment: float) -> str:
     """ISO 8601 UTC with milliseconds, e.g. 2026-11-25T21:26:13.123Z.
 
-    Called several times per request; formatting the date once per second keeps it cheap.
+    Called three times per request, mostly within one millisecond: the last millisecond's text
+    and the date of the last second are kept, so most calls are one comparison.
     """
-    second = int(moment)
-    if _iso_second[0] != second:
-        stamp = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S.")
-        _iso_second[0], _iso_second[1] = second, stamp
-    millis = min(999, int((moment - second) * 1000))
-    return f"{_iso_second[1]}{millis:03d}Z"
+    cache = _iso_cache
+    millisecond = int(moment * 1000)
+    if cache[2] == millisecond:
+        return str(cache[3])
+    second = millisecond // 1000
+    if cache[0] != second:
+        cache[0], cache[1] = (
+            second,
+            datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S."),
+        )
+    cache[2], cache[3] = millisecond, f"{cache[1]}{millisecond % 1000:03d}Z"
+    return str(cache[3])
 
 
 class SyncedFile:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import orjson
@@ -79,7 +80,7 @@ class EnOSClient:
         ca_bundle: Path | None = None,
     ) -> None:
         self._base = URL(gateway.rstrip("/"))
-        self._commands_url = self._api_url(p.COMMANDS_PATH)
+        self._commands_prefix = str(self._api_url(p.COMMANDS_PATH)) + "?"
         self._credentials = credentials
         self._concurrency = concurrency
         self._timeout = timeout
@@ -127,7 +128,7 @@ class EnOSClient:
         if target.command_id is not None:
             params.append(("commandId", target.command_id))
         status, payload = await self._business("POST", p.ACTION_CANCEL, params, b"")
-        commands, unreadable, problem = read_commands(payload.get("data"))
+        commands, unreadable, problem = read_commands(payload.get("data"), ids_only=True)
         return CancelReply(
             http_status=status,
             code=p.CODE_OK,
@@ -216,7 +217,7 @@ class EnOSClient:
         }
         if body:
             headers["Content-Type"] = p.JSON_CONTENT_TYPE
-        url = self._commands_url.with_query(query)
+        url = URL(self._commands_prefix + _query_string(query), encoded=True)
         status, headers_in, raw = await self._exchange(method, url, headers, body)
         # The gateway's text is never trusted: what it echoes of this request is masked.
         raw = redact.scrub_bytes(raw, token.encode(), headers[p.HEADER_SIGNATURE].encode())
@@ -346,6 +347,16 @@ class EnOSClient:
 
 
 # -- interpreting answers (pure) --------------------------------------------------------------
+
+
+def _query_string(query: Params) -> str:
+    """The encoded query of a business call (yarl's with_query costs twice as much): plain ids
+    go as they are, anything else is percent-encoded as yarl would (the signature covers the
+    decoded values either way)."""
+    return "&".join([
+        name + "=" + (value if value.isalnum() and value.isascii() else quote(value, safe="?/:@"))
+        for name, value in query
+    ])  # fmt: skip
 
 
 def _interpret(
@@ -497,7 +508,7 @@ def _request_id(payload: Mapping[str, Any]) -> str | None:
 
 
 def read_commands(
-    data: object, *, full: bool = False
+    data: object, *, full: bool = False, ids_only: bool = False
 ) -> tuple[tuple[Command, ...], int, str | None]:
     """The commands of an answer's `data` (null is an empty list), tolerant of wire variants.
 
@@ -511,14 +522,25 @@ def read_commands(
         return (), 1, f"'data' is a {type(data).__name__}, not a list of commands"
     commands: list[Command] = []
     unreadable, problem = 0, None
+    read = _command_full if full else _command_id if ids_only else _command
     for item in data:
-        command = _command_full(item) if full else _command(item)
+        command = read(item)
         if isinstance(command, str):
             unreadable += 1
             problem = problem or command
         else:
             commands.append(command)
     return tuple(commands), unreadable, problem
+
+
+def _command_id(item: object) -> Command | str:
+    """Only the id: all a cancel's result needs (the hot path: three fields less to parse per
+    command of every answer). The id rules are those of :func:`_command`."""
+    if type(item) is dict:
+        command_id = item.get("commandId")
+        if type(command_id) is str and 0 < len(command_id) <= ID_CAP:
+            return Command(command_id)
+    return _command(item)
 
 
 def _command(item: object) -> Command | str:
