@@ -254,12 +254,16 @@ async def test_invalid_targets_are_refused_before_sending(
 
 
 async def test_legacy_wire_variants_are_read(sim: Simulator, client: EnOSClient) -> None:
-    """createTime as a number, createLocalTime spelling: the same Command values."""
+    """createTime as a number, createLocalTime spelling: a search reads the same values (a
+    cancel reads only the ids, which is all its result needs)."""
     sim.faults = Faults(legacy_wire=True)
     index = pending_device(sim)
+    found = await client.search_commands(asset(index), "state = 1")
+    assert len(found) == 3
+    assert all(isinstance(c.create_time_ms, int) for c in found)
+    assert all(c.command_type in (1, 2) and c.tsl_identifier for c in found)
     reply = await client.cancel(asset(index))
-    assert len(reply.commands) == 3
-    assert all(isinstance(c.create_time_ms, int) for c in reply.commands)
+    assert {c.command_id for c in reply.commands} == {c.command_id for c in found}
 
 
 async def test_no_secret_token_or_signature_in_logs(sim: Simulator, gateway: str) -> None:
