@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 
 from worker.audit import AUDIT_FILE
-from worker.journal import RESULTS_FILE, read_journal, record_key
+from worker.journal import record_key
 from worker.model import Outcome, gc_paused, key_digest
 from worker.report import JournalTally, build_summary, tally
 from worker.rundir import read_manifest
@@ -44,14 +44,20 @@ class RunReport:
     details: Details
 
 
-def load_run(run_dir: Path, counts: JournalTally | None = None) -> RunReport:
-    """Read a run directory for a report (`counts`: the journal's tally, when the caller has
-    just made it). A last segment that died (kill -9, OOM) recorded neither its requests nor
-    its duration: they are taken from its audit records."""
+def tally_with_details(run_dir: Path) -> tuple[JournalTally, Details]:
+    """The summary's tally and the report's counts in one pass over the journal."""
+    found = Details()
+    return tally(run_dir, visit=lambda record: _count_result(found, record)), found
+
+
+def load_run(run_dir: Path, read: tuple[JournalTally, Details] | None = None) -> RunReport:
+    """Read a run directory for a report (`read`: what :func:`tally_with_details` just gave,
+    when the caller has it). A last segment that died (kill -9, OOM) recorded neither its
+    requests nor its duration: they are taken from its audit records."""
     manifest = read_manifest(run_dir)
-    counts = counts if counts is not None else tally(run_dir)
+    counts, found = read if read is not None else tally_with_details(run_dir)
     summary = build_summary(manifest, counts, exit_code=manifest.last_exit_code or 0)
-    found = details(run_dir, summary)
+    complete_details(found, run_dir, summary, manifest)
     last = manifest.segments[-1] if manifest.segments else None
     if last is not None and last.finished_at is None and found.segment_requests:
         last.requests = found.segment_requests[-1]
@@ -83,15 +89,38 @@ class Details:
     segment_last_at: list[str] = field(default_factory=list)
 
 
-def details(run_dir: Path, summary: Summary) -> Details:
-    """Read the journal and the audit log of `run_dir` once each."""
-    found = Details()
-    with gc_paused():
-        for record in read_journal(run_dir / RESULTS_FILE):
-            _count_result(found, record)
-        _read_audit(found, run_dir / AUDIT_FILE)
+def complete_details(found: Details, run_dir: Path, summary: Summary, manifest: Manifest) -> None:
+    """Add the timeline; read the audit log only when the report needs what only it holds
+    (requests abandoned in flight, a segment that died): at a million targets it is the
+    longest file of the run, and most runs end cleanly."""
+    died = bool(manifest.segments) and manifest.segments[-1].finished_at is None
+    if summary.abandoned or died:
+        with gc_paused():
+            _read_audit(found, run_dir / AUDIT_FILE)
+    else:
+        _segment_events(found, manifest)
     _rate_cuts(found, summary)
-    return found
+
+
+def _segment_events(found: Details, manifest: Manifest) -> None:
+    """The timeline's segments, from run.json (the same facts as the audit's run records)."""
+    for number, segment in enumerate(manifest.segments, start=1):
+        limits = segment.limits
+        asked = "auto" if limits.adaptive else limits.rate or "unlimited"
+        found.events.append(
+            (
+                segment.started_at,
+                f"segment {number} started: {manifest.targets:,} targets, rate {asked}",
+            )
+        )
+        if segment.finished_at is not None:
+            why = f": {segment.message}" if segment.message else ""
+            found.events.append(
+                (
+                    segment.finished_at,
+                    f"segment {number} ended ({segment.reason}, exit {segment.exit_code}){why}",
+                )
+            )
 
 
 def _row(record: dict[str, Any]) -> dict[str, Any]:

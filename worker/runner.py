@@ -35,8 +35,8 @@ from worker.jobfile import Plan, run_targets
 from worker.journal import RESULTS_FILE, ResultJournal
 from worker.model import Attempt, Credentials, Job, Limits, Target, TargetResult
 from worker.ratelimit import RateChange, RateLimiter
-from worker.report import JournalTally, build_summary, progress_loop, render, tally
-from worker.reportdata import load_run
+from worker.report import JournalTally, build_summary, progress_loop, render
+from worker.reportdata import Details, load_run, tally_with_details
 from worker.retry import RetryPolicy, Verdict
 from worker.rundir import AdmissionMark, Finished, write_manifest, write_summary
 from worker.runstate import ExitCode, Manifest, Segment, Summary
@@ -199,9 +199,9 @@ async def execute(
         segment.requests = engine.progress.requests
         segment.abandoned = engine.progress.abandoned
         segment.duration_s = round(time.monotonic() - began, 3)
-        summary, counts = _close_segment(engine, manifest, segment, recorder)
+        summary, read = _close_segment(engine, manifest, segment, recorder)
     render(summary, run_dir, out, audit_head=recorder.audit.head)
-    _write_run_report(run_dir, out, counts)
+    _write_run_report(run_dir, out, read)
     if summary.exit_code in (ExitCode.ABORTED, ExitCode.INTERRUPTED):
         _print_resume_hint(job, run_dir, out, retry_failed=summary.outcomes["failed"] > 0)
     return summary.exit_code
@@ -333,12 +333,12 @@ async def _signal_loop(engine: Engine, out: TextIO | None) -> None:
 
 def _close_segment(
     engine: Engine, manifest: Manifest, segment: Segment, recorder: _Recorder
-) -> tuple[Summary, JournalTally]:
+) -> tuple[Summary, tuple[JournalTally, Details]]:
     """Close the files, then write run.json, run_finished and summary.json for the whole run."""
     recorder.journal.log.close()
     recorder.mark.close()
     run_dir = recorder.journal.log.path.parent
-    counts = tally(run_dir)
+    counts, found = tally_with_details(run_dir)  # one pass: the summary and the report
     reason = engine.stop_reason
     exit_code = exit_code_for(
         reason, counts.outcomes.get("failed", 0), manifest.targets - counts.finished
@@ -364,7 +364,7 @@ def _close_segment(
         "worker.run_finished", reason=reason.value, exit_code=int(exit_code),
         why=engine.stop_message,
     )  # fmt: skip
-    return summary, counts
+    return summary, (counts, found)
 
 
 def _run_started(job: Job, plan: Plan, options: RunOptions, manifest: Manifest) -> dict[str, Any]:
@@ -403,13 +403,15 @@ def new_manifest(job: Job, plan: Plan, options: RunOptions) -> Manifest:
     )
 
 
-def _write_run_report(run_dir: Path, out: TextIO | None, counts: JournalTally) -> None:
+def _write_run_report(
+    run_dir: Path, out: TextIO | None, read: tuple[JournalTally, Details]
+) -> None:
     """report.html (and failed.csv, followup.yaml when targets failed) in the run directory.
     Only a convenience: a failure here is logged and never changes the run's outcome."""
     stream = out or sys.stdout
     try:
         page = run_dir / "report.html"
-        followups = write_report([load_run(run_dir, counts)], page)
+        followups = write_report([load_run(run_dir, read)], page)
     except Exception:  # the run's files are complete; the report can be made again later
         log.warning("worker.report_failed", exc_info=True, fix=f"worker report {run_dir}")
         return
