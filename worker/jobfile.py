@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import difflib
 import hashlib
+import io
 import operator
 import re
 import stat
@@ -20,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 import yaml
@@ -42,18 +43,38 @@ from worker.model import (
 from worker.units import parse_duration, parse_rate, positive, with_rate
 
 JOB_KEYS = (
-    "version", "name", "gateway", "org_id", "command_id", "match", "targets", "targets_file",
-    "limits", "abort",
-)  # fmt: skip
+    "version",
+    "name",
+    "gateway",
+    "org_id",
+    "command_id",
+    "match",
+    "targets",
+    "targets_file",
+    "limits",
+    "abort",
+)
 TARGET_KEYS = ("asset_id", "product_key", "device_key", "command_id", "org_id")
 MATCH_KEYS = (
-    "command_name", "command_name_locale", "tsl_identifier", "command_type", "created_after",
+    "command_name",
+    "command_name_locale",
+    "tsl_identifier",
+    "command_type",
+    "created_after",
     "created_before",
-)  # fmt: skip
+)
 _BOTH = "has both a match and a command_id; remove one (a match finds the command ids itself)"
 Row = tuple[str, str, str, str, str]  # TARGET_KEYS in order; "" where absent
-LIMIT_KEYS = ("rate", "rate_floor", "rate_max", "concurrency", "attempts", "timeout", "deadline",
-              "max_retry_after")  # fmt: skip
+LIMIT_KEYS = (
+    "rate",
+    "rate_floor",
+    "rate_max",
+    "concurrency",
+    "attempts",
+    "timeout",
+    "deadline",
+    "max_retry_after",
+)
 ABORT_KEYS = ("failure_ratio", "min_finished")
 MAX_PROBLEMS = 20
 JOB_FILE_MAX = 16 << 20  # bytes; a larger job file should move its targets to a targets_file
@@ -129,10 +150,12 @@ def _read_bytes(path: Path) -> bytes:
         if not stat.S_ISREG(info.st_mode):
             raise JobFileError([f"{path}: not a regular file; give the path of a YAML job file"])
         if info.st_size > JOB_FILE_MAX:
-            raise JobFileError([
-                f"{path}: {info.st_size:,} bytes, more than a job file may hold "
-                f"({JOB_FILE_MAX:,}); put the targets in a targets_file (CSV or JSONL)"
-            ])  # fmt: skip
+            raise JobFileError(
+                [
+                    f"{path}: {info.st_size:,} bytes, more than a job file may hold "
+                    f"({JOB_FILE_MAX:,}); put the targets in a targets_file (CSV or JSONL)"
+                ]
+            )
         with path.open("rb") as stream:
             return stream.read(JOB_FILE_MAX + 1)
     except OSError as exc:
@@ -229,8 +252,10 @@ def id_problem(text: str) -> str | None:
         return f"{len(text):,} characters long; an id has at most {ID_MAX}"
     hidden = _HIDDEN.search(text)
     if hidden is not None:
-        return (f"holds the invisible character U+{ord(hidden.group()):04X}; remove it (control, "
-                "line-break, zero-width and bidi characters are refused)")  # fmt: skip
+        return (
+            f"holds the invisible character U+{ord(hidden.group()):04X}; remove it (control, "
+            "line-break, zero-width and bidi characters are refused)"
+        )
     return None
 
 
@@ -398,8 +423,12 @@ def _targets_file(
     suffix = path.suffix.lower()
     fmt = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}.get(suffix)
     if fmt is None:
-        problems.add(node, "targets_file", f"{shown(text)} is neither .csv nor .jsonl",
-                     "rename or convert it")  # fmt: skip
+        problems.add(
+            node,
+            "targets_file",
+            f"{shown(text)} is neither .csv nor .jsonl",
+            "rename or convert it",
+        )
         return None
     if not path.exists():
         problems.add(
@@ -407,8 +436,12 @@ def _targets_file(
         )
         return None
     if not path.is_file():
-        problems.add(node, "targets_file", f"{path} is not a regular file",
-                     "give a CSV or JSONL file (not a FIFO, device or directory)")  # fmt: skip
+        problems.add(
+            node,
+            "targets_file",
+            f"{path} is not a regular file",
+            "give a CSV or JSONL file (not a FIFO, device or directory)",
+        )
         return None
     return TargetsFile(path=path, fmt=fmt)
 
@@ -615,8 +648,13 @@ def _keys(job: Job) -> Iterator[Key]:
 
 
 def _target_key(target: Target) -> Key:
-    return (target.org_id, target.asset_id or "", target.product_key or "",
-            target.device_key or "", target.command_id or "")  # fmt: skip
+    return (
+        target.org_id,
+        target.asset_id or "",
+        target.product_key or "",
+        target.device_key or "",
+        target.command_id or "",
+    )
 
 
 def _confirm_duplicates(
@@ -667,30 +705,60 @@ def _file_rows(targets_file: TargetsFile) -> Iterator[tuple[int, Row]]:
     return _jsonl_rows(targets_file.path)
 
 
-def _raw_lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    """(line number, bytes) of a targets file, each line at most LINE_MAX bytes: a 200 MB
-    "id" or a header of fifty million commas is refused before it is held in memory."""
+_BLOCK = 1 << 20  # bytes of a targets file read at a time
+
+
+def _line_blocks(path: Path) -> Iterator[tuple[int, list[bytes]]]:
+    """(number of the first line, the complete lines without their newline), a block at a
+    time: a line over LINE_MAX bytes (a 200 MB "id", a header of fifty million commas) is
+    refused before it is held, and there is no Python work per line here."""
     with path.open("rb") as stream:
-        number = 0
-        while raw := stream.readline(LINE_MAX + 1):
-            number += 1
-            if len(raw) > LINE_MAX and not raw.endswith(b"\n"):
-                raise JobFileError([f"{path}:{number}: the line is longer than {LINE_MAX:,} "
-                                    "bytes; a target row holds a few short ids"])  # fmt: skip
-            yield number, raw
+        number, rest = 1, b""
+        while chunk := stream.read(_BLOCK):
+            lines = (rest + chunk).split(b"\n")
+            rest = lines.pop()
+            if len(rest) > LINE_MAX:
+                _too_long(path, number + len(lines))
+            if lines and max(map(len, lines)) > LINE_MAX:
+                _too_long(path, number + next(i for i, x in enumerate(lines) if len(x) > LINE_MAX))
+            if lines:
+                yield number, lines
+                number += len(lines)
+        if rest:
+            yield number, [rest]
+
+
+def _too_long(path: Path, number: int) -> NoReturn:
+    raise JobFileError(
+        [
+            f"{path}:{number}: the line is longer than {LINE_MAX:,} bytes; a target "
+            "row holds a few short ids"
+        ]
+    )
+
+
+def _raw_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, bytes) of a targets file (see :func:`_line_blocks`)."""
+    for number, lines in _line_blocks(path):
+        yield from enumerate(lines, start=number)
 
 
 def _text_lines(path: Path) -> Iterator[str]:
-    """The lines of a targets file as text: UTF-8 (a leading BOM dropped), else JobFileError
-    naming the line and the byte."""
-    for number, raw in _raw_lines(path):
+    """The lines of a targets file as text, with their line endings (as csv wants them): UTF-8
+    (a leading BOM dropped), else JobFileError naming the line, the byte and the column."""
+    for number, lines in _line_blocks(path):
+        block = b"\n".join(lines) + b"\n"
         try:
-            text = raw.decode("utf-8")
+            text = block.decode("utf-8")
         except UnicodeDecodeError as exc:
-            byte, column = raw[exc.start], exc.start + 1
+            line = number + block.count(b"\n", 0, exc.start)
+            column = exc.start - block.rfind(b"\n", 0, exc.start)
+            byte = block[exc.start]
             message = f"not UTF-8 text (byte 0x{byte:02x} at column {column}); save it as UTF-8"
-            raise JobFileError([f"{path}:{number}: {message}"]) from None
-        yield text.removeprefix("\ufeff") if number == 1 else text
+            raise JobFileError([f"{path}:{line}: {message}"]) from None
+        if number == 1:
+            text = text.removeprefix("\ufeff")
+        yield from io.StringIO(text, newline="")
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[int, Row]]:
@@ -707,9 +775,11 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, Row]]:
                 if not any(cell.strip() for cell in row):
                     continue  # a blank line
                 raise JobFileError(
-                    [f"{path}:{reader.line_num}: has {len(row)} cells, the header has {width}"
-                     "; fix the row"]
-                )  # fmt: skip
+                    [
+                        f"{path}:{reader.line_num}: has {len(row)} cells, the header has {width}"
+                        "; fix the row"
+                    ]
+                )
             joined = "".join(row)
             if " " in joined or "\t" in joined:
                 _refuse_padding(path, reader.line_num, row)
@@ -718,8 +788,9 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, Row]]:
             row.append("")
             yield reader.line_num, pick(row)
     except csv.Error as exc:
-        raise JobFileError([f"{path}:{reader.line_num}: not valid CSV ({shown(str(exc))}); "
-                            "fix the row"]) from None  # fmt: skip
+        raise JobFileError(
+            [f"{path}:{reader.line_num}: not valid CSV ({shown(str(exc))}); fix the row"]
+        ) from None
 
 
 def _refuse_odd_ids(path: Path, line: int, row: list[str]) -> None:
