@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import orjson
 import structlog
@@ -19,7 +18,16 @@ import structlog
 log = structlog.get_logger("worker.journal")
 
 
-_iso_cache: list[Any] = [-1, "", -1, ""]  # whole second and its text; millisecond and its text
+class _IsoCache:
+    """The last second's date text and the last millisecond's whole text."""
+
+    __slots__ = ("millisecond", "second", "second_text", "text")
+
+    def __init__(self) -> None:
+        self.second, self.second_text, self.millisecond, self.text = -1, "", -1, ""
+
+
+_iso_cache = _IsoCache()
 
 
 def iso(moment: float) -> str:
@@ -30,16 +38,14 @@ def iso(moment: float) -> str:
     """
     cache = _iso_cache
     millisecond = int(moment * 1000)
-    if cache[2] == millisecond:
-        return str(cache[3])
+    if cache.millisecond == millisecond:
+        return cache.text
     second = millisecond // 1000
-    if cache[0] != second:
-        cache[0], cache[1] = (
-            second,
-            datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S."),
-        )
-    cache[2], cache[3] = millisecond, f"{cache[1]}{millisecond % 1000:03d}Z"
-    return str(cache[3])
+    if cache.second != second:
+        cache.second = second
+        cache.second_text = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S.")
+    cache.millisecond, cache.text = millisecond, f"{cache.second_text}{millisecond % 1000:03d}Z"
+    return cache.text
 
 
 class SyncedFile:

@@ -142,7 +142,6 @@ class TargetCore:
         "_policy",
         "_retry",
         "_selection",
-        "first",
         "last_latency_ms",
         "maybe_applied",
         "sent",
@@ -164,24 +163,17 @@ class TargetCore:
         self.target = target
         # A selective target finds its commands first; a probe (dry run) only searches.
         searching = probe or target.match is not None
-        first = Kind.SEARCH if searching else Kind.CANCEL
-        self.first = first
         self._selection = _Selection(target, cancel=not probe) if searching else None
         self.started = started
         self.verify = verify
         self.maybe_applied = sent_before
         self.sent = 0
         self.last_latency_ms: float | None = None
-        self._phase = first
+        self._phase = Kind.SEARCH if searching else Kind.CANCEL
         self._policy = policy
         self._retry: Retrying | None = None  # made at the first failure: success costs nothing
         self._get: Retrying | None = None
         self._pending_reply: CancelReply | None = None
-
-    @property
-    def phase(self) -> Kind:
-        """The kind of call the target is at."""
-        return self._phase
 
     def start(self) -> Send:
         """The first call."""
@@ -195,12 +187,6 @@ class TargetCore:
         if self._phase is Kind.SEARCH:
             return Send(Kind.SEARCH, page=selection.page)
         return Send(Kind.CANCEL, command_id=selection.current)
-
-    @property
-    def expression(self) -> str:
-        """The search expression of this target (its match narrows it by name)."""
-        match = self.target.match
-        return match.expression() if match is not None else PENDING
 
     def waited(self, situation: Situation = RUNNING) -> Send | Leave:
         """The wait is over: call again, unless the run is stopping."""
@@ -254,6 +240,7 @@ class TargetCore:
         if not selection.cancel:
             return self._finish(Outcome.NOTHING_TO_CANCEL, now, found=tuple(selection.matched))
         self._phase = Kind.CANCEL
+        selection.queue = list(reversed(selection.matched))  # cancelled in the order found
         return self._next_match(now, None)
 
     def _next_match(self, now: float, reply: CancelReply | None) -> Action:
@@ -376,9 +363,6 @@ class TargetCore:
         )
 
 
-PENDING = "state = 1"
-
-
 class _Selection:
     """A selective target's bookkeeping: what the search found, and each match's fate."""
 
@@ -408,7 +392,6 @@ class _Selection:
                 self.matched.append(command.command_id)
             else:
                 self.kept.append(command.command_id)
-        self.queue = list(reversed(self.matched))
 
     def _wanted(self, command: Command) -> bool:
         if self.match is not None:

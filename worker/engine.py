@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
 import anyio
 import structlog
@@ -46,6 +46,7 @@ from worker.decide import (
     TargetCore,
     Wait,
 )
+from worker.enos import protocol as p
 from worker.errors import EnOSError, RateLimitedError, RetryableError, UnreadableAnswerError
 from worker.model import (
     AbortRule,
@@ -284,7 +285,7 @@ class Engine:
     async def _call(self, core: TargetCore, send: Send) -> Action:
         """One HTTP call; the core's answer to what came back. Never raises for an answer."""
         target, progress = core.target, self.progress
-        sent = _Sent(send.kind, core.sent, _subject(send))
+        number = core.sent  # the core may hand out the next call before this one is recorded
         progress.in_flight += 1
         progress.requests += 1
         began = time.perf_counter()
@@ -296,21 +297,21 @@ class Engine:
         except anyio.get_cancelled_exc_class():
             progress.abandoned += 1
             self.recorder.attempt(
-                Attempt(target, sent.number, self._clock(), _ms_since(began), None, None, None,
+                Attempt(target, number, self._clock(), _ms_since(began), None, None, None,
                         "abandoned", error="cancelled in flight by a second stop signal",
-                        subject=sent.subject),
-                sent.kind.value,
+                        subject=_subject(send)),
+                send.kind.value,
             )  # fmt: skip
             raise
         except EnOSError as error:
-            return self._after_error(core, sent, error, began)
+            return self._after_error(core, send, number, error, began)
         except Exception as exc:  # the client failed on an answer: the target, not the run
             log.exception("worker.unreadable_answer", target=target.describe())
             unreadable = UnreadableAnswerError(f"the answer could not be read: {exc!r}"[:500])
-            return self._after_error(core, sent, unreadable, began)
+            return self._after_error(core, send, number, unreadable, began)
         finally:
             progress.in_flight -= 1
-        return self._after_answer(core, sent, answer, began)
+        return self._after_answer(core, send, number, answer, began)
 
     async def _ask(self, send: Send, core: TargetCore) -> Answer:
         target = core.target
@@ -319,9 +320,11 @@ class Engine:
         if send.kind is Kind.GET:
             assert target.command_id is not None
             return await self._client.get_command(target, target.command_id)
-        return await self._client.search_page(target, core.expression, send.page)
+        return await self._client.search_page(target, p.PENDING_EXPRESSION, send.page)
 
-    def _after_answer(self, core: TargetCore, sent: _Sent, answer: Answer, began: float) -> Action:
+    def _after_answer(
+        self, core: TargetCore, send: Send, number: int, answer: Answer, began: float
+    ) -> Action:
         latency, now = _ms_since(began), self._clock()
         self._limiter.accepted()
         self._failures_in_a_row = 0
@@ -334,13 +337,15 @@ class Engine:
         else:
             action = core.got_command(answer, now, latency)
         self.recorder.attempt(
-            Attempt(core.target, sent.number, now, latency, status, code, request_id, "done",
-                    subject=sent.subject),
-            sent.kind.value,
+            Attempt(core.target, number, now, latency, status, code, request_id, "done",
+                    subject=_subject(send)),
+            send.kind.value,
         )  # fmt: skip
         return action
 
-    def _after_error(self, core: TargetCore, sent: _Sent, error: EnOSError, began: float) -> Action:
+    def _after_error(
+        self, core: TargetCore, send: Send, number: int, error: EnOSError, began: float
+    ) -> Action:
         latency = _ms_since(began)
         if isinstance(error, RateLimitedError):
             self._limiter.throttle(error.retry_after)
@@ -352,11 +357,11 @@ class Engine:
             self._failures_in_a_row = 0
         now = self._clock()
         action = core.failed(error, now, latency, self._rng, self._situation())
-        decision, wait_s = _decision(action, sent.kind)
+        decision, wait_s = _decision(action, send.kind)
         self.recorder.attempt(
-            Attempt(core.target, sent.number, now, latency, error.http_status, error.code,
-                    error.request_id, decision, wait_s, str(error), sent.subject),
-            sent.kind.value,
+            Attempt(core.target, number, now, latency, error.http_status, error.code,
+                    error.request_id, decision, wait_s, str(error), _subject(send)),
+            send.kind.value,
         )  # fmt: skip
         return action
 
@@ -443,7 +448,6 @@ class Engine:
     def _finish(self, result: TargetResult) -> None:
         self.recorder.result(result)
         self.progress.outcomes[result.outcome] += 1
-        self.progress.effect_unknown += result.effect_unknown
         self._check_abort_rule()
 
     def _check_abort_rule(self) -> None:
@@ -476,15 +480,6 @@ def _decision(action: Action, kind: Kind) -> tuple[str, float | None]:
 
 
 Answer = CancelReply | Command | SearchPage
-
-
-class _Sent(NamedTuple):
-    """What one call was, captured before the core is told its answer (which may already
-    hand out the next call)."""
-
-    kind: Kind
-    number: int
-    subject: str | None
 
 
 def _subject(send: Send) -> str | None:

@@ -201,12 +201,6 @@ class Match:
             created is not None and created < self.created_before_ms
         )
 
-    def expression(self) -> str:
-        """The Search Command expression: every cached command. Not narrowed by name: a device
-        caches at most 50 commands, one page of 50 either way, and the full list is what tells
-        the operator which commands were kept. The exact filter is :meth:`matches`."""
-        return "state = 1"
-
     def describe(self) -> str:
         """The rule in words, for validate, the dry run and logs."""
         parts = []

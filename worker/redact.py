@@ -41,8 +41,3 @@ def scrub_bytes(raw: bytes, *extra: bytes) -> bytes:
         if needle and needle in raw:
             raw = raw.replace(needle, _REDACTED_BYTES)
     return raw
-
-
-def registered() -> frozenset[str]:
-    """What is registered (for tests and the log processor)."""
-    return frozenset(_values)

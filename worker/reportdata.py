@@ -97,13 +97,12 @@ def complete_details(found: Details, run_dir: Path, summary: Summary, manifest: 
     if summary.abandoned or died:
         with gc_paused():
             _read_audit(found, run_dir / AUDIT_FILE)
-    else:
-        _segment_events(found, manifest)
+    _segment_events(found, manifest)
     _rate_cuts(found, summary)
 
 
 def _segment_events(found: Details, manifest: Manifest) -> None:
-    """The timeline's segments, from run.json (the same facts as the audit's run records)."""
+    """The timeline's segments, from run.json (the audit's run records hold the same facts)."""
     for number, segment in enumerate(manifest.segments, start=1):
         limits = segment.limits
         asked = "auto" if limits.adaptive else limits.rate or "unlimited"
@@ -216,28 +215,12 @@ def _at(line: bytes) -> str:
 
 
 def _audit_record(found: Details, record: dict[str, Any]) -> None:
+    """Per segment: its requests and its last moment (a segment that died recorded neither);
+    and the requests abandoned in flight."""
     kind, at = record.get("type"), str(record.get("at", ""))
     if kind == "run_started":
         found.segment_requests.append(0)
         found.segment_last_at.append(at)
-        limits = record.get("limits") or {}
-        asked = "auto" if limits.get("adaptive") else limits.get("rate") or "unlimited"
-        found.events.append(
-            (
-                at,
-                f"segment {record.get('segment')} started: "
-                f"{record.get('targets', 0):,} targets, rate {asked}",
-            )
-        )
-    elif kind == "run_finished":
-        why = f": {record.get('message')}" if record.get("message") else ""
-        found.events.append(
-            (
-                at,
-                f"segment {record.get('segment')} ended "
-                f"({record.get('reason')}, exit {record.get('exit_code')}){why}",
-            )
-        )
     elif kind == "attempt" and record.get("decision") == "abandoned":
         if found.segment_requests:
             found.segment_requests[-1] += 1

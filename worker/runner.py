@@ -29,7 +29,7 @@ from worker.decide import Retrying
 from worker.dryrun import Probe, probe
 from worker.engine import Engine, EngineSettings, StopReason
 from worker.enos.client import EnOSClient
-from worker.errors import EnOSError, FatalError
+from worker.errors import EnOSError
 from worker.htmlreport import write_report
 from worker.jobfile import Plan, run_targets
 from worker.journal import RESULTS_FILE, ResultJournal
@@ -247,7 +247,7 @@ async def prove_gateway(
             await client.authenticate()
         except EnOSError as exc:
             decision = retrying.failed(exc, rng)
-            if isinstance(exc, FatalError) or decision.verdict is Verdict.FATAL:
+            if decision.verdict is Verdict.FATAL:
                 return str(exc)
             if decision.verdict is Verdict.FAILED:
                 return f"the gateway did not answer: {exc}"

@@ -34,7 +34,6 @@ class Progress:
     in_flight: int = 0
     requests: int = 0
     waiting: int = 0  # targets parked until their retry is due
-    effect_unknown: int = 0
     abandoned: int = 0  # requests cut off in flight by a second stop signal
 
     @property

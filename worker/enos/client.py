@@ -128,7 +128,7 @@ class EnOSClient:
         if target.command_id is not None:
             params.append(("commandId", target.command_id))
         status, payload = await self._business("POST", p.ACTION_CANCEL, params, b"")
-        commands, unreadable, problem = read_commands(payload.get("data"), ids_only=True)
+        commands, unreadable, problem = read_commands(payload.get("data"), _command_id)
         return CancelReply(
             http_status=status,
             code=p.CODE_OK,
@@ -163,7 +163,7 @@ class EnOSClient:
             query["expression"] = expression
         params = device_params(target)
         _, payload = await self._business("POST", p.ACTION_SEARCH, params, orjson.dumps(query))
-        commands, unreadable, _ = read_commands(payload.get("data"), full=True)
+        commands, unreadable, _ = read_commands(payload.get("data"), _command_full)
         pagination = payload.get("pagination")
         total = pagination.get("totalSize") if isinstance(pagination, dict) else None
         return SearchPage(commands, total if type(total) is int else None, unreadable, page_size)
@@ -508,7 +508,7 @@ def _request_id(payload: Mapping[str, Any]) -> str | None:
 
 
 def read_commands(
-    data: object, *, full: bool = False, ids_only: bool = False
+    data: object, read: Callable[[object], Command | str] | None = None
 ) -> tuple[tuple[Command, ...], int, str | None]:
     """The commands of an answer's `data` (null is an empty list), tolerant of wire variants.
 
@@ -522,7 +522,7 @@ def read_commands(
         return (), 1, f"'data' is a {type(data).__name__}, not a list of commands"
     commands: list[Command] = []
     unreadable, problem = 0, None
-    read = _command_full if full else _command_id if ids_only else _command
+    read = read or _command  # _command_id for cancels, _command_full for searches
     for item in data:
         command = read(item)
         if isinstance(command, str):

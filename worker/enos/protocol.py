@@ -42,6 +42,11 @@ TOKEN_EMPTY_PARAM: Final = 1202
 TOKEN_EXPIRED: Final = 1203
 TOKEN_REFRESH_FAILED: Final = 1204
 
+# Search Command for a device's cached commands. A selective target's search is not narrowed by
+# name: a device caches at most 50 commands (one page of 50 either way), and the full list tells
+# the operator which commands were kept; the exact filter is Match.matches.
+PENDING_EXPRESSION: Final = "state = 1"
+
 TOKEN_LIFETIME_S: Final = 7200
 MAX_CACHED_COMMANDS: Final = 50
 MAX_PENDING_TTL_S: Final = 172_800
