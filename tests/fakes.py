@@ -7,7 +7,7 @@ answers an empty success. It records every call in order.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import anyio
@@ -53,6 +53,13 @@ class FakeCanceller:
 
     async def cancel(self, target: Target) -> CancelReply:
         answer = await self._answer("cancel", target)
+        assert isinstance(answer, CancelReply), answer
+        return answer
+
+    async def cancel_assets(self, targets: Sequence[Target]) -> CancelReply:
+        """Scripted by the joined asset ids ("a1,a2"); recorded as one call."""
+        joined = ",".join(t.asset_id or "" for t in targets)
+        answer = await self._answer("cancel", Target(targets[0].org_id, asset_id=joined))
         assert isinstance(answer, CancelReply), answer
         return answer
 

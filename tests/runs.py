@@ -45,6 +45,7 @@ async def run_job(
         backoff_base_s=0.01,
         backoff_cap_s=0.1,
         ca_bundle=ca_bundle,
+        batch_settle_s=0.01,
     )
     run_dir.mkdir(parents=True, exist_ok=True)
     out = io.StringIO()
@@ -88,6 +89,7 @@ async def resume_job(
         seed=2,
         backoff_base_s=0.01,
         backoff_cap_s=0.1,
+        batch_settle_s=0.01,
     )
     out = io.StringIO()
     finished = finished_targets(run_dir, retry_failed=retry_failed)

@@ -44,14 +44,19 @@ class AuditLog:
         self.log.append_line(line)
 
     def attempt(self, attempt: Attempt, action: str = "cancel") -> None:
-        """One HTTP attempt: target, number, status, code, request id, latency, decision."""
+        """One HTTP attempt: target (or targets, for a list), number, status, code, request
+        id, latency, decision."""
         target = attempt.target
+        if attempt.batch:  # one record for a call naming several assets: each of its targets
+            where: dict[str, Any] = {"targets": [t.selector() for t in attempt.batch]}
+        else:
+            where = {"target": target.selector()}
         self.write(
             {
                 "type": "attempt",
                 "at": iso(attempt.at),
                 "action": action,
-                "target": target.selector(),
+                **where,
                 "org_id": target.org_id,
                 "command_id": target.command_id,
                 "attempt": attempt.number,

@@ -134,9 +134,9 @@ def _check_chain(path: Path, run_id: str, found: Verified) -> _Attempts:
         elif kind == "run_finished":
             in_segment = False
         elif kind == "attempt":
-            digest = key_digest(record_key(record))
-            attempts.counts[digest] += 1
-            attempts.request_ids.add(hash((digest, record.get("request_id"))))
+            for digest in _attempt_digests(record):
+                attempts.counts[digest] += 1
+                attempts.request_ids.add(hash((digest, record.get("request_id"))))
             found.attempts += 1
         else:
             raise AuditBroken(path, number, f"an unknown record type {kind!r:.40}")
@@ -148,6 +148,14 @@ def _check_chain(path: Path, run_id: str, found: Verified) -> _Attempts:
         found.notes.append("the last segment has no run_finished: it died (kill -9, OOM, power)")
     found.head = prev
     return attempts
+
+
+def _attempt_digests(record: dict[str, Any]) -> list[int]:
+    """The targets an attempt record is about: one, or every target of a list call."""
+    listed = record.get("targets")
+    if not isinstance(listed, list):
+        return [key_digest(record_key(record))]
+    return [key_digest(record_key({**record, "target": selector})) for selector in listed]
 
 
 def _check_results(path: Path, attempts: _Attempts, found: Verified) -> None:

@@ -25,6 +25,7 @@ import orjson
 import structlog
 
 from worker import auditverify, dryrun, logs
+from worker.batching import planned_calls
 from worker.cliargs import CONFIRM_ABOVE, SIM_APP_KEY, SIM_APP_SECRET, build_parser
 from worker.enos.simulator import Faults, Simulator, serve
 from worker.errors import UsageError
@@ -156,7 +157,13 @@ def _dry_run(job: Job, plan_: Plan, options: RunOptions, *, sample: int) -> int:
 
 
 def _limits(base: Limits, args: argparse.Namespace) -> Limits:
-    return merge_limits(base, rate=args.rate, concurrency=args.concurrency, deadline=args.deadline)
+    return merge_limits(
+        base,
+        rate=args.rate,
+        concurrency=args.concurrency,
+        deadline=args.deadline,
+        assets_per_call=getattr(args, "assets_per_call", None),
+    )
 
 
 def _resume(args: argparse.Namespace, job: Job, plan_: Plan) -> tuple[Path, Manifest, Limits, str]:
@@ -209,7 +216,13 @@ def _plan_facts(job: Job, plan_: Plan, limits: Limits, gateway: str | None) -> d
         else sum(t.match is not None for t in job.inline_targets)
     )
     rate = "auto" if limits.adaptive else limits.rate  # None: unlimited
-    calls = plan_.total + selective  # one match a selective target
+    per_call = limits.assets_per_call
+    cancels = (
+        planned_calls((t for _, t in run_targets(job, plan_)), per_call)
+        if per_call > 1
+        else plan_.total
+    )
+    calls = cancels + selective  # one match a selective target
     estimate = calls / limits.rate if limits.rate and not limits.adaptive else None
     return {
         "job": job.name,
@@ -220,7 +233,12 @@ def _plan_facts(job: Job, plan_: Plan, limits: Limits, gateway: str | None) -> d
         "one_command": plan_.total - plan_.cancel_all,
         "selective": selective,
         "match": job.match.describe() if job.match is not None else None,
-        "calls": {"min": plan_.total, "max": plan_.total + 50 * selective, "estimated": calls},
+        "calls": {
+            "min": cancels,
+            "max": plan_.total + 50 * selective,
+            "estimated": calls,
+        },
+        "assets_per_call": per_call,
         "orgs": dict(plan_.orgs.most_common(5)),
         "more_orgs": max(0, len(plan_.orgs) - 5),
         "gateway": gateway or os.environ.get("ENOS_GATEWAY") or job.gateway,
@@ -272,6 +290,13 @@ def _write_plan(out: TextIO, job: Job, facts: dict[str, Any]) -> None:
             f"  calls             per selective target 1 search (at most 50 cached commands: "
             f"one page) + 1 cancel per match: {facts['calls']['min']:,} to "
             f"{facts['calls']['max']:,}\n"
+        )
+    if facts["assets_per_call"] > 1:
+        out.write(
+            f"  assets per call   up to {facts['assets_per_call']} (assetId=a1,a2,...; opt-in, "
+            f"verified on the gateway first): {facts['calls']['min']:,} cancel calls for "
+            f"{facts['targets']:,} targets if the gateway accepts lists, "
+            f"{facts['targets']:,} if not\n"
         )
     _write_estimate(out, facts)
     out.write(f"  targets sha256    {facts['targets_sha256']}\n")
@@ -332,6 +357,8 @@ def _simulator(args: argparse.Namespace) -> Simulator:
         expired_token_answer=args.expired_token_answer,
         require_command_id=args.require_command_id,
         legacy_wire=args.legacy_wire,
+        multi_asset=args.multi_asset,
+        max_assets=args.max_assets,
     )
     simulator = Simulator(
         apps={key: secret},

@@ -272,6 +272,14 @@ def _limit_flags(parser: argparse.ArgumentParser) -> None:
         help="requests in flight (default: the job's, else 16)",
     )
     parser.add_argument(
+        "--assets-per-call",
+        type=int,
+        metavar="N",
+        help="cancel up to N assets (by asset_id, all their commands) in one call as "
+        "assetId=a1,a2,...; opt-in, verified on the gateway, falls back to 1 (default: the "
+        "job's limits.assets_per_call, else 1; at most 100)",
+    )
+    parser.add_argument(
         "--deadline",
         metavar="DURATION",
         help="stop cleanly after this long, e.g. 90s, 45m, 2h, 1h30m (default: "
@@ -343,6 +351,22 @@ def _simulate_flags(parser: argparse.ArgumentParser) -> None:
         "--require-command-id",
         action="store_true",
         help="refuse a cancel without commandId, as the 2.3.0 docs say",
+    )
+    faults.add_argument(
+        "--multi-asset",
+        choices=("off", "strict", "lenient", "first"),
+        default="off",
+        help="what a cancel with assetId=a1,a2,... does: off = the text is one (unknown) id, "
+        "99404; strict = an unknown id fails the whole call (99404, no effect); lenient = "
+        "unknown ids are ignored; first = only the first id is acted on, silently (to test "
+        "the worker's self-verification)",
+    )
+    faults.add_argument(
+        "--max-assets",
+        type=int,
+        default=100,
+        metavar="N",
+        help="with --multi-asset: a list of more asset ids is refused with 99400",
     )
     faults.add_argument(
         "--legacy-wire",

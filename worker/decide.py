@@ -38,6 +38,7 @@ class Kind(StrEnum):
     """What a call asks of the gateway."""
 
     CANCEL = "cancel"
+    BATCH = "cancel_assets"  # one cancel for several assets (assetId=a1,a2,...)
     GET = "get"  # Get Command: evidence after a lost answer
     SEARCH = "search"  # Search Command (state = 1): what a dry run would cancel
 
@@ -127,6 +128,19 @@ class Situation:
 RUNNING = Situation()
 
 
+def wait_or_leave(decision: Decision, situation: Situation) -> Wait | Leave:
+    """Wait as the policy decided, unless the run is stopping or the wait would pass the
+    deadline: then leave the target resumable."""
+    throttled = decision.verdict is Verdict.THROTTLED
+    if situation.stopping:
+        return Leave("the run is stopping")
+    if situation.time_left_s is not None:
+        needed = (decision.wait_s or 1.0) + situation.attempt_timeout_s
+        if needed >= situation.time_left_s:
+            return Leave("no time left before the deadline")
+    return Wait(decision.wait_s, throttled=throttled)
+
+
 class TargetCore:
     """One target from its first call to its final result (or to being left resumable).
 
@@ -135,6 +149,8 @@ class TargetCore:
     and an empty retry for one command id, ask Get Command for evidence.
     """
 
+    batch: tuple[Target, ...] = ()  # one target per call (a BatchCore lists several)
+
     __slots__ = (
         "_get",
         "_pending_reply",
@@ -142,6 +158,7 @@ class TargetCore:
         "_policy",
         "_retry",
         "_selection",
+        "earlier_ids",
         "last_latency_ms",
         "maybe_applied",
         "sent",
@@ -168,6 +185,7 @@ class TargetCore:
         self.verify = verify
         self.maybe_applied = sent_before
         self.sent = 0
+        self.earlier_ids: tuple[str, ...] = ()  # listed by an earlier call of this run (a list)
         self.last_latency_ms: float | None = None
         self._phase = Kind.SEARCH if searching else Kind.CANCEL
         self._policy = policy
@@ -300,14 +318,11 @@ class TargetCore:
         return self._finish(Outcome.NOTHING_TO_CANCEL, now, reply=self._pending_reply, unknown=True)
 
     def _wait_or_leave(self, decision: Decision, situation: Situation) -> Wait | Leave:
-        throttled = decision.verdict is Verdict.THROTTLED
-        if situation.stopping:
-            return Leave("the run is stopping")
-        if situation.time_left_s is not None:
-            needed = (decision.wait_s or 1.0) + situation.attempt_timeout_s
-            if needed >= situation.time_left_s:
-                return Leave("no time left before the deadline")
-        return Wait(decision.wait_s, throttled=throttled)
+        return wait_or_leave(decision, situation)
+
+    def give_up(self, error: EnOSError, now: float) -> TargetResult:
+        """The call this target was part of failed for good (a list's last attempt)."""
+        return self._finish(Outcome.FAILED, now, error=error, unknown=self.maybe_applied).result
 
     # -- the result -------------------------------------------------------------------------
 
@@ -333,6 +348,10 @@ class TargetCore:
             msg, problem = None, str(error)
         else:
             status, code, request_id, msg, problem = 200, 0, None, None, None
+        if self.earlier_ids:  # a list's answer listed these before this call
+            ids = self.earlier_ids + tuple(i for i in ids if i not in self.earlier_ids)
+            if outcome is Outcome.NOTHING_TO_CANCEL:
+                outcome = Outcome.CANCELLED
         selection = self._selection
         if selection is not None:
             matched, missed = tuple(selection.matched), tuple(selection.missed)

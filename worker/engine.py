@@ -26,7 +26,7 @@ import heapq
 import math
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Protocol
@@ -34,6 +34,7 @@ from typing import Protocol
 import anyio
 import structlog
 
+from worker.batching import LIST_CANCEL, BatchCore, BatchPlan, Fanout, groupable
 from worker.decide import (
     PLAIN_CANCEL,
     Action,
@@ -70,6 +71,10 @@ class Canceller(Protocol):
 
     async def cancel(self, target: Target) -> CancelReply:
         """Cancel the target's command(s); raise a classified EnOSError on failure."""
+        ...
+
+    async def cancel_assets(self, targets: Sequence[Target]) -> CancelReply:
+        """Cancel every cached command of several assets of one org in one call."""
         ...
 
     async def get_command(self, target: Target, command_id: str) -> Command:
@@ -120,9 +125,13 @@ class EngineSettings:
     dry_run: bool = False  # search each target, cancel nothing
     verify: bool = True  # Get Command for evidence after a lost answer
     max_waiting: int = 0  # parked targets at most (0: 64 per worker, at least 4,096)
+    assets_per_call: int = 1  # > 1: targets by asset id share calls (worker.batching)
+    batch_settle_s: float = 2.0  # after a trial list's answer, before its assets are searched
+    trial_batches: int = 3  # lists verified before lists are trusted
 
 
-Work = tuple[TargetCore, Send | Leave]
+Core = TargetCore | BatchCore
+Work = tuple[Core, Action | Fanout]
 
 
 class Engine:
@@ -151,11 +160,13 @@ class Engine:
         self._max_waiting = settings.max_waiting or max(4096, 64 * settings.concurrency)
         self._idle_scopes: set[anyio.CancelScope] = set()
         self._group_scope: anyio.CancelScope | None = None
-        self._parked: list[tuple[float, int, TargetCore]] = []
+        self._parked: list[tuple[float, int, Core]] = []
         self._parked_seq = 0
         self._busy = 0
         self._admitting = True
         self._targets: Iterator[tuple[int, Target]] = iter(())
+        self._held: tuple[int, Target] | None = None  # read ahead while grouping a list
+        self.batching = _batch_plan(settings)
         self._wake: anyio.Event | None = None
         self.progress = Progress()
         self.stop_reason = StopReason.FINISHED
@@ -203,6 +214,8 @@ class Engine:
                 for _ in range(self._settings.concurrency):
                     workers.start_soon(self._worker)
             group.cancel_scope.cancel()  # the deadline timer, if any
+        for _, _, core in self._parked:  # a list answered but not yet verified keeps its results
+            self._settle(core, core.stopped())
         return self.stop_reason
 
     # -- finding work -------------------------------------------------------------------------
@@ -230,18 +243,43 @@ class Engine:
             await self._idle(parked[0][0] - time.monotonic() if parked else math.inf)
         return None
 
-    def _admit(self) -> TargetCore | None:
-        """The next target from the shared iterator, told to the admission mark first."""
+    def _admit(self) -> Core | None:
+        """The next target (or list of targets) from the shared iterator, told to the
+        admission mark first."""
         if self._settings.deadline_at is not None and self._deadline_near():
             self.stop(StopReason.DEADLINE, "the deadline was reached; the rest is resumable")
             return None
-        item = next(self._targets, None)
+        item, self._held = self._held or next(self._targets, None), None
         if item is None:
             self._admitting = False
             return None
+        plan = self.batching
+        if plan is not None and groupable(item[1]) and (size := plan.per_call()) > 1:
+            return self._admit_list(item, size, plan)
         ordinal, target = item
         if self._admissions is not None:
             self._admissions.admit(ordinal)
+        return self._core(ordinal, target)
+
+    def _admit_list(self, first: tuple[int, Target], size: int, plan: BatchPlan) -> BatchCore:
+        """`first` and the next targets that may share its call: in order, same org, up to
+        `size` (a target that may not is held for the next admission)."""
+        items = [first]
+        org = first[1].org_id
+        while len(items) < size:
+            item = next(self._targets, None)
+            if item is None:
+                break
+            if not groupable(item[1]) or item[1].org_id != org:
+                self._held = item
+                break
+            items.append(item)
+        if self._admissions is not None:
+            self._admissions.admit(items[-1][0])
+        members = [self._core(ordinal, target) for ordinal, target in items]
+        return plan.group(members, self._settings.policy)
+
+    def _core(self, ordinal: int, target: Target) -> TargetCore:
         settings, sent_before = self._settings, self._sent_before
         return TargetCore(
             target,
@@ -267,7 +305,7 @@ class Engine:
 
     # -- carrying out a target's actions ------------------------------------------------------
 
-    async def _drive(self, core: TargetCore, action: Action) -> None:
+    async def _drive(self, core: Core, action: Action | Fanout) -> None:
         """Send as the core asks until it finishes, waits, leaves or stops the run."""
         self._busy += 1
         try:
@@ -282,7 +320,7 @@ class Engine:
             if not self._busy and not self._admitting and not self._parked:
                 self._notify()
 
-    async def _call(self, core: TargetCore, send: Send) -> Action:
+    async def _call(self, core: Core, send: Send) -> Action | Fanout:
         """One HTTP call; the core's answer to what came back. Never raises for an answer."""
         target, progress = core.target, self.progress
         number = core.sent  # the core may hand out the next call before this one is recorded
@@ -292,6 +330,9 @@ class Engine:
         try:
             if send is PLAIN_CANCEL:  # the hot path: no extra coroutine frame
                 answer: Answer = await self._client.cancel(target)
+            elif send is LIST_CANCEL:
+                assert isinstance(core, BatchCore)
+                answer = await self._client.cancel_assets([m.target for m in core.members])
             else:
                 answer = await self._ask(send, core)
         except anyio.get_cancelled_exc_class():
@@ -299,8 +340,8 @@ class Engine:
             self.recorder.attempt(
                 Attempt(target, number, self._clock(), _ms_since(began), None, None, None,
                         "abandoned", error="cancelled in flight by a second stop signal",
-                        subject=_subject(send)),
-                send.kind.value,
+                        subject=_subject(send), batch=core.batch),
+                _action(send),
             )  # fmt: skip
             raise
         except EnOSError as error:
@@ -313,7 +354,7 @@ class Engine:
             progress.in_flight -= 1
         return self._after_answer(core, send, number, answer, began)
 
-    async def _ask(self, send: Send, core: TargetCore) -> Answer:
+    async def _ask(self, send: Send, core: Core) -> Answer:
         target = core.target
         if send.kind is Kind.CANCEL:  # one command of a selective target
             return await self._client.cancel(replace(target, command_id=send.command_id))
@@ -323,29 +364,32 @@ class Engine:
         return await self._client.search_page(target, p.PENDING_EXPRESSION, send.page)
 
     def _after_answer(
-        self, core: TargetCore, send: Send, number: int, answer: Answer, began: float
-    ) -> Action:
+        self, core: Core, send: Send, number: int, answer: Answer, began: float
+    ) -> Action | Fanout:
         latency, now = _ms_since(began), self._clock()
         self._limiter.accepted()
         self._failures_in_a_row = 0
         status, code, request_id = 200, 0, None
+        batch = core.batch
+        action: Action | Fanout
         if isinstance(answer, CancelReply):
             action = core.cancelled(answer, now, latency)
             status, code, request_id = answer.http_status, answer.code, answer.request_id
         elif isinstance(answer, SearchPage):
             action = core.searched(answer, now, latency)
         else:
+            assert isinstance(core, TargetCore)
             action = core.got_command(answer, now, latency)
         self.recorder.attempt(
             Attempt(core.target, number, now, latency, status, code, request_id, "done",
-                    subject=_subject(send)),
-            send.kind.value,
+                    subject=_subject(send), batch=batch),
+            _action(send),
         )  # fmt: skip
         return action
 
     def _after_error(
-        self, core: TargetCore, send: Send, number: int, error: EnOSError, began: float
-    ) -> Action:
+        self, core: Core, send: Send, number: int, error: EnOSError, began: float
+    ) -> Action | Fanout:
         latency = _ms_since(began)
         if isinstance(error, RateLimitedError):
             self._limiter.throttle(error.retry_after)
@@ -355,28 +399,35 @@ class Engine:
         else:
             self._limiter.accepted()  # an answer: the gateway is up
             self._failures_in_a_row = 0
-        now = self._clock()
+        now, batch = self._clock(), core.batch
         action = core.failed(error, now, latency, self._rng, self._situation())
         decision, wait_s = _decision(action, send.kind)
         self.recorder.attempt(
             Attempt(core.target, number, now, latency, error.http_status, error.code,
-                    error.request_id, decision, wait_s, str(error), _subject(send)),
-            send.kind.value,
+                    error.request_id, decision, wait_s, str(error), _subject(send), batch),
+            _action(send),
         )  # fmt: skip
         return action
 
-    def _settle(self, core: TargetCore, action: Action) -> None:
+    def _settle(self, core: Core, action: Action | Fanout) -> None:
         """Carry out where a target's turn ended: a result, a wait, a stop, or nothing."""
         if isinstance(action, Finish):
             self._finish(action.result)
         elif isinstance(action, Wait):
-            seconds = action.seconds if action.seconds is not None else 1.0
-            heapq.heappush(self._parked, (time.monotonic() + seconds, self._parked_seq, core))
-            self._parked_seq += 1
-            self.progress.waiting += 1
-            self._notify()
+            self._park(core, action.seconds if action.seconds is not None else 1.0)
+        elif isinstance(action, Fanout):
+            for result in action.results:
+                self._finish(result)
+            for part in action.parts:
+                self._park(part, 0.0)
         elif isinstance(action, StopRun):
             self.stop(StopReason.FATAL, action.why)
+
+    def _park(self, core: Core, seconds: float) -> None:
+        heapq.heappush(self._parked, (time.monotonic() + seconds, self._parked_seq, core))
+        self._parked_seq += 1
+        self.progress.waiting += 1
+        self._notify()
 
     def _situation(self) -> Situation:
         deadline = self._settings.deadline_at
@@ -464,8 +515,12 @@ class Engine:
             )
 
 
-def _decision(action: Action, kind: Kind) -> tuple[str, float | None]:
+def _decision(  # noqa: PLR0911 (one word per kind of action)
+    action: Action | Fanout, kind: Kind
+) -> tuple[str, float | None]:
     """The audit's word for what follows a failed attempt (and the wait, for a retry)."""
+    if isinstance(action, Fanout):
+        return ("split" if action.parts else "failed"), None
     if isinstance(action, Wait):
         return ("throttled" if action.throttled else "retry"), action.seconds
     if isinstance(action, Finish):
@@ -480,6 +535,27 @@ def _decision(action: Action, kind: Kind) -> tuple[str, float | None]:
 
 
 Answer = CancelReply | Command | SearchPage
+
+
+def _action(send: Send) -> str:
+    """The audit's name of a call: a list's is a cancel too."""
+    return "cancel" if send is LIST_CANCEL else send.kind.value
+
+
+def _batch_plan(settings: EngineSettings) -> BatchPlan | None:
+    """The run's lists, when the job asked for them (never in a dry run, which only searches)."""
+    if settings.assets_per_call <= 1 or settings.dry_run:
+        return None
+    return BatchPlan(
+        settings.assets_per_call,
+        trial_batches=settings.trial_batches,
+        settle_s=settings.batch_settle_s,
+        on_change=_log_batching,
+    )
+
+
+def _log_batching(event: str, why: str) -> None:
+    (log.info if event == "batching_trusted" else log.warning)(f"worker.{event}", why=why)
 
 
 def _subject(send: Send) -> str | None:

@@ -40,7 +40,14 @@ from worker.model import (
     key_digest,
     selector_problem,
 )
-from worker.units import parse_duration, parse_rate, positive, with_rate
+from worker.units import (
+    MAX_ASSETS_PER_CALL,
+    assets_per_call,
+    parse_duration,
+    parse_rate,
+    positive,
+    with_rate,
+)
 
 JOB_KEYS = (
     "version",
@@ -74,6 +81,7 @@ LIMIT_KEYS = (
     "timeout",
     "deadline",
     "max_retry_after",
+    "assets_per_call",
 )
 ABORT_KEYS = ("failure_ratio", "min_finished")
 MAX_PROBLEMS = 20
@@ -474,6 +482,10 @@ _LIMIT_PARSERS: dict[str, tuple[Callable[[Any], Any], str]] = {
         lambda v: positive(v, float),
         "seconds, the longest pause a gateway's Retry-After may ask for, e.g. 300",
     ),
+    "assets_per_call": (
+        assets_per_call,
+        f"a whole number of assets per cancel call, 1 (the default) to {MAX_ASSETS_PER_CALL}",
+    ),
 }
 
 
@@ -633,7 +645,7 @@ def _keys(job: Job) -> Iterator[Key]:
             if job.match is not None and command:
                 problems.append(f"{path}:{line}: {_BOTH}")
                 continue
-            if not org or not asset or product or device:  # the common case skips the check
+            if not org or not asset or product or device or "," in asset:  # common: no check
                 problem = selector_problem(asset, product, device, org)
                 if problem is not None:
                     problems.append(f"{path}:{line}: {problem}")

@@ -52,6 +52,7 @@ def _plain_record(result: TargetResult, target: Target) -> dict[str, Any]:
         "finished_at": iso(result.finished_at),
         "duration_ms": round((result.finished_at - result.started_at) * 1000, 1),
         "latency_ms": result.latency_ms,
+        "batch_size": result.batch_size,
     }
 
 

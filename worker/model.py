@@ -70,6 +70,11 @@ def selector_problem(asset: str, product: str, device: str, org: str) -> str | N
         return f"has half a device pair; add {'device_key' if product else 'product_key'}"
     if not org:
         return "has no org_id; set org_id for the job or for this target"
+    if "," in asset:
+        return (
+            "has a comma in its asset_id; the gateway may read a comma as a list of assets "
+            "(limits.assets_per_call); write one target per asset"
+        )
     return None
 
 
@@ -142,6 +147,7 @@ class Command(NamedTuple):
     command_type: int | None = None  # 1 = measurement-point setting, 2 = service invocation
     tsl_identifier: str | None = None
     names: tuple[tuple[str, str], ...] = ()  # commandName.i18nValue: (locale, name) pairs
+    asset_id: str | None = None  # the device it belongs to (read from lists' cancel answers)
 
     def name_in(self, locale: str | None) -> str | None:
         """The command's name in `locale` (None or "default": the default value)."""
@@ -260,6 +266,7 @@ class Limits:
     rate_floor: float = 10.0
     rate_max: float | None = None
     max_retry_after: float = 300.0  # seconds: a longer Retry-After is capped (and logged)
+    assets_per_call: int = 1  # > 1: targets by asset id grouped as assetId=a1,a2,... (opt-in)
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,6 +331,7 @@ class TargetResult(NamedTuple):
     matched_command_ids: tuple[str, ...] = ()  # selective: cached commands the match selected
     missed_command_ids: tuple[str, ...] = ()  # selective: matched, but gone when cancelled
     kept_command_ids: tuple[str, ...] = ()  # selective: cached commands that did not match
+    batch_size: int = 1  # assets in the call whose answer gave this result (assets_per_call)
 
 
 class Attempt(NamedTuple):
@@ -344,3 +352,4 @@ class Attempt(NamedTuple):
     wait_s: float | None = None
     error: str | None = None
     subject: str | None = None
+    batch: tuple[Target, ...] = ()  # every target of a call for several assets (assetId=a,b)

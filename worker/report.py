@@ -141,7 +141,23 @@ def build_summary(manifest: Manifest, counts: JournalTally, *, exit_code: int) -
         requests=requests,
         abandoned=sum(s.abandoned for s in segments),
         finished=bool(segments) and segments[-1].finished_at is not None,
+        batching=_batching(segments),
     )
+
+
+def _batching(segments: list[Segment]) -> dict[str, Any]:
+    """Lists over the whole run: the size asked, list calls answered, where each segment's
+    trust ended, and every change (a fallback to one asset per call, a smaller size)."""
+    used = [s.batching for s in segments if s.batching]
+    if not used:
+        return {}
+    return {
+        "assets_per_call": used[-1]["asked"],
+        "lists": sum(b["lists"] for b in used),
+        "trust": used[-1]["trust"],
+        "size": used[-1]["size"],
+        "notes": [note for b in used for note in b["notes"]],
+    }
 
 
 def _segment_rate(segment: Segment) -> dict[str, Any]:
@@ -197,6 +213,13 @@ def _notes(summary: Summary) -> list[str]:
             f"cancelled, {commands['missed']:,} gone before their cancel, {commands['kept']:,} "
             "kept (did not match)"
         )
+    batching = summary.batching
+    if batching:
+        lines.append(
+            f"  assets per call    {batching['assets_per_call']} asked, {batching['lists']:,} "
+            f"list calls answered; lists {_TRUST_WORDS.get(batching['trust'], batching['trust'])}"
+        )
+        lines += [f"  lists              {note}" for note in batching["notes"]]
     if summary.abandoned:
         lines.append(
             f"  abandoned          {summary.abandoned:>10,}   (requests cut off in flight "
@@ -213,6 +236,13 @@ def _notes(summary: Summary) -> list[str]:
     if summary.stop_message:
         lines.append(f"  why it stopped     {summary.stop_message}")
     return lines
+
+
+_TRUST_WORDS = {
+    "trusted": "trusted (verified by search)",
+    "trial": "still on trial (not enough verified evidence: most calls went one asset each)",
+    "single": "turned off (one asset per call)",
+}
 
 
 def _asked_text(summary: Summary) -> str:

@@ -57,6 +57,7 @@ class RunOptions:
     seed: int | None = None
     backoff_base_s: float = 0.5
     backoff_cap_s: float = 30.0
+    batch_settle_s: float = 2.0  # after a trial list's answer, before its assets are searched
     ca_bundle: Path | None = None
 
     def client(self) -> EnOSClient:
@@ -175,6 +176,8 @@ async def execute(
             abort=job.abort,
             deadline_at=time.time() + limits.deadline if limits.deadline else None,
             attempt_timeout=limits.timeout,
+            assets_per_call=limits.assets_per_call,
+            batch_settle_s=options.batch_settle_s,
         ),
         admissions=mark,
         sent_before=_sent_before(mark, finished),
@@ -198,6 +201,7 @@ async def execute(
         # Synchronous on purpose: no cancellation can interrupt closing the files.
         segment.requests = engine.progress.requests
         segment.abandoned = engine.progress.abandoned
+        segment.batching = _batching_record(engine, limits)
         segment.duration_s = round(time.monotonic() - began, 3)
         summary, read = _close_segment(engine, manifest, segment, recorder)
     render(summary, run_dir, out, audit_head=recorder.audit.head)
@@ -219,6 +223,14 @@ async def dry_run(
             return [], problem
         return await probe(client, sample, limiter_for(limits),
                            concurrency=limits.concurrency, policy=options.policy())  # fmt: skip
+
+
+def _batching_record(engine: Engine, limits: Limits) -> dict[str, Any] | None:
+    plan = engine.batching
+    if plan is None:
+        return None
+    return {"asked": limits.assets_per_call, "size": plan.size, "trust": plan.trust.value,
+            "lists": plan.lists, "notes": list(plan.notes)}  # fmt: skip
 
 
 def _sent_before(mark: AdmissionMark, finished: Finished) -> Callable[[int, Target], bool] | None:

@@ -63,6 +63,7 @@ class Segment:
     abandoned: int = 0  # requests cut off in flight: their targets may have been cancelled
     duration_s: float = 0.0
     rate_timeline: list[list[float | None]] = field(default_factory=list)  # [s, achieved, allowed]
+    batching: dict[str, Any] | None = None  # assets_per_call > 1: lists sent, trust, changes
 
     def to_json(self) -> dict[str, Any]:
         """As written in run.json."""
@@ -171,6 +172,7 @@ class Summary:
     requests: int = 0  # every HTTP request sent, all segments (attempts: of final results)
     abandoned: int = 0  # requests cut off in flight by a second stop signal
     finished: bool = True  # False: the last segment never ended (kill -9, OOM, power loss)
+    batching: dict[str, Any] = field(default_factory=dict)  # lists: asked, sent, fallbacks
 
     def to_json(self) -> dict[str, Any]:
         """summary.json's content (design.md's keys)."""

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 from worker.errors import UsageError, shown
 from worker.model import Credentials, Job, Limits
+from worker.units import assets_per_call as checked_assets_per_call
 from worker.units import parse_duration, parse_rate, with_rate
 
 ENV_KEY, ENV_SECRET, ENV_GATEWAY = "ENOS_APP_KEY", "ENOS_APP_SECRET", "ENOS_GATEWAY"
@@ -117,7 +118,12 @@ def _is_loopback(host: str) -> bool:
 
 
 def merge_limits(
-    base: Limits, *, rate: str | None, concurrency: int | None, deadline: str | None
+    base: Limits,
+    *,
+    rate: str | None,
+    concurrency: int | None,
+    deadline: str | None,
+    assets_per_call: int | None = None,
 ) -> Limits:
     """The job's (or the resumed run's) limits with the command line's overrides."""
     limits = base
@@ -139,6 +145,11 @@ def merge_limits(
         if concurrency < 1:
             raise UsageError("--concurrency must be 1 or more")
         limits = replace(limits, concurrency=concurrency)
+    if assets_per_call is not None:
+        try:
+            limits = replace(limits, assets_per_call=checked_assets_per_call(assets_per_call))
+        except ValueError as exc:
+            raise UsageError(f"--assets-per-call {assets_per_call}: {exc}; give 1 to 100") from None
     return limits
 
 

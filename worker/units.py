@@ -50,3 +50,14 @@ def positive(value: object, kind: Callable[[Any], Any]) -> Any:
     if value <= 0:
         raise ValueError(f"{shown(value)} is not above zero")
     return kind(value)
+
+
+MAX_ASSETS_PER_CALL = 100
+
+
+def assets_per_call(value: object) -> int:
+    """How many assets one cancel call may name (1 = one per call, as the docs' samples do)."""
+    number = int(positive(value, int))
+    if number > MAX_ASSETS_PER_CALL:
+        raise ValueError(f"{shown(value)} is above {MAX_ASSETS_PER_CALL}")
+    return number

@@ -12,7 +12,7 @@ import email.utils
 import math
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,6 +129,25 @@ class EnOSClient:
             params.append(("commandId", target.command_id))
         status, payload = await self._business("POST", p.ACTION_CANCEL, params, b"")
         commands, unreadable, problem = read_commands(payload.get("data"), _command_id)
+        return CancelReply(
+            http_status=status,
+            code=p.CODE_OK,
+            msg=_text(payload.get("msg")),
+            request_id=_request_id(payload),
+            commands=commands,
+            unreadable=unreadable,
+            problem=problem,
+        )
+
+    async def cancel_assets(self, targets: Sequence[Target]) -> CancelReply:
+        """Cancel every cached command of several assets of one org in one call
+        (``assetId=a1,a2,...``, signed as the decoded value); each returned command keeps its
+        ``assetId``, which attributes it to its target."""
+        first = targets[0]
+        first.check()
+        params = [("orgId", first.org_id), ("assetId", ",".join(t.asset_id or "" for t in targets))]
+        status, payload = await self._business("POST", p.ACTION_CANCEL, params, b"")
+        commands, unreadable, problem = read_commands(payload.get("data"), _command_of_asset)
         return CancelReply(
             http_status=status,
             code=p.CODE_OK,
@@ -351,10 +370,10 @@ class EnOSClient:
 
 def _query_string(query: Params) -> str:
     """The encoded query of a business call (yarl's with_query costs twice as much): plain ids
-    go as they are, anything else is percent-encoded as yarl would (the signature covers the
-    decoded values either way)."""
+    go as they are, anything else is percent-encoded as yarl would, keeping the comma of an
+    asset list (the signature covers the decoded values either way)."""
     return "&".join([
-        name + "=" + (value if value.isalnum() and value.isascii() else quote(value, safe="?/:@"))
+        name + "=" + (value if value.isalnum() and value.isascii() else quote(value, safe="?/:@,"))
         for name, value in query
     ])  # fmt: skip
 
@@ -541,6 +560,15 @@ def _command_id(item: object) -> Command | str:
         if type(command_id) is str and 0 < len(command_id) <= ID_CAP:
             return Command(command_id)
     return _command(item)
+
+
+def _command_of_asset(item: object) -> Command | str:
+    """The id and the asset it belongs to (answers to a call for several assets)."""
+    command = _command_id(item)
+    if isinstance(command, str):
+        return command
+    asset = item.get("assetId") if type(item) is dict else None
+    return command._replace(asset_id=asset if type(asset) is str and asset else None)
 
 
 def _command(item: object) -> Command | str:

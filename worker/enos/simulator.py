@@ -64,6 +64,13 @@ class Faults:
     cancel_echo_state: int = 1  # the state shown in a cancel answer (samples show 1)
     legacy_wire: bool = False  # createTime as number and createLocalTime (2019 samples)
     max_skew_s: float | None = None  # reject apim-timestamp further than this from now
+    # assetId=a1,a2,... on cancel (the docs' uncertain claim): "off" looks the whole text up as
+    # one id (a gateway without lists: 99404); "strict": an unknown id fails the whole call
+    # with 99404 and no effect; "lenient": unknown ids are ignored; "first": only the first
+    # id is acted on, code 0 (a gateway that drops the rest silently: what the worker's
+    # self-verification must catch).
+    multi_asset: str = "off"
+    max_assets: int = 100  # a longer list is refused with 99400
 
 
 @dataclass
@@ -353,10 +360,12 @@ class Simulator:
         method, operation = handler
         if request.method != method:
             raise _Reply(p.CODE_INVALID_PARAM, f"Invalid Argument: {action} takes {method}")
+        if "," in query.get("assetId", "") and self.faults.multi_asset != "off":
+            return self._cancel_list(action, query), {}
         device = self._device(query)
         return operation(self, device, query, body)
 
-    def _device(self, query: Mapping[str, str]) -> SimDevice:
+    def _org(self, query: Mapping[str, str]) -> str:
         org = query.get("orgId")
         if not org:
             raise _Reply(p.CODE_INVALID_PARAM, "Invalid Argument orgId: orgId is missing")
@@ -364,6 +373,35 @@ class Simulator:
             raise _Reply(p.CODE_NO_PERMISSION, f"Denied resource:  orgId {org}")
         if org not in self.store.orgs:
             raise _Reply(p.CODE_INVALID_PARAM, "Invalid Argument orgId:  orgId does not exist")
+        return org
+
+    def _cancel_list(self, action: str, query: Mapping[str, str]) -> list[dict[str, Any]]:
+        """Cancel for a comma-separated assetId, as `faults.multi_asset` says lists behave."""
+        org = self._org(query)
+        if action != p.ACTION_CANCEL or "commandId" in query:
+            raise _Reply(p.CODE_INVALID_PARAM, "Invalid Argument assetId: one asset id expected")
+        if "productKey" in query or "deviceKey" in query:
+            raise _Reply(p.CODE_INVALID_PARAM, "Invalid Argument: assetId or productKey+deviceKey")
+        ids = query["assetId"].split(",")
+        if len(ids) > self.faults.max_assets or not all(ids):
+            raise _Reply(
+                p.CODE_INVALID_PARAM,
+                f"Invalid Argument assetId: at most {self.faults.max_assets} asset ids",
+            )
+        devices = [self.store.find(org, asset, None, None) for asset in ids]
+        mode = self.faults.multi_asset
+        if mode == "strict" and None in devices:
+            raise _Reply(p.CODE_NOT_FOUND, "The specified device does not exist")
+        if mode == "first":
+            devices = devices[:1]
+        shown: list[dict[str, Any]] = []
+        for device in devices:
+            if device is not None:
+                shown += self._cancel(device, query, b"")[0]
+        return shown
+
+    def _device(self, query: Mapping[str, str]) -> SimDevice:
+        org = self._org(query)
         asset, product, device_key = (
             query.get("assetId"),
             query.get("productKey"),
