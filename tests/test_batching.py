@@ -137,11 +137,11 @@ def test_one_unknown_id_costs_about_two_log2_n_extra_calls() -> None:
     plan = trusted(25)
     gateway = Gateway(strict)
     results = by_asset(gateway.run(plan.group(members(*assets), POLICY)))
-    assert results["a17"].outcome is Outcome.FAILED and results["a17"].code == 99404
+    assert (results["a17"].outcome, results["a17"].code) == (Outcome.FAILED, 99404)
     assert all(results[a].cancelled_command_ids == (f"c-{a}",) for a in assets if a != "a17")
     extra = len(gateway.calls) - 1
     assert extra <= 2 * 5  # 2 * ceil(log2 25)
-    assert plan.trust is Trust.TRUSTED and plan.size == 25  # a bad id says nothing about lists
+    assert (plan.trust, plan.size) == (Trust.TRUSTED, 25)  # a bad id says nothing of lists
 
 
 def test_lists_refused_fall_back_to_one_asset_per_call() -> None:
@@ -154,7 +154,7 @@ def test_lists_refused_fall_back_to_one_asset_per_call() -> None:
     plan = BatchPlan(8, trust=Trust.TRUSTED)
     results = by_asset(Gateway(off).run(plan.group(members(*(f"a{i}" for i in range(8))), POLICY)))
     assert all(r.outcome is Outcome.CANCELLED for r in results.values())
-    assert plan.trust is Trust.SINGLE and plan.per_call() == 1
+    assert (plan.trust, plan.per_call()) == (Trust.SINGLE, 1)
     assert "refused" in plan.notes[0]
 
 
@@ -164,8 +164,9 @@ def test_lists_longer_than_the_gateway_takes_lower_the_size() -> None:
 
     plan = trusted(25)
     results = Gateway(at_most_6).run(plan.group(members(*(f"a{i}" for i in range(25))), POLICY))
-    assert len(results) == 25 and all(r.outcome is Outcome.CANCELLED for r in results)
-    assert plan.trust is Trust.TRUSTED and 2 <= plan.size <= 6
+    assert [r.outcome for r in results] == [Outcome.CANCELLED] * 25
+    assert plan.trust is Trust.TRUSTED
+    assert 2 <= plan.size <= 6
 
 
 def test_a_lost_answer_retries_the_list_whole_then_nothing_is_unknown() -> None:
@@ -224,9 +225,10 @@ def test_a_gateway_that_ignores_part_of_a_list_is_caught() -> None:
     plan = BatchPlan(3, settle_s=0.0)
     gateway = Gateway(first_only, search)
     results = by_asset(gateway.run(plan.group(members("a1", "a2", "a3"), POLICY)))
-    assert plan.trust is Trust.SINGLE and "ignored part of the list" in plan.notes[0]
+    assert plan.trust is Trust.SINGLE
+    assert "ignored part of the list" in plan.notes[0]
     assert all(results[a].cancelled_command_ids == (f"c-{a}",) for a in cached)
-    assert results["a1"].batch_size == 3 and results["a2"].batch_size == 1
+    assert (results["a1"].batch_size, results["a2"].batch_size) == (3, 1)
     assert gateway.calls == [("cancel", 3), ("search", 1), ("search", 1), ("search", 1),
                              ("cancel", 1), ("cancel", 1)]  # fmt: skip
 
@@ -235,7 +237,7 @@ def test_a_list_without_evidence_does_not_earn_trust() -> None:
     """Nothing cancelled anywhere shows nothing about lists: the trial goes on."""
     plan = BatchPlan(2, trial_batches=1, settle_s=0.0)
     Gateway(lambda _: reply()).run(plan.group(members("a1", "a2"), POLICY))
-    assert plan.trust is Trust.TRIAL and plan.trials_open == 0
+    assert (plan.trust, plan.trials_open) == (Trust.TRIAL, 0)
 
 
 def test_a_stop_while_verifying_keeps_the_answer() -> None:
@@ -243,7 +245,7 @@ def test_a_stop_while_verifying_keeps_the_answer() -> None:
     core = plan.group(members("a1", "a2"), POLICY)
     assert core.start() is LIST_CANCEL
     wait = core.cancelled(each_has_one(["a1", "a2"]), NOW, 5.0)
-    assert isinstance(wait, Wait) and wait.seconds == 5.0
+    assert wait == Wait(5.0)
     stopped = core.stopped()
     assert isinstance(stopped, Fanout)
     assert {r.cancelled_command_ids for r in stopped.results} == {("c-a1",), ("c-a2",)}
