@@ -15,7 +15,8 @@ actions out, no I/O, no loop.
   answer; one bad id costs about 2·log2(N) calls. Retryable errors retry the list whole.
 - :class:`BatchPlan` is the run's trust in lists. It starts in **trial**: at most
   `trial_batches` lists are out at once and every other target goes one per call. After a
-  trial list's answer, and the settle delay, each of its assets is searched (``state = 1``):
+  trial list's answer, and the settle delay, each of its assets is searched (``state = 1``;
+  no new target is admitted meanwhile, so the searches have the rate to themselves):
   a command created before the call and still pending means the gateway ignored part of the
   list; the run then goes one asset per call, and those assets are cancelled again alone.
   Lists are trusted once `trial_batches` lists passed with evidence (commands attributed to
@@ -104,6 +105,7 @@ class BatchPlan:
     settle_s: float = 2.0  # EnOS settles a cancel within about 2 s; searched after that
     trust: Trust = Trust.TRIAL
     trials_open: int = 0
+    searching: int = 0  # trial lists whose assets are being searched: new targets wait
     passed: int = 0
     lists: int = 0  # list calls answered code 0
     notes: list[str] = field(default_factory=list)
@@ -192,6 +194,7 @@ class _Verification:
     stale: list[int] = field(default_factory=list)
     unverified: list[int] = field(default_factory=list)
     retry: Retrying | None = None
+    searching: bool = False
 
 
 class BatchCore:
@@ -244,6 +247,9 @@ class BatchCore:
     def _send(self) -> Send:
         verify = self._verify
         if verify is not None:
+            if not verify.searching:
+                verify.searching = True
+                self.plan.searching += 1
             self.members[verify.index].sent += 1
             return Send(Kind.SEARCH, page=verify.page)
         self._calls += 1
@@ -263,6 +269,7 @@ class BatchCore:
         verify = self._verify
         if verify is None:
             return Leave("the run is stopping")
+        self._end_search(verify)
         self._done()
         return Fanout(self._results(verify.replies, skip=()))
 
@@ -352,6 +359,7 @@ class BatchCore:
             member.maybe_applied |= reply.unreadable > 0
             parts.append(BatchCore([member], self.plan, self._policy, self._split))
         self._split.open += len(parts)
+        self._end_search(verify)
         self._verify = None
         self._done()
         return Fanout(self._results(verify.replies, skip=again), tuple(parts))
@@ -428,6 +436,11 @@ class BatchCore:
             assert isinstance(action, Finish)  # an asset's cancel-all ends with its answer
             results.append(self._sized(action.result))
         return tuple(results)
+
+    def _end_search(self, verify: _Verification) -> None:
+        if verify.searching:
+            verify.searching = False
+            self.plan.searching -= 1
 
     def _sized(self, result: TargetResult) -> TargetResult:
         return result._replace(batch_size=len(self.members))

@@ -232,7 +232,7 @@ class Engine:
                 due = heapq.heappop(parked)[2]
                 self.progress.waiting -= 1
                 return due, due.waited(self._situation())
-            if self._admitting and len(parked) < self._max_waiting:
+            if self._admitting and len(parked) < self._max_waiting and not self._verifying():
                 admitted = self._admit()
                 if admitted is not None:
                     return admitted, admitted.start()
@@ -242,6 +242,12 @@ class Engine:
                 return None
             await self._idle(parked[0][0] - time.monotonic() if parked else math.inf)
         return None
+
+    def _verifying(self) -> bool:
+        """A trial list's assets are being searched: they have the rate to themselves (new
+        targets would otherwise queue before them at the limiter and stretch the trial)."""
+        plan = self.batching
+        return plan is not None and plan.searching > 0
 
     def _admit(self) -> Core | None:
         """The next target (or list of targets) from the shared iterator, told to the
@@ -420,6 +426,7 @@ class Engine:
                 self._finish(result)
             for part in action.parts:
                 self._park(part, 0.0)
+            self._notify()  # admission may go on (a trial's searches ended)
         elif isinstance(action, StopRun):
             self.stop(StopReason.FATAL, action.why)
 
