@@ -92,6 +92,35 @@ async def test_validation_codes(sim: Simulator, client: EnOSClient, gateway: str
     assert (await signed(client, gateway, "POST", cancel_all))[1]["code"] == 99400
 
 
+async def test_asset_lists_in_each_mode(sim: Simulator, client: EnOSClient, gateway: str) -> None:
+    """off: the list is one unknown id; strict: an unknown id fails all, no effect; lenient:
+    ignored; first: only the first acted on; lists only for cancel, by asset, up to max."""
+    listed = [("action", "cancel"), ("orgId", ORG), ("assetId", "as000001,as000002,zz")]
+
+    async def cancel(query: list[tuple[str, str]], method: str = "POST") -> dict[str, Any]:
+        return (await signed(client, gateway, method, query))[1]
+
+    assert (await cancel(listed))["code"] == 99404  # off, the default
+    sim.faults = Faults(multi_asset="strict")
+    assert (await cancel(listed))["code"] == 99404
+    assert sim.store.find(ORG, "as000001", None, None).cancel_calls == 0  # type: ignore[union-attr]
+    sim.faults = Faults(multi_asset="lenient")
+    answer = await cancel(listed)
+    assert answer["code"] == 0
+    assert {c["assetId"] for c in answer["data"]} == {"as000001", "as000002"}
+    sim.faults = Faults(multi_asset="first", max_assets=2)
+    assert (await cancel(listed))["code"] == 99400  # three ids, two allowed
+    two = [("action", "cancel"), ("orgId", ORG), ("assetId", "as000005,as000004")]
+    assert {c["assetId"] for c in (await cancel(two))["data"]} == {"as000005"}
+    ignored = sim.store.find(ORG, "as000004", None, None)
+    assert ignored is not None
+    assert any(c.state == 1 for c in ignored.commands.values())
+    search = [("action", "search"), ("orgId", ORG), ("assetId", "as000003,as000004")]
+    assert (await cancel(search))["code"] == 99400
+    one = [*two, ("commandId", "1")]
+    assert (await cancel(one))["code"] == 99400
+
+
 async def test_command_creation_and_cache_limit(client: EnOSClient, gateway: str) -> None:
     """invokeService caches commands up to 50 per device, then 11902; an instant one fails."""
     device = [("orgId", ORG), ("assetId", "as000002")]
