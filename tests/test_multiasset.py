@@ -78,6 +78,7 @@ async def test_every_list_behaviour_ends_with_every_target_right(
         assert cancels <= 1.3 * count  # a gateway without lists costs little more
         assert result["batching"]["notes"]
     assert "assets per call" in report
+    assert "assets per call" in (tmp_path / "run" / "report.html").read_text(encoding="utf-8")
     assert verify(tmp_path / "run").results == count
 
 

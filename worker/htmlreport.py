@@ -237,6 +237,12 @@ def _summary_pairs(report: RunReport) -> list[tuple[str, object]]:
     if commands.get("matched") or commands.get("kept"):
         counts = [f"{commands.get(k, 0):,}" for k in ("matched", "cancelled", "missed", "kept")]
         pairs.append(("commands matched / cancelled / gone / kept", " / ".join(counts)))
+    batching = summary.batching
+    if batching:
+        lists = (f"{batching['assets_per_call']} asked; {batching['lists']:,} list calls "
+                 f"answered; ended {batching['trust']}")  # fmt: skip
+        pairs.append(("assets per call", lists))
+        pairs += [("lists", note) for note in batching["notes"]]
     return pairs
 
 
