@@ -11,6 +11,7 @@ import orjson
 
 from tests.conftest import APP_KEY, APP_SECRET
 from worker.jobfile import load_job, plan
+from worker.metrics import MetricsAddress
 from worker.model import Credentials
 from worker.rundir import Finished, finished_targets, read_manifest
 from worker.runner import RunOptions, execute, new_manifest
@@ -30,6 +31,7 @@ async def run_job(
     *,
     credentials: Credentials | None = None,
     ca_bundle: Path | None = None,
+    metrics: MetricsAddress | None = None,
     **limits: Any,
 ) -> tuple[int, str]:
     """Run a job as `worker run` would (fast backoff); returns (exit code, printed report)."""
@@ -46,6 +48,7 @@ async def run_job(
         backoff_cap_s=0.1,
         ca_bundle=ca_bundle,
         batch_settle_s=0.01,
+        metrics=metrics,
     )
     run_dir.mkdir(parents=True, exist_ok=True)
     out = io.StringIO()

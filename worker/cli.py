@@ -31,7 +31,8 @@ from worker.enos.simulator import Faults, Simulator, serve
 from worker.errors import UsageError
 from worker.htmlreport import Totals, combine, write_report
 from worker.jobfile import Plan, all_targets, load_job, plan, run_targets
-from worker.model import Credentials, Job, Limits
+from worker.metrics import MetricsAddress
+from worker.model import Credentials, Job, Limits, Shard
 from worker.report import render
 from worker.reportdata import RunReport, load_run
 from worker.rundir import Finished, finished_targets, read_manifest, run_dir_lock
@@ -45,6 +46,7 @@ from worker.settings import (
     read_secret_file,
     resolve_gateway,
 )
+from worker.units import parse_shard
 
 log = structlog.get_logger("worker")
 T = TypeVar("T")
@@ -68,12 +70,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Run a job (or continue one with --resume)."""
     _refuse_lone_flags(args)
     job = load_job(Path(args.job))
-    plan_ = _plan_with_warnings(job)
+    plan_ = _plan_with_warnings(job, _shard(args))
     if plan_.total == 0:
-        raise UsageError(f"{job.path} lists no targets; nothing to do")
+        raise UsageError(f"{job.path} lists no targets{_in_shard(plan_)}; nothing to do")
     credentials = load_credentials(args.credentials)
     logs.register_secret(credentials.app_secret)
     bundle = ca_bundle(args.ca_bundle)  # every input is checked before anything is created
+    metrics = _metrics_address(args.metrics_port)
+    if args.resume_existing and (args.out / "run.json").exists():
+        args.resume = args.out
     resuming = args.resume is not None
     if resuming:
         run_dir, manifest, limits, gateway = _resume(args, job, plan_)
@@ -100,6 +105,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             resume=resuming,
             ca_bundle=bundle,
             progress=not (args.no_progress or args.quiet),
+            metrics=metrics,
         )
         manifest = manifest if resuming else new_manifest(job, plan_, options)
         log.info(
@@ -114,6 +120,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         return run_async(lambda: execute(job, plan_, options, manifest=manifest, finished=finished))
 
 
+def _metrics_address(text: str | None) -> MetricsAddress | None:
+    if text is None:
+        return None
+    try:
+        return MetricsAddress.parse(text)
+    except ValueError as exc:
+        raise UsageError(f"--metrics-port {exc}") from None
+
+
 def _refuse_lone_flags(args: argparse.Namespace) -> None:
     """Flags that only mean something beside another are refused alone, not ignored: a lone
     --sample would otherwise run a real cancel of every target."""
@@ -121,6 +136,7 @@ def _refuse_lone_flags(args: argparse.Namespace) -> None:
         ("--sample", args.sample, "--dry-run", args.dry_run),
         ("--retry-failed", args.retry_failed, "--resume DIR", args.resume is not None),
         ("--force", args.force, "--resume DIR", args.resume is not None),
+        ("--resume-existing", args.resume_existing, "--out DIR", args.out is not None),
     ):
         if value and not present:
             raise UsageError(f"{flag} only works with {needs}; add {needs}, or drop {flag}")
@@ -179,13 +195,31 @@ def _resume(args: argparse.Namespace, job: Job, plan_: Plan) -> tuple[Path, Mani
                 f"{now[:12]}... now); resuming would mix two different runs. Start a new run, or "
                 "pass --force to resume anyway"
             )
+    asked = str(plan_.shard) if plan_.shard is not None else None
+    if asked != manifest.shard:
+        covers = f"shard {manifest.shard}" if manifest.shard else "every target (no shard)"
+        fix = f"pass --shard {manifest.shard}" if manifest.shard else "drop --shard"
+        raise UsageError(f"the run in {run_dir} covers {covers}; {fix} to resume it")
     gateway = resolve_gateway(args.gateway or manifest.gateway, job, insecure=args.insecure)
     manifest.targets = plan_.total
     return run_dir, manifest, _limits(manifest.limits, args), gateway
 
 
-def _plan_with_warnings(job: Job) -> Plan:
-    plan_ = plan(job)
+def _shard(args: argparse.Namespace) -> Shard | None:
+    if getattr(args, "shard", None) is None:
+        return None
+    try:
+        return parse_shard(args.shard)
+    except ValueError as exc:
+        raise UsageError(f"--shard {exc}; give K/N with K from 0 to N-1, e.g. 2/4") from None
+
+
+def _in_shard(plan_: Plan) -> str:
+    return f" in shard {plan_.shard}" if plan_.shard is not None else ""
+
+
+def _plan_with_warnings(job: Job, shard: Shard | None = None) -> Plan:
+    plan_ = plan(job, shard)
     for note in plan_.duplicate_notes[:20]:
         log.warning("worker.duplicate_target", note=note)
     if len(plan_.duplicate_notes) > 20:
@@ -199,7 +233,7 @@ def _plan_with_warnings(job: Job) -> Plan:
 def cmd_validate(args: argparse.Namespace) -> int:
     """Check a job file and print the plan; sends nothing."""
     job = load_job(Path(args.job))
-    plan_ = _plan_with_warnings(job)
+    plan_ = _plan_with_warnings(job, _shard(args))
     facts = _plan_facts(job, plan_, _limits(job.limits, args), args.gateway)
     if args.json:
         sys.stdout.write(orjson.dumps(facts, option=orjson.OPT_INDENT_2).decode() + "\n")
@@ -228,6 +262,7 @@ def _plan_facts(job: Job, plan_: Plan, limits: Limits, gateway: str | None) -> d
         "job": job.name,
         "path": str(job.path),
         "targets": plan_.total,
+        "shard": str(plan_.shard) if plan_.shard is not None else None,
         "duplicates_dropped": plan_.listed - plan_.total,
         "cancel_all": plan_.cancel_all - selective,
         "one_command": plan_.total - plan_.cancel_all,
@@ -259,7 +294,8 @@ def _write_plan(out: TextIO, job: Job, facts: dict[str, Any]) -> None:
     out.write(f"Job {job.name} ({job.path}) is valid.\n")
     out.write(
         f"  targets           {_count(facts['targets'], 'target')} "
-        f"({_count(facts['duplicates_dropped'], 'duplicate')} dropped)\n"
+        f"({_count(facts['duplicates_dropped'], 'duplicate')} dropped)"
+        f"{' in shard ' + facts['shard'] if facts['shard'] else ''}\n"
     )
     out.write(
         f"  cancel            all cached on {_count(facts['cancel_all'], 'device')}; one "

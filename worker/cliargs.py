@@ -213,6 +213,12 @@ def _run_command(run: argparse.ArgumentParser) -> None:
         help="continue the run in DIR: targets already final there are skipped",
     )
     run.add_argument(
+        "--resume-existing",
+        action="store_true",
+        help="with --out DIR: if DIR already holds this run, resume it (a retried Kubernetes "
+        "index, a restarted job) instead of refusing",
+    )
+    run.add_argument(
         "--retry-failed", action="store_true", help="with --resume: run the failed targets again"
     )
     run.add_argument(
@@ -236,6 +242,12 @@ def _run_command(run: argparse.ArgumentParser) -> None:
         "--yes",
         action="store_true",
         help=f"do not ask for confirmation above {CONFIRM_ABOVE:,} targets",
+    )
+    run.add_argument(
+        "--metrics-port",
+        metavar="[HOST:]PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics during the run (HOST "
+        "127.0.0.1 unless given; 0.0.0.0:9464 in a pod)",
     )
     run.add_argument(
         "--no-progress",
@@ -270,6 +282,12 @@ def _limit_flags(parser: argparse.ArgumentParser) -> None:
         type=int,
         metavar="N",
         help="requests in flight (default: the job's, else 16)",
+    )
+    parser.add_argument(
+        "--shard",
+        metavar="K/N",
+        help="only shard K of N (K from 0, as JOB_COMPLETION_INDEX): a stable split by a hash "
+        "of each target, so N processes cover every target exactly once",
     )
     parser.add_argument(
         "--assets-per-call",

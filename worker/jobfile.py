@@ -33,6 +33,7 @@ from worker.model import (
     Job,
     Limits,
     Match,
+    Shard,
     Target,
     TargetsFile,
     gc_paused,
@@ -549,6 +550,7 @@ class Plan:
     targets_sha256: str
     orgs: Counter[str] = field(default_factory=Counter)
     cancel_all: int = 0
+    shard: Shard | None = None  # only this shard's targets are counted and run
 
 
 def all_targets(job: Job) -> Iterator[Target]:
@@ -585,18 +587,21 @@ def run_targets(
 ) -> Iterator[tuple[int, Target]]:
     """The targets to run, in order, without duplicates and without those in `done`, each with
     its ordinal: its place in the job's list, the same in every segment of a run."""
-    skip = plan_.skip
+    skip, shard = plan_.skip, plan_.shard
     for ordinal, target in enumerate(_listed(job, done)):
-        if target is not None and ordinal not in skip:
+        if target is None or ordinal in skip:
+            continue
+        if shard is None or shard.holds(target.digest()):
             yield ordinal, target
 
 
-def plan(job: Job) -> Plan:
+def plan(job: Job, shard: Shard | None = None) -> Plan:
     """Stream every target once: validate, count, hash, find duplicates. Raises JobFileError.
 
     This is the only full pass before the first request, so it is written for speed: rows stay
     tuples, and duplicates are found by Python's hash of the row; a hash match is confirmed
-    against the real keys before anything is dropped.
+    against the real keys before anything is dropped. With a `shard`, every row is still
+    checked, but only the shard's are counted (duplicates share a shard: they share a key).
     """
     seen: set[int] = set()
     candidates: dict[int, int] = {}  # ordinal of a probable duplicate -> its hash
@@ -604,6 +609,8 @@ def plan(job: Job) -> Plan:
     cancel_all = 0
     with gc_paused():
         for ordinal, key in enumerate(_keys(job)):
+            if shard is not None and not shard.holds(key_digest(identity_key(*key))):
+                continue
             number = hash(key)
             if number in seen:
                 candidates[ordinal] = number
@@ -624,6 +631,7 @@ def plan(job: Job) -> Plan:
         targets_sha256=_targets_sha256(job),
         orgs=orgs,
         cancel_all=cancel_all,
+        shard=shard,
     )
 
 

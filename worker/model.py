@@ -56,6 +56,23 @@ def key_digest(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=16).digest(), "big")
 
 
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """Part `index` of `count` (from 0, as Kubernetes' JOB_COMPLETION_INDEX): the targets whose
+    identity digest modulo `count` is `index`. Stable across machines and input order, so N
+    processes cover every target exactly once."""
+
+    index: int
+    count: int
+
+    def holds(self, digest: int) -> bool:
+        """Whether the target with this identity digest (key_digest) belongs to this shard."""
+        return digest % self.count == self.index
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
 def selector_problem(asset: str, product: str, device: str, org: str) -> str | None:
     """What is wrong with a target's device selector and org ("problem; fix"), or None.
 

@@ -142,6 +142,7 @@ def build_summary(manifest: Manifest, counts: JournalTally, *, exit_code: int) -
         abandoned=sum(s.abandoned for s in segments),
         finished=bool(segments) and segments[-1].finished_at is not None,
         batching=_batching(segments),
+        shard=manifest.shard,
     )
 
 
@@ -182,7 +183,7 @@ def render(
     outcomes, latency = summary.outcomes, summary.latency_ms
     state = summary.stopped or "unfinished (the process died; resumable)"
     lines = [
-        f"Run {summary.run_id} ({summary.job}): {state}",
+        f"Run {summary.run_id} ({summary.job}{_shard_text(summary)}): {state}",
         f"  targets            {summary.targets:>10,}",
         f"  cancelled          {outcomes['cancelled']:>10,}",
         f"  nothing to cancel  {outcomes['nothing_to_cancel']:>10,}",
@@ -201,6 +202,10 @@ def render(
     lines.append(f"  exit code          {code}")
     stream.write("\n".join(lines) + "\n")
     stream.flush()
+
+
+def _shard_text(summary: Summary) -> str:
+    return f", shard {summary.shard}" if summary.shard else ""
 
 
 def _notes(summary: Summary) -> list[str]:

@@ -33,6 +33,7 @@ from worker.errors import EnOSError
 from worker.htmlreport import write_report
 from worker.jobfile import Plan, run_targets
 from worker.journal import RESULTS_FILE, ResultJournal
+from worker.metrics import MetricsAddress, RunMetrics
 from worker.model import Attempt, Credentials, Job, Limits, Target, TargetResult
 from worker.ratelimit import RateChange, RateLimiter
 from worker.report import JournalTally, build_summary, progress_loop, render
@@ -58,6 +59,7 @@ class RunOptions:
     backoff_base_s: float = 0.5
     backoff_cap_s: float = 30.0
     batch_settle_s: float = 2.0  # after a trial list's answer, before its assets are searched
+    metrics: MetricsAddress | None = None  # --metrics-port: serve Prometheus metrics there
     ca_bundle: Path | None = None
 
     def client(self) -> EnOSClient:
@@ -85,6 +87,8 @@ class RunOptions:
 class _Recorder:
     """The engine's Recorder: attempts to the audit log, results to the journal."""
 
+    metrics: RunMetrics | None = None
+
     def __init__(self, audit: AuditLog, journal: ResultJournal, mark: AdmissionMark) -> None:
         self.audit = audit
         self.journal = journal
@@ -96,11 +100,32 @@ class _Recorder:
     def result(self, result: TargetResult) -> None:
         self.journal.write(result)
 
+    def metered(self, metrics: RunMetrics) -> _Recorder:
+        """The same recorder, also counting every record in `metrics`."""
+        metered = _MeteredRecorder(self.audit, self.journal, self.mark)
+        metered.metrics = metrics
+        return metered
+
     def sync(self) -> None:
         """fdatasync everything written so far (off the event loop)."""
         self.journal.log.sync()
         self.audit.log.sync()
         self.mark.sync()
+
+
+class _MeteredRecorder(_Recorder):
+    """With --metrics-port: every record also moves the metrics (the plain recorder stays
+    free of the check on the hot path)."""
+
+    def attempt(self, attempt: Attempt, action: str) -> None:
+        self.audit.attempt(attempt, action)
+        assert self.metrics is not None
+        self.metrics.attempt(attempt, action)
+
+    def result(self, result: TargetResult) -> None:
+        self.journal.write(result)
+        assert self.metrics is not None
+        self.metrics.result(result)
 
 
 def new_run_id(job: Job) -> str:
@@ -164,6 +189,9 @@ async def execute(
     limits = options.limits
     mark = AdmissionMark(run_dir, ahead=limits.concurrency, earlier_segments=earlier_segments)
     recorder = _Recorder(AuditLog(run_dir, manifest.run_id), ResultJournal(run_dir), mark)
+    metrics = RunMetrics() if options.metrics is not None else None
+    if metrics is not None:
+        recorder = recorder.metered(metrics)
     recorder.audit.write(_run_started(job, plan, options, manifest))
     client = options.client()
     engine = Engine(
@@ -185,8 +213,13 @@ async def execute(
     )
     began = time.monotonic()
     try:
+        problem = None
+        if metrics is not None and options.metrics is not None:
+            pending = plan.total - len(finished.done)
+            problem = _serve_metrics(metrics, options.metrics, engine, pending)
         async with client:
-            problem = await prove_gateway(client, options.policy(), random.Random(options.seed))
+            if problem is None:
+                problem = await prove_gateway(client, options.policy(), random.Random(options.seed))
             if problem is not None:
                 engine.stop(StopReason.FATAL, problem)
             else:
@@ -204,6 +237,8 @@ async def execute(
         segment.batching = _batching_record(engine, limits)
         segment.duration_s = round(time.monotonic() - began, 3)
         summary, read = _close_segment(engine, manifest, segment, recorder)
+        if metrics is not None:
+            metrics.close()
     render(summary, run_dir, out, audit_head=recorder.audit.head)
     _write_run_report(run_dir, out, read)
     if summary.exit_code in (ExitCode.ABORTED, ExitCode.INTERRUPTED):
@@ -223,6 +258,27 @@ async def dry_run(
             return [], problem
         return await probe(client, sample, limiter_for(limits),
                            concurrency=limits.concurrency, policy=options.policy())  # fmt: skip
+
+
+def _serve_metrics(
+    metrics: RunMetrics, address: MetricsAddress, engine: Engine, pending: int
+) -> str | None:
+    """The gauges read from the engine, then the server; what stops it (a port taken)."""
+    progress, limiter = engine.progress, engine.limiter
+    metrics.gauge("worker_requests_in_flight", "requests sent and not answered yet",
+                  lambda: progress.in_flight)  # fmt: skip
+    metrics.gauge("worker_targets_waiting", "targets waiting out a retry's backoff",
+                  lambda: progress.waiting)  # fmt: skip
+    metrics.gauge("worker_rate_allowed", "requests per second allowed now (-1: unlimited)",
+                  lambda: -1.0 if limiter.rate is None else limiter.rate)  # fmt: skip
+    metrics.gauge("worker_targets_pending", "targets of this segment without a final result",
+                  lambda: pending - progress.finished)  # fmt: skip
+    try:
+        port = metrics.serve(address)
+    except OSError as exc:
+        return f"--metrics-port {address.host}:{address.port}: {exc.strerror}; nothing was sent"
+    log.info("worker.metrics_serving", url=f"http://{address.host}:{port}/metrics")
+    return None
 
 
 def _batching_record(engine: Engine, limits: Limits) -> dict[str, Any] | None:
@@ -412,6 +468,7 @@ def new_manifest(job: Job, plan: Plan, options: RunOptions) -> Manifest:
         gateway=options.gateway,
         limits=options.limits,
         match=asdict(job.match) if job.match is not None else None,
+        shard=str(plan.shard) if plan.shard is not None else None,
     )
 
 

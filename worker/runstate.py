@@ -97,6 +97,7 @@ class Manifest:
     limits: Limits
     segments: list[Segment] = field(default_factory=list)
     match: dict[str, Any] | None = None  # the job's match rule (Match fields), for follow-ups
+    shard: str | None = None  # "K/N": this run covers one shard of the job's targets
 
     def to_json(self) -> dict[str, Any]:
         """As written in run.json."""
@@ -119,6 +120,7 @@ class Manifest:
             limits=limits_from_json(data["limits"]),
             segments=[Segment.from_json(s) for s in data.get("segments") or []],
             match=data.get("match"),
+            shard=data.get("shard"),
         )
 
     @property
@@ -173,6 +175,7 @@ class Summary:
     abandoned: int = 0  # requests cut off in flight by a second stop signal
     finished: bool = True  # False: the last segment never ended (kill -9, OOM, power loss)
     batching: dict[str, Any] = field(default_factory=dict)  # lists: asked, sent, fallbacks
+    shard: str | None = None  # "K/N" when the run covers one shard of the job
 
     def to_json(self) -> dict[str, Any]:
         """summary.json's content (design.md's keys)."""

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 from worker.errors import UsageError, shown
 from worker.model import Credentials, Job, Limits
+from worker.rundir import LOCK_FILE
 from worker.units import assets_per_call as checked_assets_per_call
 from worker.units import parse_duration, parse_rate, with_rate
 
@@ -165,7 +166,8 @@ def new_run_dir(out: Path | None, job: Job) -> Path:
     if out is None:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         out = Path("runs") / f"{job.name}-{stamp}"
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    # A lone run.lock is a run that died before it wrote anything: the directory is unused.
+    if out.exists() and (not out.is_dir() or any(p.name != LOCK_FILE for p in out.iterdir())):
         raise UsageError(
             f"{out} already exists and is not empty; a run is never overwritten. To continue it: "
             f"worker run {job.path} --resume {out}"

@@ -10,7 +10,7 @@ from dataclasses import replace
 from typing import Any
 
 from worker.errors import shown
-from worker.model import Limits
+from worker.model import Limits, Shard
 
 _DURATION_RE = re.compile(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
 
@@ -61,3 +61,14 @@ def assets_per_call(value: object) -> int:
     if number > MAX_ASSETS_PER_CALL:
         raise ValueError(f"{shown(value)} is above {MAX_ASSETS_PER_CALL}")
     return number
+
+
+def parse_shard(text: str) -> Shard:
+    """``K/N``: shard K of N, K from 0 to N-1 (Kubernetes' JOB_COMPLETION_INDEX counts from 0)."""
+    index, slash, count = text.partition("/")
+    if not slash or not index.strip().isdigit() or not count.strip().isdigit():
+        raise ValueError(f"{shown(text)} is not K/N (e.g. 0/4)")
+    shard = Shard(int(index), int(count))
+    if shard.count < 1 or shard.index >= shard.count:
+        raise ValueError(f"{shown(text)}: K must be 0 to N-1 and N at least 1")
+    return shard
