@@ -36,10 +36,11 @@ from worker.model import Credentials, Job, Limits, Shard
 from worker.report import render
 from worker.reportdata import RunReport, load_run
 from worker.rundir import Finished, finished_targets, read_manifest, run_dir_lock
-from worker.runner import RunOptions, dry_run, execute, new_manifest
+from worker.runner import RunOptions, dry_run, execute, new_manifest, verify_run
 from worker.runstate import ExitCode, Manifest
 from worker.settings import (
     ca_bundle,
+    check_gateway,
     load_credentials,
     merge_limits,
     new_run_dir,
@@ -117,7 +118,27 @@ def cmd_run(args: argparse.Namespace) -> int:
             rate=limits.rate,
             concurrency=limits.concurrency,
         )
-        return run_async(lambda: execute(job, plan_, options, manifest=manifest, finished=finished))
+        code = run_async(lambda: execute(job, plan_, options, manifest=manifest, finished=finished))
+        if args.verify and code in (ExitCode.OK, ExitCode.FAILED):
+            code = max(code, run_async(lambda: verify_run(options)))
+        return code
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Search each finished target of a run: is anything it asked to cancel still pending?"""
+    run_dir = Path(args.dir)
+    if not (run_dir / "run.json").exists():
+        raise UsageError(f"{run_dir} is not a run directory (it has no run.json)")
+    manifest = read_manifest(run_dir)
+    credentials = load_credentials(args.credentials)
+    logs.register_secret(credentials.app_secret)
+    bundle = ca_bundle(args.ca_bundle)
+    gateway = check_gateway(args.gateway or manifest.gateway, insecure=args.insecure)
+    limits = merge_limits(manifest.limits, rate=args.rate, concurrency=args.concurrency,
+                          deadline=None)  # fmt: skip
+    with run_dir_lock(run_dir):
+        options = RunOptions(gateway, credentials, limits, run_dir, ca_bundle=bundle)
+        return run_async(lambda: verify_run(options))
 
 
 def _metrics_address(text: str | None) -> MetricsAddress | None:
@@ -541,6 +562,7 @@ HANDLERS = {
     "demo": cmd_demo,
     "report": cmd_report,
     "audit verify": cmd_audit_verify,
+    "verify": cmd_verify,
 }
 
 

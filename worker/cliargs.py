@@ -49,6 +49,16 @@ EXAMPLES = {
   worker report runs/JOB-20261201T120000Z
   worker report shard-0 shard-1 shard-2 --html incident.html
   worker report DIR --json""",
+    "sweep": """examples:
+  worker verify runs/JOB-20261201T120000Z        search each target: is anything still pending?
+  worker verify DIR --rate 50
+  worker run JOB.yaml --verify                   the run, then the sweep
+
+exit codes:
+  0  every searched target is verified: nothing the job asked to cancel is pending
+  1  some targets still have such a command pending, or could not be searched
+  2  bad usage (not a run directory, a run in progress)
+  3  the gateway or the credentials cannot be used""",
     "verify": """examples:
   worker audit verify runs/JOB-20261201T120000Z
   worker audit verify DIR --head SHA256            (the audit head the run printed)""",
@@ -156,6 +166,16 @@ def build_parser(handlers: Mapping[str, Handler]) -> argparse.ArgumentParser:
             EXAMPLES["report"],
         )
     )
+    _verify_command(
+        _command(
+            commands,
+            "verify",
+            handlers["verify"],
+            "after a run: search each target's device and say whether anything the job "
+            "asked to cancel is still pending (changes nothing)",
+            EXAMPLES["sweep"],
+        )
+    )
     audit = commands.add_parser(
         "audit", help="check a run's audit log", formatter_class=_HelpFormatter
     )
@@ -244,6 +264,12 @@ def _run_command(run: argparse.ArgumentParser) -> None:
         help=f"do not ask for confirmation above {CONFIRM_ABOVE:,} targets",
     )
     run.add_argument(
+        "--verify",
+        action="store_true",
+        help="after the run, search each target's device: is anything it asked to cancel still "
+        "pending? (as worker verify DIR)",
+    )
+    run.add_argument(
         "--metrics-port",
         metavar="[HOST:]PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics during the run (HOST "
@@ -253,6 +279,22 @@ def _run_command(run: argparse.ArgumentParser) -> None:
         "--no-progress",
         action="store_true",
         help="no live progress line (logs and the summary still come)",
+    )
+
+
+def _verify_command(verify: argparse.ArgumentParser) -> None:
+    verify.add_argument("dir", type=Path, metavar="DIR", help="a run directory")
+    verify.add_argument("--gateway", metavar="URL", help="(default: the run's gateway)")
+    verify.add_argument(
+        "--credentials", type=Path, metavar="FILE", help="as for run (default: the environment)"
+    )
+    verify.add_argument("--ca-bundle", type=Path, metavar="FILE", help="as for run")
+    verify.add_argument("--insecure", action="store_true", help="as for run")
+    verify.add_argument(
+        "--rate", metavar="N|auto|unlimited", help="searches per second (default: the run's)"
+    )
+    verify.add_argument(
+        "--concurrency", type=int, metavar="N", help="searches in flight (default: the run's)"
     )
 
 

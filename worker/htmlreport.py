@@ -237,6 +237,13 @@ def _summary_pairs(report: RunReport) -> list[tuple[str, object]]:
     if commands.get("matched") or commands.get("kept"):
         counts = [f"{commands.get(k, 0):,}" for k in ("matched", "cancelled", "missed", "kept")]
         pairs.append(("commands matched / cancelled / gone / kept", " / ".join(counts)))
+    verify = summary.verify
+    if verify:
+        pairs.append(("verify sweep: verified / searched", f"{verify['verified']:,} / "
+                      f"{verify['checked']:,}"))  # fmt: skip
+        pairs.append(("still pending: targets / commands",
+                      f"{verify['still_pending']:,} / {verify['commands_pending']:,}"))  # fmt: skip
+        pairs.append(("could not be searched", verify["unverified"]))
     batching = summary.batching
     if batching:
         lists = (f"{batching['assets_per_call']} asked; {batching['lists']:,} list calls "

@@ -97,8 +97,15 @@ def percentile(values: list[float], share: float) -> float | None:
     return round(ordered[rank], 1)
 
 
-def build_summary(manifest: Manifest, counts: JournalTally, *, exit_code: int) -> Summary:
-    """summary.json's content for the whole run (all segments)."""
+def build_summary(
+    manifest: Manifest,
+    counts: JournalTally,
+    *,
+    exit_code: int,
+    verify: dict[str, Any] | None = None,
+) -> Summary:
+    """summary.json's content for the whole run (all segments), with the last verify sweep's
+    counts when there was one."""
     segments = manifest.segments
     duration = sum(s.duration_s for s in segments)
     requests = sum(s.requests for s in segments)
@@ -143,6 +150,7 @@ def build_summary(manifest: Manifest, counts: JournalTally, *, exit_code: int) -
         finished=bool(segments) and segments[-1].finished_at is not None,
         batching=_batching(segments),
         shard=manifest.shard,
+        verify=verify or {},
     )
 
 
@@ -240,6 +248,14 @@ def _notes(summary: Summary) -> list[str]:
         lines.append(f"  failures by code   {top}")
     if summary.stop_message:
         lines.append(f"  why it stopped     {summary.stop_message}")
+    verify = summary.verify
+    if verify:
+        partial = "" if verify.get("complete") else " (stopped early: resume with worker verify)"
+        lines.append(
+            f"  verified           {verify['verified']:,} of {verify['checked']:,} searched: "
+            f"{verify['still_pending']:,} still pending ({verify['commands_pending']:,} "
+            f"commands), {verify['unverified']:,} could not be searched{partial}"
+        )
     return lines
 
 

@@ -25,7 +25,7 @@ from worker.audit import AUDIT_FILE
 from worker.journal import record_key
 from worker.model import Outcome, gc_paused, key_digest
 from worker.report import JournalTally, build_summary, tally
-from worker.rundir import read_manifest
+from worker.rundir import read_manifest, read_verify_counts
 from worker.runstate import ExitCode, Manifest, Summary
 
 LISTED = 1000
@@ -56,13 +56,16 @@ def load_run(run_dir: Path, read: tuple[JournalTally, Details] | None = None) ->
     requests nor its duration: they are taken from its audit records."""
     manifest = read_manifest(run_dir)
     counts, found = read if read is not None else tally_with_details(run_dir)
-    summary = build_summary(manifest, counts, exit_code=manifest.last_exit_code or 0)
+    verify = read_verify_counts(run_dir)
+    summary = build_summary(manifest, counts, exit_code=manifest.last_exit_code or 0,
+                            verify=verify)  # fmt: skip
     complete_details(found, run_dir, summary, manifest)
     last = manifest.segments[-1] if manifest.segments else None
     if last is not None and last.finished_at is None and found.segment_requests:
         last.requests = found.segment_requests[-1]
         last.duration_s = max(0.0, _seconds(found.segment_last_at[-1]) - _seconds(last.started_at))
-        summary = build_summary(manifest, counts, exit_code=int(ExitCode.ABORTED))
+        summary = build_summary(manifest, counts, exit_code=int(ExitCode.ABORTED),
+                                verify=verify)  # fmt: skip
     return RunReport(run_dir, manifest, summary, found)
 
 

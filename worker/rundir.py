@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -58,6 +59,18 @@ def write_manifest(run_dir: Path, manifest: Manifest) -> None:
     """Replace run.json atomically."""
     data = orjson.dumps(manifest.to_json(), option=orjson.OPT_INDENT_2)
     write_atomically(run_dir / MANIFEST_FILE, data)
+
+
+VERIFY_COUNTS_FILE = "verify.json"  # the last verify sweep's counts (worker.verify)
+
+
+def read_verify_counts(run_dir: Path) -> dict[str, Any]:
+    """verify.json's counts ({} before any sweep)."""
+    path = run_dir / VERIFY_COUNTS_FILE
+    if not path.exists():
+        return {}
+    loaded: dict[str, Any] = orjson.loads(path.read_bytes())
+    return loaded
 
 
 def write_summary(run_dir: Path, summary: Summary) -> None:

@@ -14,12 +14,13 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
 import anyio
+import orjson
 import structlog
 
 from worker import __version__
@@ -39,8 +40,16 @@ from worker.ratelimit import RateChange, RateLimiter
 from worker.report import JournalTally, build_summary, progress_loop, render
 from worker.reportdata import Details, load_run, tally_with_details
 from worker.retry import RetryPolicy, Verdict
-from worker.rundir import AdmissionMark, Finished, write_manifest, write_summary
+from worker.rundir import (
+    SUMMARY_FILE,
+    AdmissionMark,
+    Finished,
+    read_verify_counts,
+    write_manifest,
+    write_summary,
+)
 from worker.runstate import ExitCode, Manifest, Segment, Summary
+from worker.verify import SETTLE_S, VERIFY_FILE, Drive, EngineFactory, VerifyCounts, sweep
 
 log = structlog.get_logger("worker.run")
 
@@ -60,6 +69,7 @@ class RunOptions:
     backoff_cap_s: float = 30.0
     batch_settle_s: float = 2.0  # after a trial list's answer, before its assets are searched
     metrics: MetricsAddress | None = None  # --metrics-port: serve Prometheus metrics there
+    verify_settle_s: float = SETTLE_S  # before a verify sweep searches
     ca_bundle: Path | None = None
 
     def client(self) -> EnOSClient:
@@ -246,6 +256,57 @@ async def execute(
     return summary.exit_code
 
 
+async def verify_run(options: RunOptions, out: TextIO | None = None) -> int:
+    """`worker verify DIR` (and `run --verify`): the sweep, then summary.json and the report
+    updated; exit 0 when every searched target is verified, 1 when some are still pending or
+    could not be searched (or the sweep was stopped), 3 when the gateway cannot be used."""
+    run_dir, limits = options.run_dir, options.limits
+    async with options.client() as client:
+        problem = await prove_gateway(client, options.policy(), random.Random(options.seed))
+        if problem is not None:
+            (out or sys.stderr).write(f"worker: verify stopped: {problem}\n")
+            return ExitCode.ABORTED
+        settings = EngineSettings(concurrency=limits.concurrency, policy=options.policy(),
+                                  attempt_timeout=limits.timeout)  # fmt: skip
+        factory = EngineFactory(client, limiter_for(limits), settings, options.seed)
+        counts, engine = await sweep(run_dir, factory, _drive_sweep(out),
+                                     settle_s=options.verify_settle_s)  # fmt: skip
+    _record_sweep(run_dir, counts, out)
+    if engine.stop_reason is StopReason.FATAL:
+        return ExitCode.ABORTED
+    clean = counts.complete and not counts.still_pending and not counts.unverified
+    return ExitCode.OK if clean else ExitCode.FAILED
+
+
+def _drive_sweep(out: TextIO | None) -> Drive:
+    async def drive(engine: Engine, targets: Iterator[tuple[int, Target]]) -> StopReason:
+        async with anyio.create_task_group() as helpers:
+            helpers.start_soon(_signal_loop, engine, out)
+            reason = await engine.run(targets)
+            helpers.cancel_scope.cancel()
+        return reason
+
+    return drive
+
+
+def _record_sweep(run_dir: Path, counts: VerifyCounts, out: TextIO | None) -> None:
+    """The counts into summary.json (which keeps everything else) and the report page."""
+    path = run_dir / SUMMARY_FILE
+    if path.exists():
+        summary = Summary.from_json(orjson.loads(path.read_bytes()))
+        write_summary(run_dir, replace(summary, verify=counts.to_json()))
+    write_report([load_run(run_dir)], run_dir / "report.html")
+    stream = out or sys.stdout
+    stream.write(
+        f"Verify sweep of {run_dir}: {counts.verified:,} of {counts.checked:,} targets verified"
+        f", {counts.still_pending:,} still pending ({counts.commands_pending:,} commands), "
+        f"{counts.unverified:,} could not be searched; details in {run_dir / VERIFY_FILE}\n"
+    )
+    if not counts.complete:
+        stream.write("The sweep did not search every target; run worker verify again.\n")
+    stream.flush()
+
+
 async def dry_run(
     options: RunOptions, sample: list[tuple[int, Target]]
 ) -> tuple[list[Probe], str | None]:
@@ -414,7 +475,8 @@ def _close_segment(
     segment.finished_at, segment.reason = iso(time.time()), reason.value
     segment.message, segment.exit_code = engine.stop_message, exit_code
     write_manifest(run_dir, manifest)
-    summary = build_summary(manifest, counts, exit_code=exit_code)
+    summary = build_summary(manifest, counts, exit_code=exit_code,
+                            verify=read_verify_counts(run_dir))  # fmt: skip
     write_summary(run_dir, summary)
     recorder.audit.write(
         {

@@ -176,6 +176,7 @@ class Summary:
     finished: bool = True  # False: the last segment never ended (kill -9, OOM, power loss)
     batching: dict[str, Any] = field(default_factory=dict)  # lists: asked, sent, fallbacks
     shard: str | None = None  # "K/N" when the run covers one shard of the job
+    verify: dict[str, Any] = field(default_factory=dict)  # the last verify sweep's counts
 
     def to_json(self) -> dict[str, Any]:
         """summary.json's content (design.md's keys)."""

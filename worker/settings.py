@@ -92,6 +92,11 @@ def resolve_gateway(flag: str | None, job: Job, *, insecure: bool) -> str:
             "no gateway: pass --gateway https://apim-..., set ENOS_GATEWAY, or add 'gateway:' to "
             f"{job.path}"
         )
+    return check_gateway(gateway, insecure=insecure)
+
+
+def check_gateway(gateway: str, *, insecure: bool) -> str:
+    """An http(s) URL with a valid port; TLS unless loopback or --insecure."""
     parts = urlsplit(gateway)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UsageError(f"the gateway {shown(gateway)} is not an http(s) URL")
