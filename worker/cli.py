@@ -47,6 +47,7 @@ from worker.settings import (
     read_secret_file,
     resolve_gateway,
 )
+from worker.spool import Watcher, WatchOptions
 from worker.units import parse_shard
 
 log = structlog.get_logger("worker")
@@ -122,6 +123,23 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.verify and code in (ExitCode.OK, ExitCode.FAILED):
             code = max(code, run_async(lambda: verify_run(options)))
         return code
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    """Run the job files dropped into a spool directory, until SIGINT/SIGTERM."""
+    if args.jobs < 1 or args.poll <= 0:
+        raise UsageError("--jobs must be 1 or more and --poll above 0")
+    credentials = load_credentials(args.credentials)
+    logs.register_secret(credentials.app_secret)
+    limits = merge_limits(Limits(), rate=args.rate, concurrency=None, deadline=None)
+    gateway = check_gateway(args.gateway, insecure=args.insecure) if args.gateway else None
+    options = WatchOptions(
+        spool=Path(args.spool), credentials=credentials, limits=limits, gateway=gateway,
+        insecure=args.insecure, jobs=args.jobs, poll_s=args.poll, once=args.once,
+        ca_bundle=ca_bundle(args.ca_bundle),
+    )  # fmt: skip
+    log.info("worker.watching", spool=str(options.spool), rate=limits.rate, jobs=args.jobs)
+    return run_async(Watcher(options).run)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -563,6 +581,7 @@ HANDLERS = {
     "report": cmd_report,
     "audit verify": cmd_audit_verify,
     "verify": cmd_verify,
+    "watch": cmd_watch,
 }
 
 

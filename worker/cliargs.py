@@ -49,6 +49,15 @@ EXAMPLES = {
   worker report runs/JOB-20261201T120000Z
   worker report shard-0 shard-1 shard-2 --html incident.html
   worker report DIR --json""",
+    "watch": """examples:
+  worker watch /srv/spool --rate 100             run every job file dropped in incoming/
+  worker watch /srv/spool --rate 100 --jobs 4    four jobs at once, sharing 100 requests/s
+  worker watch /srv/spool --once                 what is there now, then exit (cron)
+
+exit codes:
+  0  stopped (or, with --once, nothing left to do)
+  2  bad usage
+  4  stopped by SIGINT/SIGTERM with jobs left in running/ (the next watcher resumes them)""",
     "sweep": """examples:
   worker verify runs/JOB-20261201T120000Z        search each target: is anything still pending?
   worker verify DIR --rate 50
@@ -166,6 +175,16 @@ def build_parser(handlers: Mapping[str, Handler]) -> argparse.ArgumentParser:
             EXAMPLES["report"],
         )
     )
+    _watch_command(
+        _command(
+            commands,
+            "watch",
+            handlers["watch"],
+            "a long-lived worker: claim the job files dropped in SPOOL/incoming/, run them "
+            "(several at once, one shared rate), move them to done/ or failed/",
+            EXAMPLES["watch"],
+        )
+    )
     _verify_command(
         _command(
             commands,
@@ -280,6 +299,31 @@ def _run_command(run: argparse.ArgumentParser) -> None:
         action="store_true",
         help="no live progress line (logs and the summary still come)",
     )
+
+
+def _watch_command(watch: argparse.ArgumentParser) -> None:
+    watch.add_argument("spool", type=Path, metavar="SPOOL", help="the spool directory")
+    watch.add_argument(
+        "--rate",
+        metavar="N|auto|unlimited",
+        default="10",
+        help="requests per second for the whole watcher, shared by its jobs",
+    )
+    watch.add_argument("--jobs", type=int, default=2, metavar="N", help="jobs run at once")
+    watch.add_argument(
+        "--poll", type=float, default=1.0, metavar="SECONDS", help="how often incoming/ is read"
+    )
+    watch.add_argument(
+        "--once", action="store_true", help="exit when nothing is left to claim or resume"
+    )
+    watch.add_argument(
+        "--gateway", metavar="URL", help="(default: ENOS_GATEWAY, else each job's gateway:)"
+    )
+    watch.add_argument(
+        "--credentials", type=Path, metavar="FILE", help="as for run (default: the environment)"
+    )
+    watch.add_argument("--ca-bundle", type=Path, metavar="FILE", help="as for run")
+    watch.add_argument("--insecure", action="store_true", help="as for run")
 
 
 def _verify_command(verify: argparse.ArgumentParser) -> None:

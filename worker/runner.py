@@ -179,6 +179,33 @@ def exit_code_for(reason: StopReason, failed: int, not_attempted: int) -> int:
     return ExitCode.FAILED if failed or not_attempted else ExitCode.OK
 
 
+class RunControl:
+    """For a caller that runs several jobs in one process (``worker watch``): it stops each
+    run itself, so the run does not take the signals, and the runs may share one limiter."""
+
+    def __init__(self, limiter: RateLimiter | None = None) -> None:
+        self.limiter = limiter
+        self.engine: Engine | None = None
+        self._stop_why: str | None = None
+
+    def attach(self, engine: Engine) -> None:
+        """The run's engine exists: a stop asked before now takes effect at once."""
+        self.engine = engine
+        if self._stop_why is not None:
+            engine.stop(StopReason.INTERRUPTED, self._stop_why)
+
+    def stop(self, why: str) -> None:
+        """As a first SIGTERM would: nothing new, requests in flight finish."""
+        self._stop_why = why
+        if self.engine is not None:
+            self.engine.stop(StopReason.INTERRUPTED, why)
+
+    def cancel(self) -> None:
+        """As a second signal would: abandon the requests in flight."""
+        if self.engine is not None:
+            self.engine.cancel()
+
+
 async def execute(
     job: Job,
     plan: Plan,
@@ -187,8 +214,10 @@ async def execute(
     manifest: Manifest,
     finished: Finished,
     out: TextIO | None = None,
+    control: RunControl | None = None,
 ) -> int:
-    """Run the job's pending targets as one segment; returns the exit code."""
+    """Run the job's pending targets as one segment; returns the exit code. With `control`,
+    the caller stops the run (no signal handling here) and may share its limiter."""
     run_dir = options.run_dir
     repair_tail(run_dir / RESULTS_FILE)
     repair_tail(run_dir / AUDIT_FILE)
@@ -204,23 +233,7 @@ async def execute(
         recorder = recorder.metered(metrics)
     recorder.audit.write(_run_started(job, plan, options, manifest))
     client = options.client()
-    engine = Engine(
-        client,
-        recorder,
-        limiter_for(limits),
-        EngineSettings(
-            concurrency=limits.concurrency,
-            policy=options.policy(),
-            abort=job.abort,
-            deadline_at=time.time() + limits.deadline if limits.deadline else None,
-            attempt_timeout=limits.timeout,
-            assets_per_call=limits.assets_per_call,
-            batch_settle_s=options.batch_settle_s,
-        ),
-        admissions=mark,
-        sent_before=_sent_before(mark, finished),
-        rng=random.Random(options.seed),
-    )
+    engine = _engine(job, options, client, recorder, finished=finished, control=control)
     began = time.monotonic()
     try:
         problem = None
@@ -236,7 +249,7 @@ async def execute(
                 targets = run_targets(job, plan, finished.done)
                 already = len(finished.done)
                 await _drive(engine, targets, plan, options, out=out, segment=segment,
-                             already=already)  # fmt: skip
+                             already=already, signals=control is None)  # fmt: skip
     except Exception as exc:  # a bug or an OS failure: end as a resumable stop, say why
         log.exception("worker.internal_error")
         engine.stop(StopReason.FATAL, f"internal error: {exc!r}; the run is resumable")
@@ -321,6 +334,41 @@ async def dry_run(
                            concurrency=limits.concurrency, policy=options.policy())  # fmt: skip
 
 
+def _engine(
+    job: Job,
+    options: RunOptions,
+    client: EnOSClient,
+    recorder: _Recorder,
+    *,
+    finished: Finished,
+    control: RunControl | None,
+) -> Engine:
+    """The segment's engine: its limiter (the caller's shared one, under control), settings
+    from the limits, the admission mark and what earlier segments may have sent."""
+    limits = options.limits
+    shared = control.limiter if control is not None else None
+    engine = Engine(
+        client,
+        recorder,
+        shared or limiter_for(limits),
+        EngineSettings(
+            concurrency=limits.concurrency,
+            policy=options.policy(),
+            abort=job.abort,
+            deadline_at=time.time() + limits.deadline if limits.deadline else None,
+            attempt_timeout=limits.timeout,
+            assets_per_call=limits.assets_per_call,
+            batch_settle_s=options.batch_settle_s,
+        ),
+        admissions=recorder.mark,
+        sent_before=_sent_before(recorder.mark, finished),
+        rng=random.Random(options.seed),
+    )
+    if control is not None:
+        control.attach(engine)
+    return engine
+
+
 def _serve_metrics(
     metrics: RunMetrics, address: MetricsAddress, engine: Engine, pending: int
 ) -> str | None:
@@ -395,12 +443,14 @@ async def _drive(
     out: TextIO | None,
     segment: Segment,
     already: int = 0,
+    signals: bool = True,
 ) -> None:
     """The engine, with its helpers: journal syncing, signals, progress."""
     async with anyio.create_task_group() as helpers:
         helpers.start_soon(_sync_loop, engine)
         helpers.start_soon(_rate_sampler, engine, segment)
-        helpers.start_soon(_signal_loop, engine, out)
+        if signals:
+            helpers.start_soon(_signal_loop, engine, out)
         if options.progress:
             helpers.start_soon(
                 progress_loop, engine.progress, engine.limiter, plan.total, out, already
