@@ -202,3 +202,24 @@ def test_every_shipped_job_loads() -> None:
     assert jobs, "jobs/ should hold example jobs"
     for path in jobs:
         assert plan(load_job(path)).total > 0, path
+
+
+def test_a_resume_plan_builds_only_what_is_still_pending(tmp_path: Path) -> None:
+    """With the done set, the plan marks what is left (duplicates and the done excluded), the
+    run's pass yields exactly what the digest pass would, and a finished run's resume does not
+    read the targets file again."""
+    rows = [f"as{i:06d}" for i in range(50)] + ["as000003"]  # one duplicate
+    (tmp_path / "t.csv").write_text("asset_id\n" + "".join(f"{r}\n" for r in rows))
+    job_path = tmp_path / "job.yaml"
+    job_path.write_text("version: 1\nname: t\norg_id: o1\ntargets_file: t.csv\n"
+                        "targets:\n  - asset_id: inline1\n")  # fmt: skip
+    job = load_job(job_path)
+    everything = list(run_targets(job, plan(job)))
+    done = {target.digest() for _, target in everything[::3]}
+    marked = plan(job, done=done)
+    assert marked.pending_count == len(everything) - len(done)
+    assert list(run_targets(job, marked)) == list(run_targets(job, plan(job), done))
+    finished = plan(job, done={target.digest() for _, target in everything})
+    assert finished.pending_count == 0
+    (tmp_path / "t.csv").unlink()
+    assert list(run_targets(job, finished)) == []

@@ -46,17 +46,17 @@ class AuditLog:
     def attempt(self, attempt: Attempt, action: str = "cancel") -> None:
         """One HTTP attempt: target (or targets, for a list), number, status, code, request
         id, latency, decision."""
-        target = attempt.target
-        if attempt.batch:  # one record for a call naming several assets: each of its targets
-            where: dict[str, Any] = {"targets": [t.selector() for t in attempt.batch]}
+        target, batch = attempt.target, attempt.batch
+        if batch:  # one record for a call naming several assets: each of its targets
+            where: tuple[str, Any] = ("targets", [t.selector() for t in batch])
         else:
-            where = {"target": target.selector()}
+            where = ("target", target.selector())
         self.write(
             {
                 "type": "attempt",
                 "at": iso(attempt.at),
                 "action": action,
-                **where,
+                where[0]: where[1],
                 "org_id": target.org_id,
                 "command_id": target.command_id,
                 "attempt": attempt.number,

@@ -72,57 +72,90 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Run a job (or continue one with --resume)."""
     _refuse_lone_flags(args)
     job = load_job(Path(args.job))
-    plan_ = _plan_with_warnings(job, _shard(args))
-    if plan_.total == 0:
-        raise UsageError(f"{job.path} lists no targets{_in_shard(plan_)}; nothing to do")
+    shard = _shard(args)
     credentials = load_credentials(args.credentials)
     logs.register_secret(credentials.app_secret)
     bundle = ca_bundle(args.ca_bundle)  # every input is checked before anything is created
     metrics = _metrics_address(args.metrics_port)
     if args.resume_existing and (args.out / "run.json").exists():
         args.resume = args.out
-    resuming = args.resume is not None
-    if resuming:
-        run_dir, manifest, limits, gateway = _resume(args, job, plan_)
+    if args.resume is not None and not args.dry_run:
+        return _resume_run(args, job, shard=shard, credentials=credentials, bundle=bundle,
+                           metrics=metrics)  # fmt: skip
+    plan_ = _runnable_plan(job, shard)
+    if args.resume is not None:  # a dry run of a run's gateway and limits
+        _, _, limits, gateway = _resume(args, job, plan_)
     else:
         gateway = resolve_gateway(args.gateway, job, insecure=args.insecure)
         limits = _limits(job.limits, args)
     if args.dry_run:
         options = RunOptions(gateway, credentials, limits, Path(), ca_bundle=bundle)
         return _dry_run(job, plan_, options, sample=args.sample)
-    if not resuming:
-        _confirm(plan_.total, gateway, assume_yes=args.yes)
-        run_dir = new_run_dir(args.out, job)
+    _confirm(plan_.total, gateway, assume_yes=args.yes)
+    run_dir = new_run_dir(args.out, job)
     with run_dir_lock(run_dir):
-        finished = (
-            finished_targets(run_dir, retry_failed=args.retry_failed) if resuming else Finished()
-        )
-        if resuming:
-            _confirm(plan_.total - len(finished.done), gateway, assume_yes=args.yes)
-        options = RunOptions(
-            gateway,
-            credentials,
-            limits,
-            run_dir,
-            resume=resuming,
-            ca_bundle=bundle,
-            progress=not (args.no_progress or args.quiet),
-            metrics=metrics,
-        )
-        manifest = manifest if resuming else new_manifest(job, plan_, options)
-        log.info(
-            "worker.run_starting",
-            run_dir=str(run_dir),
-            targets=plan_.total,
-            already_final=len(finished.done),
-            gateway=gateway,
-            rate=limits.rate,
-            concurrency=limits.concurrency,
-        )
-        code = run_async(lambda: execute(job, plan_, options, manifest=manifest, finished=finished))
-        if args.verify and code in (ExitCode.OK, ExitCode.FAILED):
-            code = max(code, run_async(lambda: verify_run(options)))
-        return code
+        options = RunOptions(gateway, credentials, limits, run_dir, ca_bundle=bundle,
+                             progress=not (args.no_progress or args.quiet),
+                             metrics=metrics)  # fmt: skip
+        manifest = new_manifest(job, plan_, options)
+        return _start(args, job, plan_, options, manifest=manifest, finished=Finished())
+
+
+def _runnable_plan(job: Job, shard: Shard | None, done: set[int] | None = None) -> Plan:
+    plan_ = _plan_with_warnings(job, shard, done)
+    if plan_.total == 0:
+        raise UsageError(f"{job.path} lists no targets{_in_shard(plan_)}; nothing to do")
+    return plan_
+
+
+def _resume_run(
+    args: argparse.Namespace,
+    job: Job,
+    *,
+    shard: Shard | None,
+    credentials: Credentials,
+    bundle: Path | None,
+    metrics: MetricsAddress | None,
+) -> int:
+    """--resume DIR: under the directory's lock, what is final first, then the plan, which
+    marks what is still pending (a finished run's resume reads its targets file once)."""
+    run_dir = Path(args.resume)
+    read_manifest(run_dir)  # a clear error before the lock for a directory that is no run
+    with run_dir_lock(run_dir):
+        finished = finished_targets(run_dir, retry_failed=args.retry_failed)
+        plan_ = _runnable_plan(job, shard, finished.done)
+        run_dir, manifest, limits, gateway = _resume(args, job, plan_)
+        _confirm(plan_.pending_count or 0, gateway, assume_yes=args.yes)
+        options = RunOptions(gateway, credentials, limits, run_dir, resume=True,
+                             ca_bundle=bundle, progress=not (args.no_progress or args.quiet),
+                             metrics=metrics)  # fmt: skip
+        return _start(args, job, plan_, options, manifest=manifest, finished=finished)
+
+
+def _start(
+    args: argparse.Namespace,
+    job: Job,
+    plan_: Plan,
+    options: RunOptions,
+    *,
+    manifest: Manifest,
+    finished: Finished,
+) -> int:
+    """The segment (and the verify sweep after it, when asked), under the held lock."""
+    limits = options.limits
+    log.info(
+        "worker.run_starting",
+        run_dir=str(options.run_dir),
+        targets=plan_.total,
+        already_final=len(finished.done),
+        gateway=options.gateway,
+        rate=limits.rate,
+        concurrency=limits.concurrency,
+    )
+    code = run_async(lambda: execute(job, plan_, options, manifest=manifest, finished=finished))
+    if args.verify and code in (ExitCode.OK, ExitCode.FAILED):
+        code = max(code, run_async(lambda: verify_run(options)))
+    return code
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
@@ -257,8 +290,8 @@ def _in_shard(plan_: Plan) -> str:
     return f" in shard {plan_.shard}" if plan_.shard is not None else ""
 
 
-def _plan_with_warnings(job: Job, shard: Shard | None = None) -> Plan:
-    plan_ = plan(job, shard)
+def _plan_with_warnings(job: Job, shard: Shard | None = None, done: set[int] | None = None) -> Plan:
+    plan_ = plan(job, shard, done)
     for note in plan_.duplicate_notes[:20]:
         log.warning("worker.duplicate_target", note=note)
     if len(plan_.duplicate_notes) > 20:

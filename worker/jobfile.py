@@ -551,6 +551,12 @@ class Plan:
     orgs: Counter[str] = field(default_factory=Counter)
     cancel_all: int = 0
     shard: Shard | None = None  # only this shard's targets are counted and run
+    pending: bytes | None = None  # with a resume's done set: per ordinal, 1 if still to run
+
+    @property
+    def pending_count(self) -> int | None:
+        """Targets still to run (None: not known, the plan had no done set)."""
+        return None if self.pending is None else self.pending.count(1)
 
 
 def all_targets(job: Job) -> Iterator[Target]:
@@ -587,6 +593,9 @@ def run_targets(
 ) -> Iterator[tuple[int, Target]]:
     """The targets to run, in order, without duplicates and without those in `done`, each with
     its ordinal: its place in the job's list, the same in every segment of a run."""
+    if plan_.pending is not None:
+        yield from _pending_targets(job, plan_.pending)
+        return
     skip, shard = plan_.skip, plan_.shard
     for ordinal, target in enumerate(_listed(job, done)):
         if target is None or ordinal in skip:
@@ -595,21 +604,50 @@ def run_targets(
             yield ordinal, target
 
 
-def plan(job: Job, shard: Shard | None = None) -> Plan:
+def _pending_targets(job: Job, pending: bytes) -> Iterator[tuple[int, Target]]:
+    """The targets marked pending by the plan, in order; the rest are not even built (and a
+    finished run's resume does not read the targets file at all)."""
+    if pending.count(1) == 0:
+        return
+    inline = len(job.inline_targets)
+    for ordinal, target in enumerate(job.inline_targets):
+        if pending[ordinal]:
+            yield ordinal, target
+    if job.targets_file is None:
+        return
+    path = job.targets_file.path
+    org_default, command_default = job.org_id or "", job.command_id or ""
+    for ordinal, (line, row) in enumerate(_file_rows(job.targets_file), start=inline):
+        if not pending[ordinal]:
+            continue
+        built = _row_target(row, org_default, command_default, f"{path}:{line}", job.match)
+        if isinstance(built, str):
+            raise JobFileError([f"{path}:{line}: {built}"])
+        yield ordinal, built
+
+
+def plan(job: Job, shard: Shard | None = None, done: set[int] | None = None) -> Plan:
     """Stream every target once: validate, count, hash, find duplicates. Raises JobFileError.
 
     This is the only full pass before the first request, so it is written for speed: rows stay
     tuples, and duplicates are found by Python's hash of the row; a hash match is confirmed
     against the real keys before anything is dropped. With a `shard`, every row is still
     checked, but only the shard's are counted (duplicates share a shard: they share a key).
+    With `done` (a resume's finished digests) it also marks which targets are still pending,
+    so the run's pass builds only those, and a finished run's resume reads the file once.
     """
     seen: set[int] = set()
+    pending = bytearray() if done is not None else None
+    finished: set[int] = done if done is not None else set()
     candidates: dict[int, int] = {}  # ordinal of a probable duplicate -> its hash
     orgs: Counter[str] = Counter()
     cancel_all = 0
     with gc_paused():
         for ordinal, key in enumerate(_keys(job)):
-            if shard is not None and not shard.holds(key_digest(identity_key(*key))):
+            digest = key_digest(identity_key(*key)) if shard or pending is not None else 0
+            if pending is not None:
+                pending.append(digest not in finished and (shard is None or shard.holds(digest)))
+            if shard is not None and not shard.holds(digest):
                 continue
             number = hash(key)
             if number in seen:
@@ -632,7 +670,17 @@ def plan(job: Job, shard: Shard | None = None) -> Plan:
         orgs=orgs,
         cancel_all=cancel_all,
         shard=shard,
+        pending=_still_pending(pending, skip),
     )
+
+
+def _still_pending(marks: bytearray | None, skip: set[int]) -> bytes | None:
+    """One byte per listed target: 1 when it is to run (in the shard, not done, no duplicate)."""
+    if marks is None:
+        return None
+    for ordinal in skip:
+        marks[ordinal] = 0
+    return bytes(marks)
 
 
 Key = tuple[str, str, str, str, str]  # org, asset, product, device, command (defaults applied)

@@ -271,10 +271,11 @@ class Watcher:
 def _read(job_file: Path, run_dir: Path) -> tuple[Job, Plan, Finished]:
     """The job, its plan and (when resuming) what is already final: off the event loop."""
     job = load_job(job_file)
-    plan_ = plan(job)
+    resuming = (run_dir / "run.json").exists()
+    finished = finished_targets(run_dir, retry_failed=False) if resuming else Finished()
+    plan_ = plan(job, done=finished.done if resuming else None)
     if plan_.total == 0:
         raise UsageError(f"{job_file.name} lists no targets; nothing to do")
-    resuming = (run_dir / "run.json").exists()
     if resuming:
         manifest = read_manifest(run_dir)
         if manifest.job_sha256 != job.sha256 or manifest.targets_sha256 != plan_.targets_sha256:
@@ -282,5 +283,4 @@ def _read(job_file: Path, run_dir: Path) -> tuple[Job, Plan, Finished]:
                 f"{job_file.name} or its targets changed since its run started; it is not "
                 "resumed (drop it in again under a new name to start a new run)"
             )
-    finished = finished_targets(run_dir, retry_failed=False) if resuming else Finished()
     return job, plan_, finished
