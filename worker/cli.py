@@ -34,7 +34,7 @@ from worker.jobfile import Plan, all_targets, load_job, plan, run_targets
 from worker.metrics import MetricsAddress
 from worker.model import Credentials, Job, Limits, Shard
 from worker.report import render
-from worker.reportdata import RunReport, load_run
+from worker.reportdata import RunReport, RunTally, load_run
 from worker.rundir import Finished, finished_targets, read_manifest, run_dir_lock
 from worker.runner import RunOptions, dry_run, execute, new_manifest, verify_run
 from worker.runstate import ExitCode, Manifest
@@ -122,14 +122,17 @@ def _resume_run(
     run_dir = Path(args.resume)
     read_manifest(run_dir)  # a clear error before the lock for a directory that is no run
     with run_dir_lock(run_dir):
-        finished = finished_targets(run_dir, retry_failed=args.retry_failed)
+        counted = RunTally()  # the summary's counts ride along the read of what is final
+        finished = finished_targets(run_dir, retry_failed=args.retry_failed,
+                                    cursor=counted.cursor, visit=counted.add)  # fmt: skip
         plan_ = _runnable_plan(job, shard, finished.done)
         run_dir, manifest, limits, gateway = _resume(args, job, plan_)
         _confirm(plan_.pending_count or 0, gateway, assume_yes=args.yes)
         options = RunOptions(gateway, credentials, limits, run_dir, resume=True,
                              ca_bundle=bundle, progress=not (args.no_progress or args.quiet),
                              metrics=metrics)  # fmt: skip
-        return _start(args, job, plan_, options, manifest=manifest, finished=finished)
+        return _start(args, job, plan_, options, manifest=manifest, finished=finished,
+                      counted=counted)  # fmt: skip
 
 
 def _start(
@@ -140,6 +143,7 @@ def _start(
     *,
     manifest: Manifest,
     finished: Finished,
+    counted: RunTally | None = None,
 ) -> int:
     """The segment (and the verify sweep after it, when asked), under the held lock."""
     limits = options.limits
@@ -152,7 +156,8 @@ def _start(
         rate=limits.rate,
         concurrency=limits.concurrency,
     )
-    code = run_async(lambda: execute(job, plan_, options, manifest=manifest, finished=finished))
+    code = run_async(lambda: execute(job, plan_, options, manifest=manifest, finished=finished,
+                                     counted=counted))  # fmt: skip
     if args.verify and code in (ExitCode.OK, ExitCode.FAILED):
         code = max(code, run_async(lambda: verify_run(options)))
     return code

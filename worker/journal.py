@@ -79,8 +79,18 @@ def record_key(record: dict[str, Any]) -> str:
     )
 
 
-def read_journal(path: Path) -> Iterator[dict[str, Any]]:
-    """Every readable line of a JSON-lines file.
+class JournalCursor:
+    """Where a reader of a journal stopped: just past its last complete line. A reader given
+    it goes on from there (the end of a resumed segment reads only the lines it added)."""
+
+    __slots__ = ("offset",)
+
+    def __init__(self) -> None:
+        self.offset = 0
+
+
+def read_journal(path: Path, cursor: JournalCursor | None = None) -> Iterator[dict[str, Any]]:
+    """Every readable line of a JSON-lines file (from `cursor`, which it moves on).
 
     An unterminated last line (a torn write) ends the file. A damaged line in the middle is
     skipped with a warning: its target has no result, so a resume runs it again.
@@ -88,9 +98,13 @@ def read_journal(path: Path) -> Iterator[dict[str, Any]]:
     if not path.exists():
         return
     with path.open("rb") as stream:
+        if cursor is not None:
+            stream.seek(cursor.offset)
         for number, line in enumerate(stream, start=1):
             if not line.endswith(b"\n"):
                 return
+            if cursor is not None:
+                cursor.offset += len(line)
             try:
                 yield orjson.loads(line)
             except orjson.JSONDecodeError:

@@ -43,41 +43,62 @@ class JournalTally:
         return sum(self.outcomes.values())
 
 
+class Tally:
+    """The summary's counts as a fold over journal records, in journal order: a resume feeds
+    it the lines it reads for its done set, and the end of the segment only the new ones."""
+
+    def __init__(self) -> None:
+        self.outcomes: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
+        self.attempts = self.unknown = 0
+        self.latencies: list[float] = []
+        self.commands: Counter[str] = Counter()
+        self._failed_earlier: dict[str, str] = {}  # a --retry-failed line supersedes these
+
+    def add(self, record: dict[str, Any]) -> None:
+        """Count one journal record."""
+        outcomes, errors, failed_earlier = self.outcomes, self.errors, self._failed_earlier
+        failed = record["outcome"] == Outcome.FAILED
+        key = record_key(record) if failed or failed_earlier else ""
+        superseded = failed_earlier.pop(key, None) if failed_earlier else None
+        if superseded is not None:
+            outcomes[Outcome.FAILED.value] -= 1
+            errors[superseded] -= 1
+        outcomes[record["outcome"]] += 1
+        self.attempts += record.get("attempts") or 0
+        self.unknown += bool(record.get("effect_unknown"))
+        cancelled = record.get("cancelled_command_ids")
+        if cancelled:
+            self.commands["cancelled"] += len(cancelled)
+        if "matched_command_ids" in record:
+            commands = self.commands
+            commands["matched"] += len(record["matched_command_ids"])
+            commands["missed"] += len(record.get("missed_command_ids") or ())
+            commands["kept"] += record.get("kept") or 0
+        if failed:
+            label = _error_label(record)
+            errors[label] += 1
+            failed_earlier[key] = label
+        latency = record.get("latency_ms")
+        if type(latency) is float or type(latency) is int:  # not bool, not text
+            self.latencies.append(float(latency))
+
+    def result(self) -> JournalTally:
+        """The counts so far."""
+        return JournalTally(+self.outcomes, +self.errors, self.attempts, self.unknown,
+                            self.latencies, self.commands)  # fmt: skip
+
+
 def tally(run_dir: Path, visit: Callable[[dict[str, Any]], None] | None = None) -> JournalTally:
     """Read the whole journal once; `visit` sees every record too (the report's counts ride
     along, so the end of a run reads a million lines once, not twice)."""
-    outcomes: Counter[str] = Counter()
-    errors: Counter[str] = Counter()
-    attempts = unknown = 0
-    latencies: list[float] = []
-    commands: Counter[str] = Counter()
-    failed_earlier: dict[str, str] = {}  # a --retry-failed segment supersedes these lines
+    counted = Tally()
     with gc_paused():
         for record in read_journal(run_dir / RESULTS_FILE):
             if visit is not None:
                 visit(record)
-            failed = record["outcome"] == Outcome.FAILED
-            key = record_key(record) if failed or failed_earlier else ""
-            superseded = failed_earlier.pop(key, None) if failed_earlier else None
-            if superseded is not None:
-                outcomes[Outcome.FAILED.value] -= 1
-                errors[superseded] -= 1
-            outcomes[record["outcome"]] += 1
-            attempts += record.get("attempts") or 0
-            unknown += bool(record.get("effect_unknown"))
-            commands["cancelled"] += len(record.get("cancelled_command_ids") or ())
-            if "matched_command_ids" in record:
-                commands["matched"] += len(record["matched_command_ids"])
-                commands["missed"] += len(record.get("missed_command_ids") or ())
-                commands["kept"] += record.get("kept") or 0
-            if failed:
-                label = _error_label(record)
-                errors[label] += 1
-                failed_earlier[key] = label
-            latency = record.get("latency_ms")
-            if isinstance(latency, int | float):
-                latencies.append(float(latency))
-    return JournalTally(+outcomes, +errors, attempts, unknown, latencies, commands)
+            counted.add(record)
+    return counted.result()
 
 
 def _error_label(record: dict[str, Any]) -> str:

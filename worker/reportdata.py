@@ -13,6 +13,7 @@ It also writes ``failed.csv`` (every target whose final outcome is failed, usabl
 from __future__ import annotations
 
 import csv
+from bisect import bisect_right
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -22,9 +23,9 @@ from typing import Any
 import orjson
 
 from worker.audit import AUDIT_FILE
-from worker.journal import record_key
+from worker.journal import RESULTS_FILE, JournalCursor, read_journal, record_key
 from worker.model import Outcome, gc_paused, key_digest
-from worker.report import JournalTally, build_summary, tally
+from worker.report import JournalTally, Tally, build_summary
 from worker.rundir import read_manifest, read_verify_counts
 from worker.runstate import ExitCode, Manifest, Summary
 
@@ -44,10 +45,32 @@ class RunReport:
     details: Details
 
 
+class RunTally:
+    """The summary's tally and the report's counts of a journal, as one fold that a resume
+    starts while it reads its done set and the end of the segment finishes with the new lines
+    (a million-line journal is read once per resume, not twice)."""
+
+    def __init__(self) -> None:
+        self.tally = Tally()
+        self.found = Details()
+        self.cursor = JournalCursor()
+
+    def add(self, record: dict[str, Any]) -> None:
+        """Count one journal record (in journal order)."""
+        _count_result(self.found, record)
+        self.tally.add(record)
+
+    def read_rest(self, run_dir: Path) -> tuple[JournalTally, Details]:
+        """Count the lines after the cursor; the counts of the whole journal."""
+        with gc_paused():
+            for record in read_journal(run_dir / RESULTS_FILE, self.cursor):
+                self.add(record)
+        return self.tally.result(), self.found
+
+
 def tally_with_details(run_dir: Path) -> tuple[JournalTally, Details]:
     """The summary's tally and the report's counts in one pass over the journal."""
-    found = Details()
-    return tally(run_dir, visit=lambda record: _count_result(found, record)), found
+    return RunTally().read_rest(run_dir)
 
 
 def load_run(run_dir: Path, read: tuple[JournalTally, Details] | None = None) -> RunReport:
@@ -80,8 +103,7 @@ def _seconds(iso: str) -> float:
 class Details:
     """The report's detail of one run directory."""
 
-    by_org: dict[str, Counter[str]] = field(default_factory=dict)
-    by_product: dict[str, Counter[str]] = field(default_factory=dict)
+    groups: Counter[tuple[str, str, str]] = field(default_factory=Counter)  # org, product, outcome
     latency: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_EDGES_MS) + 1))
     failed: dict[int, dict[str, Any]] = field(default_factory=dict)  # digest -> row, in order
     unknown: list[dict[str, Any]] = field(default_factory=list)
@@ -90,6 +112,23 @@ class Details:
     events: list[tuple[str, str]] = field(default_factory=list)  # (ISO time, what happened)
     segment_requests: list[int] = field(default_factory=list)  # counted from the audit
     segment_last_at: list[str] = field(default_factory=list)
+
+    @property
+    def by_org(self) -> dict[str, Counter[str]]:
+        """Outcomes by org."""
+        return self._by(0)
+
+    @property
+    def by_product(self) -> dict[str, Counter[str]]:
+        """Outcomes by product key ("(by asset id)" for targets named by asset)."""
+        return self._by(1)
+
+    def _by(self, part: int) -> dict[str, Counter[str]]:
+        grouped: dict[str, Counter[str]] = {}
+        for key, count in self.groups.items():
+            if count:
+                grouped.setdefault(key[part], Counter())[key[2]] += count
+        return grouped
 
 
 def complete_details(found: Details, run_dir: Path, summary: Summary, manifest: Manifest) -> None:
@@ -151,20 +190,11 @@ def _count_result(found: Details, record: dict[str, Any]) -> None:
         digest = key_digest(record_key(record))
         earlier = found.failed.pop(digest, None)
         if earlier is not None:
-            found.by_org[earlier["org_id"]][Outcome.FAILED] -= 1
-            found.by_product[_product(earlier)][Outcome.FAILED] -= 1
+            found.groups[earlier["org_id"], _product(earlier), Outcome.FAILED.value] -= 1
         if failed:
             found.failed[digest] = _row(record)
-    org = record.get("org_id") or ""
     product = record["target"].get("product_key") or _BY_ASSET
-    counts = found.by_org.get(org)
-    if counts is None:
-        counts = found.by_org[org] = Counter()
-    counts[outcome] += 1
-    counts = found.by_product.get(product)
-    if counts is None:
-        counts = found.by_product[product] = Counter()
-    counts[outcome] += 1
+    found.groups[record.get("org_id") or "", product, outcome] += 1
     latency = record.get("latency_ms")
     if latency is not None:
         found.latency[_bucket(latency)] += 1
@@ -182,10 +212,8 @@ def _product(row: dict[str, Any]) -> str:
 
 
 def _bucket(latency_ms: float) -> int:
-    for index, edge in enumerate(LATENCY_EDGES_MS):
-        if latency_ms < edge:
-            return index
-    return len(LATENCY_EDGES_MS)
+    """The histogram bucket: the first edge above the latency (the last bucket past them)."""
+    return bisect_right(LATENCY_EDGES_MS, latency_ms)
 
 
 def _read_audit(found: Details, path: Path) -> None:

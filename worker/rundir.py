@@ -15,7 +15,7 @@ from __future__ import annotations
 import fcntl
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +25,7 @@ import orjson
 
 from worker.appendlog import SyncedFile
 from worker.errors import UsageError
-from worker.journal import RESULTS_FILE, read_journal, record_key
+from worker.journal import RESULTS_FILE, JournalCursor, read_journal, record_key
 from worker.model import Outcome, gc_paused, key_digest
 from worker.runstate import Manifest, Summary
 
@@ -109,15 +109,24 @@ class Finished:
     retried_maybe_applied: set[int] = field(default_factory=set)  # --retry-failed, effect unknown
 
 
-def finished_targets(run_dir: Path, *, retry_failed: bool) -> Finished:
+def finished_targets(
+    run_dir: Path,
+    *,
+    retry_failed: bool,
+    cursor: JournalCursor | None = None,
+    visit: Callable[[dict[str, Any]], None] | None = None,
+) -> Finished:
     """Digests of the targets already final in the journal (failed ones too, unless retried).
 
     A failed target that is retried and whose failure may have taken effect (a lost answer,
-    a 5xx) is remembered: if its retry finds nothing, that is `effect_unknown`.
+    a 5xx) is remembered: if its retry finds nothing, that is `effect_unknown`. `visit` sees
+    every record too, and `cursor` ends past the last one (the summary's counts ride along).
     """
     found = Finished()
     with gc_paused():
-        for record in read_journal(run_dir / RESULTS_FILE):
+        for record in read_journal(run_dir / RESULTS_FILE, cursor):
+            if visit is not None:
+                visit(record)
             digest = key_digest(record_key(record))
             if retry_failed and record["outcome"] == Outcome.FAILED:
                 found.done.discard(digest)

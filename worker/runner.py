@@ -38,7 +38,7 @@ from worker.metrics import MetricsAddress, RunMetrics
 from worker.model import Attempt, Credentials, Job, Limits, Target, TargetResult
 from worker.ratelimit import RateChange, RateLimiter
 from worker.report import JournalTally, build_summary, progress_loop, render
-from worker.reportdata import Details, load_run, tally_with_details
+from worker.reportdata import Details, RunTally, load_run
 from worker.retry import RetryPolicy, Verdict
 from worker.rundir import (
     SUMMARY_FILE,
@@ -215,9 +215,11 @@ async def execute(
     finished: Finished,
     out: TextIO | None = None,
     control: RunControl | None = None,
+    counted: RunTally | None = None,
 ) -> int:
     """Run the job's pending targets as one segment; returns the exit code. With `control`,
-    the caller stops the run (no signal handling here) and may share its limiter."""
+    the caller stops the run (no signal handling here) and may share its limiter. `counted`:
+    the journal's counts as read for `finished`, which the end of the segment goes on from."""
     run_dir = options.run_dir
     repair_tail(run_dir / RESULTS_FILE)
     repair_tail(run_dir / AUDIT_FILE)
@@ -259,7 +261,7 @@ async def execute(
         segment.abandoned = engine.progress.abandoned
         segment.batching = _batching_record(engine, limits)
         segment.duration_s = round(time.monotonic() - began, 3)
-        summary, read = _close_segment(engine, manifest, segment, recorder)
+        summary, read = _close_segment(engine, manifest, segment, recorder, counted)
         if metrics is not None:
             metrics.close()
     render(summary, run_dir, out, audit_head=recorder.audit.head)
@@ -511,13 +513,17 @@ async def _signal_loop(engine: Engine, out: TextIO | None) -> None:
 
 
 def _close_segment(
-    engine: Engine, manifest: Manifest, segment: Segment, recorder: _Recorder
+    engine: Engine,
+    manifest: Manifest,
+    segment: Segment,
+    recorder: _Recorder,
+    counted: RunTally | None,
 ) -> tuple[Summary, tuple[JournalTally, Details]]:
     """Close the files, then write run.json, run_finished and summary.json for the whole run."""
     recorder.journal.log.close()
     recorder.mark.close()
     run_dir = recorder.journal.log.path.parent
-    counts, found = tally_with_details(run_dir)  # one pass: the summary and the report
+    counts, found = (counted or RunTally()).read_rest(run_dir)  # the summary and the report
     reason = engine.stop_reason
     exit_code = exit_code_for(
         reason, counts.outcomes.get("failed", 0), manifest.targets - counts.finished

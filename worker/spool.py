@@ -43,6 +43,7 @@ from worker.errors import JobFileError, UsageError
 from worker.jobfile import Plan, load_job, plan
 from worker.model import Credentials, Job, Limits
 from worker.ratelimit import RateLimiter
+from worker.reportdata import RunTally
 from worker.rundir import Finished, finished_targets, read_manifest, run_dir_lock
 from worker.runner import RunControl, RunOptions, execute, limiter_for, new_manifest
 from worker.runstate import ExitCode
@@ -217,13 +218,13 @@ class Watcher:
             if self._stopping():
                 return
             try:
-                job, plan_, finished = await anyio.to_thread.run_sync(
+                job, plan_, finished, counted = await anyio.to_thread.run_sync(
                     lambda: _read(job_file, run_dir)
                 )
             except (JobFileError, UsageError) as exc:
                 settle(job_file, ExitCode.USAGE, error=str(exc))
                 return
-            code = await self._execute(job, plan_, finished, run_dir, control)
+            code = await self._execute(job, plan_, (finished, counted), run_dir, control)
             if code == ExitCode.INTERRUPTED and self._stopping():
                 log.info("worker.job_left_resumable", job=job_file.name)
                 return  # stays in running/: the next watcher resumes it
@@ -233,9 +234,15 @@ class Watcher:
             del self.controls[job_file.name]
 
     async def _execute(
-        self, job: Job, plan_: Plan, finished: Finished, run_dir: Path, control: RunControl
+        self,
+        job: Job,
+        plan_: Plan,
+        read: tuple[Finished, RunTally],
+        run_dir: Path,
+        control: RunControl,
     ) -> int:
         options = self.options
+        finished, counted = read
         gateway = resolve_gateway(options.gateway, job, insecure=options.insecure)
         limits = replace(job.limits, rate=options.limits.rate, adaptive=options.limits.adaptive)
         resuming = (run_dir / "run.json").exists()
@@ -250,7 +257,7 @@ class Watcher:
         log.info("worker.job_starting", run_dir=str(run_dir), resuming=resuming,
                  targets=plan_.total, already_final=len(finished.done))  # fmt: skip
         return await execute(job, plan_, run, manifest=manifest, finished=finished,
-                             control=control)  # fmt: skip
+                             control=control, counted=counted)  # fmt: skip
 
     async def _signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -268,11 +275,16 @@ class Watcher:
                         control.cancel()
 
 
-def _read(job_file: Path, run_dir: Path) -> tuple[Job, Plan, Finished]:
+def _read(job_file: Path, run_dir: Path) -> tuple[Job, Plan, Finished, RunTally]:
     """The job, its plan and (when resuming) what is already final: off the event loop."""
     job = load_job(job_file)
     resuming = (run_dir / "run.json").exists()
-    finished = finished_targets(run_dir, retry_failed=False) if resuming else Finished()
+    counted = RunTally()
+    finished = (
+        finished_targets(run_dir, retry_failed=False, cursor=counted.cursor, visit=counted.add)
+        if resuming
+        else Finished()
+    )
     plan_ = plan(job, done=finished.done if resuming else None)
     if plan_.total == 0:
         raise UsageError(f"{job_file.name} lists no targets; nothing to do")
@@ -283,4 +295,4 @@ def _read(job_file: Path, run_dir: Path) -> tuple[Job, Plan, Finished]:
                 f"{job_file.name} or its targets changed since its run started; it is not "
                 "resumed (drop it in again under a new name to start a new run)"
             )
-    return job, plan_, finished
+    return job, plan_, finished, counted
