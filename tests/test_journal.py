@@ -14,8 +14,8 @@ from worker.audit import AuditLog
 from worker.htmlreport import render_html
 from worker.journal import read_journal
 from worker.model import Limits
-from worker.reportdata import Details, RunReport
-from worker.rundir import AdmissionMark
+from worker.reportdata import Details, RunReport, RunTally, tally_with_details
+from worker.rundir import AdmissionMark, finished_targets
 from worker.runstate import Manifest, Summary
 
 
@@ -157,3 +157,32 @@ def test_admission_mark_without_a_readable_number(
     mark = AdmissionMark(tmp_path, ahead=4, earlier_segments=earlier_segments)
     assert (mark.sent_before(0), mark.sent_before(10**9)) == (sent_before_0, sent_before_huge)
     mark.close()
+
+
+def test_counts_continued_from_the_resume_read_equal_a_full_recount(tmp_path: Path) -> None:
+    """The fold begun while reading the done set and finished on the segment's new lines (a
+    --retry-failed line superseding a failed one among them) counts what one full pass does."""
+    journal = tmp_path / "results.jsonl"
+
+    def line(asset: str, outcome: str, code: int | None, latency: float) -> bytes:
+        return orjson.dumps({"target": {"asset_id": asset}, "org_id": "o1", "command_id": None,
+                             "outcome": outcome, "cancelled_command_ids": ["c"] * (
+                                 outcome == "cancelled"), "attempts": 1, "code": code,
+                             "http_status": 200, "latency_ms": latency,
+                             "effect_unknown": outcome == "failed"}) + b"\n"  # fmt: skip
+
+    journal.write_bytes(b"".join(line(f"a{i}", "cancelled", 0, i) for i in range(5))
+                        + line("bad", "failed", 99404, 3.0))  # fmt: skip
+    counted = RunTally()
+    finished = finished_targets(tmp_path, retry_failed=True, cursor=counted.cursor,
+                                visit=counted.add)  # fmt: skip
+    assert len(finished.done) == 5
+    with journal.open("ab") as stream:  # the segment retries the failed one, and one more
+        stream.write(line("bad", "cancelled", 0, 7.0) + line("a9", "nothing_to_cancel", 0, 1.0))
+    continued, details = counted.read_rest(tmp_path)
+    full, full_details = tally_with_details(tmp_path)
+    assert continued == full
+    assert continued.outcomes == {"cancelled": 6, "nothing_to_cancel": 1}
+    assert not continued.errors
+    assert details.by_org == full_details.by_org == {"o1": {"cancelled": 6, "nothing_to_cancel": 1}}
+    assert not details.failed
