@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import sys
 import time
+from array import array
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ class JournalTally:
     errors: Counter[str]
     attempts: int
     effect_unknown: int
-    latencies: list[float]
+    latencies: array[float]  # 8 bytes each: a million of them is 8 MB, not 32
     commands: Counter[str]  # cancelled ids, and a selective run's matched, missed, kept
 
     @property
@@ -51,7 +52,7 @@ class Tally:
         self.outcomes: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         self.attempts = self.unknown = 0
-        self.latencies: list[float] = []
+        self.latencies: array[float] = array("d")
         self.commands: Counter[str] = Counter()
         self._failed_earlier: dict[str, str] = {}  # a --retry-failed line supersedes these
 
