@@ -11,7 +11,7 @@ import pytest
 from tests.fakes import FakeCanceller, MarkRecorder, MemoryRecorder, assets, ok
 from worker.engine import Engine, EngineSettings, StopReason
 from worker.errors import AuthError, RetryableError, TargetError
-from worker.model import AbortRule, Command, Outcome, Target
+from worker.model import AbortRule, CancelReply, Command, Outcome, SearchPage, Target
 from worker.ratelimit import RateLimiter
 from worker.retry import RetryPolicy
 
@@ -167,3 +167,33 @@ async def test_dry_run_searches_and_never_cancels() -> None:
     done = recorder.by_asset()
     assert done["a1"].found_command_ids == ("c9",)
     assert done["a1"].cancelled_command_ids == ()
+
+
+async def test_a_second_stop_during_a_lists_verification_keeps_its_answer() -> None:
+    """The list's answer came; its assets are being searched when the run is cancelled at once
+    (a second signal): the targets keep what the answer showed, nothing is left unwritten."""
+    searching = anyio.Event()
+
+    class Held(FakeCanceller):
+        async def search_page(
+            self, target: Target, expression: str | None, page: int
+        ) -> SearchPage:
+            searching.set()
+            await anyio.sleep_forever()
+            raise AssertionError  # never reached
+
+    canceller = Held(script={"a0,a1,a2": [CancelReply(200, 0, "OK", "req-9", (
+        Command("c0", 1, asset_id="a0"), Command("c2", 1, asset_id="a2")))]})  # fmt: skip
+    recorder = MemoryRecorder()
+    run = Engine(canceller, recorder, RateLimiter(None),
+                 EngineSettings(concurrency=2, assets_per_call=3, batch_settle_s=0.0))  # fmt: skip
+    async with anyio.create_task_group() as group:
+        group.start_soon(run.run, iter(list(assets(3))))
+        await searching.wait()
+        run.stop(StopReason.INTERRUPTED, "SIGINT")
+        run.cancel()
+    results = recorder.by_asset()
+    assert results["a0"].cancelled_command_ids == ("c0",)
+    assert results["a1"].outcome is Outcome.NOTHING_TO_CANCEL
+    assert results["a2"].cancelled_command_ids == ("c2",)
+    assert {r.request_id for r in results.values()} == {"req-9"}

@@ -349,6 +349,8 @@ class Engine:
                         subject=_subject(send), batch=core.batch),
                 _action(send),
             )  # fmt: skip
+            if isinstance(core, BatchCore):  # a list's answer already obtained is kept
+                self._settle(core, core.stopped())
             raise
         except EnOSError as error:
             return self._after_error(core, send, number, error, began)
