@@ -56,6 +56,8 @@ EXAMPLES = {
 
 exit codes:
   0  stopped (or, with --once, nothing left to do)
+  1  a job could not be run by this watcher (a crash or an unreadable run directory: it
+     stays in running/, resumable; the log says why)
   2  bad usage
   4  stopped by SIGINT/SIGTERM with jobs left in running/ (the next watcher resumes them)""",
     "sweep": """examples:

@@ -143,8 +143,9 @@ class Watcher:
         self._wake = anyio.Event()
 
     async def run(self) -> int:
-        """Watch until SIGINT/SIGTERM (or, with once, until nothing is left); returns 0, or 4
-        when a drain left jobs in running/ to resume."""
+        """Watch until SIGINT/SIGTERM (or, with once, until nothing is left); returns 0, 4 when
+        a drain left jobs in running/ to resume, 1 when a job could not be run here (it stays in
+        running/, resumable; the log says why)."""
         prepare(self.options.spool)
         async with anyio.create_task_group() as signals:
             signals.start_soon(self._signals)
@@ -152,7 +153,9 @@ class Watcher:
                 await self._watch(jobs)
             signals.cancel_scope.cancel()  # every job has ended
         left = any(True for _ in claimed_files(self.options.spool))
-        return ExitCode.INTERRUPTED if self.draining and left else ExitCode.OK
+        if self.draining and left:
+            return ExitCode.INTERRUPTED
+        return ExitCode.FAILED if self._broken else ExitCode.OK
 
     async def _watch(self, jobs: TaskGroup) -> None:
         spool = self.options.spool
