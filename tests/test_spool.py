@@ -10,13 +10,19 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import aiohttp
+import anyio
 import orjson
 import pytest
+from aiohttp import web
 
 from tests.conftest import APP_KEY, APP_SECRET, ORG
+from tests.gateways import answer, gateway, served
 from tests.runs import results
 from tests.simproc import sim_get, simulator_process, worker_env
+from tests.test_cluster import free_port
 from worker.enos.simulator import Simulator, serve
+from worker.metrics import MetricsAddress
 from worker.model import Credentials, Limits
 from worker.spool import Watcher, WatchOptions, prepare
 
@@ -152,3 +158,45 @@ def test_two_watchers_on_one_spool_never_run_the_same_job(tmp_path: Path) -> Non
     assert len(counts) == 1200
     assert set(counts.values()) == {1}
     assert {d["cancel_calls"] for d in devices} == {1}  # no job was run twice
+
+
+async def test_the_watcher_serves_metrics_of_its_jobs(tmp_path: Path) -> None:
+    """A scrape while a spooled job's calls are held: the job is running, its requests are
+    counted, the shared rate is shown; a drain then leaves the job resumable (exit 4)."""
+    arrived, release = anyio.Event(), anyio.Event()
+    calls = 0
+
+    async def commands(_: web.Request) -> web.Response:
+        nonlocal calls
+        calls += 1
+        if calls > 3:
+            arrived.set()
+            await release.wait()
+        return web.Response(body=answer([]), content_type="application/json")
+
+    spool = tmp_path / "spool"
+    drop(spool, "held", 0, 10)
+    port = free_port()
+    async with served(gateway(commands)) as url, anyio.create_task_group() as group:
+        watch = Watcher(WatchOptions(spool, Credentials(APP_KEY, APP_SECRET), Limits(rate=1000),
+                                     gateway=url, poll_s=0.05,
+                                     metrics=MetricsAddress("127.0.0.1", port)))  # fmt: skip
+        codes: list[int] = []
+
+        async def watching() -> None:
+            codes.append(await watch.run())
+
+        group.start_soon(watching)
+        await arrived.wait()
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{port}/metrics") as response,
+        ):
+            text = await response.text()
+        watch.drain("the test is done")
+        release.set()
+    assert "worker_jobs_running 1.0" in text
+    assert 'worker_requests_total{action="cancel",code="0",http_status="200"} 3.0' in text
+    assert "worker_rate_allowed 1000.0" in text
+    assert codes == [4]
+    assert list((spool / "running").glob("held.*.yaml"))

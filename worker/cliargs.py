@@ -325,6 +325,11 @@ def _watch_command(watch: argparse.ArgumentParser) -> None:
         "--credentials", type=Path, metavar="FILE", help="as for run (default: the environment)"
     )
     watch.add_argument("--ca-bundle", type=Path, metavar="FILE", help="as for run")
+    watch.add_argument(
+        "--metrics-port",
+        metavar="[HOST:]PORT",
+        help="serve Prometheus metrics of every job and of the watcher at /metrics",
+    )
     watch.add_argument("--insecure", action="store_true", help="as for run")
 
 

@@ -183,8 +183,11 @@ class RunControl:
     """For a caller that runs several jobs in one process (``worker watch``): it stops each
     run itself, so the run does not take the signals, and the runs may share one limiter."""
 
-    def __init__(self, limiter: RateLimiter | None = None) -> None:
+    def __init__(
+        self, limiter: RateLimiter | None = None, metrics: RunMetrics | None = None
+    ) -> None:
         self.limiter = limiter
+        self.metrics = metrics  # the caller's (served by it): this run's records count there
         self.engine: Engine | None = None
         self._stop_why: str | None = None
 
@@ -231,8 +234,9 @@ async def execute(
     mark = AdmissionMark(run_dir, ahead=limits.concurrency, earlier_segments=earlier_segments)
     recorder = _Recorder(AuditLog(run_dir, manifest.run_id), ResultJournal(run_dir), mark)
     metrics = RunMetrics() if options.metrics is not None else None
-    if metrics is not None:
-        recorder = recorder.metered(metrics)
+    counting = metrics or (control.metrics if control is not None else None)
+    if counting is not None:
+        recorder = recorder.metered(counting)
     recorder.audit.write(_run_started(job, plan, options, manifest))
     client = options.client()
     engine = _engine(job, options, client, recorder, finished=finished, control=control)

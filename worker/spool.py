@@ -41,6 +41,7 @@ from anyio.abc import TaskGroup
 from worker.appendlog import iso
 from worker.errors import JobFileError, UsageError
 from worker.jobfile import Plan, load_job, plan
+from worker.metrics import MetricsAddress, RunMetrics
 from worker.model import Credentials, Job, Limits
 from worker.ratelimit import RateLimiter
 from worker.reportdata import RunTally
@@ -69,6 +70,7 @@ class WatchOptions:
     ca_bundle: Path | None = None
     backoff_base_s: float = 0.5
     backoff_cap_s: float = 30.0
+    metrics: MetricsAddress | None = None  # serve the watcher's metrics (all its jobs) there
 
 
 def prepare(spool: Path) -> None:
@@ -141,12 +143,43 @@ class Watcher:
         self._mine: set[str] = set()  # claimed names this watcher has a task for
         self._broken: set[str] = set()  # failed here for a reason of this process: not retried
         self._wake = anyio.Event()
+        self.metrics = RunMetrics() if options.metrics is not None else None
+
+    def _serve_metrics(self, address: MetricsAddress) -> None:
+        """One server for the watcher: every job's requests and results, and its own state."""
+        metrics, limiter = self.metrics, self.limiter
+        assert metrics is not None
+        metrics.gauge("worker_jobs_running", "spooled jobs being run by this watcher",
+                      lambda: len(self.controls))  # fmt: skip
+        metrics.gauge("worker_jobs_waiting", "job files in incoming/",
+                      lambda: len(waiting(self.options.spool)))  # fmt: skip
+        metrics.gauge("worker_jobs_settled", "jobs this watcher moved to done/ or failed/",
+                      lambda: len(self.settled))  # fmt: skip
+        metrics.gauge("worker_rate_allowed", "requests per second allowed now, shared by the "
+                      "jobs (-1: unlimited)",
+                      lambda: -1.0 if limiter.rate is None else limiter.rate)  # fmt: skip
+        try:
+            port = metrics.serve(address)
+        except OSError as exc:
+            raise UsageError(
+                f"--metrics-port {address.host}:{address.port}: {exc.strerror}"
+            ) from None
+        log.info("worker.metrics_serving", url=f"http://{address.host}:{port}/metrics")
 
     async def run(self) -> int:
         """Watch until SIGINT/SIGTERM (or, with once, until nothing is left); returns 0, 4 when
         a drain left jobs in running/ to resume, 1 when a job could not be run here (it stays in
         running/, resumable; the log says why)."""
         prepare(self.options.spool)
+        if self.options.metrics is not None:
+            self._serve_metrics(self.options.metrics)
+        try:
+            return await self._run_watch()
+        finally:
+            if self.metrics is not None:
+                self.metrics.close()
+
+    async def _run_watch(self) -> int:
         async with anyio.create_task_group() as signals:
             signals.start_soon(self._signals)
             async with anyio.create_task_group() as jobs:
@@ -215,7 +248,7 @@ class Watcher:
             self._wake = anyio.Event()
 
     async def _run(self, job_file: Path, run_dir: Path) -> None:
-        control = RunControl(self.limiter)
+        control = RunControl(self.limiter, self.metrics)
         self.controls[job_file.name] = control
         try:
             if self._stopping():
@@ -262,17 +295,20 @@ class Watcher:
         return await execute(job, plan_, run, manifest=manifest, finished=finished,
                              control=control, counted=counted)  # fmt: skip
 
+    def drain(self, why: str) -> None:
+        """Claim nothing more; stop the running jobs as SIGTERM would (they stay resumable)."""
+        self.draining = True
+        log.warning("worker.watch_draining", why=why, running=len(self.controls))
+        for control in list(self.controls.values()):
+            control.stop(why)
+        self._wake.set()
+
     async def _signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
                 name = signal.Signals(signum).name
                 if not self.draining:
-                    self.draining = True
-                    log.warning("worker.watch_draining", signal=name,
-                                running=len(self.controls))  # fmt: skip
-                    for control in list(self.controls.values()):
-                        control.stop(f"{name} received by the watcher")
-                    self._wake.set()
+                    self.drain(f"{name} received by the watcher")
                 else:
                     for control in list(self.controls.values()):
                         control.cancel()
