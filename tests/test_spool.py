@@ -3,6 +3,7 @@ drain leaves them resumable; two watchers never run the same job."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from tests.test_cluster import free_port
 from worker.enos.simulator import Simulator, serve
 from worker.metrics import MetricsAddress
 from worker.model import Credentials, Limits
-from worker.spool import Watcher, WatchOptions, prepare
+from worker.spool import Watcher, WatchOptions, prepare, waiting
 
 pytestmark = pytest.mark.anyio
 
@@ -59,7 +60,7 @@ def journalled(spool: Path) -> Counter[str]:
 
 def watcher(spool: Path, url: str, *, once: bool = True) -> Watcher:
     return Watcher(WatchOptions(spool, Credentials(APP_KEY, APP_SECRET), Limits(rate=1000),
-                                gateway=url, jobs=2, poll_s=0.05, once=once,
+                                gateway=url, jobs=2, poll_s=0.05, once=once, quiet_s=0.0,
                                 backoff_base_s=0.01, backoff_cap_s=0.1))  # fmt: skip
 
 
@@ -179,7 +180,7 @@ async def test_the_watcher_serves_metrics_of_its_jobs(tmp_path: Path) -> None:
     port = free_port()
     async with served(gateway(commands)) as url, anyio.create_task_group() as group:
         watch = Watcher(WatchOptions(spool, Credentials(APP_KEY, APP_SECRET), Limits(rate=1000),
-                                     gateway=url, poll_s=0.05,
+                                     gateway=url, poll_s=0.05, quiet_s=0.0,
                                      metrics=MetricsAddress("127.0.0.1", port)))  # fmt: skip
         codes: list[int] = []
 
@@ -200,3 +201,13 @@ async def test_the_watcher_serves_metrics_of_its_jobs(tmp_path: Path) -> None:
     assert "worker_rate_allowed 1000.0" in text
     assert codes == [4]
     assert list((spool / "running").glob("held.*.yaml"))
+
+
+def test_a_job_file_still_being_written_is_not_claimed(tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    drop(spool, "fresh", 0, 1)
+    drop(spool, "older", 0, 1)
+    older = spool / "incoming" / "older.yaml"
+    os.utime(older, (time.time() - 120, time.time() - 120))
+    assert waiting(spool, quiet_s=60) == ["older.yaml"]
+    assert sorted(waiting(spool)) == ["fresh.yaml", "older.yaml"]

@@ -175,6 +175,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
         spool=Path(args.spool), credentials=credentials, limits=limits, gateway=gateway,
         insecure=args.insecure, jobs=args.jobs, poll_s=args.poll, once=args.once,
         ca_bundle=ca_bundle(args.ca_bundle), metrics=_metrics_address(args.metrics_port),
+        quiet_s=max(0.0, args.unchanged_for),
     )  # fmt: skip
     log.info("worker.watching", spool=str(options.spool), rate=limits.rate, jobs=args.jobs)
     return run_async(Watcher(options).run)

@@ -319,6 +319,14 @@ def _watch_command(watch: argparse.ArgumentParser) -> None:
         "--once", action="store_true", help="exit when nothing is left to claim or resume"
     )
     watch.add_argument(
+        "--unchanged-for",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="claim a job file only once it has not changed for this long (a producer writing "
+        "in place must not have half a job run)",
+    )
+    watch.add_argument(
         "--gateway", metavar="URL", help="(default: ENOS_GATEWAY, else each job's gateway:)"
     )
     watch.add_argument(

@@ -2,7 +2,8 @@
 
 Layout (created when missing)::
 
-    SPOOL/incoming/   job files are dropped here (*.yaml, *.yml), by cron or another system
+    SPOOL/incoming/   job files are dropped here (*.yaml, *.yml), by cron or another system;
+                      one is claimed once it has not changed for a second
     SPOOL/running/    claimed: renamed here, under a unique name, by the watcher running it
     SPOOL/runs/       one run directory per claimed job, named like its file in running/
     SPOOL/done/       finished jobs (exit 0 or 1), with NAME.exit.json beside each
@@ -71,6 +72,7 @@ class WatchOptions:
     backoff_base_s: float = 0.5
     backoff_cap_s: float = 30.0
     metrics: MetricsAddress | None = None  # serve the watcher's metrics (all its jobs) there
+    quiet_s: float = 1.0  # a job file is claimed once it has not changed for this long
 
 
 def prepare(spool: Path) -> None:
@@ -97,12 +99,18 @@ def run_dir_of(job_file: Path) -> Path:
     return job_file.parent.parent / "runs" / job_file.stem
 
 
-def waiting(spool: Path) -> list[str]:
-    """Job files in incoming/, oldest first."""
+def waiting(spool: Path, quiet_s: float = 0.0) -> list[str]:
+    """Job files in incoming/, oldest first; with `quiet_s`, only those unchanged for that
+    long (a producer that writes in place must not have half a job claimed: a cut-off YAML
+    list can still parse, as a shorter job)."""
+    now = time.time()
     entries = [
         entry
         for entry in os.scandir(spool / "incoming")
-        if entry.is_file() and entry.name.endswith(JOB_SUFFIXES) and not entry.name.startswith(".")
+        if entry.is_file()
+        and entry.name.endswith(JOB_SUFFIXES)
+        and not entry.name.startswith(".")
+        and now - entry.stat().st_mtime >= quiet_s
     ]
     entries.sort(key=lambda entry: (entry.stat().st_mtime, entry.name))
     return [entry.name for entry in entries]
@@ -196,7 +204,7 @@ class Watcher:
             for job_file in claimed_files(spool):  # left by a dead watcher, or just claimed
                 if job_file.name not in self._mine | self._broken and not self._stopping():
                     await self._start(jobs, job_file)
-            for name in waiting(spool):
+            for name in waiting(spool, self.options.quiet_s):
                 if self._stopping():
                     break
                 await self._slots.acquire()
