@@ -4,6 +4,7 @@ follow-up job, the page in headless Chromium, and the progress line in an 80-col
 from __future__ import annotations
 
 import fcntl
+import io
 import os
 import pty
 import re
@@ -25,7 +26,11 @@ from tests.simproc import run_worker, sim_get, simulator_process, worker_env
 from tests.test_operate import csv_job, kill_9_midway, start_worker
 from worker.enos.simulator import Simulator
 from worker.htmlreport import write_report
+from worker.model import Outcome
+from worker.ratelimit import RateLimiter
+from worker.report import ProgressLine, fit
 from worker.reportdata import load_run
+from worker.runstate import Progress
 
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOT = os.environ.get("WORKER_SCREENSHOT")  # where to keep the README's picture
@@ -221,3 +226,19 @@ async def test_a_follow_up_of_a_selective_job_keeps_its_match(
     assert "match:" in followup
     assert 'command_name: "setPoint42"' in followup
     assert run_worker("validate", str(tmp_path / "run" / "followup.yaml")).returncode == 0
+
+
+def test_a_sweeps_progress_line_counts_searches_not_outcomes() -> None:
+    """A verify sweep's probes end as nothing_to_cancel; its line must not say so."""
+    progress = Progress()
+    progress.outcomes[Outcome.NOTHING_TO_CANCEL] += 7
+    progress.outcomes[Outcome.FAILED] += 1
+    limiter = RateLimiter(50.0)
+    lines = [ProgressLine(progress, limiter, 20, 0, tty=True, searching=searching)
+             for searching in (True, False)]  # fmt: skip
+    for line in lines:
+        line.show(io.StringIO(), 1.0)
+    sweep, run = (fit(line.parts(), 200) for line in lines)
+    assert sweep.startswith("  8/20 searched · 1 could not be searched")
+    assert "cancel" not in sweep
+    assert "7 nothing to cancel" in run

@@ -194,7 +194,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     limits = merge_limits(manifest.limits, rate=args.rate, concurrency=args.concurrency,
                           deadline=None)  # fmt: skip
     with run_dir_lock(run_dir):
-        options = RunOptions(gateway, credentials, limits, run_dir, ca_bundle=bundle)
+        options = RunOptions(gateway, credentials, limits, run_dir, ca_bundle=bundle,
+                             progress=not args.quiet)  # fmt: skip
         return run_async(lambda: verify_run(options))
 
 

@@ -321,13 +321,21 @@ class RateView(Protocol):
 
 
 async def progress_loop(
-    progress: Progress, limiter: RateView, total: int, out: TextIO | None, already: int = 0
+    progress: Progress,
+    limiter: RateView,
+    total: int,
+    out: TextIO | None,
+    already: int = 0,
+    *,
+    searching: bool = False,
 ) -> None:
     """A live line on a terminal (ended with the final counts); a log line every 10 s otherwise.
 
-    `already`: targets final from earlier segments, counted as done from the start."""
+    `already`: targets final from earlier segments, counted as done from the start.
+    `searching`: a verify sweep (targets searched, no outcomes to show)."""
     stream = out or sys.stderr
-    line = ProgressLine(progress, limiter, total, already, tty=stream.isatty())
+    line = ProgressLine(progress, limiter, total, already, tty=stream.isatty(),
+                        searching=searching)  # fmt: skip
     try:
         while True:
             await anyio.sleep(0.5 if line.tty else 10.0)
@@ -346,10 +354,17 @@ class ProgressLine:
     """The live progress line: one line that fits the terminal, redrawn in place."""
 
     def __init__(
-        self, progress: Progress, limiter: RateView, total: int, already: int, *, tty: bool
+        self,
+        progress: Progress,
+        limiter: RateView,
+        total: int,
+        already: int,
+        *,
+        tty: bool,
+        searching: bool = False,
     ) -> None:
         self.progress, self.limiter, self.total, self.already = progress, limiter, total, already
-        self.tty = tty
+        self.tty, self.searching = tty, searching
         self._samples: deque[tuple[float, int, int]] = deque()  # (time, finished, requests)
 
     def show(self, stream: TextIO, now: float) -> None:
@@ -382,6 +397,11 @@ class ProgressLine:
             rate += f" ({self.limiter.cause})"
         left = self.total - done
         eta = f"~{_minutes(left / finishing)} left" if finishing > 0 and left > 0 else ""
+        if self.searching:
+            return [f"  {done:,}/{self.total:,} searched",
+                    f"{outcomes[Outcome.FAILED]:,} could not be searched", rate, eta,
+                    f"{progress.in_flight} in flight",
+                    f"{progress.waiting:,} waiting to retry"]  # fmt: skip
         return [
             f"  {done:,}/{self.total:,} done",
             f"{outcomes[Outcome.FAILED]:,} failed",

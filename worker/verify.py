@@ -158,7 +158,7 @@ def _probe_target(line: dict[str, Any]) -> Target:
     )
 
 
-Drive = Callable[[Engine, Iterator[tuple[int, Target]]], Awaitable[StopReason]]
+Drive = Callable[[Engine, Iterator[tuple[int, Target]], int], Awaitable[StopReason]]
 
 
 async def sweep(
@@ -179,7 +179,7 @@ async def sweep(
     log.info("worker.verify_starting", targets=total, settle_s=settle_s)
     await anyio.sleep(settle_s)
     try:
-        reason = await drive(engine, targets)
+        reason = await drive(engine, targets, total)
     finally:
         recorder.out.close()
     counts = recorder.counts
