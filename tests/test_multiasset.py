@@ -189,3 +189,24 @@ def test_validate_shows_the_calls_a_batched_run_plans(tmp_path: Path) -> None:
     refused = run_worker("validate", str(job), "--assets-per-call", "0")
     assert refused.returncode == 2
     assert "--assets-per-call 0" in refused.stderr
+
+
+async def test_lists_under_random_5xx_drops_and_429s_stay_truthful(tmp_path: Path) -> None:
+    """Lists through a flaky gateway (5xx, answers lost after the effect, a rate cap): every
+    target ends with one line, nothing is left pending, and no claim goes beyond the effect."""
+    count = 800
+    faults = Faults(multi_asset="strict", error_rate=0.15, drop_rate=0.1, rate_cap=400)
+    sim = Simulator(apps={APP_KEY: APP_SECRET}, devices=count, commands=2, seed=21, faults=faults)
+    assets = [f"as{i:06d}" for i in range(count)]
+    before = {a: pending(sim, a) for a in assets}
+    async with serve(sim) as url:
+        code, report = await run_job(fleet_job(tmp_path, assets, 20, rate=1000), url,
+                                     tmp_path / "run", attempts=10)  # fmt: skip
+    assert code == 0, report
+    lines = results(tmp_path / "run")
+    assert len(lines) == count
+    assert len({line["target"]["asset_id"] for line in lines}) == count
+    assert not any(pending(sim, a) for a in assets)
+    assert_truthful(lines, before, sim)
+    assert max(line["batch_size"] for line in lines) == 20
+    assert verify(tmp_path / "run").results == count
