@@ -58,6 +58,7 @@ async def test_a_clean_run_is_verified_and_a_reappearing_command_is_caught(
         assert "30 of 30 targets verified" in out.getvalue()
         first = lines(run_dir)
         assert all(line["verified"] is True for line in first.values())
+        assert all(line["request_id"] for line in first.values())  # the search's answer
         cancelled = {line["target"]["asset_id"]: line["cancelled_command_ids"]
                      for line in results(run_dir) if line["cancelled_command_ids"]}  # fmt: skip
         back_asset, back_ids = next(iter(cancelled.items()))

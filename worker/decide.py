@@ -160,6 +160,7 @@ class TargetCore:
         "_selection",
         "earlier_ids",
         "last_latency_ms",
+        "last_request_id",
         "maybe_applied",
         "sent",
         "started",
@@ -187,6 +188,7 @@ class TargetCore:
         self.sent = 0
         self.earlier_ids: tuple[str, ...] = ()  # listed by an earlier call of this run (a list)
         self.last_latency_ms: float | None = None
+        self.last_request_id: str | None = None  # of the last search page (results from searches)
         self._phase = Kind.SEARCH if searching else Kind.CANCEL
         self._policy = policy
         self._retry: Retrying | None = None  # made at the first failure: success costs nothing
@@ -249,6 +251,7 @@ class TargetCore:
         """A page of Search Command: sort its cached commands into matched and kept; read the
         next page, then cancel each match by id (a dry run stops at what it found)."""
         self.last_latency_ms = latency_ms
+        self.last_request_id = page.request_id
         selection = self._selection
         assert selection is not None
         selection.sort(page)
@@ -346,8 +349,9 @@ class TargetCore:
         elif error is not None:
             status, code, request_id = error.http_status, error.code, error.request_id
             msg, problem = None, str(error)
-        else:
-            status, code, request_id, msg, problem = 200, 0, None, None, None
+        else:  # a result from searches alone (a dry run, a match that found nothing)
+            status, code, msg, problem = 200, 0, None, None
+            request_id = self.last_request_id
         if self.earlier_ids:  # a list's answer listed these before this call
             ids = self.earlier_ids + tuple(i for i in ids if i not in self.earlier_ids)
             if outcome is Outcome.NOTHING_TO_CANCEL:

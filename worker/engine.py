@@ -385,6 +385,7 @@ class Engine:
             status, code, request_id = answer.http_status, answer.code, answer.request_id
         elif isinstance(answer, SearchPage):
             action = core.searched(answer, now, latency)
+            request_id = answer.request_id
         else:
             assert isinstance(core, TargetCore)
             action = core.got_command(answer, now, latency)

@@ -180,6 +180,7 @@ class SearchPage(NamedTuple):
     total: int | None  # totalSize: every command matching the expression, all pages
     unreadable: int  # listed commands without a readable id (cannot be matched: kept)
     page_size: int
+    request_id: str | None = None  # the answer's requestId
 
     def more(self, page: int) -> bool:
         """Whether a page after `page` holds more (the answer says so, and this one was full)."""

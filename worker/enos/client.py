@@ -185,7 +185,8 @@ class EnOSClient:
         commands, unreadable, _ = read_commands(payload.get("data"), _command_full)
         pagination = payload.get("pagination")
         total = pagination.get("totalSize") if isinstance(pagination, dict) else None
-        return SearchPage(commands, total if type(total) is int else None, unreadable, page_size)
+        return SearchPage(commands, total if type(total) is int else None, unreadable, page_size,
+                          _request_id(payload))  # fmt: skip
 
     async def search_commands(
         self, target: Target, expression: str | None = None, *, page_size: int = p.SEARCH_PAGE_SIZE
