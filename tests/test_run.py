@@ -143,11 +143,11 @@ async def test_no_secret_in_any_output(sim: Simulator, gateway: str, tmp_path: P
     """Neither the app secret nor any access token appears in the run's files or report."""
     job = write_job(tmp_path, "limits: {rate: 500}\n" + mixed_targets(range(1, 20)))
     _, report = await run_job(job, gateway, tmp_path / "run")
-    texts = [report] + [p.read_text() for p in (tmp_path / "run").iterdir()]
-    for text in texts:
-        assert APP_SECRET not in text
+    contents = [report.encode()] + [p.read_bytes() for p in (tmp_path / "run").iterdir()]
+    for content in contents:  # done.bin is binary: compare bytes
+        assert APP_SECRET.encode() not in content
         for token in sim._tokens:
-            assert token not in text
+            assert token.encode() not in content
 
 
 async def test_lost_answers_are_never_claimed(sim: Simulator, gateway: str, tmp_path: Path) -> None:

@@ -34,8 +34,8 @@ from worker.jobfile import Plan, all_targets, load_job, plan, run_targets
 from worker.metrics import MetricsAddress
 from worker.model import Credentials, Job, Limits, Shard
 from worker.report import render
-from worker.reportdata import RunReport, RunTally, load_run
-from worker.rundir import Finished, finished_targets, read_manifest, run_dir_lock
+from worker.reportdata import RunReport, RunTally, load_run, read_for_resume
+from worker.rundir import Finished, read_manifest, run_dir_lock
 from worker.runner import RunOptions, dry_run, execute, new_manifest, verify_run
 from worker.runstate import ExitCode, Manifest
 from worker.settings import (
@@ -122,9 +122,7 @@ def _resume_run(
     run_dir = Path(args.resume)
     read_manifest(run_dir)  # a clear error before the lock for a directory that is no run
     with run_dir_lock(run_dir):
-        counted = RunTally()  # the summary's counts ride along the read of what is final
-        finished = finished_targets(run_dir, retry_failed=args.retry_failed,
-                                    cursor=counted.cursor, visit=counted.add)  # fmt: skip
+        counted, finished = read_for_resume(run_dir, retry_failed=args.retry_failed)
         plan_ = _runnable_plan(job, shard, finished.done)
         run_dir, manifest, limits, gateway = _resume(args, job, plan_)
         _confirm(plan_.pending_count or 0, gateway, assume_yes=args.yes)

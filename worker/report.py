@@ -54,11 +54,11 @@ class Tally:
         self.attempts = self.unknown = 0
         self.latencies: array[float] = array("d")
         self.commands: Counter[str] = Counter()
-        self._failed_earlier: dict[str, str] = {}  # a --retry-failed line supersedes these
+        self.failed_earlier: dict[str, str] = {}  # a --retry-failed line supersedes these
 
     def add(self, record: dict[str, Any]) -> None:
         """Count one journal record."""
-        outcomes, errors, failed_earlier = self.outcomes, self.errors, self._failed_earlier
+        outcomes, errors, failed_earlier = self.outcomes, self.errors, self.failed_earlier
         failed = record["outcome"] == Outcome.FAILED
         key = record_key(record) if failed or failed_earlier else ""
         superseded = failed_earlier.pop(key, None) if failed_earlier else None

@@ -12,6 +12,7 @@ It also writes ``failed.csv`` (every target whose final outcome is failed, usabl
 
 from __future__ import annotations
 
+import base64
 import csv
 from bisect import bisect_right
 from collections import Counter
@@ -22,11 +23,12 @@ from typing import Any
 
 import orjson
 
+from worker import checkpoint
 from worker.audit import AUDIT_FILE
 from worker.journal import RESULTS_FILE, JournalCursor, read_journal, record_key
 from worker.model import Outcome, gc_paused, key_digest
 from worker.report import JournalTally, Tally, build_summary
-from worker.rundir import read_manifest, read_verify_counts
+from worker.rundir import Finished, finished_targets, read_manifest, read_verify_counts
 from worker.runstate import ExitCode, Manifest, Summary
 
 LISTED = 1000
@@ -47,18 +49,55 @@ class RunReport:
 
 class RunTally:
     """The summary's tally and the report's counts of a journal, as one fold that a resume
-    starts while it reads its done set and the end of the segment finishes with the new lines
-    (a million-line journal is read once per resume, not twice)."""
+    starts while it reads its done set (or loads from the last checkpoint) and the end of the
+    segment finishes with the new lines; it also keeps each line's done.bin record."""
 
     def __init__(self) -> None:
         self.tally = Tally()
         self.found = Details()
         self.cursor = JournalCursor()
+        self.done = bytearray()  # done.bin: a record per line read
 
-    def add(self, record: dict[str, Any]) -> None:
+    def add(self, record: dict[str, Any], digest: int | None = None) -> None:
         """Count one journal record (in journal order)."""
         _count_result(self.found, record)
         self.tally.add(record)
+        if digest is None:
+            digest = key_digest(record_key(record))
+        self.done += checkpoint.done_record(digest, checkpoint.line_flags(record))
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the fold."""
+        tally, found = self.tally, self.found
+        return {
+            "outcomes": dict(tally.outcomes), "errors": dict(tally.errors),
+            "attempts": tally.attempts, "unknown": tally.unknown,
+            "latencies": base64.b64encode(tally.latencies.tobytes()).decode(),
+            "commands": dict(tally.commands), "failed_earlier": tally.failed_earlier,
+            "groups": [[*key, count] for key, count in found.groups.items()],
+            "latency": found.latency,
+            "failed": {f"{d:032x}": row for d, row in found.failed.items()},
+            "unknown_rows": found.unknown, "unknown_total": found.unknown_total,
+        }  # fmt: skip
+
+    @classmethod
+    def resumed(cls, offset: int, state: dict[str, Any], done: bytes) -> RunTally:
+        """The fold as a checkpoint left it, for journal bytes before `offset`."""
+        counted = cls()
+        counted.cursor.offset = offset
+        counted.done += done
+        tally, found = counted.tally, counted.found
+        tally.outcomes.update(state["outcomes"])
+        tally.errors.update(state["errors"])
+        tally.attempts, tally.unknown = state["attempts"], state["unknown"]
+        tally.latencies.frombytes(base64.b64decode(state["latencies"]))
+        tally.commands.update(state["commands"])
+        tally.failed_earlier.update(state["failed_earlier"])
+        found.groups.update({(o, p, x): n for o, p, x, n in state["groups"]})
+        found.latency = list(state["latency"])
+        found.failed = {int(d, 16): row for d, row in state["failed"].items()}
+        found.unknown, found.unknown_total = state["unknown_rows"], state["unknown_total"]
+        return counted
 
     def read_rest(self, run_dir: Path) -> tuple[JournalTally, Details]:
         """Count the lines after the cursor; the counts of the whole journal."""
@@ -66,6 +105,21 @@ class RunTally:
             for record in read_journal(run_dir / RESULTS_FILE, self.cursor):
                 self.add(record)
         return self.tally.result(), self.found
+
+
+def read_for_resume(run_dir: Path, *, retry_failed: bool) -> tuple[RunTally, Finished]:
+    """What is final, and the counts so far: from the last checkpoint when it matches the
+    journal (then only the lines after it are parsed), else from the whole journal."""
+    loaded = checkpoint.load(run_dir)
+    if loaded is None:
+        counted, found = RunTally(), None
+    else:
+        offset, state, done = loaded
+        counted = RunTally.resumed(offset, state, done)
+        found = checkpoint.replay(done, retry_failed=retry_failed)
+    finished = finished_targets(run_dir, retry_failed=retry_failed, cursor=counted.cursor,
+                                visit=counted.add, found=found)  # fmt: skip
+    return counted, finished
 
 
 def tally_with_details(run_dir: Path) -> tuple[JournalTally, Details]:

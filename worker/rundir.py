@@ -114,20 +114,22 @@ def finished_targets(
     *,
     retry_failed: bool,
     cursor: JournalCursor | None = None,
-    visit: Callable[[dict[str, Any]], None] | None = None,
+    visit: Callable[[dict[str, Any], int], None] | None = None,
+    found: Finished | None = None,
 ) -> Finished:
     """Digests of the targets already final in the journal (failed ones too, unless retried).
 
     A failed target that is retried and whose failure may have taken effect (a lost answer,
     a 5xx) is remembered: if its retry finds nothing, that is `effect_unknown`. `visit` sees
-    every record too, and `cursor` ends past the last one (the summary's counts ride along).
+    every record too (with its digest), and `cursor` ends past the last one (the summary's
+    counts ride along). `found`: what a checkpoint gave for the lines before the cursor.
     """
-    found = Finished()
+    found = found or Finished()
     with gc_paused():
         for record in read_journal(run_dir / RESULTS_FILE, cursor):
-            if visit is not None:
-                visit(record)
             digest = key_digest(record_key(record))
+            if visit is not None:
+                visit(record, digest)
             if retry_failed and record["outcome"] == Outcome.FAILED:
                 found.done.discard(digest)
                 if record.get("effect_unknown") or record.get("code") in (None, 99500):

@@ -24,7 +24,7 @@ import anyio
 import orjson
 import structlog
 
-from worker import __version__
+from worker import __version__, checkpoint
 from worker.appendlog import iso, repair_tail
 from worker.audit import AUDIT_FILE, AuditLog, who_and_where
 from worker.decide import Retrying
@@ -384,6 +384,15 @@ def _engine(
     return engine
 
 
+def _leave_checkpoint(run_dir: Path, counted: RunTally) -> None:
+    """What this pass counted, for the next resume (a cache: failing to write it loses
+    nothing, the next resume reads the journal)."""
+    try:
+        checkpoint.write(run_dir, counted.cursor.offset, counted.state(), bytes(counted.done))
+    except OSError as exc:
+        log.warning("worker.checkpoint_not_written", why=str(exc))
+
+
 def _serve_metrics(
     metrics: RunMetrics, address: MetricsAddress, engine: Engine, pending: int
 ) -> str | None:
@@ -536,7 +545,9 @@ def _close_segment(
     recorder.journal.log.close()
     recorder.mark.close()
     run_dir = recorder.journal.log.path.parent
-    counts, found = (counted or RunTally()).read_rest(run_dir)  # the summary and the report
+    counted = counted or RunTally()
+    counts, found = counted.read_rest(run_dir)  # the summary and the report
+    _leave_checkpoint(run_dir, counted)
     reason = engine.stop_reason
     exit_code = exit_code_for(
         reason, counts.outcomes.get("failed", 0), manifest.targets - counts.finished

@@ -45,8 +45,8 @@ from worker.jobfile import Plan, load_job, plan
 from worker.metrics import MetricsAddress, RunMetrics
 from worker.model import Credentials, Job, Limits
 from worker.ratelimit import RateLimiter
-from worker.reportdata import RunTally
-from worker.rundir import Finished, finished_targets, read_manifest, run_dir_lock
+from worker.reportdata import RunTally, read_for_resume
+from worker.rundir import Finished, read_manifest, run_dir_lock
 from worker.runner import RunControl, RunOptions, execute, limiter_for, new_manifest
 from worker.runstate import ExitCode
 from worker.settings import resolve_gateway
@@ -326,11 +326,8 @@ def _read(job_file: Path, run_dir: Path) -> tuple[Job, Plan, Finished, RunTally]
     """The job, its plan and (when resuming) what is already final: off the event loop."""
     job = load_job(job_file)
     resuming = (run_dir / "run.json").exists()
-    counted = RunTally()
-    finished = (
-        finished_targets(run_dir, retry_failed=False, cursor=counted.cursor, visit=counted.add)
-        if resuming
-        else Finished()
+    counted, finished = (
+        read_for_resume(run_dir, retry_failed=False) if resuming else (RunTally(), Finished())
     )
     plan_ = plan(job, done=finished.done if resuming else None)
     if plan_.total == 0:
