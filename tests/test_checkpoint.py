@@ -12,7 +12,8 @@ from tests.runs import results, resume_job, run_job, summary, write_job
 from worker import checkpoint
 from worker.auditverify import verify
 from worker.enos.simulator import Faults, Simulator, serve
-from worker.reportdata import read_for_resume
+from worker.report import tally
+from worker.reportdata import read_for_resume, tally_with_details
 
 pytestmark = pytest.mark.anyio
 
@@ -60,6 +61,7 @@ async def test_a_resume_from_the_checkpoint_knows_what_the_journal_says(tmp_path
     with_checkpoint, alone = both_ways(run_dir, retry_failed=False)
     assert with_checkpoint == alone
     assert summary(run_dir)["outcomes"]["failed"] == 5  # the unknown assets, and only them
+    assert tally_with_details(run_dir)[0] == tally(run_dir)  # a report from it counts the same
 
 
 async def test_an_edited_journal_makes_the_checkpoint_ignored(tmp_path: Path) -> None:

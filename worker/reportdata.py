@@ -123,8 +123,11 @@ def read_for_resume(run_dir: Path, *, retry_failed: bool) -> tuple[RunTally, Fin
 
 
 def tally_with_details(run_dir: Path) -> tuple[JournalTally, Details]:
-    """The summary's tally and the report's counts in one pass over the journal."""
-    return RunTally().read_rest(run_dir)
+    """The summary's tally and the report's counts: from the checkpoint when it matches the
+    journal, then the lines after it (`worker report` of a million-line run reads little)."""
+    loaded = checkpoint.load(run_dir)
+    counted = RunTally() if loaded is None else RunTally.resumed(*loaded)
+    return counted.read_rest(run_dir)
 
 
 def load_run(run_dir: Path, read: tuple[JournalTally, Details] | None = None) -> RunReport:
