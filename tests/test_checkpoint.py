@@ -51,7 +51,7 @@ async def test_a_resume_from_the_checkpoint_knows_what_the_journal_says(tmp_path
     assert verify(run_dir).results == len(results(run_dir))
     loaded = checkpoint.load(run_dir)
     assert loaded is not None
-    assert loaded[0] == (run_dir / "results.jsonl").stat().st_size  # past every line
+    assert loaded[0].offset == (run_dir / "results.jsonl").stat().st_size  # past every line
     with_checkpoint, alone = both_ways(run_dir, retry_failed=True)
     assert with_checkpoint == alone
     journal = run_dir / "results.jsonl"

@@ -1,6 +1,6 @@
 """A resume's shortcut through a long journal: what the end of a segment already counted.
 
-At each segment's end the summary pass has read the whole journal; it leaves, beside it,
+At each segment's end the summary pass has read (and hashed) the whole journal; it leaves
 ``checkpoint.json`` (the byte offset it read to, the sha256 of the journal up to there, the
 summary's and the report's counts) and ``done.bin`` (per journal line, in order: the target's
 16-byte digest and a flags byte). A resume that finds the journal's first bytes unchanged (one
@@ -21,8 +21,7 @@ from typing import Any
 import orjson
 import structlog
 
-from worker.journal import RESULTS_FILE
-from worker.model import Outcome
+from worker.journal import RESULTS_FILE, JournalCursor
 from worker.rundir import Finished, write_atomically
 
 CHECKPOINT_FILE = "checkpoint.json"
@@ -31,14 +30,6 @@ LAYOUT = 1
 RECORD = struct.Struct(">16sB")  # the digest, big-endian; flags
 FAILED, MAYBE_APPLIED = 1, 2
 log = structlog.get_logger("worker.checkpoint")
-
-
-def line_flags(record: dict[str, Any]) -> int:
-    """What a done-set replay needs of a journal line beside its digest."""
-    if record.get("outcome") != Outcome.FAILED:
-        return 0
-    maybe = record.get("effect_unknown") or record.get("code") in (None, 99500)
-    return FAILED | (MAYBE_APPLIED if maybe else 0)
 
 
 def done_record(digest: int, flags: int) -> bytes:
@@ -50,18 +41,13 @@ def replay(done: bytes, *, retry_failed: bool) -> Finished:
     """The done set as :func:`worker.rundir.finished_targets` builds it, from done.bin."""
     found = Finished()
     for raw, flags in RECORD.iter_unpack(done):
-        digest = int.from_bytes(raw, "big")
-        if retry_failed and flags & FAILED:
-            found.done.discard(digest)
-            if flags & MAYBE_APPLIED:
-                found.retried_maybe_applied.add(digest)
-            continue
-        found.done.add(digest)
+        found.take(int.from_bytes(raw, "big"), flags, retry_failed=retry_failed)
     return found
 
 
-def prefix_sha256(path: Path, size: int) -> str | None:
-    """sha256 of the file's first `size` bytes (None when it is shorter)."""
+def _prefix_hash(path: Path, size: int) -> Any:
+    """A sha256 of the file's first `size` bytes, to go on hashing what follows (None when the
+    file is shorter)."""
     digest = hashlib.sha256()
     left = size
     with path.open("rb") as stream:
@@ -71,36 +57,41 @@ def prefix_sha256(path: Path, size: int) -> str | None:
                 return None
             digest.update(chunk)
             left -= len(chunk)
-    return digest.hexdigest()
+    return digest
 
 
-def write(run_dir: Path, offset: int, state: dict[str, Any], done: bytes) -> None:
-    """Leave the checkpoint for journal bytes [0, offset) (done.bin first: the checkpoint names
-    its size and hash, so a crash between the two leaves a checkpoint that does not match)."""
-    sha = prefix_sha256(run_dir / RESULTS_FILE, offset) if offset else hashlib.sha256().hexdigest()
+def write(run_dir: Path, cursor: JournalCursor, state: dict[str, Any], done: bytes) -> None:
+    """Leave the checkpoint for the journal up to `cursor`, whose hash it kept while reading
+    (done.bin first: the checkpoint names its size and hash, so a crash between the two leaves
+    a checkpoint that does not match)."""
     write_atomically(run_dir / DONE_FILE, done)
-    record = {"layout": LAYOUT, "offset": offset, "journal_sha256": sha,
-              "done_size": len(done), "done_sha256": hashlib.sha256(done).hexdigest(),
-              "state": state}  # fmt: skip
+    record = {"layout": LAYOUT, "offset": cursor.offset,
+              "journal_sha256": cursor.sha256.hexdigest(), "done_size": len(done),
+              "done_sha256": hashlib.sha256(done).hexdigest(), "state": state}  # fmt: skip
     write_atomically(run_dir / CHECKPOINT_FILE, orjson.dumps(record))
 
 
-def load(run_dir: Path) -> tuple[int, dict[str, Any], bytes] | None:
-    """(offset, counts state, done.bin) when the checkpoint matches the journal, else None."""
+def load(run_dir: Path) -> tuple[JournalCursor, dict[str, Any], bytes] | None:
+    """(a cursor past what it covers, with the hash so far; the counts state; done.bin) when
+    the checkpoint matches the journal, else None."""
     try:
         record = orjson.loads((run_dir / CHECKPOINT_FILE).read_bytes())
         done = (run_dir / DONE_FILE).read_bytes()
-        offset = int(record["offset"])
+        cursor = JournalCursor()
+        cursor.offset = int(record["offset"])
+        prefix = _prefix_hash(run_dir / RESULTS_FILE, cursor.offset)
         valid = (
             record.get("layout") == LAYOUT
             and len(done) == record["done_size"]
             and len(done) % RECORD.size == 0
             and hashlib.sha256(done).hexdigest() == record["done_sha256"]
-            and prefix_sha256(run_dir / RESULTS_FILE, offset) == record["journal_sha256"]
+            and prefix is not None
+            and prefix.hexdigest() == record["journal_sha256"]
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None
     if not valid:
         log.info("worker.checkpoint_ignored", run_dir=str(run_dir), why="it does not match")
         return None
-    return offset, record["state"], done
+    cursor.sha256 = prefix
+    return cursor, record["state"], done

@@ -262,11 +262,8 @@ def _limits(base: Limits, args: argparse.Namespace) -> Limits:
 def _resume(args: argparse.Namespace, job: Job, plan_: Plan) -> tuple[Path, Manifest, Limits, str]:
     run_dir = Path(args.resume)
     manifest = read_manifest(run_dir)
-    for field_name, now, then in (
-        ("job file", job.sha256, manifest.job_sha256),
-        ("target list", plan_.targets_sha256, manifest.targets_sha256),
-    ):
-        if now != then and not args.force:
+    for field_name, then, now in manifest.changes(job.sha256, plan_.targets_sha256):
+        if not args.force:
             raise UsageError(
                 f"the {field_name} changed since this run started (sha256 {then[:12]}... then, "
                 f"{now[:12]}... now); resuming would mix two different runs. Start a new run, or "

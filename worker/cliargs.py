@@ -26,6 +26,19 @@ EXIT_CODES = """exit codes:
      resumable
   4  interrupted (SIGINT/SIGTERM) or the deadline was reached; resumable"""
 
+WATCH_EXIT_CODES = """exit codes:
+  0  stopped (or, with --once, nothing left to do)
+  1  a job could not be run by this watcher (a crash or an unreadable run directory: it
+     stays in running/, resumable; the log says why)
+  2  bad usage
+  4  stopped by SIGINT/SIGTERM with jobs left in running/ (the next watcher resumes them)"""
+
+SWEEP_EXIT_CODES = """exit codes:
+  0  every searched target is verified: nothing the job asked to cancel is pending
+  1  some targets still have such a command pending, or could not be searched
+  2  bad usage (not a run directory, a run in progress)
+  3  the gateway or the credentials cannot be used"""
+
 EXAMPLES = {
     "worker": """examples:
   worker demo                                    the simulator and an example job, in process
@@ -52,24 +65,11 @@ EXAMPLES = {
     "watch": """examples:
   worker watch /srv/spool --rate 100             run every job file dropped in incoming/
   worker watch /srv/spool --rate 100 --jobs 4    four jobs at once, sharing 100 requests/s
-  worker watch /srv/spool --once                 what is there now, then exit (cron)
-
-exit codes:
-  0  stopped (or, with --once, nothing left to do)
-  1  a job could not be run by this watcher (a crash or an unreadable run directory: it
-     stays in running/, resumable; the log says why)
-  2  bad usage
-  4  stopped by SIGINT/SIGTERM with jobs left in running/ (the next watcher resumes them)""",
+  worker watch /srv/spool --once                 what is there now, then exit (cron)""",
     "sweep": """examples:
   worker verify runs/JOB-20261201T120000Z        search each target: is anything still pending?
   worker verify DIR --rate 50
-  worker run JOB.yaml --verify                   the run, then the sweep
-
-exit codes:
-  0  every searched target is verified: nothing the job asked to cancel is pending
-  1  some targets still have such a command pending, or could not be searched
-  2  bad usage (not a run directory, a run in progress)
-  3  the gateway or the credentials cannot be used""",
+  worker run JOB.yaml --verify                   the run, then the sweep""",
     "verify": """examples:
   worker audit verify runs/JOB-20261201T120000Z
   worker audit verify DIR --head SHA256            (the audit head the run printed)""",
@@ -110,13 +110,19 @@ def _global_flags(parser: argparse.ArgumentParser, *, top: bool) -> None:
 
 
 def _command(
-    commands: Any, name: str, handler: Handler, help_text: str, examples: str
+    commands: Any,
+    name: str,
+    handler: Handler,
+    help_text: str,
+    examples: str,
+    *,
+    exit_codes: str = EXIT_CODES,
 ) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = commands.add_parser(
         name,
         help=help_text,
         description=help_text,
-        epilog=f"{examples}\n\n{EXIT_CODES}",
+        epilog=f"{examples}\n\n{exit_codes}",
         formatter_class=_HelpFormatter,
     )
     _global_flags(parser, top=False)
@@ -185,6 +191,7 @@ def build_parser(handlers: Mapping[str, Handler]) -> argparse.ArgumentParser:
             "a long-lived worker: claim the job files dropped in SPOOL/incoming/, run them "
             "(several at once, one shared rate), move them to done/ or failed/",
             EXAMPLES["watch"],
+            exit_codes=WATCH_EXIT_CODES,
         )
     )
     _verify_command(
@@ -195,6 +202,7 @@ def build_parser(handlers: Mapping[str, Handler]) -> argparse.ArgumentParser:
             "after a run: search each target's device and say whether anything the job "
             "asked to cancel is still pending (changes nothing)",
             EXAMPLES["sweep"],
+            exit_codes=SWEEP_EXIT_CODES,
         )
     )
     audit = commands.add_parser(
@@ -230,23 +238,7 @@ def _run_command(run: argparse.ArgumentParser) -> None:
         metavar="URL",
         help="API gateway base URL (default: ENOS_GATEWAY, else the job's gateway:)",
     )
-    run.add_argument(
-        "--credentials",
-        type=Path,
-        metavar="FILE",
-        help="a chmod-600 file with ENOS_APP_KEY=... and ENOS_APP_SECRET=... lines "
-        "(default: the environment)",
-    )
-    run.add_argument(
-        "--ca-bundle",
-        type=Path,
-        metavar="FILE",
-        help="PEM file of CA certificates to verify the gateway with (default: the "
-        "system store, which honours SSL_CERT_FILE)",
-    )
-    run.add_argument(
-        "--insecure", action="store_true", help="allow plain http to a host that is not loopback"
-    )
+    _connection_flags(run)
     run.add_argument(
         "--resume",
         type=Path,
@@ -303,6 +295,28 @@ def _run_command(run: argparse.ArgumentParser) -> None:
     )
 
 
+def _connection_flags(parser: argparse.ArgumentParser) -> None:
+    """How a command that talks to the gateway authenticates and trusts it (run, verify,
+    watch: one text for the three)."""
+    parser.add_argument(
+        "--credentials",
+        type=Path,
+        metavar="FILE",
+        help="a chmod-600 file with ENOS_APP_KEY=... and ENOS_APP_SECRET=... lines "
+        "(default: the environment)",
+    )
+    parser.add_argument(
+        "--ca-bundle",
+        type=Path,
+        metavar="FILE",
+        help="PEM file of CA certificates to verify the gateway with (default: the "
+        "system store, which honours SSL_CERT_FILE)",
+    )
+    parser.add_argument(
+        "--insecure", action="store_true", help="allow plain http to a host that is not loopback"
+    )
+
+
 def _watch_command(watch: argparse.ArgumentParser) -> None:
     watch.add_argument("spool", type=Path, metavar="SPOOL", help="the spool directory")
     watch.add_argument(
@@ -329,26 +343,18 @@ def _watch_command(watch: argparse.ArgumentParser) -> None:
     watch.add_argument(
         "--gateway", metavar="URL", help="(default: ENOS_GATEWAY, else each job's gateway:)"
     )
-    watch.add_argument(
-        "--credentials", type=Path, metavar="FILE", help="as for run (default: the environment)"
-    )
-    watch.add_argument("--ca-bundle", type=Path, metavar="FILE", help="as for run")
+    _connection_flags(watch)
     watch.add_argument(
         "--metrics-port",
         metavar="[HOST:]PORT",
         help="serve Prometheus metrics of every job and of the watcher at /metrics",
     )
-    watch.add_argument("--insecure", action="store_true", help="as for run")
 
 
 def _verify_command(verify: argparse.ArgumentParser) -> None:
     verify.add_argument("dir", type=Path, metavar="DIR", help="a run directory")
     verify.add_argument("--gateway", metavar="URL", help="(default: the run's gateway)")
-    verify.add_argument(
-        "--credentials", type=Path, metavar="FILE", help="as for run (default: the environment)"
-    )
-    verify.add_argument("--ca-bundle", type=Path, metavar="FILE", help="as for run")
-    verify.add_argument("--insecure", action="store_true", help="as for run")
+    _connection_flags(verify)
     verify.add_argument(
         "--rate", metavar="N|auto|unlimited", help="searches per second (default: the run's)"
     )

@@ -305,7 +305,7 @@ class TargetCore:
                 return self._finish(Outcome.FAILED, now, error=error, unknown=unknown,
                                     ids=tuple(selection.cancelled))  # fmt: skip
             return self._finish(Outcome.FAILED, now, error=error, unknown=self.maybe_applied)
-        return self._wait_or_leave(decision, situation)
+        return wait_or_leave(decision, situation)
 
     def _get_failed(
         self, error: EnOSError, now: float, rng: random.Random, situation: Situation
@@ -315,13 +315,10 @@ class TargetCore:
         assert self._get is not None
         decision = self._get.failed(error, rng)
         if decision.verdict in (Verdict.RETRY, Verdict.THROTTLED):
-            action = self._wait_or_leave(decision, situation)
+            action = wait_or_leave(decision, situation)
             if not isinstance(action, Leave):
                 return action
         return self._finish(Outcome.NOTHING_TO_CANCEL, now, reply=self._pending_reply, unknown=True)
-
-    def _wait_or_leave(self, decision: Decision, situation: Situation) -> Wait | Leave:
-        return wait_or_leave(decision, situation)
 
     def give_up(self, error: EnOSError, now: float) -> TargetResult:
         """The call this target was part of failed for good (a list's last attempt)."""

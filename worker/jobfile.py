@@ -564,16 +564,24 @@ def all_targets(job: Job) -> Iterator[Target]:
     return (target for target in _listed(job, None) if target is not None)
 
 
-def _listed(job: Job, done: set[int] | None) -> Iterator[Target | None]:
-    """The listed targets; one whose digest is in `done` is None (its place still counts) and
-    is never built: resuming a run of a million skips the finished ones cheaply."""
-    for target in job.inline_targets:
-        yield None if done and target.digest() in done else target
+def _listed(
+    job: Job, done: set[int] | None, pending: bytes | None = None
+) -> Iterator[Target | None]:
+    """The listed targets; one whose digest is in `done`, or whose ordinal `pending` (the
+    plan's marks) does not mark, is None (its place still counts) and is never built: resuming
+    a run of a million skips the finished ones cheaply."""
+    for ordinal, target in enumerate(job.inline_targets):
+        skipped = pending is not None and not pending[ordinal]
+        yield None if skipped or (done and target.digest() in done) else target
     if job.targets_file is None:
         return
     path = job.targets_file.path
     org_default, command_default = job.org_id or "", job.command_id or ""
-    for line, row in _file_rows(job.targets_file):
+    rows = enumerate(_file_rows(job.targets_file), start=len(job.inline_targets))
+    for ordinal, (line, row) in rows:
+        if pending is not None and not pending[ordinal]:
+            yield None
+            continue
         if done:
             asset, product, device, command, org = row
             key = identity_key(
@@ -593,8 +601,10 @@ def run_targets(
 ) -> Iterator[tuple[int, Target]]:
     """The targets to run, in order, without duplicates and without those in `done`, each with
     its ordinal: its place in the job's list, the same in every segment of a run."""
-    if plan_.pending is not None:
-        yield from _pending_targets(job, plan_.pending)
+    if plan_.pending is not None:  # the plan marked what is left (and the shard, duplicates)
+        if plan_.pending.count(1):  # a finished run's resume does not read the file again
+            marked = enumerate(_listed(job, None, plan_.pending))
+            yield from ((ordinal, target) for ordinal, target in marked if target is not None)
         return
     skip, shard = plan_.skip, plan_.shard
     for ordinal, target in enumerate(_listed(job, done)):
@@ -602,28 +612,6 @@ def run_targets(
             continue
         if shard is None or shard.holds(target.digest()):
             yield ordinal, target
-
-
-def _pending_targets(job: Job, pending: bytes) -> Iterator[tuple[int, Target]]:
-    """The targets marked pending by the plan, in order; the rest are not even built (and a
-    finished run's resume does not read the targets file at all)."""
-    if pending.count(1) == 0:
-        return
-    inline = len(job.inline_targets)
-    for ordinal, target in enumerate(job.inline_targets):
-        if pending[ordinal]:
-            yield ordinal, target
-    if job.targets_file is None:
-        return
-    path = job.targets_file.path
-    org_default, command_default = job.org_id or "", job.command_id or ""
-    for ordinal, (line, row) in enumerate(_file_rows(job.targets_file), start=inline):
-        if not pending[ordinal]:
-            continue
-        built = _row_target(row, org_default, command_default, f"{path}:{line}", job.match)
-        if isinstance(built, str):
-            raise JobFileError([f"{path}:{line}: {built}"])
-        yield ordinal, built
 
 
 def plan(job: Job, shard: Shard | None = None, done: set[int] | None = None) -> Plan:

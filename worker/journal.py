@@ -7,6 +7,7 @@ machine crash can leave.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -83,10 +84,11 @@ class JournalCursor:
     """Where a reader of a journal stopped: just past its last complete line. A reader given
     it goes on from there (the end of a resumed segment reads only the lines it added)."""
 
-    __slots__ = ("offset",)
+    __slots__ = ("offset", "sha256")
 
     def __init__(self) -> None:
         self.offset = 0
+        self.sha256: Any = hashlib.sha256()  # of every byte before `offset` (the checkpoint's)
 
 
 def read_journal(path: Path, cursor: JournalCursor | None = None) -> Iterator[dict[str, Any]]:
@@ -105,6 +107,7 @@ def read_journal(path: Path, cursor: JournalCursor | None = None) -> Iterator[di
                 return
             if cursor is not None:
                 cursor.offset += len(line)
+                cursor.sha256.update(line)
             try:
                 yield orjson.loads(line)
             except orjson.JSONDecodeError:

@@ -13,9 +13,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from worker.model import Attempt, TargetResult
+from worker.ratelimit import RateLimiter
+
+log = structlog.get_logger("worker.metrics")
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -86,10 +90,18 @@ class RunMetrics:
         """A value read from the run when scraped (in flight, the allowed rate, ...)."""
         Gauge(name, documentation, registry=self.registry).set_function(read)
 
-    def serve(self, address: MetricsAddress) -> int:
-        """Start serving; returns the port (useful with port 0)."""
-        self._server, _ = start_http_server(address.port, address.host, self.registry)
-        return int(self._server.server_port)
+    def serve(self, address: MetricsAddress, limiter: RateLimiter) -> str | None:
+        """Start serving, with the allowed rate of `limiter` as a gauge; what stops it (a port
+        taken) as a message, or None."""
+        self.gauge("worker_rate_allowed", "requests per second allowed now (-1: unlimited)",
+                   lambda: -1.0 if limiter.rate is None else limiter.rate)  # fmt: skip
+        try:
+            self._server, _ = start_http_server(address.port, address.host, self.registry)
+        except OSError as exc:
+            return f"--metrics-port {address.host}:{address.port}: {exc.strerror}"
+        port = self._server.server_port
+        log.info("worker.metrics_serving", url=f"http://{address.host}:{port}/metrics")
+        return None
 
     def close(self) -> None:
         """Stop serving (the last scrape sees the final values)."""

@@ -28,7 +28,13 @@ from worker.audit import AUDIT_FILE
 from worker.journal import RESULTS_FILE, JournalCursor, read_journal, record_key
 from worker.model import Outcome, gc_paused, key_digest
 from worker.report import JournalTally, Tally, build_summary
-from worker.rundir import Finished, finished_targets, read_manifest, read_verify_counts
+from worker.rundir import (
+    Finished,
+    finished_targets,
+    line_flags,
+    read_manifest,
+    read_verify_counts,
+)
 from worker.runstate import ExitCode, Manifest, Summary
 
 LISTED = 1000
@@ -58,13 +64,22 @@ class RunTally:
         self.cursor = JournalCursor()
         self.done = bytearray()  # done.bin: a record per line read
 
-    def add(self, record: dict[str, Any], digest: int | None = None) -> None:
+    @classmethod
+    def from_checkpoint(cls, run_dir: Path) -> RunTally:
+        """The fold as the last checkpoint left it when it matches the journal, else empty."""
+        loaded = checkpoint.load(run_dir)
+        return cls() if loaded is None else cls.resumed(*loaded)
+
+    def add(
+        self, record: dict[str, Any], digest: int | None = None, flags: int | None = None
+    ) -> None:
         """Count one journal record (in journal order)."""
         _count_result(self.found, record)
         self.tally.add(record)
         if digest is None:
             digest = key_digest(record_key(record))
-        self.done += checkpoint.done_record(digest, checkpoint.line_flags(record))
+        flags = line_flags(record) if flags is None else flags
+        self.done += checkpoint.done_record(digest, flags)
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint keeps of the fold."""
@@ -81,10 +96,10 @@ class RunTally:
         }  # fmt: skip
 
     @classmethod
-    def resumed(cls, offset: int, state: dict[str, Any], done: bytes) -> RunTally:
-        """The fold as a checkpoint left it, for journal bytes before `offset`."""
+    def resumed(cls, cursor: JournalCursor, state: dict[str, Any], done: bytes) -> RunTally:
+        """The fold as a checkpoint left it, for the journal before `cursor`."""
         counted = cls()
-        counted.cursor.offset = offset
+        counted.cursor = cursor
         counted.done += done
         tally, found = counted.tally, counted.found
         tally.outcomes.update(state["outcomes"])
@@ -110,13 +125,8 @@ class RunTally:
 def read_for_resume(run_dir: Path, *, retry_failed: bool) -> tuple[RunTally, Finished]:
     """What is final, and the counts so far: from the last checkpoint when it matches the
     journal (then only the lines after it are parsed), else from the whole journal."""
-    loaded = checkpoint.load(run_dir)
-    if loaded is None:
-        counted, found = RunTally(), None
-    else:
-        offset, state, done = loaded
-        counted = RunTally.resumed(offset, state, done)
-        found = checkpoint.replay(done, retry_failed=retry_failed)
+    counted = RunTally.from_checkpoint(run_dir)
+    found = checkpoint.replay(bytes(counted.done), retry_failed=retry_failed)
     finished = finished_targets(run_dir, retry_failed=retry_failed, cursor=counted.cursor,
                                 visit=counted.add, found=found)  # fmt: skip
     return counted, finished
@@ -125,9 +135,7 @@ def read_for_resume(run_dir: Path, *, retry_failed: bool) -> tuple[RunTally, Fin
 def tally_with_details(run_dir: Path) -> tuple[JournalTally, Details]:
     """The summary's tally and the report's counts: from the checkpoint when it matches the
     journal, then the lines after it (`worker report` of a million-line run reads little)."""
-    loaded = checkpoint.load(run_dir)
-    counted = RunTally() if loaded is None else RunTally.resumed(*loaded)
-    return counted.read_rest(run_dir)
+    return RunTally.from_checkpoint(run_dir).read_rest(run_dir)
 
 
 def load_run(run_dir: Path, read: tuple[JournalTally, Details] | None = None) -> RunReport:

@@ -108,34 +108,50 @@ class Finished:
     done: set[int] = field(default_factory=set)  # digests of targets final (and not retried)
     retried_maybe_applied: set[int] = field(default_factory=set)  # --retry-failed, effect unknown
 
+    def take(self, digest: int, flags: int, *, retry_failed: bool) -> None:
+        """One journal line, in journal order (its `line_flags`): final, or to run again."""
+        if retry_failed and flags & FAILED:
+            self.done.discard(digest)
+            if flags & MAYBE_APPLIED:
+                self.retried_maybe_applied.add(digest)
+            return
+        self.done.add(digest)
+
+
+FAILED, MAYBE_APPLIED = 1, 2  # a journal line's flags: failed; and its effect may be there
+
+
+def line_flags(record: dict[str, Any]) -> int:
+    """What the done set needs of a journal line beside its digest: failed, and whether that
+    failure may have taken effect (a lost answer, a 5xx)."""
+    if record.get("outcome") != Outcome.FAILED:
+        return 0
+    maybe = record.get("effect_unknown") or record.get("code") in (None, 99500)
+    return FAILED | (MAYBE_APPLIED if maybe else 0)
+
 
 def finished_targets(
     run_dir: Path,
     *,
     retry_failed: bool,
     cursor: JournalCursor | None = None,
-    visit: Callable[[dict[str, Any], int], None] | None = None,
+    visit: Callable[[dict[str, Any], int, int], None] | None = None,
     found: Finished | None = None,
 ) -> Finished:
     """Digests of the targets already final in the journal (failed ones too, unless retried).
 
     A failed target that is retried and whose failure may have taken effect (a lost answer,
     a 5xx) is remembered: if its retry finds nothing, that is `effect_unknown`. `visit` sees
-    every record too (with its digest), and `cursor` ends past the last one (the summary's
-    counts ride along). `found`: what a checkpoint gave for the lines before the cursor.
+    every record too (with its digest and flags), and `cursor` ends past the last one (the
+    summary's counts ride along). `found`: what a checkpoint gave for the lines before it.
     """
     found = found or Finished()
     with gc_paused():
         for record in read_journal(run_dir / RESULTS_FILE, cursor):
-            digest = key_digest(record_key(record))
+            digest, flags = key_digest(record_key(record)), line_flags(record)
             if visit is not None:
-                visit(record, digest)
-            if retry_failed and record["outcome"] == Outcome.FAILED:
-                found.done.discard(digest)
-                if record.get("effect_unknown") or record.get("code") in (None, 99500):
-                    found.retried_maybe_applied.add(digest)
-                continue
-            found.done.add(digest)
+                visit(record, digest, flags)
+            found.take(digest, flags, retry_failed=retry_failed)
     return found
 
 

@@ -29,7 +29,7 @@ from worker.appendlog import iso, repair_tail
 from worker.audit import AUDIT_FILE, AuditLog, who_and_where
 from worker.decide import Retrying
 from worker.dryrun import Probe, probe
-from worker.engine import Engine, EngineSettings, StopReason
+from worker.engine import Engine, EngineSettings, Recorder, StopReason
 from worker.enos.client import EnOSClient
 from worker.errors import EnOSError
 from worker.htmlreport import write_report
@@ -50,7 +50,7 @@ from worker.rundir import (
     write_summary,
 )
 from worker.runstate import ExitCode, Manifest, Segment, Summary
-from worker.verify import SETTLE_S, VERIFY_FILE, Drive, EngineFactory, VerifyCounts, sweep
+from worker.verify import SETTLE_S, VERIFY_FILE, Drive, VerifyCounts, sweep
 
 log = structlog.get_logger("worker.run")
 
@@ -287,10 +287,14 @@ async def verify_run(options: RunOptions, out: TextIO | None = None) -> int:
             (out or sys.stderr).write(f"worker: verify stopped: {problem}\n")
             return ExitCode.ABORTED
         settings = EngineSettings(concurrency=limits.concurrency, policy=options.policy(),
-                                  attempt_timeout=limits.timeout)  # fmt: skip
-        factory = EngineFactory(client, limiter_for(limits), settings, options.seed)
-        counts, engine = await sweep(run_dir, factory, _drive_sweep(out, progress=options.progress),
-                                     settle_s=options.verify_settle_s)  # fmt: skip
+                                  attempt_timeout=limits.timeout, dry_run=True)  # fmt: skip
+        limiter, rng = limiter_for(limits), random.Random(options.seed)
+
+        def engine_for(recorder: Recorder) -> Engine:
+            return Engine(client, recorder, limiter, settings, rng=rng)
+
+        drive = _drive_sweep(out, progress=options.progress)
+        counts, engine = await sweep(run_dir, engine_for, drive, settle_s=options.verify_settle_s)
     _record_sweep(run_dir, counts, out)
     if engine.stop_reason is StopReason.FATAL:
         return ExitCode.ABORTED
@@ -388,7 +392,7 @@ def _leave_checkpoint(run_dir: Path, counted: RunTally) -> None:
     """What this pass counted, for the next resume (a cache: failing to write it loses
     nothing, the next resume reads the journal)."""
     try:
-        checkpoint.write(run_dir, counted.cursor.offset, counted.state(), bytes(counted.done))
+        checkpoint.write(run_dir, counted.cursor, counted.state(), bytes(counted.done))
     except OSError as exc:
         log.warning("worker.checkpoint_not_written", why=str(exc))
 
@@ -397,21 +401,15 @@ def _serve_metrics(
     metrics: RunMetrics, address: MetricsAddress, engine: Engine, pending: int
 ) -> str | None:
     """The gauges read from the engine, then the server; what stops it (a port taken)."""
-    progress, limiter = engine.progress, engine.limiter
+    progress = engine.progress
     metrics.gauge("worker_requests_in_flight", "requests sent and not answered yet",
                   lambda: progress.in_flight)  # fmt: skip
     metrics.gauge("worker_targets_waiting", "targets waiting out a retry's backoff",
                   lambda: progress.waiting)  # fmt: skip
-    metrics.gauge("worker_rate_allowed", "requests per second allowed now (-1: unlimited)",
-                  lambda: -1.0 if limiter.rate is None else limiter.rate)  # fmt: skip
     metrics.gauge("worker_targets_pending", "targets of this segment without a final result",
                   lambda: pending - progress.finished)  # fmt: skip
-    try:
-        port = metrics.serve(address)
-    except OSError as exc:
-        return f"--metrics-port {address.host}:{address.port}: {exc.strerror}; nothing was sent"
-    log.info("worker.metrics_serving", url=f"http://{address.host}:{port}/metrics")
-    return None
+    problem = metrics.serve(address, engine.limiter)
+    return None if problem is None else f"{problem}; nothing was sent"
 
 
 def _batching_record(engine: Engine, limits: Limits) -> dict[str, Any] | None:

@@ -123,6 +123,13 @@ class Manifest:
             shard=data.get("shard"),
         )
 
+    def changes(self, job_sha256: str, targets_sha256: str) -> list[tuple[str, str, str]]:
+        """(what, sha256 then, sha256 now) for the job file and the target list, where they
+        differ from this run's: resuming would mix two runs."""
+        pairs = (("job file", self.job_sha256, job_sha256),
+                 ("target list", self.targets_sha256, targets_sha256))  # fmt: skip
+        return [(name, then, now) for name, then, now in pairs if then != now]
+
     @property
     def last_exit_code(self) -> int | None:
         """The exit code the last segment ended with (None: it never ended)."""

@@ -48,7 +48,7 @@ from worker.ratelimit import RateLimiter
 from worker.reportdata import RunTally, read_for_resume
 from worker.rundir import Finished, read_manifest, run_dir_lock
 from worker.runner import RunControl, RunOptions, execute, limiter_for, new_manifest
-from worker.runstate import ExitCode
+from worker.runstate import ExitCode, Manifest
 from worker.settings import resolve_gateway
 
 log = structlog.get_logger("worker.watch")
@@ -155,7 +155,7 @@ class Watcher:
 
     def _serve_metrics(self, address: MetricsAddress) -> None:
         """One server for the watcher: every job's requests and results, and its own state."""
-        metrics, limiter = self.metrics, self.limiter
+        metrics = self.metrics
         assert metrics is not None
         metrics.gauge("worker_jobs_running", "spooled jobs being run by this watcher",
                       lambda: len(self.controls))  # fmt: skip
@@ -163,16 +163,9 @@ class Watcher:
                       lambda: len(waiting(self.options.spool)))  # fmt: skip
         metrics.gauge("worker_jobs_settled", "jobs this watcher moved to done/ or failed/",
                       lambda: len(self.settled))  # fmt: skip
-        metrics.gauge("worker_rate_allowed", "requests per second allowed now, shared by the "
-                      "jobs (-1: unlimited)",
-                      lambda: -1.0 if limiter.rate is None else limiter.rate)  # fmt: skip
-        try:
-            port = metrics.serve(address)
-        except OSError as exc:
-            raise UsageError(
-                f"--metrics-port {address.host}:{address.port}: {exc.strerror}"
-            ) from None
-        log.info("worker.metrics_serving", url=f"http://{address.host}:{port}/metrics")
+        problem = metrics.serve(address, self.limiter)  # the rate the jobs share
+        if problem is not None:
+            raise UsageError(problem)
 
     async def run(self) -> int:
         """Watch until SIGINT/SIGTERM (or, with once, until nothing is left); returns 0, 4 when
@@ -262,13 +255,11 @@ class Watcher:
             if self._stopping():
                 return
             try:
-                job, plan_, finished, counted = await anyio.to_thread.run_sync(
-                    lambda: _read(job_file, run_dir)
-                )
+                job, plan_, read = await anyio.to_thread.run_sync(lambda: _read(job_file, run_dir))
             except (JobFileError, UsageError) as exc:
                 settle(job_file, ExitCode.USAGE, error=str(exc))
                 return
-            code = await self._execute(job, plan_, (finished, counted), run_dir, control)
+            code = await self._execute(job, plan_, read, run_dir, control)
             if code == ExitCode.INTERRUPTED and self._stopping():
                 log.info("worker.job_left_resumable", job=job_file.name)
                 return  # stays in running/: the next watcher resumes it
@@ -281,23 +272,22 @@ class Watcher:
         self,
         job: Job,
         plan_: Plan,
-        read: tuple[Finished, RunTally],
+        read: Read,
         run_dir: Path,
         control: RunControl,
     ) -> int:
         options = self.options
-        finished, counted = read
+        finished, counted, earlier = read
         gateway = resolve_gateway(options.gateway, job, insecure=options.insecure)
         limits = replace(job.limits, rate=options.limits.rate, adaptive=options.limits.adaptive)
-        resuming = (run_dir / "run.json").exists()
+        resuming = earlier is not None
         run = RunOptions(
             gateway, options.credentials, limits, run_dir, resume=resuming, progress=False,
             ca_bundle=options.ca_bundle, backoff_base_s=options.backoff_base_s,
             backoff_cap_s=options.backoff_cap_s,
         )  # fmt: skip
-        manifest = read_manifest(run_dir) if resuming else new_manifest(job, plan_, run)
-        if resuming:
-            manifest.targets = plan_.total
+        manifest = earlier if earlier is not None else new_manifest(job, plan_, run)
+        manifest.targets = plan_.total
         log.info("worker.job_starting", run_dir=str(run_dir), resuming=resuming,
                  targets=plan_.total, already_final=len(finished.done))  # fmt: skip
         return await execute(job, plan_, run, manifest=manifest, finished=finished,
@@ -322,7 +312,10 @@ class Watcher:
                         control.cancel()
 
 
-def _read(job_file: Path, run_dir: Path) -> tuple[Job, Plan, Finished, RunTally]:
+Read = tuple[Finished, RunTally, Manifest | None]  # what is final, the counts, the run so far
+
+
+def _read(job_file: Path, run_dir: Path) -> tuple[Job, Plan, Read]:
     """The job, its plan and (when resuming) what is already final: off the event loop."""
     job = load_job(job_file)
     resuming = (run_dir / "run.json").exists()
@@ -332,11 +325,10 @@ def _read(job_file: Path, run_dir: Path) -> tuple[Job, Plan, Finished, RunTally]
     plan_ = plan(job, done=finished.done if resuming else None)
     if plan_.total == 0:
         raise UsageError(f"{job_file.name} lists no targets; nothing to do")
-    if resuming:
-        manifest = read_manifest(run_dir)
-        if manifest.job_sha256 != job.sha256 or manifest.targets_sha256 != plan_.targets_sha256:
-            raise UsageError(
-                f"{job_file.name} or its targets changed since its run started; it is not "
-                "resumed (drop it in again under a new name to start a new run)"
-            )
-    return job, plan_, finished, counted
+    manifest = read_manifest(run_dir) if resuming else None
+    if manifest is not None and manifest.changes(job.sha256, plan_.targets_sha256):
+        raise UsageError(
+            f"{job_file.name} or its targets changed since its run started; it is not "
+            "resumed (drop it in again under a new name to start a new run)"
+        )
+    return job, plan_, (finished, counted, manifest)

@@ -17,7 +17,6 @@ sent to change things.
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ import orjson
 import structlog
 
 from worker.appendlog import AppendLog, iso
-from worker.engine import Engine, EngineSettings, StopReason
+from worker.engine import Engine, Recorder, StopReason
 from worker.journal import RESULTS_FILE, read_journal, record_key
 from worker.model import Attempt, Match, Outcome, Target, TargetResult, key_digest
 from worker.rundir import VERIFY_COUNTS_FILE, write_atomically
@@ -159,11 +158,12 @@ def _probe_target(line: dict[str, Any]) -> Target:
 
 
 Drive = Callable[[Engine, Iterator[tuple[int, Target]], int], Awaitable[StopReason]]
+EngineFor = Callable[[Recorder], Engine]  # the sweep's engine (dry run) around its recorder
 
 
 async def sweep(
     run_dir: Path,
-    engine_for: EngineFactory,
+    engine_for: EngineFor,
     drive: Drive,
     *,
     settle_s: float = SETTLE_S,
@@ -188,19 +188,3 @@ async def sweep(
     write_atomically(run_dir / VERIFY_COUNTS_FILE, orjson.dumps(counts.to_json()))
     log.info("worker.verify_finished", **counts.to_json())
     return counts, engine
-
-
-class EngineFactory:
-    """Builds the sweep's engine around its recorder (the caller owns the client)."""
-
-    def __init__(self, client: Any, limiter: Any, settings: EngineSettings, seed: int | None):
-        self.client, self.limiter, self.settings, self.seed = client, limiter, settings, seed
-
-    def __call__(self, recorder: _Sweep) -> Engine:
-        settings = EngineSettings(
-            concurrency=self.settings.concurrency,
-            policy=self.settings.policy,
-            attempt_timeout=self.settings.attempt_timeout,
-            dry_run=True,
-        )
-        return Engine(self.client, recorder, self.limiter, settings, rng=random.Random(self.seed))

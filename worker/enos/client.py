@@ -127,17 +127,7 @@ class EnOSClient:
         params = device_params(target)
         if target.command_id is not None:
             params.append(("commandId", target.command_id))
-        status, payload = await self._business("POST", p.ACTION_CANCEL, params, b"")
-        commands, unreadable, problem = read_commands(payload.get("data"), _command_id)
-        return CancelReply(
-            http_status=status,
-            code=p.CODE_OK,
-            msg=_text(payload.get("msg")),
-            request_id=_request_id(payload),
-            commands=commands,
-            unreadable=unreadable,
-            problem=problem,
-        )
+        return await self._cancel(params, _command_id)
 
     async def cancel_assets(self, targets: Sequence[Target]) -> CancelReply:
         """Cancel every cached command of several assets of one org in one call
@@ -146,8 +136,12 @@ class EnOSClient:
         first = targets[0]
         first.check()
         params = [("orgId", first.org_id), ("assetId", ",".join(t.asset_id or "" for t in targets))]
+        return await self._cancel(params, _command_of_asset)
+
+    async def _cancel(self, params: Params, read: Callable[[object], Command | str]) -> CancelReply:
+        """One cancel call and its code-0 answer, each listed command read by `read`."""
         status, payload = await self._business("POST", p.ACTION_CANCEL, params, b"")
-        commands, unreadable, problem = read_commands(payload.get("data"), _command_of_asset)
+        commands, unreadable, problem = read_commands(payload.get("data"), read)
         return CancelReply(
             http_status=status,
             code=p.CODE_OK,
