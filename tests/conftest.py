@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator
 import pytest
 
 from worker.enos.client import EnOSClient
-from worker.enos.simstate import DEFAULT_ORG
-from worker.enos.simulator import Simulator, serve
 from worker.model import Credentials
+from worker.sim.simulator import Simulator, serve
+from worker.sim.state import DEFAULT_ORG
 
 APP_KEY = "5acb82e7-a11e-4300-9164-c8b20b638e8b"
 APP_SECRET = "test-secret-9f1c2b7e"

@@ -10,11 +10,11 @@ from typing import Any
 import orjson
 
 from tests.conftest import APP_KEY, APP_SECRET
-from worker.jobfile import load_job, plan
-from worker.metrics import MetricsAddress
+from worker.app.metrics import MetricsAddress
+from worker.app.run import RunOptions, execute, new_manifest
+from worker.jobs.jobfile import load_job, plan
 from worker.model import Credentials
-from worker.rundir import Finished, finished_targets, read_manifest
-from worker.runner import RunOptions, execute, new_manifest
+from worker.store.rundir import Finished, finished_targets, read_manifest
 
 
 def write_job(tmp_path: Path, body: str, name: str = "job.yaml") -> Path:

@@ -12,8 +12,8 @@ import pytest
 
 from tests.runs import resume_job, run_job, write_job
 from tests.simproc import run_worker
-from worker.auditverify import AuditBroken, verify
-from worker.enos.simulator import Faults, Simulator
+from worker.report.auditverify import AuditBroken, verify
+from worker.sim.simulator import Faults, Simulator
 
 pytestmark = pytest.mark.anyio
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
-from worker.batching import (
+from worker.core.batching import (
     LIST_CANCEL,
     BatchCore,
     BatchPlan,
@@ -18,10 +18,10 @@ from worker.batching import (
     groupable,
     planned_calls,
 )
-from worker.decide import Kind, Leave, Send, Situation, TargetCore, Wait
+from worker.core.decide import Kind, Leave, Send, Situation, TargetCore, Wait
+from worker.core.retry import RetryPolicy
 from worker.errors import EnOSError, RetryableError, TargetError
 from worker.model import CancelReply, Command, Match, Outcome, SearchPage, Target, TargetResult
-from worker.retry import RetryPolicy
 
 POLICY = RetryPolicy(attempts=3, base_s=0.0, cap_s=0.0)
 RUNNING = Situation()

@@ -22,9 +22,9 @@ from tests.simproc import run_worker
 from worker import logs
 from worker.enos import protocol as p
 from worker.enos.client import EnOSClient
-from worker.enos.simulator import Simulator, serve
 from worker.errors import RateLimitedError, RetryableError
 from worker.model import Credentials, Target
+from worker.sim.simulator import Simulator, serve
 
 pytestmark = pytest.mark.anyio
 TARGET = Target(org_id=ORG, asset_id="as000001")

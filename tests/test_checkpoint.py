@@ -9,11 +9,11 @@ import pytest
 
 from tests.conftest import APP_KEY, APP_SECRET
 from tests.runs import results, resume_job, run_job, summary, write_job
-from worker import checkpoint
-from worker.auditverify import verify
-from worker.enos.simulator import Faults, Simulator, serve
-from worker.report import tally
-from worker.reportdata import read_for_resume, tally_with_details
+from worker.report.auditverify import verify
+from worker.report.details import read_for_resume, tally_with_details
+from worker.report.summary import tally
+from worker.sim.simulator import Faults, Simulator, serve
+from worker.store import checkpoint
 
 pytestmark = pytest.mark.anyio
 

@@ -13,8 +13,6 @@ from tests.conftest import APP_KEY, APP_SECRET, ORG
 from worker.enos import protocol as p
 from worker.enos.client import EnOSClient, parse_retry_after
 from worker.enos.signing import request_signature
-from worker.enos.simstate import PRODUCT_KEYS, generated_command_id
-from worker.enos.simulator import Faults, Simulator
 from worker.errors import (
     AuthError,
     FatalError,
@@ -25,6 +23,8 @@ from worker.errors import (
     TargetError,
 )
 from worker.model import Credentials, Target
+from worker.sim.simulator import Faults, Simulator
+from worker.sim.state import PRODUCT_KEYS, generated_command_id
 
 pytestmark = pytest.mark.anyio
 

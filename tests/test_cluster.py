@@ -21,12 +21,12 @@ from aiohttp import web
 from tests.gateways import answer, gateway, served
 from tests.runs import results, run_job, write_job
 from tests.simproc import run_worker, sim_get, simulator_process, worker_env
-from worker.cli import HANDLERS
-from worker.cliargs import build_parser
-from worker.jobfile import load_job, plan, run_targets
-from worker.metrics import MetricsAddress
+from worker.app.metrics import MetricsAddress
+from worker.cli.grammar import build_parser
+from worker.cli.main import HANDLERS
+from worker.jobs.jobfile import load_job, plan, run_targets
+from worker.jobs.units import parse_shard
 from worker.model import Shard
-from worker.units import parse_shard
 
 DEPLOY = Path(__file__).parent.parent / "deploy" / "kubernetes"
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from worker.decide import (
+from worker.core.decide import (
     RUNNING,
     Finish,
     Kind,
@@ -23,6 +23,7 @@ from worker.decide import (
     TargetCore,
     Wait,
 )
+from worker.core.retry import RetryPolicy, Verdict
 from worker.errors import (
     AuthError,
     EnOSError,
@@ -34,7 +35,6 @@ from worker.errors import (
     UnreadableAnswerError,
 )
 from worker.model import CancelReply, Command, Outcome, SearchPage, Target
-from worker.retry import RetryPolicy, Verdict
 
 ORG = "o15541858646501"
 ALL = Target(org_id=ORG, asset_id="as000001")

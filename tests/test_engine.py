@@ -9,11 +9,11 @@ import anyio.lowlevel
 import pytest
 
 from tests.fakes import FakeCanceller, MarkRecorder, MemoryRecorder, assets, ok
-from worker.engine import Engine, EngineSettings, StopReason
+from worker.core.engine import Engine, EngineSettings, StopReason
+from worker.core.ratelimit import RateLimiter
+from worker.core.retry import RetryPolicy
 from worker.errors import AuthError, RetryableError, TargetError
 from worker.model import AbortRule, CancelReply, Command, Outcome, SearchPage, Target
-from worker.ratelimit import RateLimiter
-from worker.retry import RetryPolicy
 
 pytestmark = pytest.mark.anyio
 FAST = RetryPolicy(attempts=4, base_s=0.001, cap_s=0.002)

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from worker.errors import JobFileError
-from worker.jobfile import JOB_KEYS, LIMIT_KEYS, TARGET_KEYS, load_job, plan, run_targets
+from worker.jobs.jobfile import JOB_KEYS, LIMIT_KEYS, TARGET_KEYS, load_job, plan, run_targets
 
 settings.register_profile(
     "ci", max_examples=120, derandomize=True, deadline=3000, database=None,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from worker.errors import JobFileError
-from worker.jobfile import load_job, plan
+from worker.jobs.jobfile import load_job, plan
 
 HEAD = "version: 1\nname: t\norg_id: o1\n"
 LAUGHS = (

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from worker.errors import JobFileError
-from worker.jobfile import load_job, plan, run_targets
+from worker.jobs.jobfile import load_job, plan, run_targets
+from worker.jobs.units import parse_duration
 from worker.model import Target
-from worker.units import parse_duration
 
 HEAD = "version: 1\nname: t\norg_id: o1\n"
 

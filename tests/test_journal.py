@@ -9,14 +9,14 @@ import orjson
 import pytest
 
 from tests.runs import resume_job, run_job, write_job
-from worker.appendlog import repair_tail
-from worker.audit import AuditLog
-from worker.htmlreport import render_html
-from worker.journal import read_journal
 from worker.model import Limits
-from worker.reportdata import Details, RunReport, RunTally, tally_with_details
-from worker.rundir import AdmissionMark, finished_targets
-from worker.runstate import Manifest, Summary
+from worker.report.details import Details, RunReport, RunTally, tally_with_details
+from worker.report.html import render_html
+from worker.store.appendlog import repair_tail
+from worker.store.audit import AuditLog
+from worker.store.journal import read_journal
+from worker.store.rundir import AdmissionMark, finished_targets
+from worker.store.state import Manifest, Summary
 
 
 def lines(path: Path) -> list[bytes]:

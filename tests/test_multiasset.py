@@ -13,10 +13,10 @@ from tests.conftest import APP_KEY, APP_SECRET, ORG
 from tests.runs import results, run_job, summary, write_job
 from tests.simproc import run_worker, sim_get, simulator_process
 from tests.test_operate import assert_one_line_per_target, kill_9_midway
-from worker.auditverify import verify
-from worker.enos.simulator import Faults, Simulator, serve
 from worker.errors import JobFileError
-from worker.jobfile import load_job, plan
+from worker.jobs.jobfile import load_job, plan
+from worker.report.auditverify import verify
+from worker.sim.simulator import Faults, Simulator, serve
 
 pytestmark = pytest.mark.anyio
 

@@ -17,9 +17,9 @@ import pytest
 from tests.conftest import ORG
 from tests.runs import results, resume_job, run_job, summary, write_job
 from tests.simproc import run_worker, sim_get, sim_post, simulator_process, worker_env
-from worker import runner
-from worker.enos.simulator import Faults, Simulator
+from worker.app import run as runner
 from worker.model import Target
+from worker.sim.simulator import Faults, Simulator
 
 HEAD = "version: 1\nname: ops\norg_id: o15541858646501\n"
 

@@ -6,9 +6,9 @@ import random
 
 import pytest
 
+from worker.core.ratelimit import OVERLOAD_K, RECOVERY_S, RateChange, RateLimiter
+from worker.core.retry import RetryPolicy, Verdict
 from worker.errors import AuthError, RateLimitedError, RetryableError, TargetError
-from worker.ratelimit import OVERLOAD_K, RECOVERY_S, RateChange, RateLimiter
-from worker.retry import RetryPolicy, Verdict
 
 
 class FakeClock:

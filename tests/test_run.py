@@ -9,9 +9,9 @@ import pytest
 
 from tests.conftest import APP_KEY, APP_SECRET, ORG
 from tests.runs import results, run_job, summary, write_job
-from worker.enos.simstate import PRODUCT_KEYS, generated_command_id
-from worker.enos.simulator import Faults, Simulator
 from worker.model import Credentials
+from worker.sim.simulator import Faults, Simulator
+from worker.sim.state import PRODUCT_KEYS, generated_command_id
 
 pytestmark = pytest.mark.anyio
 

@@ -14,20 +14,20 @@ from tests.fakes import FakeCanceller, MemoryRecorder, ok
 from tests.runs import results, run_job, summary, write_job
 from tests.simproc import run_worker, sim_get, simulator_process
 from tests.test_operate import kill_9_midway
-from worker.auditverify import verify
-from worker.engine import Engine, EngineSettings
-from worker.enos.simstate import (
+from worker.core.engine import Engine, EngineSettings
+from worker.core.ratelimit import RateLimiter
+from worker.core.retry import RetryPolicy
+from worker.errors import JobFileError, RetryableError, TargetError
+from worker.jobs.jobfile import load_job, plan
+from worker.model import Command, Match, Outcome, SearchPage, Target
+from worker.report.auditverify import verify
+from worker.sim.simulator import Simulator, serve
+from worker.sim.state import (
     SEEDED_COMMANDS,
     SEEDED_SPACING_MS,
     DeviceStore,
     generated_command_id,
 )
-from worker.enos.simulator import Simulator, serve
-from worker.errors import JobFileError, RetryableError, TargetError
-from worker.jobfile import load_job, plan
-from worker.model import Command, Match, Outcome, SearchPage, Target
-from worker.ratelimit import RateLimiter
-from worker.retry import RetryPolicy
 
 pytestmark = pytest.mark.anyio
 DEVICES = range(1, 41)

@@ -13,9 +13,9 @@ from tests.conftest import APP_KEY, APP_SECRET, ORG
 from worker.enos import protocol as p
 from worker.enos.client import EnOSClient
 from worker.enos.signing import request_signature, token_encryption
-from worker.enos.simstate import ExpressionError, SimCommand, parse_expression
-from worker.enos.simulator import Faults, Simulator
 from worker.model import Target
+from worker.sim.simulator import Faults, Simulator
+from worker.sim.state import ExpressionError, SimCommand, parse_expression
 
 pytestmark = pytest.mark.anyio
 

@@ -22,10 +22,10 @@ from tests.gateways import answer, gateway, served
 from tests.runs import results
 from tests.simproc import sim_get, simulator_process, worker_env
 from tests.test_cluster import free_port
-from worker.enos.simulator import Simulator, serve
-from worker.metrics import MetricsAddress
+from worker.app.metrics import MetricsAddress
+from worker.app.watch import Watcher, WatchOptions, prepare, waiting
 from worker.model import Credentials, Limits
-from worker.spool import Watcher, WatchOptions, prepare, waiting
+from worker.sim.simulator import Simulator, serve
 
 pytestmark = pytest.mark.anyio
 

@@ -13,12 +13,12 @@ import pytest
 from tests.conftest import APP_KEY, APP_SECRET, ORG
 from tests.runs import results, run_job, summary, write_job
 from tests.simproc import run_worker, simulator_process
-from worker.auditverify import verify
+from worker.app.run import RunOptions, verify_run
 from worker.enos import protocol as p
-from worker.enos.simstate import SimCommand
-from worker.enos.simulator import Simulator, serve
 from worker.model import Credentials, Limits
-from worker.runner import RunOptions, verify_run
+from worker.report.auditverify import verify
+from worker.sim.simulator import Simulator, serve
+from worker.sim.state import SimCommand
 
 pytestmark = pytest.mark.anyio
 

@@ -149,11 +149,19 @@ def test_token_body_is_the_documented_json() -> None:
     assert body["timestamp"] == "1500"
 
 
-@pytest.mark.parametrize(
-    "module",
-    ["worker.settings", "worker.report", "worker.runstate", "worker.model", "worker.decide",
-     "worker.engine", "worker.rundir", "worker.units"],
-)  # fmt: skip
+LIGHT_MODULES = [
+    "worker.app.settings",
+    "worker.report.summary",
+    "worker.store.state",
+    "worker.model",
+    "worker.core.decide",
+    "worker.core.engine",
+    "worker.store.rundir",
+    "worker.jobs.units",
+]
+
+
+@pytest.mark.parametrize("module", LIGHT_MODULES)
 def test_light_modules_load_neither_aiohttp_nor_yaml(module: str) -> None:
     """design.md: importing settings, model or report (and the engine's core) must not load
     aiohttp or YAML; checked in a fresh interpreter."""

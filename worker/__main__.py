@@ -1,5 +1,5 @@
 """`python -m worker` is the same as the `worker` console script."""
 
-from worker.cli import main
+from worker.cli.main import main
 
 raise SystemExit(main())

@@ -24,24 +24,26 @@ import anyio
 import orjson
 import structlog
 
-from worker import __version__, checkpoint
-from worker.appendlog import iso, repair_tail
-from worker.audit import AUDIT_FILE, AuditLog, who_and_where
-from worker.decide import Retrying
-from worker.dryrun import Probe, probe
-from worker.engine import Engine, EngineSettings, Recorder, StopReason
+from worker import __version__
+from worker.app.dryrun import Probe, probe
+from worker.app.metrics import MetricsAddress, RunMetrics
+from worker.app.sweep import SETTLE_S, VERIFY_FILE, Drive, VerifyCounts, sweep
+from worker.core.decide import Retrying
+from worker.core.engine import Engine, EngineSettings, Recorder, StopReason
+from worker.core.ratelimit import RateChange, RateLimiter
+from worker.core.retry import RetryPolicy, Verdict
 from worker.enos.client import EnOSClient
 from worker.errors import EnOSError
-from worker.htmlreport import write_report
-from worker.jobfile import Plan, run_targets
-from worker.journal import RESULTS_FILE, ResultJournal
-from worker.metrics import MetricsAddress, RunMetrics
+from worker.jobs.jobfile import Plan, run_targets
 from worker.model import Attempt, Credentials, Job, Limits, Target, TargetResult
-from worker.ratelimit import RateChange, RateLimiter
-from worker.report import JournalTally, build_summary, progress_loop, render
-from worker.reportdata import Details, RunTally, load_run
-from worker.retry import RetryPolicy, Verdict
-from worker.rundir import (
+from worker.report.details import Details, RunTally, load_run
+from worker.report.html import write_report
+from worker.report.summary import JournalTally, build_summary, progress_loop, render
+from worker.store import checkpoint
+from worker.store.appendlog import iso, repair_tail
+from worker.store.audit import AUDIT_FILE, AuditLog, who_and_where
+from worker.store.journal import RESULTS_FILE, ResultJournal
+from worker.store.rundir import (
     SUMMARY_FILE,
     AdmissionMark,
     Finished,
@@ -49,8 +51,7 @@ from worker.rundir import (
     write_manifest,
     write_summary,
 )
-from worker.runstate import ExitCode, Manifest, Segment, Summary
-from worker.verify import SETTLE_S, VERIFY_FILE, Drive, VerifyCounts, sweep
+from worker.store.state import ExitCode, Manifest, Segment, Summary
 
 log = structlog.get_logger("worker.run")
 

@@ -39,17 +39,17 @@ import orjson
 import structlog
 from anyio.abc import TaskGroup
 
-from worker.appendlog import iso
+from worker.app.metrics import MetricsAddress, RunMetrics
+from worker.app.run import RunControl, RunOptions, execute, limiter_for, new_manifest
+from worker.app.settings import resolve_gateway
+from worker.core.ratelimit import RateLimiter
 from worker.errors import JobFileError, UsageError
-from worker.jobfile import Plan, load_job, plan
-from worker.metrics import MetricsAddress, RunMetrics
+from worker.jobs.jobfile import Plan, load_job, plan
 from worker.model import Credentials, Job, Limits
-from worker.ratelimit import RateLimiter
-from worker.reportdata import RunTally, read_for_resume
-from worker.rundir import Finished, read_manifest, run_dir_lock
-from worker.runner import RunControl, RunOptions, execute, limiter_for, new_manifest
-from worker.runstate import ExitCode, Manifest
-from worker.settings import resolve_gateway
+from worker.report.details import RunTally, read_for_resume
+from worker.store.appendlog import iso
+from worker.store.rundir import Finished, read_manifest, run_dir_lock
+from worker.store.state import ExitCode, Manifest
 
 log = structlog.get_logger("worker.watch")
 SPOOL_DIRS = ("incoming", "running", "runs", "done", "failed")

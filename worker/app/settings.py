@@ -13,10 +13,10 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from worker.errors import UsageError, shown
+from worker.jobs.units import assets_per_call as checked_assets_per_call
+from worker.jobs.units import parse_duration, parse_rate, with_rate
 from worker.model import Credentials, Job, Limits
-from worker.rundir import LOCK_FILE
-from worker.units import assets_per_call as checked_assets_per_call
-from worker.units import parse_duration, parse_rate, with_rate
+from worker.store.rundir import LOCK_FILE
 
 ENV_KEY, ENV_SECRET, ENV_GATEWAY = "ENOS_APP_KEY", "ENOS_APP_SECRET", "ENOS_GATEWAY"
 

@@ -13,10 +13,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TextIO, TypeVar
 
-from worker.engine import Canceller, Engine, EngineSettings
+from worker.core.engine import Canceller, Engine, EngineSettings
+from worker.core.ratelimit import RateLimiter
+from worker.core.retry import RetryPolicy
 from worker.model import Attempt, Outcome, Target, TargetResult
-from worker.ratelimit import RateLimiter
-from worker.retry import RetryPolicy
 
 T = TypeVar("T")
 SHOWN = 20

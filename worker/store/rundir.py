@@ -4,8 +4,8 @@
 
     run.json        the manifest (job and target hashes, limits, segments), replaced atomically
     run.lock        flock'ed by the worker running the directory (released by the kernel)
-    results.jsonl   the journal: one final line per target (worker.journal)
-    audit.jsonl     every attempt, hash-chained (worker.audit)
+    results.jsonl   the journal: one final line per target (worker.store.journal)
+    audit.jsonl     every attempt, hash-chained (worker.store.audit)
     admitted        the admission high-water mark: every target at or below it may have been sent
     summary.json    the whole run's summary, replaced atomically
 """
@@ -23,11 +23,11 @@ from typing import Any
 
 import orjson
 
-from worker.appendlog import SyncedFile
 from worker.errors import UsageError
-from worker.journal import RESULTS_FILE, JournalCursor, read_journal, record_key
 from worker.model import Outcome, gc_paused, key_digest
-from worker.runstate import Manifest, Summary
+from worker.store.appendlog import SyncedFile
+from worker.store.journal import RESULTS_FILE, JournalCursor, read_journal, record_key
+from worker.store.state import Manifest, Summary
 
 MANIFEST_FILE = "run.json"
 LOCK_FILE = "run.lock"
@@ -61,7 +61,7 @@ def write_manifest(run_dir: Path, manifest: Manifest) -> None:
     write_atomically(run_dir / MANIFEST_FILE, data)
 
 
-VERIFY_COUNTS_FILE = "verify.json"  # the last verify sweep's counts (worker.verify)
+VERIFY_COUNTS_FILE = "verify.json"  # the last verify sweep's counts (worker.app.sweep)
 
 
 def read_verify_counts(run_dir: Path) -> dict[str, Any]:

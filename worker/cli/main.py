@@ -24,21 +24,11 @@ import anyio
 import orjson
 import structlog
 
-from worker import auditverify, dryrun, logs
-from worker.batching import planned_calls
-from worker.cliargs import CONFIRM_ABOVE, SIM_APP_KEY, SIM_APP_SECRET, build_parser
-from worker.enos.simulator import Faults, Simulator, serve
-from worker.errors import UsageError
-from worker.htmlreport import Totals, combine, write_report
-from worker.jobfile import Plan, all_targets, load_job, plan, run_targets
-from worker.metrics import MetricsAddress
-from worker.model import Credentials, Job, Limits, Shard
-from worker.report import render
-from worker.reportdata import RunReport, RunTally, load_run, read_for_resume
-from worker.rundir import Finished, read_manifest, run_dir_lock
-from worker.runner import RunOptions, dry_run, execute, new_manifest, verify_run
-from worker.runstate import ExitCode, Manifest
-from worker.settings import (
+from worker import logs
+from worker.app import dryrun
+from worker.app.metrics import MetricsAddress
+from worker.app.run import RunOptions, dry_run, execute, new_manifest, verify_run
+from worker.app.settings import (
     ca_bundle,
     check_gateway,
     load_credentials,
@@ -47,8 +37,20 @@ from worker.settings import (
     read_secret_file,
     resolve_gateway,
 )
-from worker.spool import Watcher, WatchOptions
-from worker.units import parse_shard
+from worker.app.watch import Watcher, WatchOptions
+from worker.cli.grammar import CONFIRM_ABOVE, SIM_APP_KEY, SIM_APP_SECRET, build_parser
+from worker.core.batching import planned_calls
+from worker.errors import UsageError
+from worker.jobs.jobfile import Plan, all_targets, load_job, plan, run_targets
+from worker.jobs.units import parse_shard
+from worker.model import Credentials, Job, Limits, Shard
+from worker.report import auditverify
+from worker.report.details import RunReport, RunTally, load_run, read_for_resume
+from worker.report.html import Totals, combine, write_report
+from worker.report.summary import render
+from worker.sim.simulator import Faults, Simulator, serve
+from worker.store.rundir import Finished, read_manifest, run_dir_lock
+from worker.store.state import ExitCode, Manifest
 
 log = structlog.get_logger("worker")
 T = TypeVar("T")

@@ -3,7 +3,7 @@
 The Cancel Command page says assetId "supports querying multiple assets, separated by commas";
 the sentence is boilerplate on other pages and no official sample uses it (enos-api.md §1.1).
 So lists are used only when the job asks (``limits.assets_per_call``), and the run watches
-what the gateway does with them. Like :mod:`worker.decide`, this module is pure: events in,
+what the gateway does with them. Like :mod:`worker.core.decide`, this module is pure: events in,
 actions out, no I/O, no loop.
 
 - :class:`BatchCore` is one call for several targets: by asset id, no command id, one org.
@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from worker.decide import (
+from worker.core.decide import (
     Action,
     Finish,
     Kind,
@@ -47,10 +47,10 @@ from worker.decide import (
     Wait,
     wait_or_leave,
 )
+from worker.core.retry import RetryPolicy, Verdict
 from worker.enos import protocol as p
 from worker.errors import EnOSError, TargetError
 from worker.model import CancelReply, Command, SearchPage, Target, TargetResult
-from worker.retry import RetryPolicy, Verdict
 
 LIST_CANCEL = Send(Kind.BATCH)
 _REFUSED_LIST_CODES = (p.CODE_NOT_FOUND, p.CODE_INVALID_PARAM)
@@ -201,7 +201,7 @@ class BatchCore:
     """One call for several targets' assets (``assetId=a1,a2,...``), from its first send to
     its members' results (or to their being left resumable).
 
-    It answers the engine's events like :class:`worker.decide.TargetCore`; a member's result
+    It answers the engine's events like :class:`worker.core.decide.TargetCore`; a member's result
     is made by the member's own core from the part of the answer that is its own.
     """
 

@@ -6,7 +6,7 @@ summary's and the report's counts) and ``done.bin`` (per journal line, in order:
 16-byte digest and a flags byte). A resume that finds the journal's first bytes unchanged (one
 sha256 pass, far cheaper than parsing a million JSON lines) starts from there and parses only the
 lines after the offset; the done set is replayed from ``done.bin`` with exactly the rules of
-:func:`worker.rundir.finished_targets`. Anything that does not match (a missing or damaged
+:func:`worker.store.rundir.finished_targets`. Anything that does not match (a missing or damaged
 file, an edited journal, another version's layout) is ignored: the journal is read as before. The
 checkpoint is a cache of the journal, never a record of its own.
 """
@@ -21,8 +21,8 @@ from typing import Any
 import orjson
 import structlog
 
-from worker.journal import RESULTS_FILE, JournalCursor
-from worker.rundir import Finished, write_atomically
+from worker.store.journal import RESULTS_FILE, JournalCursor
+from worker.store.rundir import Finished, write_atomically
 
 CHECKPOINT_FILE = "checkpoint.json"
 DONE_FILE = "done.bin"
@@ -38,7 +38,7 @@ def done_record(digest: int, flags: int) -> bytes:
 
 
 def replay(done: bytes, *, retry_failed: bool) -> Finished:
-    """The done set as :func:`worker.rundir.finished_targets` builds it, from done.bin."""
+    """The done set as :func:`worker.store.rundir.finished_targets` builds it, from done.bin."""
     found = Finished()
     for raw, flags in RECORD.iter_unpack(done):
         found.take(int.from_bytes(raw, "big"), flags, retry_failed=retry_failed)

@@ -29,7 +29,7 @@ from aiohttp import web
 
 from worker.enos import protocol as p
 from worker.enos.signing import request_signature, token_encryption
-from worker.enos.simstate import (
+from worker.sim.state import (
     DeviceStore,
     SimCommand,
     SimDevice,

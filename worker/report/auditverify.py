@@ -30,11 +30,11 @@ from typing import Any
 
 import orjson
 
-from worker.audit import AUDIT_FILE
-from worker.journal import RESULTS_FILE, record_key
 from worker.model import Outcome, gc_paused, key_digest
-from worker.report import build_summary, tally
-from worker.rundir import SUMMARY_FILE, read_manifest
+from worker.report.summary import build_summary, tally
+from worker.store.audit import AUDIT_FILE
+from worker.store.journal import RESULTS_FILE, record_key
+from worker.store.rundir import SUMMARY_FILE, read_manifest
 
 
 class AuditBroken(Exception):

@@ -23,19 +23,19 @@ from typing import Any
 
 import orjson
 
-from worker import checkpoint
-from worker.audit import AUDIT_FILE
-from worker.journal import RESULTS_FILE, JournalCursor, read_journal, record_key
 from worker.model import Outcome, gc_paused, key_digest
-from worker.report import JournalTally, Tally, build_summary
-from worker.rundir import (
+from worker.report.summary import JournalTally, Tally, build_summary
+from worker.store import checkpoint
+from worker.store.audit import AUDIT_FILE
+from worker.store.journal import RESULTS_FILE, JournalCursor, read_journal, record_key
+from worker.store.rundir import (
     Finished,
     finished_targets,
     line_flags,
     read_manifest,
     read_verify_counts,
 )
-from worker.runstate import ExitCode, Manifest, Summary
+from worker.store.state import ExitCode, Manifest, Summary
 
 LISTED = 1000
 LATENCY_EDGES_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)

@@ -16,8 +16,8 @@ from typing import Any
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from worker.core.ratelimit import RateLimiter
 from worker.model import Attempt, TargetResult
-from worker.ratelimit import RateLimiter
 
 log = structlog.get_logger("worker.metrics")
 

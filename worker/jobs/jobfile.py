@@ -27,6 +27,14 @@ import orjson
 import yaml
 
 from worker.errors import JobFileError, shown
+from worker.jobs.units import (
+    MAX_ASSETS_PER_CALL,
+    assets_per_call,
+    parse_duration,
+    parse_rate,
+    positive,
+    with_rate,
+)
 from worker.model import (
     DEFAULT_RATE,
     AbortRule,
@@ -40,14 +48,6 @@ from worker.model import (
     identity_key,
     key_digest,
     selector_problem,
-)
-from worker.units import (
-    MAX_ASSETS_PER_CALL,
-    assets_per_call,
-    parse_duration,
-    parse_rate,
-    positive,
-    with_rate,
 )
 
 JOB_KEYS = (

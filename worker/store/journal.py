@@ -1,6 +1,6 @@
 """results.jsonl: one final line per target, written as it happens; also the resume journal.
 
-Lines are written through :class:`worker.appendlog.AppendLog` (one ``os.write`` each, so
+Lines are written through :class:`worker.store.appendlog.AppendLog` (one ``os.write`` each, so
 ``kill -9`` loses nothing written). Reading back tolerates a torn last line, which only a
 machine crash can leave.
 """
@@ -15,8 +15,8 @@ from typing import Any
 import orjson
 import structlog
 
-from worker.appendlog import AppendLog, iso
 from worker.model import Target, TargetResult, identity_key
+from worker.store.appendlog import AppendLog, iso
 
 RESULTS_FILE = "results.jsonl"
 log = structlog.get_logger("worker.journal")

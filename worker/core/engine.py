@@ -1,6 +1,6 @@
 """The async driver of the per-target core: K workers, one shared limiter, parked retries.
 
-Every decision is :mod:`worker.decide`'s; this module only carries the actions out. A worker
+Every decision is :mod:`worker.core.decide`'s; this module only carries the actions out. A worker
 takes the next piece of work (a parked target whose wait is over, else a new target from the
 shared iterator), waits for a slot of the shared limiter, sends the call, tells the target's
 core what came back and does what it answers: send again, park the target, record its
@@ -34,8 +34,8 @@ from typing import Protocol
 import anyio
 import structlog
 
-from worker.batching import LIST_CANCEL, BatchCore, BatchPlan, Fanout, groupable
-from worker.decide import (
+from worker.core.batching import LIST_CANCEL, BatchCore, BatchPlan, Fanout, groupable
+from worker.core.decide import (
     PLAIN_CANCEL,
     Action,
     Finish,
@@ -47,6 +47,8 @@ from worker.decide import (
     TargetCore,
     Wait,
 )
+from worker.core.ratelimit import RateLimiter
+from worker.core.retry import RetryPolicy
 from worker.enos import protocol as p
 from worker.errors import EnOSError, RateLimitedError, RetryableError, UnreadableAnswerError
 from worker.model import (
@@ -59,9 +61,7 @@ from worker.model import (
     Target,
     TargetResult,
 )
-from worker.ratelimit import RateLimiter
-from worker.retry import RetryPolicy
-from worker.runstate import Progress
+from worker.store.state import Progress
 
 log = structlog.get_logger("worker.engine")
 
@@ -125,7 +125,7 @@ class EngineSettings:
     dry_run: bool = False  # search each target, cancel nothing
     verify: bool = True  # Get Command for evidence after a lost answer
     max_waiting: int = 0  # parked targets at most (0: 64 per worker, at least 4,096)
-    assets_per_call: int = 1  # > 1: targets by asset id share calls (worker.batching)
+    assets_per_call: int = 1  # > 1: targets by asset id share calls (worker.core.batching)
     batch_settle_s: float = 2.0  # after a trial list's answer, before its assets are searched
     trial_batches: int = 3  # lists verified before lists are trusted
 

@@ -29,9 +29,9 @@ import random
 from dataclasses import dataclass
 from enum import StrEnum
 
+from worker.core.retry import Decision, RetryPolicy, Verdict
 from worker.errors import EnOSError, RateLimitedError
 from worker.model import CancelReply, Command, Outcome, SearchPage, Target, TargetResult
-from worker.retry import Decision, RetryPolicy, Verdict
 
 
 class Kind(StrEnum):

@@ -28,11 +28,11 @@ import anyio
 import orjson
 import structlog
 
-from worker.appendlog import AppendLog, iso
-from worker.engine import Engine, Recorder, StopReason
-from worker.journal import RESULTS_FILE, read_journal, record_key
+from worker.core.engine import Engine, Recorder, StopReason
 from worker.model import Attempt, Match, Outcome, Target, TargetResult, key_digest
-from worker.rundir import VERIFY_COUNTS_FILE, write_atomically
+from worker.store.appendlog import AppendLog, iso
+from worker.store.journal import RESULTS_FILE, read_journal, record_key
+from worker.store.rundir import VERIFY_COUNTS_FILE, write_atomically
 
 VERIFY_FILE = "verify.jsonl"
 SETTLE_S = 2.0  # EnOS applies a cancel within about 2 s; searching sooner may see it pending

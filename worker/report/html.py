@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from worker.enos.protocol import CODE_MEANINGS
-from worker.reportdata import LATENCY_EDGES_MS, LISTED, Details, RunReport, write_followup
-from worker.runstate import Summary
+from worker.report.details import LATENCY_EDGES_MS, LISTED, Details, RunReport, write_followup
+from worker.store.state import Summary
 
 OUTCOMES = ("cancelled", "nothing_to_cancel", "failed")
 COLOURS = {"cancelled": "#2da44e", "nothing_to_cancel": "#8c959f", "failed": "#cf222e"}

@@ -17,8 +17,8 @@ from typing import Any
 
 import orjson
 
-from worker.appendlog import AppendLog, iso, last_line
 from worker.model import Attempt
+from worker.store.appendlog import AppendLog, iso, last_line
 
 AUDIT_FILE = "audit.jsonl"
 
