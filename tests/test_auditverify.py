@@ -13,7 +13,8 @@ import pytest
 from tests.runs import resume_job, run_job, write_job
 from tests.simproc import run_worker
 from worker.report.auditverify import AuditBroken, verify
-from worker.sim.simulator import Faults, Simulator
+from worker.sim.faults import Faults
+from worker.sim.simulator import Simulator
 
 pytestmark = pytest.mark.anyio
 

@@ -17,7 +17,8 @@ import pytest
 from tests.conftest import ORG
 from tests.runs import results, resume_job, run_job, write_job
 from worker.report.auditverify import verify
-from worker.sim.simulator import Faults, Simulator
+from worker.sim.faults import Faults
+from worker.sim.simulator import Simulator
 
 pytestmark = pytest.mark.anyio
 TARGETS = range(1, 61)

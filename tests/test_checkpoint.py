@@ -12,7 +12,8 @@ from tests.runs import results, resume_job, run_job, summary, write_job
 from worker.report.auditverify import verify
 from worker.report.details import read_for_resume, tally_with_details
 from worker.report.summary import tally
-from worker.sim.simulator import Faults, Simulator, serve
+from worker.sim.faults import Faults
+from worker.sim.simulator import Simulator, serve
 from worker.store import checkpoint
 
 pytestmark = pytest.mark.anyio

@@ -11,7 +11,8 @@ import structlog
 
 from tests.conftest import APP_KEY, APP_SECRET, ORG
 from worker.enos import protocol as p
-from worker.enos.client import EnOSClient, parse_retry_after
+from worker.enos.answers import parse_retry_after
+from worker.enos.client import EnOSClient
 from worker.enos.signing import request_signature
 from worker.errors import (
     AuthError,
@@ -23,7 +24,8 @@ from worker.errors import (
     TargetError,
 )
 from worker.model import Credentials, Target
-from worker.sim.simulator import Faults, Simulator
+from worker.sim.faults import Faults
+from worker.sim.simulator import Simulator
 from worker.sim.state import PRODUCT_KEYS, generated_command_id
 
 pytestmark = pytest.mark.anyio

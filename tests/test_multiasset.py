@@ -16,7 +16,8 @@ from tests.test_operate import assert_one_line_per_target, kill_9_midway
 from worker.errors import JobFileError
 from worker.jobs.jobfile import load_job, plan
 from worker.report.auditverify import verify
-from worker.sim.simulator import Faults, Simulator, serve
+from worker.sim.faults import Faults
+from worker.sim.simulator import Simulator, serve
 
 pytestmark = pytest.mark.anyio
 

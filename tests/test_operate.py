@@ -19,7 +19,8 @@ from tests.runs import results, resume_job, run_job, summary, write_job
 from tests.simproc import run_worker, sim_get, sim_post, simulator_process, worker_env
 from worker.app import run as runner
 from worker.model import Target
-from worker.sim.simulator import Faults, Simulator
+from worker.sim.faults import Faults
+from worker.sim.simulator import Simulator
 
 HEAD = "version: 1\nname: ops\norg_id: o15541858646501\n"
 

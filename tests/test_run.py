@@ -10,7 +10,8 @@ import pytest
 from tests.conftest import APP_KEY, APP_SECRET, ORG
 from tests.runs import results, run_job, summary, write_job
 from worker.model import Credentials
-from worker.sim.simulator import Faults, Simulator
+from worker.sim.faults import Faults
+from worker.sim.simulator import Simulator
 from worker.sim.state import PRODUCT_KEYS, generated_command_id
 
 pytestmark = pytest.mark.anyio

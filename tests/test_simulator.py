@@ -14,8 +14,10 @@ from worker.enos import protocol as p
 from worker.enos.client import EnOSClient
 from worker.enos.signing import request_signature, token_encryption
 from worker.model import Target
-from worker.sim.simulator import Faults, Simulator
-from worker.sim.state import ExpressionError, SimCommand, parse_expression
+from worker.sim.expression import ExpressionError, parse_expression
+from worker.sim.faults import Faults
+from worker.sim.simulator import Simulator
+from worker.sim.state import SimCommand
 
 pytestmark = pytest.mark.anyio
 

@@ -48,7 +48,8 @@ from worker.report import auditverify
 from worker.report.details import RunReport, RunTally, load_run, read_for_resume
 from worker.report.html import Totals, combine, write_report
 from worker.report.summary import render
-from worker.sim.simulator import Faults, Simulator, serve
+from worker.sim.faults import Faults
+from worker.sim.simulator import Simulator, serve
 from worker.store.rundir import Finished, read_manifest, run_dir_lock
 from worker.store.state import ExitCode, Manifest
 

@@ -1,0 +1,331 @@
+"""Reading the gateway's answers: pure functions from (status, headers, bytes) to typed replies
+or classified errors. No I/O, no clock (but Retry-After's HTTP date), no aiohttp: the client
+sends, this module decides what came back, and tests drive it with plain bytes.
+
+Nothing the gateway says is trusted: every string kept is capped and masked
+(:func:`gateway_text`), ids are bounded, odd shapes become "unreadable", never a clean nothing.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import math
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import orjson
+import structlog
+
+from worker import redact
+from worker.enos import protocol as p
+from worker.errors import (
+    AuthError,
+    FatalError,
+    PermissionDeniedError,
+    RateLimitedError,
+    RetryableError,
+    TargetError,
+)
+from worker.model import CancelReply, Command, SearchPage
+
+log = structlog.get_logger("worker.enos")
+Payload = dict[str, Any]  # a parsed JSON answer: the wire's shape, checked field by field here
+
+
+class TokenRejected(Exception):
+    """The gateway refused the access token (HTTP 401 or code 1203): renew once and retry."""
+
+
+def cancel_reply(
+    status: int, payload: Payload, read: Callable[[object], Command | str]
+) -> CancelReply:
+    """A code-0 answer to a cancel, each listed command read by `read`."""
+    commands, unreadable, problem = read_commands(payload.get("data"), read)
+    return CancelReply(
+        http_status=status,
+        code=p.CODE_OK,
+        msg=gateway_text(payload.get("msg")),
+        request_id=request_id_of(payload),
+        commands=commands,
+        unreadable=unreadable,
+        problem=problem,
+    )
+
+
+def got_command(payload: Payload) -> Command:
+    """The one command of a Get Command answer."""
+    command = command_of(payload.get("data"))
+    if isinstance(command, str):
+        raise malformed(f"get returned no readable command: {command}", payload)
+    return command
+
+
+def search_page(payload: Payload, page_size: int) -> SearchPage:
+    """One page of a Search Command answer, with every field a match looks at; commands whose
+    id cannot be read are only counted."""
+    commands, unreadable, _ = read_commands(payload.get("data"), command_full)
+    pagination = payload.get("pagination")
+    total = pagination.get("totalSize") if isinstance(pagination, dict) else None
+    return SearchPage(
+        commands,
+        total if type(total) is int else None,
+        unreadable,
+        page_size,
+        request_id_of(payload),
+    )
+
+
+def interpret(
+    status: int, headers: Mapping[str, str], raw: bytes, max_retry_after: float
+) -> dict[str, Any]:
+    """Map a business answer to its payload, or raise the classified error it stands for."""
+    if status != 200:
+        raise_for_http(status, headers, max_retry_after)
+    payload = json_object(raw)
+    code = payload.get("code")
+    if not isinstance(code, int) or isinstance(code, bool):
+        raise malformed("the answer has no integer 'code'", payload)
+    if code == p.CODE_OK:
+        return payload
+    message, request_id = gateway_text(payload.get("msg")), request_id_of(payload)
+    if code == p.TOKEN_EXPIRED:
+        raise TokenRejected
+    if code == p.CODE_NO_PERMISSION:
+        raise PermissionDeniedError(
+            f"no permission: {message}", code=code, http_status=status, request_id=request_id
+        )
+    if code == p.CODE_INTERNAL:
+        raise RetryableError(
+            f"internal error: {message}",
+            maybe_applied=True,
+            code=code,
+            http_status=status,
+            request_id=request_id,
+        )
+    raise TargetError(
+        message or f"code {code}", code=code, http_status=status, request_id=request_id
+    )
+
+
+def raise_for_http(status: int, headers: Mapping[str, str], max_retry_after: float) -> None:
+    if status == 401:
+        raise TokenRejected
+    if status == 403:
+        raise PermissionDeniedError("the gateway refused access (HTTP 403)", http_status=403)
+    if status == 429:
+        retry_after = capped_retry_after(headers.get("Retry-After"), max_retry_after)
+        raise RateLimitedError("rate limited (HTTP 429)", retry_after=retry_after, request_id=None)
+    if status >= 500:
+        raise RetryableError(f"gateway error HTTP {status}", maybe_applied=True, http_status=status)
+    if 300 <= status < 400:
+        raise FatalError(
+            f"the gateway answered HTTP {status} (a redirect); worker never follows one, since "
+            "it would resend signed calls elsewhere: pass the final API gateway URL as --gateway",
+            http_status=status,
+        )
+    if status == 404:
+        raise FatalError(
+            "the gateway has no such API (HTTP 404); check that --gateway is the API gateway's "
+            "base URL",
+            http_status=404,
+        )
+    raise TargetError(f"HTTP {status}", http_status=status)
+
+
+def token_reply(
+    status: int, headers: Mapping[str, str], raw: bytes, max_retry_after: float
+) -> tuple[str, float] | None:
+    """The (token, expire) of a token answer; None for a replay (1001); raise otherwise."""
+    if status in (401, 403):
+        raise AuthError(f"the token service refused the application (HTTP {status})")
+    if status != 200:
+        raise_for_http(status, headers, max_retry_after)
+    payload = json_object(raw)
+    outcome = payload.get("status")
+    data = payload.get("data")
+    if outcome == p.TOKEN_OK and isinstance(data, dict):
+        token, expire = data.get("accessToken"), data.get("expire")
+        if isinstance(token, str) and token and isinstance(expire, int | float) and expire > 0:
+            return token, float(expire)
+        raise malformed("the token answer has no accessToken/expire", payload)
+    if outcome == p.TOKEN_REPLAYED:
+        return None
+    if outcome == p.TOKEN_REFRESH_FAILED:
+        raise TokenRejected
+    if outcome == p.TOKEN_INTERNAL:
+        raise RetryableError("the token service failed (1005)", maybe_applied=False, code=1005)
+    raise AuthError(
+        f"the token service rejected the application credentials (status {gateway_text(outcome)}: "
+        f"{gateway_text(payload.get('msg'))}); check ENOS_APP_KEY and ENOS_APP_SECRET",
+        code=outcome if isinstance(outcome, int) else None,
+    )
+
+
+def capped_retry_after(value: str | None, cap: float) -> float | None:
+    """Retry-After, at most `cap` seconds: a gateway must not pause the run for days."""
+    wanted = parse_retry_after(value)
+    if wanted is not None and wanted > cap:
+        log.warning("worker.retry_after_capped", asked_s=gateway_text(value)[:40], used_s=cap)
+        return cap
+    return wanted
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date); None if absent/bad.
+    `inf` is kept (the caller caps it); `nan` is nonsense and ignored."""
+    if not value or len(value) > 64:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        pass
+    else:
+        return None if math.isnan(seconds) else max(0.0, seconds)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        payload = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise RetryableError(
+            f"the answer is not JSON ({len(raw)} bytes)", maybe_applied=True, http_status=200
+        ) from None
+    if not isinstance(payload, dict):
+        raise RetryableError("the answer is not a JSON object", maybe_applied=True, http_status=200)
+    return payload
+
+
+def malformed(what: str, payload: Mapping[str, Any]) -> RetryableError:
+    return RetryableError(
+        what, maybe_applied=True, http_status=200, request_id=request_id_of(payload)
+    )
+
+
+TEXT_CAP = 1000  # characters of gateway text kept in a record
+
+
+def gateway_text(value: object) -> str:
+    """Gateway text for a record: a string, capped, with every registered secret masked (the
+    gateway's text is never trusted)."""
+    text = value if type(value) is str else "" if value is None else str(value)
+    if len(text) > TEXT_CAP:
+        text = text[:TEXT_CAP] + "...[cut]"
+    return redact.scrub_text(text)
+
+
+def request_id_of(payload: Mapping[str, Any]) -> str | None:
+    value = payload.get("requestId")
+    return gateway_text(value)[:128] if value is not None else None
+
+
+def read_commands(
+    data: object, read: Callable[[object], Command | str] | None = None
+) -> tuple[tuple[Command, ...], int, str | None]:
+    """The commands of an answer's `data` (null is an empty list), tolerant of wire variants.
+
+    Returns (readable commands, how many listed commands had no readable id, the first
+    problem met). Never raises: a code-0 answer is a fact about the gateway (something was
+    cancelled), so what can be read is kept and the rest is said, not thrown away.
+    """
+    if data is None:
+        return (), 0, None
+    if not isinstance(data, list):
+        return (), 1, f"'data' is a {type(data).__name__}, not a list of commands"
+    commands: list[Command] = []
+    unreadable, problem = 0, None
+    read = read or command_of  # command_id_only for cancels, command_full for searches
+    for item in data:
+        command = read(item)
+        if isinstance(command, str):
+            unreadable += 1
+            problem = problem or command
+        else:
+            commands.append(command)
+    return tuple(commands), unreadable, problem
+
+
+def command_id_only(item: object) -> Command | str:
+    """Only the id: all a cancel's result needs (the hot path: three fields less to parse per
+    command of every answer). The id rules are those of :func:`command_of`."""
+    if type(item) is dict:
+        command_id = item.get("commandId")
+        if type(command_id) is str and 0 < len(command_id) <= ID_CAP:
+            return Command(command_id)
+    return command_of(item)
+
+
+def command_of_asset(item: object) -> Command | str:
+    """The id and the asset it belongs to (answers to a call for several assets)."""
+    command = command_id_only(item)
+    if isinstance(command, str):
+        return command
+    asset = item.get("assetId") if type(item) is dict else None
+    return command._replace(asset_id=asset if type(asset) is str and asset else None)
+
+
+def command_of(item: object) -> Command | str:
+    """One Command struct (createTime as number or string, name as I18n object or text), or
+    what makes it unreadable. Only the id is required; any other field may be odd.
+
+    ``type(x) is`` rather than isinstance: it is the hot path, and it also refuses bools."""
+    if type(item) is not dict:
+        return f"a command is a {type(item).__name__}, not an object"
+    command_id = item.get("commandId")
+    if type(command_id) is str:
+        if not command_id:
+            return "a command has no readable commandId"
+        if len(command_id) > ID_CAP:
+            command_id = command_id[:ID_CAP]
+    elif type(command_id) is int:
+        command_id = str(command_id)
+    else:
+        return "a command has no readable commandId"
+    name = item.get("commandName")
+    if type(name) is dict:
+        name = name.get("defaultValue")
+    state = item.get("state")
+    return Command(
+        command_id,
+        state if type(state) is int else None,
+        _int_or_none(item.get("createTime")),
+        name[:NAME_CAP] if type(name) is str else None,
+    )
+
+
+def command_full(item: object) -> Command | str:
+    """A command with every field a match looks at (search answers only)."""
+    command = command_of(item)
+    if isinstance(command, str):
+        return command
+    assert type(item) is dict
+    kind, tsl, name = item.get("commandType"), item.get("tslIdentifier"), item.get("commandName")
+    i18n = name.get("i18nValue") if type(name) is dict else None
+    names = tuple(
+        (str(locale)[:32], text[:NAME_CAP])
+        for locale, text in (i18n.items() if type(i18n) is dict else ())
+        if type(text) is str
+    )[:16]
+    return command._replace(
+        command_type=kind if type(kind) is int else None,
+        tsl_identifier=tsl[:NAME_CAP] if type(tsl) is str else None,
+        names=names,
+    )
+
+
+ID_CAP, NAME_CAP, EPOCH_MS_CAP = 128, 256, 10**15
+
+
+def _int_or_none(value: object) -> int | None:
+    """An epoch-ms number from a number or a numeric string; None for anything else (a
+    string of 5,000 digits, a superscript two that str.isdigit() accepts but int() refuses)."""
+    if type(value) is int:
+        return value if -EPOCH_MS_CAP < value < EPOCH_MS_CAP else None
+    if type(value) is str and 0 < len(value) <= 15 and value.isascii() and value.isdigit():
+        return int(value)
+    return None
