@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
+from worker.core.actions import Kind, Leave, Send, Situation, Wait
 from worker.core.batching import (
     LIST_CANCEL,
     BatchCore,
@@ -18,7 +19,7 @@ from worker.core.batching import (
     groupable,
     planned_calls,
 )
-from worker.core.decide import Kind, Leave, Send, Situation, TargetCore, Wait
+from worker.core.decide import TargetCore
 from worker.core.retry import RetryPolicy
 from worker.errors import EnOSError, RetryableError, TargetError
 from worker.model import CancelReply, Command, Match, Outcome, SearchPage, Target, TargetResult

@@ -11,19 +11,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from worker.core.decide import (
-    RUNNING,
-    Finish,
-    Kind,
-    Leave,
-    Retrying,
-    Send,
-    Situation,
-    StopRun,
-    TargetCore,
-    Wait,
-)
-from worker.core.retry import RetryPolicy, Verdict
+from worker.core.actions import RUNNING, Finish, Kind, Leave, Send, Situation, StopRun, Wait
+from worker.core.decide import TargetCore
+from worker.core.retry import Retrying, RetryPolicy, Verdict
 from worker.errors import (
     AuthError,
     EnOSError,

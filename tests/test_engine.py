@@ -9,7 +9,8 @@ import anyio.lowlevel
 import pytest
 
 from tests.fakes import FakeCanceller, MarkRecorder, MemoryRecorder, assets, ok
-from worker.core.engine import Engine, EngineSettings, StopReason
+from worker.core.engine import Engine
+from worker.core.ports import EngineSettings, StopReason
 from worker.core.ratelimit import RateLimiter
 from worker.core.retry import RetryPolicy
 from worker.errors import AuthError, RetryableError, TargetError

@@ -24,13 +24,13 @@ import pytest
 from tests.runs import resume_job, run_job, write_job
 from tests.simproc import run_worker, sim_get, simulator_process, worker_env
 from tests.test_operate import csv_job, kill_9_midway, start_worker
+from worker.core.ports import Progress
 from worker.core.ratelimit import RateLimiter
 from worker.model import Outcome
 from worker.report.details import load_run
 from worker.report.html import write_report
 from worker.report.summary import ProgressLine, fit
 from worker.sim.simulator import Simulator
-from worker.store.state import Progress
 
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOT = os.environ.get("WORKER_SCREENSHOT")  # where to keep the README's picture

@@ -14,7 +14,8 @@ from tests.fakes import FakeCanceller, MemoryRecorder, ok
 from tests.runs import results, run_job, summary, write_job
 from tests.simproc import run_worker, sim_get, simulator_process
 from tests.test_operate import kill_9_midway
-from worker.core.engine import Engine, EngineSettings
+from worker.core.engine import Engine
+from worker.core.ports import EngineSettings
 from worker.core.ratelimit import RateLimiter
 from worker.core.retry import RetryPolicy
 from worker.errors import JobFileError, RetryableError, TargetError

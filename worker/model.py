@@ -352,6 +352,20 @@ class TargetResult(NamedTuple):
     batch_size: int = 1  # assets in the call whose answer gave this result (assets_per_call)
 
 
+class Decided(StrEnum):
+    """What followed one HTTP attempt, as the audit log words it."""
+
+    DONE = "done"  # answered; the target (or the call) went on or finished
+    RETRY = "retry"  # failed; tried again after a backoff
+    THROTTLED = "throttled"  # HTTP 429; tried again after the shared pause
+    FAILED = "failed"  # failed for good: the target's result is failed
+    FATAL = "fatal"  # the run stops
+    LEFT = "left"  # the run stopped before the retry: the target stays resumable
+    UNVERIFIED = "unverified"  # a Get asked for evidence got no answer
+    ABANDONED = "abandoned"  # cut off in flight by a second stop signal
+    SPLIT = "split"  # a list refused as a whole: its halves are called next
+
+
 class Attempt(NamedTuple):
     """One HTTP attempt, for the audit log: what was asked, what came back, what happens next.
 
@@ -366,7 +380,7 @@ class Attempt(NamedTuple):
     http_status: int | None
     code: int | None
     request_id: str | None
-    decision: str  # "done" | "retry" | "throttled" | "failed" | "fatal" | "abandoned"
+    decision: Decided
     wait_s: float | None = None
     error: str | None = None
     subject: str | None = None

@@ -13,7 +13,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TextIO, TypeVar
 
-from worker.core.engine import Canceller, Engine, EngineSettings
+from worker.core.engine import Engine
+from worker.core.ports import Canceller, EngineSettings
 from worker.core.ratelimit import RateLimiter
 from worker.core.retry import RetryPolicy
 from worker.model import Attempt, Outcome, Target, TargetResult

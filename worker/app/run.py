@@ -28,10 +28,10 @@ from worker import __version__
 from worker.app.dryrun import Probe, probe
 from worker.app.metrics import MetricsAddress, RunMetrics
 from worker.app.sweep import SETTLE_S, VERIFY_FILE, Drive, VerifyCounts, sweep
-from worker.core.decide import Retrying
-from worker.core.engine import Engine, EngineSettings, Recorder, StopReason
+from worker.core.engine import Engine
+from worker.core.ports import EngineSettings, Recorder, StopReason
 from worker.core.ratelimit import RateChange, RateLimiter
-from worker.core.retry import RetryPolicy, Verdict
+from worker.core.retry import Retrying, RetryPolicy, Verdict
 from worker.enos.client import EnOSClient
 from worker.errors import EnOSError
 from worker.jobs.jobfile import Plan, run_targets

@@ -28,7 +28,8 @@ import anyio
 import orjson
 import structlog
 
-from worker.core.engine import Engine, Recorder, StopReason
+from worker.core.engine import Engine
+from worker.core.ports import Recorder, StopReason
 from worker.model import Attempt, Match, Outcome, Target, TargetResult, key_digest
 from worker.store.appendlog import AppendLog, iso
 from worker.store.journal import RESULTS_FILE, read_journal, record_key

@@ -30,24 +30,22 @@ actions out, no I/O, no loop.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from worker.core.decide import (
+from worker.core.actions import (
     Action,
     Finish,
     Kind,
     Leave,
-    Retrying,
     Send,
     Situation,
-    StopRun,
-    TargetCore,
     Wait,
-    wait_or_leave,
+    after_failure,
 )
-from worker.core.retry import RetryPolicy, Verdict
+from worker.core.decide import TargetCore
+from worker.core.retry import Retrying, RetryPolicy
 from worker.enos import protocol as p
 from worker.errors import EnOSError, TargetError
 from worker.model import CancelReply, Command, SearchPage, Target, TargetResult
@@ -61,18 +59,38 @@ def groupable(target: Target) -> bool:
     return target.asset_id is not None and target.command_id is None and target.match is None
 
 
+Item = tuple[int, Target]  # (ordinal, target): a target and its place in the job's list
+
+
+def take_list(first: Item, rest: Iterator[Item], size: int) -> tuple[list[Item], Item | None]:
+    """`first` and the next targets of `rest` that may share its call: in order, one org, up
+    to `size`; the first one that may not is returned apart, to be taken next."""
+    items = [first]
+    org = first[1].org_id
+    while len(items) < size:
+        item = next(rest, None)
+        if item is None:
+            break
+        if not groupable(item[1]) or item[1].org_id != org:
+            return items, item
+        items.append(item)
+    return items, None
+
+
 def planned_calls(targets: Iterable[Target], size: int) -> int:
     """The cancel calls a run makes when every list is accepted: the engine's grouping
-    (consecutive targets that may share a call, one org, up to `size`), without the trial's
+    (:func:`take_list` over the targets, lists for groupable ones), without the trial's
     searches or any bisection."""
-    calls = length = 0
-    org = None
-    for target in targets:
-        if groupable(target) and length and target.org_id == org and length < size:
-            length += 1
-            continue
+    calls = 0
+    rest: Iterator[Item] = enumerate(targets)
+    item = next(rest, None)
+    while item is not None:
         calls += 1
-        length, org = (1, target.org_id) if groupable(target) else (0, None)
+        if not groupable(item[1]):
+            item = next(rest, None)
+            continue
+        _, item = take_list(item, rest, size)
+        item = item if item is not None else next(rest, None)
     return calls
 
 
@@ -250,11 +268,11 @@ class BatchCore:
             if not verify.searching:
                 verify.searching = True
                 self.plan.searching += 1
-            self.members[verify.index].sent += 1
+            self.members[verify.index].count_call()
             return Send(Kind.SEARCH, page=verify.page)
         self._calls += 1
         for member in self.members:
-            member.sent += 1
+            member.count_call()
         return LIST_CANCEL
 
     def waited(self, situation: Situation) -> Action | Fanout:
@@ -280,7 +298,7 @@ class BatchCore:
     ) -> Action | Fanout:
         """A code-0 answer to the list: each member's part of it."""
         for member in self.members:
-            member.last_latency_ms = latency_ms
+            member.note_latency(latency_ms)
         replies = self._attribute(reply)
         self._answered_at = now
         split, size = self._split, len(self.members)
@@ -324,7 +342,7 @@ class BatchCore:
         """A page of one member's pending commands, after the list's answer."""
         verify = self._verify
         assert verify is not None
-        self.members[verify.index].last_latency_ms = latency_ms
+        self.members[verify.index].note_latency(latency_ms)
         older = any(
             command.create_time_ms is None or command.create_time_ms < verify.sent_ms
             for command in page.commands
@@ -354,9 +372,8 @@ class BatchCore:
         again = sorted(verify.stale + verify.unverified)
         parts = []
         for index in again:
-            member, reply = self.members[index], verify.replies[index]
-            member.earlier_ids = tuple(command.command_id for command in reply.commands)
-            member.maybe_applied |= reply.unreadable > 0
+            member = self.members[index]
+            member.listed_earlier(verify.replies[index])
             parts.append(BatchCore([member], self.plan, self._policy, self._split))
         self._split.open += len(parts)
         self._end_search(verify)
@@ -377,21 +394,22 @@ class BatchCore:
             return self._search_failed(error, now, rng, situation)
         size = len(self.members)
         for member in self.members:
-            member.last_latency_ms = latency_ms
-            member.maybe_applied |= error.maybe_applied
+            member.note_latency(latency_ms)
+            member.may_have_applied(error.maybe_applied)
         if size > 1 and isinstance(error, TargetError) and error.code in _REFUSED_LIST_CODES:
             return self._bisect(error)
         if self._retry is None:
             self._retry = Retrying(self._policy)
         decision = self._retry.failed(error, rng)
-        if decision.verdict is Verdict.FATAL:
-            return StopRun(str(error))
-        if decision.verdict is Verdict.FAILED:
-            if size == 1 and isinstance(error, TargetError):
-                self._split.singles_failed += 1
-            self._done()
-            return Fanout(tuple(self._sized(m.give_up(error, now)) for m in self.members))
-        return wait_or_leave(decision, situation)
+        return after_failure(
+            decision, error, situation, give_up=lambda: self._failed_for_good(error, now)
+        )
+
+    def _failed_for_good(self, error: EnOSError, now: float) -> Fanout:
+        if len(self.members) == 1 and isinstance(error, TargetError):
+            self._split.singles_failed += 1
+        self._done()
+        return Fanout(tuple(self._sized(m.give_up(error, now)) for m in self.members))
 
     def _bisect(self, error: TargetError) -> Fanout:
         split = self._split
@@ -416,11 +434,14 @@ class BatchCore:
         if verify.retry is None:
             verify.retry = Retrying(self._policy)
         decision = verify.retry.failed(error, rng)
-        if decision.verdict in (Verdict.RETRY, Verdict.THROTTLED):
-            action = wait_or_leave(decision, situation)
-            return action if isinstance(action, Wait) else self.stopped()
-        verify.unverified.append(verify.index)
-        return self._next_member(now)
+
+        def unverified() -> Action | Fanout:
+            verify.unverified.append(verify.index)
+            return self._next_member(now)
+
+        return after_failure(
+            decision, error, situation, give_up=unverified, leave=self.stopped, fatal_stops=False
+        )
 
     # -- results ----------------------------------------------------------------------------
 

@@ -26,119 +26,21 @@ The truth rules (design.md, "Lost responses"):
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
-from enum import StrEnum
 
-from worker.core.retry import Decision, RetryPolicy, Verdict
-from worker.errors import EnOSError, RateLimitedError
+from worker.core.actions import (
+    RUNNING,
+    SENDS,
+    Action,
+    Finish,
+    Kind,
+    Leave,
+    Send,
+    Situation,
+    after_failure,
+)
+from worker.core.retry import Retrying, RetryPolicy
+from worker.errors import EnOSError
 from worker.model import CancelReply, Command, Outcome, SearchPage, Target, TargetResult
-
-
-class Kind(StrEnum):
-    """What a call asks of the gateway."""
-
-    CANCEL = "cancel"
-    BATCH = "cancel_assets"  # one cancel for several assets (assetId=a1,a2,...)
-    GET = "get"  # Get Command: evidence after a lost answer
-    SEARCH = "search"  # Search Command (state = 1): what a dry run would cancel
-
-
-@dataclass(frozen=True, slots=True)
-class Send:
-    """Send one call of this kind for the target, at the shared rate: for a selective target,
-    a search `page`, or a cancel of one `command_id`."""
-
-    kind: Kind
-    page: int = 1
-    command_id: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Wait:
-    """Put the target aside for `seconds`, then call :meth:`TargetCore.waited`.
-
-    `throttled` (HTTP 429) also pauses every caller: `seconds` is the gateway's Retry-After,
-    or None for the limiter's own pause.
-    """
-
-    seconds: float | None
-    throttled: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Finish:
-    """The target's final result."""
-
-    result: TargetResult
-
-
-@dataclass(frozen=True, slots=True)
-class Leave:
-    """No final result: the run is stopping; the target stays resumable."""
-
-    why: str
-
-
-@dataclass(frozen=True, slots=True)
-class StopRun:
-    """Nothing else can succeed (credentials, permission, wrong gateway): stop the run."""
-
-    why: str
-
-
-Action = Send | Wait | Finish | Leave | StopRun
-_SENDS = {kind: Send(kind) for kind in Kind}  # frozen: one value per kind, none per call
-PLAIN_CANCEL = _SENDS[Kind.CANCEL]  # the engine's hot path recognises it by identity
-
-
-class Retrying:
-    """Counts one operation's failures and 429s and asks the policy what they mean.
-
-    The one retry path: the token proof before a run, cancels, verification Gets and dry-run
-    searches all decide through it.
-    """
-
-    __slots__ = ("failures", "policy", "throttles")
-
-    def __init__(self, policy: RetryPolicy) -> None:
-        self.policy = policy
-        self.failures = 0
-        self.throttles = 0
-
-    def failed(self, error: EnOSError, rng: random.Random) -> Decision:
-        """Count `error` and return the policy's decision for it."""
-        if isinstance(error, RateLimitedError):
-            self.throttles += 1
-            return self.policy.decide(error, failures=self.failures, throttles=self.throttles - 1,
-                                      rng=rng)  # fmt: skip
-        self.failures += 1
-        return self.policy.decide(error, failures=self.failures, throttles=self.throttles, rng=rng)
-
-
-@dataclass(frozen=True, slots=True)
-class Situation:
-    """What the run is doing when an event arrives: stopping, and the time left (None: no
-    deadline), as the core needs them to decide whether a retry still fits."""
-
-    stopping: bool = False
-    time_left_s: float | None = None
-    attempt_timeout_s: float = 10.0
-
-
-RUNNING = Situation()
-
-
-def wait_or_leave(decision: Decision, situation: Situation) -> Wait | Leave:
-    """Wait as the policy decided, unless the run is stopping or the wait would pass the
-    deadline: then leave the target resumable."""
-    throttled = decision.verdict is Verdict.THROTTLED
-    if situation.stopping:
-        return Leave("the run is stopping")
-    if situation.time_left_s is not None:
-        needed = (decision.wait_s or 1.0) + situation.attempt_timeout_s
-        if needed >= situation.time_left_s:
-            return Leave("no time left before the deadline")
-    return Wait(decision.wait_s, throttled=throttled)
 
 
 class TargetCore:
@@ -203,7 +105,7 @@ class TargetCore:
         self.sent += 1
         selection = self._selection
         if selection is None:
-            return _SENDS[self._phase]
+            return SENDS[self._phase]
         if self._phase is Kind.SEARCH:
             return Send(Kind.SEARCH, page=selection.page)
         return Send(Kind.CANCEL, command_id=selection.current)
@@ -297,15 +199,18 @@ class TargetCore:
         if self._retry is None:
             self._retry = Retrying(self._policy)
         decision = self._retry.failed(error, rng)
-        if decision.verdict is Verdict.FATAL:
-            return StopRun(str(error))
-        if decision.verdict is Verdict.FAILED:
-            if selection is not None:  # what was cancelled so far is kept in the record
-                unknown = self.maybe_applied or selection.failing_unknown()
-                return self._finish(Outcome.FAILED, now, error=error, unknown=unknown,
-                                    ids=tuple(selection.cancelled))  # fmt: skip
+        return after_failure(
+            decision, error, situation, give_up=lambda: self._failed_for_good(error, now)
+        )
+
+    def _failed_for_good(self, error: EnOSError, now: float) -> Finish:
+        selection = self._selection
+        if selection is None:
             return self._finish(Outcome.FAILED, now, error=error, unknown=self.maybe_applied)
-        return wait_or_leave(decision, situation)
+        # what was cancelled so far is kept in the record
+        unknown = self.maybe_applied or selection.failing_unknown()
+        ids = tuple(selection.cancelled)
+        return self._finish(Outcome.FAILED, now, error=error, unknown=unknown, ids=ids)
 
     def _get_failed(
         self, error: EnOSError, now: float, rng: random.Random, situation: Situation
@@ -314,15 +219,43 @@ class TargetCore:
         only this question; the next cancel meets it and stops the run."""
         assert self._get is not None
         decision = self._get.failed(error, rng)
-        if decision.verdict in (Verdict.RETRY, Verdict.THROTTLED):
-            action = wait_or_leave(decision, situation)
-            if not isinstance(action, Leave):
-                return action
-        return self._finish(Outcome.NOTHING_TO_CANCEL, now, reply=self._pending_reply, unknown=True)
+
+        def without_evidence() -> Finish:
+            reply = self._pending_reply
+            return self._finish(Outcome.NOTHING_TO_CANCEL, now, reply=reply, unknown=True)
+
+        return after_failure(
+            decision,
+            error,
+            situation,
+            give_up=without_evidence,
+            leave=without_evidence,
+            fatal_stops=False,
+        )
 
     def give_up(self, error: EnOSError, now: float) -> TargetResult:
         """The call this target was part of failed for good (a list's last attempt)."""
         return self._finish(Outcome.FAILED, now, error=error, unknown=self.maybe_applied).result
+
+    # -- for a list call this target is part of (worker.core.batching) -----------------------
+
+    def count_call(self) -> None:
+        """A call naming this target (a list's cancel, a verifying search) is about to go."""
+        self.sent += 1
+
+    def note_latency(self, latency_ms: float | None) -> None:
+        """The latency of the last call naming this target."""
+        self.last_latency_ms = latency_ms
+
+    def may_have_applied(self, maybe: bool) -> None:
+        """A call naming this target may have taken effect without a usable answer."""
+        self.maybe_applied |= maybe
+
+    def listed_earlier(self, reply: CancelReply) -> None:
+        """A list's answer listed these commands for this target before it goes alone: they
+        are claimed with its own result (and an unreadable one makes its effect unknown)."""
+        self.earlier_ids = tuple(command.command_id for command in reply.commands)
+        self.maybe_applied |= reply.unreadable > 0
 
     # -- the result -------------------------------------------------------------------------
 

@@ -26,108 +26,48 @@ import heapq
 import math
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
-from enum import StrEnum
-from typing import Protocol
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 
 import anyio
 import structlog
 
-from worker.core.batching import LIST_CANCEL, BatchCore, BatchPlan, Fanout, groupable
-from worker.core.decide import (
+from worker.core.actions import (
     PLAIN_CANCEL,
     Action,
     Finish,
     Kind,
-    Leave,
     Send,
     Situation,
     StopRun,
-    TargetCore,
     Wait,
 )
+from worker.core.attempts import action_name, decision_after, ms_since, subject_of
+from worker.core.batching import LIST_CANCEL, BatchCore, BatchPlan, Fanout, groupable, take_list
+from worker.core.decide import TargetCore
+from worker.core.ports import (
+    Admissions,
+    Answer,
+    Canceller,
+    EngineSettings,
+    Progress,
+    Recorder,
+    StopReason,
+)
 from worker.core.ratelimit import RateLimiter
-from worker.core.retry import RetryPolicy
+from worker.core.stops import Stop, StopRules
 from worker.enos import protocol as p
 from worker.errors import EnOSError, RateLimitedError, RetryableError, UnreadableAnswerError
 from worker.model import (
-    AbortRule,
     Attempt,
     CancelReply,
-    Command,
-    Outcome,
+    Decided,
     SearchPage,
     Target,
     TargetResult,
 )
-from worker.store.state import Progress
 
 log = structlog.get_logger("worker.engine")
-
-
-class Canceller(Protocol):
-    """What the engine needs from an EnOS client."""
-
-    async def cancel(self, target: Target) -> CancelReply:
-        """Cancel the target's command(s); raise a classified EnOSError on failure."""
-        ...
-
-    async def cancel_assets(self, targets: Sequence[Target]) -> CancelReply:
-        """Cancel every cached command of several assets of one org in one call."""
-        ...
-
-    async def get_command(self, target: Target, command_id: str) -> Command:
-        """Read one command's current state."""
-        ...
-
-    async def search_page(self, target: Target, expression: str | None, page: int) -> SearchPage:
-        """One page of the device's commands matching `expression`."""
-        ...
-
-
-class Recorder(Protocol):
-    """Where attempts and results go (the audit log and the journal)."""
-
-    def attempt(self, attempt: Attempt, action: str) -> None:
-        """Record one HTTP attempt."""
-
-    def result(self, result: TargetResult) -> None:
-        """Record one final result."""
-
-
-class Admissions(Protocol):
-    """Told of every target before its first call: the crash-truth high-water mark."""
-
-    def admit(self, ordinal: int) -> None:
-        """Target `ordinal` (its place in the job's list) may be sent from now on."""
-
-
-class StopReason(StrEnum):
-    """Why a run ended."""
-
-    FINISHED = "finished"
-    FATAL = "fatal"  # credentials, permission, wrong gateway: exit 3
-    ABORTED = "aborted"  # the failure-ratio rule: exit 3
-    INTERRUPTED = "interrupted"  # SIGINT/SIGTERM: exit 4
-    DEADLINE = "deadline"  # limits.deadline reached: exit 4
-
-
-@dataclass(frozen=True, slots=True)
-class EngineSettings:
-    """How the engine works through targets; built once by the runner."""
-
-    concurrency: int
-    policy: RetryPolicy = field(default_factory=RetryPolicy)
-    abort: AbortRule = field(default_factory=AbortRule)
-    deadline_at: float | None = None  # on the engine's clock
-    attempt_timeout: float = 10.0
-    dry_run: bool = False  # search each target, cancel nothing
-    verify: bool = True  # Get Command for evidence after a lost answer
-    max_waiting: int = 0  # parked targets at most (0: 64 per worker, at least 4,096)
-    assets_per_call: int = 1  # > 1: targets by asset id share calls (worker.core.batching)
-    batch_settle_s: float = 2.0  # after a trial list's answer, before its assets are searched
-    trial_batches: int = 3  # lists verified before lists are trusted
 
 
 Core = TargetCore | BatchCore
@@ -171,11 +111,7 @@ class Engine:
         self.progress = Progress()
         self.stop_reason = StopReason.FINISHED
         self.stop_message = ""
-        # An outage, not bad luck: this many transient failures in a row, with no answer in
-        # between, stop the run before the outage marks many targets `failed`.
-        policy = settings.policy
-        self._outage_after = max(10, min(256, settings.concurrency * (policy.attempts - 1)))
-        self._failures_in_a_row = 0
+        self._rules = StopRules(settings)
 
     @property
     def limiter(self) -> RateLimiter:
@@ -268,18 +204,8 @@ class Engine:
         return self._core(ordinal, target)
 
     def _admit_list(self, first: tuple[int, Target], size: int, plan: BatchPlan) -> BatchCore:
-        """`first` and the next targets that may share its call: in order, same org, up to
-        `size` (a target that may not is held for the next admission)."""
-        items = [first]
-        org = first[1].org_id
-        while len(items) < size:
-            item = next(self._targets, None)
-            if item is None:
-                break
-            if not groupable(item[1]) or item[1].org_id != org:
-                self._held = item
-                break
-            items.append(item)
+        """`first` and the next targets that may share its call (one held back for later)."""
+        items, self._held = take_list(first, self._targets, size)
         if self._admissions is not None:
             self._admissions.admit(items[-1][0])
         members = [self._core(ordinal, target) for ordinal, target in items]
@@ -344,10 +270,10 @@ class Engine:
         except anyio.get_cancelled_exc_class():
             progress.abandoned += 1
             self.recorder.attempt(
-                Attempt(target, number, self._clock(), _ms_since(began), None, None, None,
-                        "abandoned", error="cancelled in flight by a second stop signal",
-                        subject=_subject(send), batch=core.batch),
-                _action(send),
+                Attempt(target, number, self._clock(), ms_since(began), None, None, None,
+                        Decided.ABANDONED, error="cancelled in flight by a second stop signal",
+                        subject=subject_of(send), batch=core.batch),
+                action_name(send),
             )  # fmt: skip
             if isinstance(core, BatchCore):  # a list's answer already obtained is kept
                 self._settle(core, core.stopped())
@@ -374,9 +300,9 @@ class Engine:
     def _after_answer(
         self, core: Core, send: Send, number: int, answer: Answer, began: float
     ) -> Action | Fanout:
-        latency, now = _ms_since(began), self._clock()
+        latency, now = ms_since(began), self._clock()
         self._limiter.accepted()
-        self._failures_in_a_row = 0
+        self._rules.answered()
         status, code, request_id = 200, 0, None
         batch = core.batch
         action: Action | Fanout
@@ -390,31 +316,31 @@ class Engine:
             assert isinstance(core, TargetCore)
             action = core.got_command(answer, now, latency)
         self.recorder.attempt(
-            Attempt(core.target, number, now, latency, status, code, request_id, "done",
-                    subject=_subject(send), batch=batch),
-            _action(send),
+            Attempt(core.target, number, now, latency, status, code, request_id, Decided.DONE,
+                    subject=subject_of(send), batch=batch),
+            action_name(send),
         )  # fmt: skip
         return action
 
     def _after_error(
         self, core: Core, send: Send, number: int, error: EnOSError, began: float
     ) -> Action | Fanout:
-        latency = _ms_since(began)
+        latency = ms_since(began)
         if isinstance(error, RateLimitedError):
             self._limiter.throttle(error.retry_after)
         elif isinstance(error, RetryableError):
             self._limiter.rejected()
-            self._count_outage(error)
+            self._stop_if(self._rules.transient(error))
         else:
             self._limiter.accepted()  # an answer: the gateway is up
-            self._failures_in_a_row = 0
+            self._rules.answered()
         now, batch = self._clock(), core.batch
         action = core.failed(error, now, latency, self._rng, self._situation())
-        decision, wait_s = _decision(action, send.kind)
+        decision, wait_s = decision_after(action, send.kind)
         self.recorder.attempt(
             Attempt(core.target, number, now, latency, error.http_status, error.code,
-                    error.request_id, decision, wait_s, str(error), _subject(send), batch),
-            _action(send),
+                    error.request_id, decision, wait_s, str(error), subject_of(send), batch),
+            action_name(send),
         )  # fmt: skip
         return action
 
@@ -496,60 +422,14 @@ class Engine:
         deadline = self._settings.deadline_at
         return deadline is not None and self._clock() + self._settings.attempt_timeout >= deadline
 
-    def _count_outage(self, error: RetryableError) -> None:
-        self._failures_in_a_row += 1
-        if self._failures_in_a_row >= self._outage_after:
-            self.stop(
-                StopReason.FATAL,
-                f"the gateway failed {self._failures_in_a_row} requests in a row (last: {error}); "
-                "stopped before an outage marks targets failed; resume with --retry-failed when "
-                "it answers again",
-            )
+    def _stop_if(self, stop: Stop | None) -> None:
+        if stop is not None:
+            self.stop(*stop)
 
     def _finish(self, result: TargetResult) -> None:
         self.recorder.result(result)
         self.progress.outcomes[result.outcome] += 1
-        self._check_abort_rule()
-
-    def _check_abort_rule(self) -> None:
-        abort = self._settings.abort
-        ratio, finished = abort.failure_ratio, self.progress.finished
-        if ratio is None or finished < abort.min_finished:
-            return
-        failed = self.progress.outcomes[Outcome.FAILED]
-        if failed / finished >= ratio:
-            self.stop(
-                StopReason.ABORTED,
-                f"{failed} of {finished} finished targets failed ({failed / finished:.0%}), "
-                f"at or above abort.failure_ratio {ratio:g}",
-            )
-
-
-def _decision(  # noqa: PLR0911 (one word per kind of action)
-    action: Action | Fanout, kind: Kind
-) -> tuple[str, float | None]:
-    """The audit's word for what follows a failed attempt (and the wait, for a retry)."""
-    if isinstance(action, Fanout):
-        return ("split" if action.parts else "failed"), None
-    if isinstance(action, Wait):
-        return ("throttled" if action.throttled else "retry"), action.seconds
-    if isinstance(action, Finish):
-        if kind is Kind.GET:
-            return "unverified", None
-        return ("failed" if action.result.outcome is Outcome.FAILED else "done"), None
-    if isinstance(action, StopRun):
-        return "fatal", None
-    if isinstance(action, Leave):
-        return "left", None
-    return "done", None
-
-
-Answer = CancelReply | Command | SearchPage
-
-
-def _action(send: Send) -> str:
-    """The audit's name of a call: a list's is a cancel too."""
-    return "cancel" if send is LIST_CANCEL else send.kind.value
+        self._stop_if(self._rules.finished(self.progress))
 
 
 def _batch_plan(settings: EngineSettings) -> BatchPlan | None:
@@ -566,13 +446,3 @@ def _batch_plan(settings: EngineSettings) -> BatchPlan | None:
 
 def _log_batching(event: str, why: str) -> None:
     (log.info if event == "batching_trusted" else log.warning)(f"worker.{event}", why=why)
-
-
-def _subject(send: Send) -> str | None:
-    if send.command_id is not None:
-        return send.command_id
-    return f"page {send.page}" if send.kind is Kind.SEARCH else None
-
-
-def _ms_since(began: float) -> float:
-    return round((time.perf_counter() - began) * 1000, 2)

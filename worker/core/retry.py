@@ -56,3 +56,27 @@ class RetryPolicy:
         if isinstance(error, RetryableError) and failures < self.attempts:
             return Decision(Verdict.RETRY, self.backoff(failures, rng))
         return Decision(Verdict.FAILED)
+
+
+class Retrying:
+    """Counts one operation's failures and 429s and asks the policy what they mean.
+
+    The one retry path: the token proof before a run, cancels, verification Gets and dry-run
+    searches all decide through it.
+    """
+
+    __slots__ = ("failures", "policy", "throttles")
+
+    def __init__(self, policy: RetryPolicy) -> None:
+        self.policy = policy
+        self.failures = 0
+        self.throttles = 0
+
+    def failed(self, error: EnOSError, rng: random.Random) -> Decision:
+        """Count `error` and return the policy's decision for it."""
+        if isinstance(error, RateLimitedError):
+            self.throttles += 1
+            return self.policy.decide(error, failures=self.failures, throttles=self.throttles - 1,
+                                      rng=rng)  # fmt: skip
+        self.failures += 1
+        return self.policy.decide(error, failures=self.failures, throttles=self.throttles, rng=rng)

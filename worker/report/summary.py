@@ -18,10 +18,11 @@ from typing import Any, Protocol, TextIO
 import anyio
 import structlog
 
+from worker.core.ports import Progress
 from worker.model import Limits, Outcome, gc_paused
 from worker.store.journal import RESULTS_FILE, read_journal, record_key
 from worker.store.rundir import SUMMARY_FILE
-from worker.store.state import Latency, Manifest, Progress, RateSummary, Segment, Summary
+from worker.store.state import Latency, Manifest, RateSummary, Segment, Summary
 
 log = structlog.get_logger("worker.run")
 

@@ -8,12 +8,11 @@ Nothing here does I/O or imports aiohttp or YAML: the report, the CLI and tests 
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
-from worker.model import Limits, Outcome
+from worker.model import Limits
 
 
 class ExitCode(IntEnum):
@@ -24,22 +23,6 @@ class ExitCode(IntEnum):
     USAGE = 2  # bad usage or job file: nothing was sent
     ABORTED = 3  # fatal error, abort rule, outage, internal error: resumable
     INTERRUPTED = 4  # signal or deadline: resumable
-
-
-@dataclass
-class Progress:
-    """Live counters of one segment, read by the progress display and the abort rule."""
-
-    outcomes: Counter[Outcome] = field(default_factory=Counter)
-    in_flight: int = 0
-    requests: int = 0
-    waiting: int = 0  # targets parked until their retry is due
-    abandoned: int = 0  # requests cut off in flight by a second stop signal
-
-    @property
-    def finished(self) -> int:
-        """Targets with a final result in this segment."""
-        return sum(self.outcomes.values())
 
 
 def limits_from_json(data: dict[str, Any]) -> Limits:
