@@ -28,18 +28,18 @@ LAYERS = (  # (layer, what a function's file or name contains), first match wins
     ("aiohttp (client, connector, parser)", ("aiohttp", "multidict", "propcache")),
     ("yarl (URLs)", ("yarl",)),
     (
-        "engine (engine, decide, ratelimit)",
-        ("worker/engine", "worker/decide", "worker/ratelimit", "worker/retry"),
+        "engine (worker/core)",
+        ("worker/core/",),
     ),
-    ("client (worker.enos.client)", ("worker/enos/client",)),
+    ("client (worker/enos: client, answers)", ("worker/enos/client", "worker/enos/answers")),
     ("signing", ("worker/enos/signing", "sha256", "hexdigest")),
     (
-        "records (journal, audit, appendlog)",
-        ("worker/journal", "worker/audit", "worker/appendlog", "worker/runner"),
+        "records (worker/store, the app's recorder)",
+        ("worker/store/", "worker/app/run"),
     ),
     ("orjson", ("orjson",)),
     ("os.write / fdatasync", ("posix.write", "'write'", "fdatasync")),
-    ("targets (jobfile, model)", ("worker/jobfile", "worker/model")),
+    ("targets (worker/jobs, model)", ("worker/jobs/", "worker/model")),
 )
 
 

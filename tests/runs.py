@@ -12,7 +12,8 @@ import orjson
 from tests.conftest import APP_KEY, APP_SECRET
 from worker.app.metrics import MetricsAddress
 from worker.app.run import RunOptions, execute, new_manifest
-from worker.jobs.jobfile import load_job, plan
+from worker.jobs.parse import load_job
+from worker.jobs.plan import plan
 from worker.model import Credentials
 from worker.store.rundir import Finished, finished_targets, read_manifest
 

@@ -24,7 +24,8 @@ from tests.simproc import run_worker, sim_get, simulator_process, worker_env
 from worker.app.metrics import MetricsAddress
 from worker.cli.grammar import build_parser
 from worker.cli.main import HANDLERS
-from worker.jobs.jobfile import load_job, plan, run_targets
+from worker.jobs.parse import load_job
+from worker.jobs.plan import plan, run_targets
 from worker.jobs.units import parse_shard
 from worker.model import Shard
 

@@ -20,7 +20,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from worker.errors import JobFileError
-from worker.jobs.jobfile import JOB_KEYS, LIMIT_KEYS, TARGET_KEYS, load_job, plan, run_targets
+from worker.jobs.parse import JOB_KEYS, load_job
+from worker.jobs.plan import plan, run_targets
+from worker.jobs.rules import LIMIT_KEYS
+from worker.jobs.targets import TARGET_KEYS
 
 settings.register_profile(
     "ci", max_examples=120, derandomize=True, deadline=3000, database=None,

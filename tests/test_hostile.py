@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from worker.errors import JobFileError
-from worker.jobs.jobfile import load_job, plan
+from worker.jobs.parse import load_job
+from worker.jobs.plan import plan
 
 HEAD = "version: 1\nname: t\norg_id: o1\n"
 LAUGHS = (

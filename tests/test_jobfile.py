@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from worker.errors import JobFileError
-from worker.jobs.jobfile import load_job, plan, run_targets
+from worker.jobs.parse import load_job
+from worker.jobs.plan import plan, run_targets
 from worker.jobs.units import parse_duration
 from worker.model import Target
 

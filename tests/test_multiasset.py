@@ -14,7 +14,8 @@ from tests.runs import results, run_job, summary, write_job
 from tests.simproc import run_worker, sim_get, simulator_process
 from tests.test_operate import assert_one_line_per_target, kill_9_midway
 from worker.errors import JobFileError
-from worker.jobs.jobfile import load_job, plan
+from worker.jobs.parse import load_job
+from worker.jobs.plan import plan
 from worker.report.auditverify import verify
 from worker.sim.faults import Faults
 from worker.sim.simulator import Simulator, serve

@@ -19,7 +19,8 @@ from worker.core.ports import EngineSettings
 from worker.core.ratelimit import RateLimiter
 from worker.core.retry import RetryPolicy
 from worker.errors import JobFileError, RetryableError, TargetError
-from worker.jobs.jobfile import load_job, plan
+from worker.jobs.parse import load_job
+from worker.jobs.plan import plan
 from worker.model import Command, Match, Outcome, SearchPage, Target
 from worker.report.auditverify import verify
 from worker.sim.simulator import Simulator, serve

@@ -305,7 +305,7 @@ class TargetsFile:
 
 @dataclass(frozen=True, slots=True)
 class Job:
-    """A validated job file. Targets are not held here: they are streamed by `jobfile`."""
+    """A validated job file. Targets are not held here: they are streamed by `worker.jobs.plan`."""
 
     path: Path
     name: str

@@ -34,7 +34,7 @@ from worker.core.ratelimit import RateChange, RateLimiter
 from worker.core.retry import Retrying, RetryPolicy, Verdict
 from worker.enos.client import EnOSClient
 from worker.errors import EnOSError
-from worker.jobs.jobfile import Plan, run_targets
+from worker.jobs.plan import Plan, run_targets
 from worker.model import Attempt, Credentials, Job, Limits, Target, TargetResult
 from worker.report.details import Details, RunTally, load_run
 from worker.report.html import write_report

@@ -44,7 +44,8 @@ from worker.app.run import RunControl, RunOptions, execute, limiter_for, new_man
 from worker.app.settings import resolve_gateway
 from worker.core.ratelimit import RateLimiter
 from worker.errors import JobFileError, UsageError
-from worker.jobs.jobfile import Plan, load_job, plan
+from worker.jobs.parse import load_job
+from worker.jobs.plan import Plan, plan
 from worker.model import Credentials, Job, Limits
 from worker.report.details import RunTally, read_for_resume
 from worker.store.appendlog import iso

@@ -41,7 +41,8 @@ from worker.app.watch import Watcher, WatchOptions
 from worker.cli.grammar import CONFIRM_ABOVE, SIM_APP_KEY, SIM_APP_SECRET, build_parser
 from worker.core.batching import planned_calls
 from worker.errors import UsageError
-from worker.jobs.jobfile import Plan, all_targets, load_job, plan, run_targets
+from worker.jobs.parse import load_job
+from worker.jobs.plan import Plan, all_targets, plan, run_targets
 from worker.jobs.units import parse_shard
 from worker.model import Credentials, Job, Limits, Shard
 from worker.report import auditverify
