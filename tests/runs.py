@@ -11,11 +11,12 @@ import orjson
 
 from tests.conftest import APP_KEY, APP_SECRET
 from worker.app.metrics import MetricsAddress
-from worker.app.run import RunOptions, execute, new_manifest
+from worker.app.prepare import start_new, start_resumed
+from worker.app.run import execute
+from worker.app.wiring import RunOptions
 from worker.jobs.parse import load_job
-from worker.jobs.plan import plan
 from worker.model import Credentials
-from worker.store.rundir import Finished, finished_targets, read_manifest
+from worker.store.layout import RunDir, read_manifest
 
 
 def write_job(tmp_path: Path, body: str, name: str = "job.yaml") -> Path:
@@ -37,12 +38,11 @@ async def run_job(
 ) -> tuple[int, str]:
     """Run a job as `worker run` would (fast backoff); returns (exit code, printed report)."""
     job = load_job(job_path)
-    plan_ = plan(job)
     options = RunOptions(
         gateway,
         credentials or Credentials(APP_KEY, APP_SECRET),
         replace(job.limits, **limits),
-        run_dir,
+        RunDir(run_dir),
         progress=False,
         seed=1,
         backoff_base_s=0.01,
@@ -53,14 +53,8 @@ async def run_job(
     )
     run_dir.mkdir(parents=True, exist_ok=True)
     out = io.StringIO()
-    code = await execute(
-        job,
-        plan_,
-        options,
-        manifest=new_manifest(job, plan_, options),
-        finished=Finished(),
-        out=out,
-    )
+    start = start_new(job, None, gateway=gateway, limits=options.limits)
+    code = await execute(start, options, out=out)
     return code, out.getvalue()
 
 
@@ -80,14 +74,13 @@ async def resume_job(
 ) -> tuple[int, str]:
     """Continue a run as `worker run JOB --resume DIR` would."""
     job = load_job(job_path)
-    plan_ = plan(job)
-    manifest = read_manifest(run_dir)
-    recorded = manifest.limits
+    run = RunDir(run_dir)
+    recorded = read_manifest(run).limits
     options = RunOptions(
         gateway,
         Credentials(APP_KEY, APP_SECRET),
         replace(recorded, **limits),
-        run_dir,
+        run,
         resume=True,
         progress=False,
         seed=2,
@@ -96,6 +89,6 @@ async def resume_job(
         batch_settle_s=0.01,
     )
     out = io.StringIO()
-    finished = finished_targets(run_dir, retry_failed=retry_failed)
-    code = await execute(job, plan_, options, manifest=manifest, finished=finished, out=out)
+    start = start_resumed(job, run, None, retry_failed=retry_failed, force=False)
+    code = await execute(start, options, out=out)
     return code, out.getvalue()

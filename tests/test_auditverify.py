@@ -15,6 +15,7 @@ from tests.simproc import run_worker
 from worker.report.auditverify import AuditBroken, verify
 from worker.sim.faults import Faults
 from worker.sim.simulator import Simulator
+from worker.store.layout import RunDir
 
 pytestmark = pytest.mark.anyio
 
@@ -65,7 +66,7 @@ def forged(lines: list[bytes]) -> list[bytes]:
 async def test_a_real_run_verifies(finished_run: tuple[Path, str]) -> None:
     """Two segments, retries, a retried failure: whole; the head is the one the run printed."""
     run_dir, head = finished_run
-    found = verify(run_dir, head=head)
+    found = verify(RunDir(run_dir), head=head)
     assert found.segments == 2
     assert found.results == 32  # 30 + nosuch, + its superseding retry
     assert found.head == head
@@ -115,7 +116,7 @@ async def test_tampering_is_caught(
     file_name, change, words = TAMPERING[name]
     rewrite(victim / file_name, change)
     with pytest.raises(AuditBroken, match=words):
-        verify(victim)
+        verify(RunDir(victim))
 
 
 async def test_cut_off_records_are_caught_with_the_head(
@@ -126,7 +127,7 @@ async def test_cut_off_records_are_caught_with_the_head(
     victim = copy_of(run_dir, tmp_path, "cut")
     rewrite(victim / "audit.jsonl", lambda lines: lines[:-1])
     with pytest.raises(AuditBroken, match="not at the head given"):
-        verify(victim, head=head)
+        verify(RunDir(victim), head=head)
 
 
 async def test_cli_exit_codes(finished_run: tuple[Path, str], tmp_path: Path) -> None:

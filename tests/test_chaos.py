@@ -19,6 +19,7 @@ from tests.runs import results, resume_job, run_job, write_job
 from worker.report.auditverify import verify
 from worker.sim.faults import Faults
 from worker.sim.simulator import Simulator
+from worker.store.layout import RunDir
 
 pytestmark = pytest.mark.anyio
 TARGETS = range(1, 61)
@@ -50,7 +51,7 @@ def assert_correct(sim: Simulator, before: dict[int, set[str]], run_dir: Path) -
         if line["outcome"] == "nothing_to_cancel" and not unknown:
             assert not was, "says nothing was cached, but something was"
         assert not pending(sim, index), "a command is still cached"
-    verify(run_dir)
+    verify(RunDir(run_dir))
 
 
 async def run_until_done(sim: Simulator, gateway: str, tmp_path: Path, limits: str) -> Path:

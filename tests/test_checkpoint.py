@@ -10,24 +10,27 @@ import pytest
 from tests.conftest import APP_KEY, APP_SECRET
 from tests.runs import results, resume_job, run_job, summary, write_job
 from worker.report.auditverify import verify
-from worker.report.details import read_for_resume, tally_with_details
-from worker.report.summary import tally
 from worker.sim.faults import Faults
 from worker.sim.simulator import Simulator, serve
 from worker.store import checkpoint
+from worker.store.done import RECORD
+from worker.store.layout import RunDir
+from worker.store.resume import counts_of, read_for_resume
+from worker.store.tally import count_journal
 
 pytestmark = pytest.mark.anyio
 
 
 def both_ways(run_dir: Path, *, retry_failed: bool) -> tuple[object, object]:
     """(with the checkpoint, from the journal alone): the done sets and the counts."""
-    counted, finished = read_for_resume(run_dir, retry_failed=retry_failed)
-    with_checkpoint = (finished, counted.read_rest(run_dir)[0], bytes(counted.done))
-    saved = (run_dir / checkpoint.CHECKPOINT_FILE).read_bytes()
-    (run_dir / checkpoint.CHECKPOINT_FILE).unlink()
-    counted, finished = read_for_resume(run_dir, retry_failed=retry_failed)
-    alone = (finished, counted.read_rest(run_dir)[0], bytes(counted.done))
-    (run_dir / checkpoint.CHECKPOINT_FILE).write_bytes(saved)
+    run = RunDir(run_dir)
+    counted, finished = read_for_resume(run, retry_failed=retry_failed)
+    with_checkpoint = (finished, counted.read_rest(run), bytes(counted.done))
+    saved = run.checkpoint.read_bytes()
+    run.checkpoint.unlink()
+    counted, finished = read_for_resume(run, retry_failed=retry_failed)
+    alone = (finished, counted.read_rest(run), bytes(counted.done))
+    run.checkpoint.write_bytes(saved)
     return with_checkpoint, alone
 
 
@@ -42,17 +45,17 @@ async def test_a_resume_from_the_checkpoint_knows_what_the_journal_says(tmp_path
     run_dir = tmp_path / "run"
     async with serve(sim) as url:
         assert (await run_job(job, url, run_dir))[0] == 1
-        assert (run_dir / checkpoint.DONE_FILE).stat().st_size == 65 * checkpoint.RECORD.size
-        assert checkpoint.load(run_dir) is not None  # it matches: the resume starts from it
+        assert RunDir(run_dir).done.stat().st_size == 65 * RECORD.size
+        assert checkpoint.load(RunDir(run_dir)) is not None  # it matches: the resume starts from it
         for retry_failed in (False, True):
             with_checkpoint, alone = both_ways(run_dir, retry_failed=retry_failed)
             assert with_checkpoint == alone
         sim.faults = Faults()
         assert (await resume_job(job, url, run_dir, retry_failed=True))[0] == 1
-    assert verify(run_dir).results == len(results(run_dir))
-    loaded = checkpoint.load(run_dir)
+    assert verify(RunDir(run_dir)).results == len(results(run_dir))
+    loaded = checkpoint.load(RunDir(run_dir))
     assert loaded is not None
-    assert loaded[0].offset == (run_dir / "results.jsonl").stat().st_size  # past every line
+    assert loaded.cursor.offset == (run_dir / "results.jsonl").stat().st_size  # past every line
     with_checkpoint, alone = both_ways(run_dir, retry_failed=True)
     assert with_checkpoint == alone
     journal = run_dir / "results.jsonl"
@@ -62,7 +65,8 @@ async def test_a_resume_from_the_checkpoint_knows_what_the_journal_says(tmp_path
     with_checkpoint, alone = both_ways(run_dir, retry_failed=False)
     assert with_checkpoint == alone
     assert summary(run_dir)["outcomes"]["failed"] == 5  # the unknown assets, and only them
-    assert tally_with_details(run_dir)[0] == tally(run_dir)  # a report from it counts the same
+    run = RunDir(run_dir)
+    assert counts_of(run) == count_journal(run)  # a report from it counts the same
 
 
 async def test_an_edited_journal_makes_the_checkpoint_ignored(tmp_path: Path) -> None:
@@ -77,8 +81,8 @@ async def test_an_edited_journal_makes_the_checkpoint_ignored(tmp_path: Path) ->
         journal = run_dir / "results.jsonl"
         kept = journal.read_bytes().splitlines(keepends=True)
         journal.write_bytes(b"".join(kept[1:]))  # the first target's line removed
-        assert checkpoint.load(run_dir) is None
-        _, finished = read_for_resume(run_dir, retry_failed=False)
+        assert checkpoint.load(RunDir(run_dir)) is None
+        _, finished = read_for_resume(RunDir(run_dir), retry_failed=False)
         assert len(finished.done) == 9
         assert (await resume_job(job, url, run_dir))[0] == 0
     assert len(results(run_dir)) == 10

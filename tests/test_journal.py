@@ -4,19 +4,29 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import cast
 
 import orjson
 import pytest
 
 from tests.runs import resume_job, run_job, write_job
 from worker.model import Limits
-from worker.report.details import Details, RunReport, RunTally, tally_with_details
+from worker.report.details import Details, RunReport
 from worker.report.html import render_html
+from worker.store.admitted import AdmissionMark
 from worker.store.appendlog import repair_tail
 from worker.store.audit import AuditLog
 from worker.store.journal import read_journal
-from worker.store.rundir import AdmissionMark, finished_targets
+from worker.store.layout import RunDir
+from worker.store.records import AuditRecord
+from worker.store.resume import counts_of, finished_targets
 from worker.store.state import Manifest, Summary
+from worker.store.tally import Counts, JournalFold
+
+
+def kind(name: str) -> AuditRecord:
+    """A bare audit record of a kind (the chain does not care what is in it)."""
+    return cast("AuditRecord", {"type": name})
 
 
 def lines(path: Path) -> list[bytes]:
@@ -45,7 +55,7 @@ def test_damaged_middle_line_is_skipped_not_truncated(tmp_path: Path) -> None:
     path = tmp_path / "results.jsonl"
     path.write_bytes(b'{"a": 1}\n{"a": \x00\n{"a": 3}\n')
     assert repair_tail(path) == 0
-    assert [r["a"] for r in read_journal(path)] == [1, 3]
+    assert [cast("dict[str, int]", r)["a"] for r in read_journal(path)] == [1, 3]
 
 
 def chain_breaks(path: Path, run_id: str) -> list[int]:
@@ -61,12 +71,12 @@ def chain_breaks(path: Path, run_id: str) -> list[int]:
 
 def test_audit_chain_continues_when_appending(tmp_path: Path) -> None:
     """A second AuditLog on the same file chains to the last line written by the first."""
-    first = AuditLog(tmp_path, "run-1")
-    first.write({"type": "a"})
-    first.write({"type": "b"})
+    first = AuditLog(RunDir(tmp_path), "run-1")
+    first.write(kind("a"))
+    first.write(kind("b"))
     first.log.close()
-    second = AuditLog(tmp_path, "run-1")
-    second.write({"type": "c"})
+    second = AuditLog(RunDir(tmp_path), "run-1")
+    second.write(kind("c"))
     second.log.close()
     assert chain_breaks(tmp_path / "audit.jsonl", "run-1") == []
     text = (tmp_path / "audit.jsonl").read_bytes()
@@ -110,7 +120,9 @@ def test_html_report_escapes_and_charts() -> None:
                  "timeline": [[1, 1.0, 1.0, 10.0], [1, 2.0, 1.0, 10.0]]},
         "resumable": True,
     }  # fmt: skip
-    report = RunReport(Path("run"), manifest_for(summary), Summary.from_json(summary), Details())
+    report = RunReport(
+        RunDir(Path("run")), manifest_for(summary), Summary.from_json(summary), Counts(), Details()
+    )
     page = render_html([report])
     assert "&lt;b&gt;x&lt;/b&gt;" in page
     assert "<b>x</b>" not in page
@@ -124,13 +136,13 @@ def test_html_report_escapes_and_charts() -> None:
 def test_admission_mark_is_written_ahead_and_only_grows(tmp_path: Path) -> None:
     """The mark covers every admitted ordinal before it is sent, written `ahead` at a time;
     a later segment reads it back; it never shrinks when a resume starts again from 0."""
-    mark = AdmissionMark(tmp_path, ahead=4, earlier_segments=False)
+    mark = AdmissionMark(RunDir(tmp_path), ahead=4, earlier_segments=False)
     assert not mark.sent_before(0)
     for ordinal in range(6):
         mark.admit(ordinal)
     mark.close()
     assert (tmp_path / "admitted").read_bytes() == b"%020d\n" % 7
-    again = AdmissionMark(tmp_path, ahead=4, earlier_segments=True)
+    again = AdmissionMark(RunDir(tmp_path), ahead=4, earlier_segments=True)
     assert again.sent_before(7)
     assert not again.sent_before(8)
     again.admit(2)  # the resume admits from the start: below the mark, nothing is written
@@ -154,7 +166,7 @@ def test_admission_mark_without_a_readable_number(
     """What the mark says when there is no number to read: never less careful than the facts."""
     if content is not None:
         (tmp_path / "admitted").write_bytes(content)
-    mark = AdmissionMark(tmp_path, ahead=4, earlier_segments=earlier_segments)
+    mark = AdmissionMark(RunDir(tmp_path), ahead=4, earlier_segments=earlier_segments)
     assert (mark.sent_before(0), mark.sent_before(10**9)) == (sent_before_0, sent_before_huge)
     mark.close()
 
@@ -173,14 +185,15 @@ def test_counts_continued_from_the_resume_read_equal_a_full_recount(tmp_path: Pa
 
     journal.write_bytes(b"".join(line(f"a{i}", "cancelled", 0, i) for i in range(5))
                         + line("bad", "failed", 99404, 3.0))  # fmt: skip
-    counted = RunTally()
-    finished = finished_targets(tmp_path, retry_failed=True, cursor=counted.cursor,
-                                visit=counted.add)  # fmt: skip
+    counted = JournalFold()
+    finished = finished_targets(
+        RunDir(tmp_path), retry_failed=True, cursor=counted.cursor, visit=counted.add
+    )
     assert len(finished.done) == 5
     with journal.open("ab") as stream:  # the segment retries the failed one, and one more
         stream.write(line("bad", "cancelled", 0, 7.0) + line("a9", "nothing_to_cancel", 0, 1.0))
-    continued, details = counted.read_rest(tmp_path)
-    full, full_details = tally_with_details(tmp_path)
+    continued = details = counted.read_rest(RunDir(tmp_path))
+    full = full_details = counts_of(RunDir(tmp_path))
     assert continued == full
     assert continued.outcomes == {"cancelled": 6, "nothing_to_cancel": 1}
     assert not continued.errors

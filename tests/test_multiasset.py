@@ -19,6 +19,7 @@ from worker.jobs.plan import plan
 from worker.report.auditverify import verify
 from worker.sim.faults import Faults
 from worker.sim.simulator import Simulator, serve
+from worker.store.layout import RunDir
 
 pytestmark = pytest.mark.anyio
 
@@ -81,7 +82,7 @@ async def test_every_list_behaviour_ends_with_every_target_right(
         assert result["batching"]["notes"]
     assert "assets per call" in report
     assert "assets per call" in (tmp_path / "run" / "report.html").read_text(encoding="utf-8")
-    assert verify(tmp_path / "run").results == count
+    assert verify(RunDir(tmp_path / "run")).results == count
 
 
 async def test_an_unknown_asset_in_a_list_fails_alone(tmp_path: Path) -> None:
@@ -159,7 +160,7 @@ def test_kill_9_during_a_batched_run_then_resume(tmp_path: Path) -> None:
         assert_one_line_per_target(run_dir, count)
         devices = sim_get(url, "/_sim/devices")
         assert all(state != 1 for d in devices for state in d["commands"].values())
-        assert verify(run_dir).results == count
+        assert verify(RunDir(run_dir)).results == count
         written = results(run_dir)
         assert max(line["batch_size"] for line in written) == 25
         unknown = [line for line in written if line["effect_unknown"]]
@@ -211,4 +212,4 @@ async def test_lists_under_random_5xx_drops_and_429s_stay_truthful(tmp_path: Pat
     assert not any(pending(sim, a) for a in assets)
     assert_truthful(lines, before, sim)
     assert max(line["batch_size"] for line in lines) == 20
-    assert verify(tmp_path / "run").results == count
+    assert verify(RunDir(tmp_path / "run")).results == count

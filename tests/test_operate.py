@@ -17,7 +17,7 @@ import pytest
 from tests.conftest import ORG
 from tests.runs import results, resume_job, run_job, summary, write_job
 from tests.simproc import run_worker, sim_get, sim_post, simulator_process, worker_env
-from worker.app import run as runner
+from worker.app.recorder import RunRecorder
 from worker.model import Target
 from worker.sim.faults import Faults
 from worker.sim.simulator import Simulator
@@ -239,16 +239,16 @@ async def test_internal_error_ends_resumably(
 ) -> None:
     """A bug mid-run (here: the 10th result write fails) ends the run with exit 3, the results
     already written intact and the summary saying why; a resume then completes it."""
-    written = runner._Recorder.result
+    written = RunRecorder.result
     calls = {"n": 0}
 
-    def failing_result(self: runner._Recorder, result: object) -> None:
+    def failing_result(self: RunRecorder, result: object) -> None:
         calls["n"] += 1
         if calls["n"] == 10:
             raise OSError(28, "No space left on device")
         written(self, result)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(runner._Recorder, "result", failing_result)
+    monkeypatch.setattr(RunRecorder, "result", failing_result)
     lines = "".join(f"  - asset_id: as{i:06d}\n" for i in range(50))
     job = write_job(tmp_path, "limits: {rate: 1000, concurrency: 1}\ntargets:\n" + lines)
     code, _ = await run_job(job, gateway, tmp_path / "run")
@@ -256,7 +256,7 @@ async def test_internal_error_ends_resumably(
     stopped = summary(tmp_path / "run")
     assert "No space left on device" in stopped["stop_message"]
     assert sum(stopped["outcomes"].values()) == 9
-    monkeypatch.setattr(runner._Recorder, "result", written)
+    monkeypatch.setattr(RunRecorder, "result", written)
     code, _ = await resume_job(job, gateway, tmp_path / "run")
     assert code == 0
     assert_one_line_per_target(tmp_path / "run", 50)

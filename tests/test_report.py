@@ -27,10 +27,11 @@ from tests.test_operate import csv_job, kill_9_midway, start_worker
 from worker.core.ports import Progress
 from worker.core.ratelimit import RateLimiter
 from worker.model import Outcome
+from worker.report.console import ProgressLine, fit
 from worker.report.details import load_run
 from worker.report.html import write_report
-from worker.report.summary import ProgressLine, fit
 from worker.sim.simulator import Simulator
+from worker.store.layout import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOT = os.environ.get("WORKER_SCREENSHOT")  # where to keep the README's picture
@@ -53,8 +54,8 @@ async def test_a_finished_run_with_a_failure(gateway: str, tmp_path: Path) -> No
     """The numbers: outcomes, by org and product key, the failed target with its code and
     message, failed.csv and a follow-up job that validates and runs."""
     run_dir = await finished_run(gateway, tmp_path)
-    report = load_run(run_dir)
-    summary, found = report.summary, report.details
+    report = load_run(RunDir(run_dir))
+    summary, found = report.summary, report.counts
     assert summary.finished
     assert summary.outcomes["failed"] == 1
     assert sum(found.by_org["o15541858646501"].values()) == 31
@@ -91,7 +92,7 @@ async def test_a_resumed_run_shows_both_segments_and_their_rates(
     assert code == 4
     code, report = await resume_job(job, gateway, run_dir, rate=400.0, deadline=None)
     assert code == 0
-    summary = load_run(run_dir).summary
+    summary = load_run(RunDir(run_dir)).summary
     assert [s["asked"] for s in summary.rate.segments] == [100.0, 400.0]
     assert "asked 100/s, then 400/s" in report
     assert "segment 2" in (run_dir / "report.html").read_text()
@@ -152,7 +153,7 @@ async def test_the_page_loads_in_headless_chromium(gateway: str, tmp_path: Path)
     """The report loads in a real browser with no console errors, its SVG charts in the DOM,
     and a screenshot is written (the README's picture comes from here)."""
     run_dir = await finished_run(gateway, tmp_path)
-    write_report([load_run(run_dir)], run_dir / "report.html")
+    write_report([load_run(RunDir(run_dir))], run_dir / "report.html")
     url = (run_dir / "report.html").as_uri()
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
              "--enable-logging=stderr", "--v=0"]  # fmt: skip

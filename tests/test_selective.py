@@ -30,6 +30,7 @@ from worker.sim.state import (
     DeviceStore,
     generated_command_id,
 )
+from worker.store.layout import RunDir
 
 pytestmark = pytest.mark.anyio
 DEVICES = range(1, 41)
@@ -86,7 +87,7 @@ async def test_a_mixed_fleet_keeps_what_does_not_match(tmp_path: Path) -> None:
     counts = summary(tmp_path / "run")["commands"]
     assert counts["matched"] == counts["cancelled"] == sum(map(len, wanted.values()))
     assert "kept (did not match)" in report
-    verify(tmp_path / "run")
+    verify(RunDir(tmp_path / "run"))
 
 
 async def test_every_page_is_read_and_each_page_takes_a_slot(tmp_path: Path) -> None:
@@ -183,7 +184,7 @@ def test_kill_9_then_resume_cancels_each_match_once(tmp_path: Path) -> None:
             continue  # a pending-free device: nothing matched, nothing was sent
         if line["outcome"] == "nothing_to_cancel":
             assert line["effect_unknown"], line  # cancelled by the process that died
-    verify(run_dir)
+    verify(RunDir(run_dir))
 
 
 # -- the core, with a fake gateway ------------------------------------------------------------

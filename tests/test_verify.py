@@ -13,20 +13,29 @@ import pytest
 from tests.conftest import APP_KEY, APP_SECRET, ORG
 from tests.runs import results, run_job, summary, write_job
 from tests.simproc import run_worker, simulator_process
-from worker.app.run import RunOptions, verify_run
+from worker.app.sweep import verify_run
+from worker.app.wiring import RunOptions
 from worker.enos import protocol as p
 from worker.model import Credentials, Limits
 from worker.report.auditverify import verify
 from worker.sim.simulator import Simulator, serve
 from worker.sim.state import SimCommand
+from worker.store.layout import RunDir
 
 pytestmark = pytest.mark.anyio
 
 
 def sweep_options(url: str, run_dir: Path) -> RunOptions:
-    return RunOptions(url, Credentials(APP_KEY, APP_SECRET), Limits(rate=2000), run_dir,
-                      seed=1, backoff_base_s=0.01, backoff_cap_s=0.1,
-                      verify_settle_s=0.0)  # fmt: skip
+    return RunOptions(
+        url,
+        Credentials(APP_KEY, APP_SECRET),
+        Limits(rate=2000),
+        RunDir(run_dir),
+        seed=1,
+        backoff_base_s=0.01,
+        backoff_cap_s=0.1,
+        verify_settle_s=0.0,
+    )
 
 
 def lines(run_dir: Path) -> dict[str, dict[str, Any]]:
@@ -81,7 +90,7 @@ async def test_a_clean_run_is_verified_and_a_reappearing_command_is_caught(
     assert (counts["checked"], counts["still_pending"], counts["commands_pending"]) == (30, 1, 1)
     assert counts["complete"] is True
     assert "still pending" in (run_dir / "report.html").read_text(encoding="utf-8")
-    assert verify(run_dir).results == 30  # the audit still verifies after a sweep
+    assert verify(RunDir(run_dir)).results == 30  # the audit still verifies after a sweep
 
 
 async def test_one_command_and_selective_targets_check_what_they_asked_for(

@@ -152,11 +152,13 @@ def test_token_body_is_the_documented_json() -> None:
 LIGHT_MODULES = [
     "worker.app.settings",
     "worker.report.summary",
+    "worker.report.console",
     "worker.store.state",
+    "worker.store.layout",
+    "worker.store.tally",
     "worker.model",
     "worker.core.decide",
     "worker.core.engine",
-    "worker.store.rundir",
     "worker.jobs.units",
 ]
 

@@ -22,6 +22,7 @@ Messages never contain a secret, an access token or a signature.
 from __future__ import annotations
 
 import reprlib
+from enum import IntEnum
 
 _SHOWN = reprlib.Repr()  # keyword arguments only from Python 3.12
 _SHOWN.maxlevel, _SHOWN.maxlist, _SHOWN.maxtuple, _SHOWN.maxdict = 2, 4, 4, 4
@@ -135,3 +136,13 @@ class AuthError(FatalError):
 
 class PermissionDeniedError(FatalError):
     """The application may not act on this organisation or resource (99403, HTTP 403)."""
+
+
+class ExitCode(IntEnum):
+    """The contract's exit codes of `worker run` (design.md); other commands use a subset."""
+
+    OK = 0  # every target cancelled or had nothing to cancel
+    FAILED = 1  # finished; some targets failed
+    USAGE = 2  # bad usage or job file: nothing was sent
+    ABORTED = 3  # fatal error, abort rule, outage, internal error: resumable
+    INTERRUPTED = 4  # signal or deadline: resumable

@@ -13,9 +13,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple, TypedDict
 
 from worker.errors import InvalidTargetError
+
+JsonObject = dict[str, Any]  # JSON where it crosses a boundary (a file, the wire), checked there
 
 
 @contextmanager
@@ -95,6 +97,14 @@ def selector_problem(asset: str, product: str, device: str, org: str) -> str | N
     return None
 
 
+class Selector(TypedDict, total=False):
+    """A target's device: ``{"asset_id"}`` or ``{"product_key", "device_key"}``."""
+
+    asset_id: str
+    product_key: str
+    device_key: str
+
+
 @dataclass(frozen=True, slots=True)
 class Target:
     """One cancel call: a device (assetId, or productKey+deviceKey) in an org, one or all commands.
@@ -120,7 +130,7 @@ class Target:
             where = f" ({self.source})" if self.source else ""
             raise InvalidTargetError(f"target{where} {problem}")
 
-    def selector(self) -> dict[str, str]:
+    def selector(self) -> Selector:
         """The device selector as written to results: {asset_id} or {product_key, device_key}."""
         if self.asset_id is not None:
             return {"asset_id": self.asset_id}

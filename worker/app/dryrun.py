@@ -13,10 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TextIO, TypeVar
 
-from worker.core.engine import Engine
-from worker.core.ports import Canceller, EngineSettings
-from worker.core.ratelimit import RateLimiter
-from worker.core.retry import RetryPolicy
+from worker.app.wiring import RunOptions, build_engine, client_for, proven
 from worker.model import Attempt, Outcome, Target, TargetResult
 
 T = TypeVar("T")
@@ -64,20 +61,19 @@ class _Probes:
         )
 
 
-async def probe(
-    client: Canceller,
-    sample: list[tuple[int, Target]],
-    limiter: RateLimiter,
-    *,
-    concurrency: int,
-    policy: RetryPolicy,
+async def dry_run(
+    options: RunOptions, sample: list[tuple[int, Target]]
 ) -> tuple[list[Probe], str | None]:
-    """Search each sampled target for cached commands; (probes, why it stopped or None)."""
-    probes = _Probes()
-    settings = EngineSettings(concurrency=concurrency, policy=policy, dry_run=True)
-    engine = Engine(client, probes, limiter, settings)
-    await engine.run(iter(sample))
-    return probes.found, engine.stop_message or None
+    """`--dry-run`: prove the gateway, then search the sampled targets (no cancel); returns
+    the probes and why the gateway cannot be used or the searches stopped (None: neither)."""
+    client = client_for(options)
+    async with proven(client, options) as problem:
+        if problem is not None or not sample:
+            return [], problem
+        probes = _Probes()
+        engine = build_engine(client, probes, options, dry_run=True)
+        await engine.run(iter(sample))
+        return probes.found, engine.stop_message or None
 
 
 def render(probes: list[Probe], total: int, out: TextIO | None = None) -> None:

@@ -8,7 +8,6 @@ import ipaddress
 import os
 import stat
 from dataclasses import replace
-from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -16,7 +15,6 @@ from worker.errors import UsageError, shown
 from worker.jobs.units import assets_per_call as checked_assets_per_call
 from worker.jobs.units import parse_duration, parse_rate, with_rate
 from worker.model import Credentials, Job, Limits
-from worker.store.rundir import LOCK_FILE
 
 ENV_KEY, ENV_SECRET, ENV_GATEWAY = "ENOS_APP_KEY", "ENOS_APP_SECRET", "ENOS_GATEWAY"
 
@@ -164,18 +162,3 @@ def _number(text: str) -> float | str:
         return float(text)
     except ValueError:
         return text
-
-
-def new_run_dir(out: Path | None, job: Job) -> Path:
-    """--out DIR (must not exist, or be empty), else runs/<job name>-<UTC timestamp>/."""
-    if out is None:
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        out = Path("runs") / f"{job.name}-{stamp}"
-    # A lone run.lock is a run that died before it wrote anything: the directory is unused.
-    if out.exists() and (not out.is_dir() or any(p.name != LOCK_FILE for p in out.iterdir())):
-        raise UsageError(
-            f"{out} already exists and is not empty; a run is never overwritten. To continue it: "
-            f"worker run {job.path} --resume {out}"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    return out

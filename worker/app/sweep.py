@@ -17,26 +17,31 @@ sent to change things.
 
 from __future__ import annotations
 
+import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from datetime import datetime
-from pathlib import Path
-from typing import Any
+from typing import TextIO
 
 import anyio
 import orjson
 import structlog
 
+from worker.app.beside import drive
+from worker.app.wiring import RunOptions, build_engine, client_for, proven
 from worker.core.engine import Engine
-from worker.core.ports import Recorder, StopReason
+from worker.core.ports import StopReason
+from worker.enos.client import EnOSClient
+from worker.errors import ExitCode
 from worker.model import Attempt, Match, Outcome, Target, TargetResult, key_digest
+from worker.report.details import load_run
+from worker.report.html import write_report
 from worker.store.appendlog import AppendLog, iso
-from worker.store.journal import RESULTS_FILE, read_journal, record_key
-from worker.store.rundir import VERIFY_COUNTS_FILE, write_atomically
+from worker.store.journal import read_journal, record_key
+from worker.store.layout import RunDir, read_summary, write_summary, write_verify_counts
+from worker.store.records import ResultRecord, VerifyCountsRecord
 
-VERIFY_FILE = "verify.jsonl"
-SETTLE_S = 2.0  # EnOS applies a cancel within about 2 s; searching sooner may see it pending
 log = structlog.get_logger("worker.verify")
 
 
@@ -53,9 +58,18 @@ class VerifyCounts:
     finished_at: str | None = None
     complete: bool = False  # False: the sweep was stopped before every target was searched
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> VerifyCountsRecord:
         """As in verify.json and summary.json's ``verify``."""
-        return dict(self.__dict__)
+        return {
+            "checked": self.checked,
+            "verified": self.verified,
+            "still_pending": self.still_pending,
+            "commands_pending": self.commands_pending,
+            "unverified": self.unverified,
+            "other_pending": self.other_pending,
+            "finished_at": self.finished_at,
+            "complete": self.complete,
+        }
 
 
 @dataclass(slots=True)
@@ -110,10 +124,10 @@ class _Sweep:
             counts.commands_pending += len(pending)
 
 
-def sweep_targets(run_dir: Path) -> tuple[Iterator[tuple[int, Target]], dict[int, _Asked]]:
+def sweep_targets(run: RunDir) -> tuple[Iterator[tuple[int, Target]], dict[int, _Asked]]:
     """What each finished target asked for (read once), and its searches, built as the engine
     takes them (a second pass: a million targets are never all held as objects)."""
-    path = run_dir / RESULTS_FILE
+    path = run.results
     asked: dict[int, _Asked] = {}
     later: dict[int, int] = {}  # targets with more than one line: lines left before the last
     for line in read_journal(path):
@@ -140,7 +154,7 @@ def sweep_targets(run_dir: Path) -> tuple[Iterator[tuple[int, Target]], dict[int
     return searches(), asked
 
 
-def _probe_target(line: dict[str, Any]) -> Target:
+def _probe_target(line: ResultRecord) -> Target:
     """The search to make for a result line: for cancel-all, what was cached before it."""
     selector = line["target"]
     command_id = line.get("command_id")
@@ -158,34 +172,64 @@ def _probe_target(line: dict[str, Any]) -> Target:
     )
 
 
-Drive = Callable[[Engine, Iterator[tuple[int, Target]], int], Awaitable[StopReason]]
-EngineFor = Callable[[Recorder], Engine]  # the sweep's engine (dry run) around its recorder
+async def verify_run(options: RunOptions, out: TextIO | None = None) -> int:
+    """`worker verify DIR` (and `run --verify`): the sweep, then summary.json and the report
+    updated; exit 0 when every searched target is verified, 1 when some are still pending or
+    could not be searched (or the sweep was stopped), 3 when the gateway cannot be used."""
+    client = client_for(options)
+    async with proven(client, options) as problem:
+        if problem is not None:
+            (out or sys.stderr).write(f"worker: verify stopped: {problem}\n")
+            return ExitCode.ABORTED
+        counts, engine = await _sweep(client, options, out)
+    _record_sweep(options.run, counts, out)
+    if engine.stop_reason is StopReason.FATAL:
+        return ExitCode.ABORTED
+    clean = counts.complete and not counts.still_pending and not counts.unverified
+    return ExitCode.OK if clean else ExitCode.FAILED
 
 
-async def sweep(
-    run_dir: Path,
-    engine_for: EngineFor,
-    drive: Drive,
-    *,
-    settle_s: float = SETTLE_S,
+async def _sweep(
+    client: EnOSClient, options: RunOptions, out: TextIO | None
 ) -> tuple[VerifyCounts, Engine]:
-    """Wait the settle delay, search every finished target (`drive` runs the engine, with
-    signals), write verify.jsonl and verify.json; returns the counts and the engine."""
-    targets, asked = sweep_targets(run_dir)
+    """Wait the settle delay, search every finished target (with signals and, when asked, the
+    progress line: a 200,000-target sweep at 100 searches/s takes half an hour), write
+    verify.jsonl and verify.json; returns the counts and the engine."""
+    run = options.run
+    targets, asked = sweep_targets(run)
     total = len(asked)
-    path = run_dir / VERIFY_FILE
-    path.unlink(missing_ok=True)  # each sweep says what is true now
-    recorder = _Sweep(AppendLog(path), asked)
-    engine = engine_for(recorder)
+    run.verify_lines.unlink(missing_ok=True)  # each sweep says what is true now
+    recorder = _Sweep(AppendLog(run.verify_lines), asked)
+    engine = build_engine(client, recorder, options, dry_run=True)
+    settle_s = options.verify_settle_s
     log.info("worker.verify_starting", targets=total, settle_s=settle_s)
     await anyio.sleep(settle_s)
     try:
-        reason = await drive(engine, targets, total)
+        reason = await drive(
+            engine, targets, total=total, out=out, progress=options.progress, searching=True
+        )
     finally:
         recorder.out.close()
     counts = recorder.counts
     counts.complete = reason is StopReason.FINISHED and not asked
     counts.finished_at = iso(time.time())
-    write_atomically(run_dir / VERIFY_COUNTS_FILE, orjson.dumps(counts.to_json()))
+    write_verify_counts(run, counts.to_json())
     log.info("worker.verify_finished", **counts.to_json())
     return counts, engine
+
+
+def _record_sweep(run: RunDir, counts: VerifyCounts, out: TextIO | None) -> None:
+    """The counts into summary.json (which keeps everything else) and the report page."""
+    summary = read_summary(run)
+    if summary is not None:
+        write_summary(run, replace(summary, verify=counts.to_json()))
+    write_report([load_run(run)], run.report)
+    stream = out or sys.stdout
+    stream.write(
+        f"Verify sweep of {run}: {counts.verified:,} of {counts.checked:,} targets verified"
+        f", {counts.still_pending:,} still pending ({counts.commands_pending:,} commands), "
+        f"{counts.unverified:,} could not be searched; details in {run.verify_lines}\n"
+    )
+    if not counts.complete:
+        stream.write("The sweep did not search every target; run worker verify again.\n")
+    stream.flush()

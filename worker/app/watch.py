@@ -40,17 +40,17 @@ import structlog
 from anyio.abc import TaskGroup
 
 from worker.app.metrics import MetricsAddress, RunMetrics
-from worker.app.run import RunControl, RunOptions, execute, limiter_for, new_manifest
+from worker.app.prepare import start_new, start_resumed
+from worker.app.run import RunControl, SegmentStart, execute
 from worker.app.settings import resolve_gateway
+from worker.app.wiring import RunOptions, limiter_for
 from worker.core.ratelimit import RateLimiter
-from worker.errors import JobFileError, UsageError
+from worker.errors import ExitCode, JobFileError, UsageError
 from worker.jobs.parse import load_job
-from worker.jobs.plan import Plan, plan
 from worker.model import Credentials, Job, Limits
-from worker.report.details import RunTally, read_for_resume
 from worker.store.appendlog import iso
-from worker.store.rundir import Finished, read_manifest, run_dir_lock
-from worker.store.state import ExitCode, Manifest
+from worker.store.layout import RunDir
+from worker.store.lock import RunDirBusy, run_dir_lock
 
 log = structlog.get_logger("worker.watch")
 SPOOL_DIRS = ("incoming", "running", "runs", "done", "failed")
@@ -95,9 +95,9 @@ def claim(spool: Path, name: str) -> Path | None:
     return claimed
 
 
-def run_dir_of(job_file: Path) -> Path:
+def run_dir_of(job_file: Path) -> RunDir:
     """The run directory of a claimed job file: SPOOL/runs/<its name without the suffix>."""
-    return job_file.parent.parent / "runs" / job_file.stem
+    return RunDir(job_file.parent.parent / "runs" / job_file.stem)
 
 
 def waiting(spool: Path, quiet_s: float = 0.0) -> list[str]:
@@ -231,15 +231,16 @@ class Watcher:
         """Run one claimed job (fresh, or resumed from its journal) under its run dir's lock;
         skip it when a live watcher holds that lock."""
         try:
-            run_dir = run_dir_of(job_file)
-            run_dir.mkdir(exist_ok=True)
-            with run_dir_lock(run_dir):
+            run = run_dir_of(job_file)
+            run.path.mkdir(exist_ok=True)
+            with run_dir_lock(run):
                 if job_file.exists():  # noqa: ASYNC240 (a stat: not settled by another watcher)
-                    await self._run(job_file, run_dir)
+                    await self._run(job_file, run)
+        except RunDirBusy:
+            pass  # a live watcher runs it
         except UsageError as exc:
-            if "in use by another worker" not in str(exc):
-                log.error("worker.job_not_run", job=job_file.name, why=str(exc))
-                self._broken.add(job_file.name)
+            log.error("worker.job_not_run", job=job_file.name, why=str(exc))
+            self._broken.add(job_file.name)
         except Exception:  # a bug or an OS failure: this job stays resumable; the rest goes on
             log.exception("worker.job_crashed", job=job_file.name)
             self._broken.add(job_file.name)
@@ -249,18 +250,18 @@ class Watcher:
             self._wake.set()
             self._wake = anyio.Event()
 
-    async def _run(self, job_file: Path, run_dir: Path) -> None:
+    async def _run(self, job_file: Path, run: RunDir) -> None:
         control = RunControl(self.limiter, self.metrics)
         self.controls[job_file.name] = control
         try:
             if self._stopping():
                 return
             try:
-                job, plan_, read = await anyio.to_thread.run_sync(lambda: _read(job_file, run_dir))
+                start = await anyio.to_thread.run_sync(lambda: self._prepare(job_file, run))
             except (JobFileError, UsageError) as exc:
                 settle(job_file, ExitCode.USAGE, error=str(exc))
                 return
-            code = await self._execute(job, plan_, read, run_dir, control)
+            code = await execute(start, self._options_for(start, run), control=control)
             if code == ExitCode.INTERRUPTED and self._stopping():
                 log.info("worker.job_left_resumable", job=job_file.name)
                 return  # stays in running/: the next watcher resumes it
@@ -269,30 +270,48 @@ class Watcher:
         finally:
             del self.controls[job_file.name]
 
-    async def _execute(
-        self,
-        job: Job,
-        plan_: Plan,
-        read: Read,
-        run_dir: Path,
-        control: RunControl,
-    ) -> int:
+    def _prepare(self, job_file: Path, run: RunDir) -> SegmentStart:
+        """The job and its segment (a new run, or the run in `run` resumed): off the loop."""
+        job = load_job(job_file)
+        if run.holds_run():
+            try:
+                return start_resumed(job, run, None, retry_failed=False, force=False)
+            except UsageError as exc:
+                raise UsageError(
+                    f"{job_file.name} is not resumed: {exc} (drop it in again under a new "
+                    "name to start a new run)"
+                ) from None
         options = self.options
-        finished, counted, earlier = read
         gateway = resolve_gateway(options.gateway, job, insecure=options.insecure)
-        limits = replace(job.limits, rate=options.limits.rate, adaptive=options.limits.adaptive)
-        resuming = earlier is not None
-        run = RunOptions(
-            gateway, options.credentials, limits, run_dir, resume=resuming, progress=False,
-            ca_bundle=options.ca_bundle, backoff_base_s=options.backoff_base_s,
+        return start_new(job, None, gateway=gateway, limits=self._limits_for(job))
+
+    def _limits_for(self, job: Job) -> Limits:
+        """The job's limits, with the watcher's rate: --rate is the whole watcher's budget."""
+        shared = self.options.limits
+        return replace(job.limits, rate=shared.rate, adaptive=shared.adaptive)
+
+    def _options_for(self, start: SegmentStart, run: RunDir) -> RunOptions:
+        options, job = self.options, start.job
+        resuming = bool(start.manifest.segments)
+        gateway = resolve_gateway(options.gateway, job, insecure=options.insecure)
+        log.info(
+            "worker.job_starting",
+            run_dir=str(run),
+            resuming=resuming,
+            targets=start.plan.total,
+            already_final=len(start.finished.done),
+        )
+        return RunOptions(
+            gateway,
+            options.credentials,
+            self._limits_for(job),
+            run,
+            resume=resuming,
+            progress=False,
+            ca_bundle=options.ca_bundle,
+            backoff_base_s=options.backoff_base_s,
             backoff_cap_s=options.backoff_cap_s,
-        )  # fmt: skip
-        manifest = earlier if earlier is not None else new_manifest(job, plan_, run)
-        manifest.targets = plan_.total
-        log.info("worker.job_starting", run_dir=str(run_dir), resuming=resuming,
-                 targets=plan_.total, already_final=len(finished.done))  # fmt: skip
-        return await execute(job, plan_, run, manifest=manifest, finished=finished,
-                             control=control, counted=counted)  # fmt: skip
+        )
 
     def drain(self, why: str) -> None:
         """Claim nothing more; stop the running jobs as SIGTERM would (they stay resumable)."""
@@ -311,25 +330,3 @@ class Watcher:
                 else:
                     for control in list(self.controls.values()):
                         control.cancel()
-
-
-Read = tuple[Finished, RunTally, Manifest | None]  # what is final, the counts, the run so far
-
-
-def _read(job_file: Path, run_dir: Path) -> tuple[Job, Plan, Read]:
-    """The job, its plan and (when resuming) what is already final: off the event loop."""
-    job = load_job(job_file)
-    resuming = (run_dir / "run.json").exists()
-    counted, finished = (
-        read_for_resume(run_dir, retry_failed=False) if resuming else (RunTally(), Finished())
-    )
-    plan_ = plan(job, done=finished.done if resuming else None)
-    if plan_.total == 0:
-        raise UsageError(f"{job_file.name} lists no targets; nothing to do")
-    manifest = read_manifest(run_dir) if resuming else None
-    if manifest is not None and manifest.changes(job.sha256, plan_.targets_sha256):
-        raise UsageError(
-            f"{job_file.name} or its targets changed since its run started; it is not "
-            "resumed (drop it in again under a new name to start a new run)"
-        )
-    return job, plan_, (finished, counted, manifest)

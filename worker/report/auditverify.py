@@ -26,15 +26,16 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import cast
 
 import orjson
 
-from worker.model import Outcome, gc_paused, key_digest
-from worker.report.summary import build_summary, tally
-from worker.store.audit import AUDIT_FILE
-from worker.store.journal import RESULTS_FILE, record_key
-from worker.store.rundir import SUMMARY_FILE, read_manifest
+from worker.model import JsonObject, Outcome, gc_paused, key_digest
+from worker.report.summary import build_summary
+from worker.store.journal import record_key
+from worker.store.layout import RunDir, read_manifest
+from worker.store.records import AttemptRecord, AuditRecord, ResultRecord
+from worker.store.tally import count_journal
 
 
 class AuditBroken(Exception):
@@ -66,27 +67,27 @@ class _Attempts:
     request_ids: set[int] = field(default_factory=set)
 
 
-def verify(run_dir: Path, *, head: str | None = None) -> Verified:
+def verify(run: RunDir, *, head: str | None = None) -> Verified:
     """Check the run directory; raise AuditBroken at the first problem."""
-    manifest = read_manifest(run_dir)
+    manifest = read_manifest(run)
     found = Verified()
     with gc_paused():
-        attempts = _check_chain(run_dir / AUDIT_FILE, manifest.run_id, found)
+        attempts = _check_chain(run.audit, manifest.run_id, found)
         if found.segments != len(manifest.segments):
             raise AuditBroken(
-                run_dir / AUDIT_FILE,
+                run.audit,
                 None,
                 f"{found.segments} segments started, run.json lists {len(manifest.segments)}",
             )
-        _check_results(run_dir / RESULTS_FILE, attempts, found)
+        _check_results(run.results, attempts, found)
     if head is not None and head.lower() != found.head:
         raise AuditBroken(
-            run_dir / AUDIT_FILE,
+            run.audit,
             found.records,
             f"the chain ends at {found.head}, "
             f"not at the head given ({head}): records were removed or rewritten",
         )
-    _check_summary(run_dir, found)
+    _check_summary(run, found)
     return found
 
 
@@ -107,7 +108,7 @@ def _check_chain(path: Path, run_id: str, found: Verified) -> _Attempts:
     in_segment = False
     for number, line in _lines(path):
         try:
-            record: dict[str, Any] = orjson.loads(line)
+            record: AuditRecord = orjson.loads(line)  # any audit record; checked below
         except orjson.JSONDecodeError:
             raise AuditBroken(path, number, "not JSON") from None
         if record.get("prev") != prev:
@@ -118,7 +119,7 @@ def _check_chain(path: Path, run_id: str, found: Verified) -> _Attempts:
                 "the line before (a record was edited, removed or reordered)",
             )
         prev = hashlib.sha256(line).hexdigest()
-        kind = record.get("type")
+        kind: object = record.get("type")
         if kind == "run_started":
             found.segments += 1
             if record.get("segment") != found.segments or record.get("run_id") != run_id:
@@ -134,7 +135,7 @@ def _check_chain(path: Path, run_id: str, found: Verified) -> _Attempts:
         elif kind == "run_finished":
             in_segment = False
         elif kind == "attempt":
-            for digest in _attempt_digests(record):
+            for digest in _attempt_digests(cast("AttemptRecord", record)):
                 attempts.counts[digest] += 1
                 attempts.request_ids.add(hash((digest, record.get("request_id"))))
             found.attempts += 1
@@ -150,7 +151,7 @@ def _check_chain(path: Path, run_id: str, found: Verified) -> _Attempts:
     return attempts
 
 
-def _attempt_digests(record: dict[str, Any]) -> list[int]:
+def _attempt_digests(record: AttemptRecord) -> list[int]:
     """The targets an attempt record is about: one, or every target of a list call."""
     listed = record.get("targets")
     if not isinstance(listed, list):
@@ -165,7 +166,7 @@ def _check_results(path: Path, attempts: _Attempts, found: Verified) -> None:
         return
     for number, line in _lines(path):
         try:
-            record: dict[str, Any] = orjson.loads(line)
+            record: ResultRecord = orjson.loads(line)  # its fields are checked below
         except orjson.JSONDecodeError:
             raise AuditBroken(path, number, "not JSON") from None
         digest = key_digest(record_key(record))
@@ -188,17 +189,17 @@ def _check_results(path: Path, attempts: _Attempts, found: Verified) -> None:
         found.results += 1
 
 
-def _check_summary(run_dir: Path, found: Verified) -> None:
-    path = run_dir / SUMMARY_FILE
+def _check_summary(run: RunDir, found: Verified) -> None:
+    path = run.summary
     if not path.exists() or found.died:
         found.notes.append(
             "summary.json does not cover the last segment, which did not finish "
             "(resume the run to complete it)"
         )
         return
-    written = orjson.loads(path.read_bytes())
-    manifest = read_manifest(run_dir)
-    expected = build_summary(manifest, tally(run_dir), exit_code=written.get("exit_code", 0))
+    written: JsonObject = orjson.loads(path.read_bytes())  # checked key by key below
+    manifest = read_manifest(run)
+    expected = build_summary(manifest, count_journal(run), exit_code=written.get("exit_code", 0))
     for key in ("outcomes", "not_attempted", "effect_unknown", "attempts", "targets"):
         if written.get(key) != getattr(expected, key):
             raise AuditBroken(
@@ -207,18 +208,18 @@ def _check_summary(run_dir: Path, found: Verified) -> None:
                 f"{key} is {written.get(key)!r:.80}; the journal says "
                 f"{getattr(expected, key)!r:.80}",
             )
-    last = _last_finished_summary(run_dir / AUDIT_FILE)
+    last = _last_finished_summary(run.audit)
     if last is not None and _without_verify(last) != _without_verify(written):
         raise AuditBroken(path, None, "differs from the summary in the last run_finished record")
 
 
-def _without_verify(summary: dict[str, Any]) -> dict[str, Any]:
+def _without_verify(summary: JsonObject) -> JsonObject:
     """A summary without its verify counts, which a later sweep may have added."""
     return {key: value for key, value in summary.items() if key != "verify"}
 
 
-def _last_finished_summary(path: Path) -> dict[str, Any] | None:
-    last: dict[str, Any] | None = None
+def _last_finished_summary(path: Path) -> JsonObject | None:
+    last: JsonObject | None = None
     for _, line in _lines(path):
         if b'"run_finished"' in line:
             record = orjson.loads(line)

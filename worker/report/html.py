@@ -14,11 +14,14 @@ import html
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from worker.enos.protocol import CODE_MEANINGS
-from worker.report.details import LATENCY_EDGES_MS, LISTED, Details, RunReport, write_followup
+from worker.report.details import RunReport
+from worker.report.followup import write_followup
+from worker.report.hints import resume_command
+from worker.store.records import FailedRow
 from worker.store.state import Summary
+from worker.store.tally import LATENCY_EDGES_MS, LISTED, Counts
 
 OUTCOMES = ("cancelled", "nothing_to_cancel", "failed")
 COLOURS = {"cancelled": "#2da44e", "nothing_to_cancel": "#8c959f", "failed": "#cf222e"}
@@ -189,8 +192,8 @@ def _outcome_bar(summary: Summary, width: int = 640) -> str:
     )
 
 
-def _latency_histogram(details: Details, width: int = 640, height: int = 120) -> str:
-    counts = details.latency
+def _latency_histogram(journal: Counts, width: int = 640, height: int = 120) -> str:
+    counts = journal.latency_histogram
     if not any(counts):
         return "<p>No latencies recorded.</p>"
     labels = [f"<{e}" for e in LATENCY_EDGES_MS] + [f">={LATENCY_EDGES_MS[-1]}"]
@@ -219,7 +222,7 @@ def _summary_pairs(report: RunReport) -> list[tuple[str, object]]:
     asked = ", ".join(str(s.get("asked")) for s in rate.segments) or str(rate.requested)
     pairs: list[tuple[str, object]] = [
         ("run", summary.run_id),
-        ("directory", str(report.run_dir)),
+        ("directory", str(report.run)),
         ("stopped", f"{summary.stopped or 'unfinished'} {summary.stop_message or ''}".strip()),
         ("exit code", summary.exit_code if summary.finished else "none yet (unfinished)"),
         ("targets", summary.targets),
@@ -253,19 +256,23 @@ def _summary_pairs(report: RunReport) -> list[tuple[str, object]]:
     return pairs
 
 
-def _target_rows(rows: list[dict[str, Any]], extra: str) -> list[list[object]]:
-    def who(row: dict[str, Any]) -> str:
-        device = row["asset_id"] or f"{row['product_key']}/{row['device_key']}"
-        return f"{device} ({row['org_id']})" + (
-            f" command {row['command_id']}" if row["command_id"] else ""
-        )
+def _who(row: FailedRow) -> str:
+    device = row["asset_id"] or f"{row['product_key']}/{row['device_key']}"
+    command = f" command {row['command_id']}" if row["command_id"] else ""
+    return f"{device} ({row['org_id']}){command}"
 
-    return [[who(r), str(r.get(extra) if extra else r["code"]), r["msg"], r["attempts"]]
-            for r in rows]  # fmt: skip
+
+def _target_rows(rows: list[FailedRow], extra: str) -> list[list[object]]:
+    """A row per target: who, the code (or the `extra` column: outcome, at), message, attempts."""
+    shown: list[list[object]] = []
+    for row in rows:
+        second = {"outcome": row["outcome"], "at": row.get("at")}.get(extra, row["code"])
+        shown.append([_who(row), str(second), row["msg"], row["attempts"]])
+    return shown
 
 
 def _listed(
-    title: str, rows: list[dict[str, Any]], total: int, header: list[str], extra: str = ""
+    title: str, rows: list[FailedRow], total: int, header: list[str], extra: str = ""
 ) -> str:
     if not total:
         return ""
@@ -303,25 +310,24 @@ def _meaning(code: str) -> str:
 
 
 def _run_section(report: RunReport) -> str:
-    summary, found = report.summary, report.details
+    summary, counts, details = report.summary, report.counts, report.details
     banner = ""
     if not summary.finished or summary.not_attempted:
-        command = f"worker run {report.manifest.job} --resume {report.run_dir}"
-        if summary.outcomes.get("failed"):
-            command += " --retry-failed"
+        failed_before = bool(summary.outcomes.get("failed"))
+        command = resume_command(report.manifest.job, report.run, retry_failed=failed_before)
         state = "did not finish" if not summary.finished else "stopped before the end"
         banner = (
             f'<p class="banner">This run {state}: {summary.not_attempted:,} targets were '
             f"not attempted and are resumable. Continue it with <code>{_esc(command)}</code></p>"
         )
-    failed = list(found.failed.values())
+    failed = list(counts.failed.values())
     return (
         f"<section><h2>{_esc(summary.job)}: run {_esc(summary.run_id)}</h2>{banner}"
         f"{_pairs(_summary_pairs(report))}"
         f"<h3>Outcomes</h3>{_outcome_bar(summary)}{_codes(summary)}"
         f"<h3>Throughput</h3>{_throughput(summary)}"
-        f"<h3>Latency</h3>{_latency_histogram(found)}"
-        f"{_by('org', found.by_org)}{_by('product key', found.by_product)}"
+        f"<h3>Latency</h3>{_latency_histogram(counts)}"
+        f"{_by('org', counts.by_org)}{_by('product key', counts.by_product)}"
         + _listed(
             "Failed targets",
             failed[:LISTED],
@@ -330,19 +336,20 @@ def _run_section(report: RunReport) -> str:
         )
         + _listed(
             "Effect unknown",
-            found.unknown,
-            found.unknown_total,
+            counts.unknown,
+            counts.unknown_total,
             ["target", "outcome", "message", "attempts"],
             extra="outcome",
         )
         + _listed(
             "Requests abandoned in flight (their targets may have been cancelled)",
-            found.abandoned,
+            details.abandoned,
             summary.abandoned,
             ["target", "at", "message", "attempt"],
             extra="at",
         )
-        + f"<h3>Timeline</h3>{_table(['when', 'what'], [list(e) for e in found.events])}</section>"
+        + f"<h3>Timeline</h3>{_table(['when', 'what'], [list(e) for e in details.events])}"
+        + "</section>"
     )
 
 
@@ -376,7 +383,7 @@ def write_report(reports: list[RunReport], page: Path) -> list[Path]:
     page.write_text(render_html(reports), encoding="utf-8")
     written = []
     for report in reports:
-        followup = write_followup(report.run_dir, report.manifest, report.details)
+        followup = write_followup(report.run, report.manifest, report.counts)
         if followup is not None:
             written.append(followup)
     return written

@@ -13,21 +13,22 @@ import os
 import socket
 import sys
 from pathlib import Path
-from typing import Any
+from typing import NamedTuple
 
 import orjson
 
 from worker.model import Attempt
 from worker.store.appendlog import AppendLog, iso, last_line
-
-AUDIT_FILE = "audit.jsonl"
+from worker.store.layout import RunDir
+from worker.store.records import AttemptRecord, AuditRecord
 
 
 class AuditLog:
     """Writes audit records and keeps the hash chain."""
 
-    def __init__(self, run_dir: Path, run_id: str) -> None:
-        path = run_dir / AUDIT_FILE
+    def __init__(self, run: RunDir, run_id: str) -> None:
+        self.run = run
+        path = run.audit
         self._prev = _last_line_hash(path) or hashlib.sha256(run_id.encode()).hexdigest()
         self.log = AppendLog(path)
 
@@ -36,7 +37,7 @@ class AuditLog:
         """The sha256 of the last line written: the chain's head, to record in a ticket."""
         return self._prev
 
-    def write(self, record: dict[str, Any]) -> None:
+    def write(self, record: AuditRecord) -> None:
         """Append one record, chained to the previous one."""
         record["prev"] = self._prev
         line = orjson.dumps(record)
@@ -46,47 +47,55 @@ class AuditLog:
     def attempt(self, attempt: Attempt, action: str = "cancel") -> None:
         """One HTTP attempt: target (or targets, for a list), number, status, code, request
         id, latency, decision."""
-        target, batch = attempt.target, attempt.batch
-        if batch:  # one record for a call naming several assets: each of its targets
-            where: tuple[str, Any] = ("targets", [t.selector() for t in batch])
-        else:
-            where = ("target", target.selector())
-        self.write(
-            {
-                "type": "attempt",
-                "at": iso(attempt.at),
-                "action": action,
-                where[0]: where[1],
-                "org_id": target.org_id,
-                "command_id": target.command_id,
-                "attempt": attempt.number,
-                "http_status": attempt.http_status,
-                "code": attempt.code,
-                "request_id": attempt.request_id,
-                "latency_ms": attempt.latency_ms,
-                "decision": attempt.decision,
-                "wait_s": attempt.wait_s,
-                "error": attempt.error,
-                **({"subject": attempt.subject} if attempt.subject is not None else {}),
-            }
-        )
+        self.write(attempt_record(attempt, action))
 
 
-def who_and_where() -> dict[str, Any]:
+class Operator(NamedTuple):
+    """Who started a segment, where: for its run_started record."""
+
+    operator: str
+    host: str
+    pid: int
+    argv: list[str]
+
+
+def who_and_where() -> Operator:
     """The operator, host, process and command line for a run_started record."""
     try:
         operator = getpass.getuser()
     except (KeyError, OSError):
         operator = str(os.getuid()) if hasattr(os, "getuid") else "unknown"
-    return {
-        "operator": operator,
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "argv": list(sys.argv),
-    }
+    return Operator(operator, socket.gethostname(), os.getpid(), list(sys.argv))
 
 
 def _last_line_hash(path: Path) -> str | None:
     """The sha256 of the last complete line, to continue the chain when appending."""
     line = last_line(path)
     return hashlib.sha256(line).hexdigest() if line else None
+
+
+def attempt_record(attempt: Attempt, action: str) -> AttemptRecord:
+    """The audit record of one HTTP attempt; a call naming several assets names each target."""
+    target, batch = attempt.target, attempt.batch
+    record: AttemptRecord = {
+        "type": "attempt",
+        "at": iso(attempt.at),
+        "action": action,
+        "org_id": target.org_id,
+        "command_id": target.command_id,
+        "attempt": attempt.number,
+        "http_status": attempt.http_status,
+        "code": attempt.code,
+        "request_id": attempt.request_id,
+        "latency_ms": attempt.latency_ms,
+        "decision": attempt.decision,
+        "wait_s": attempt.wait_s,
+        "error": attempt.error,
+    }
+    if batch:
+        record["targets"] = [t.selector() for t in batch]
+    else:
+        record["target"] = target.selector()
+    if attempt.subject is not None:
+        record["subject"] = attempt.subject
+    return record

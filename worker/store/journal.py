@@ -10,19 +10,22 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
 
 from worker.model import Target, TargetResult, identity_key
+from worker.store.records import AttemptRecord, ResultRecord
+
+if TYPE_CHECKING:
+    from worker.store.layout import RunDir
 from worker.store.appendlog import AppendLog, iso
 
-RESULTS_FILE = "results.jsonl"
 log = structlog.get_logger("worker.journal")
 
 
-def result_record(result: TargetResult) -> dict[str, Any]:
+def result_record(result: TargetResult) -> ResultRecord:
     """The results.jsonl fields of one result (design.md, Outputs); a selective target's line
     also says what its match selected, what was gone, and how many cached commands it kept."""
     target = result.target
@@ -34,7 +37,7 @@ def result_record(result: TargetResult) -> dict[str, Any]:
     return record
 
 
-def _plain_record(result: TargetResult, target: Target) -> dict[str, Any]:
+def _plain_record(result: TargetResult, target: Target) -> ResultRecord:
     return {
         "target": target.selector(),
         "org_id": target.org_id,
@@ -60,17 +63,17 @@ def _plain_record(result: TargetResult, target: Target) -> dict[str, Any]:
 class ResultJournal:
     """Appends result lines to results.jsonl."""
 
-    def __init__(self, run_dir: Path) -> None:
-        self.log = AppendLog(run_dir / RESULTS_FILE)
+    def __init__(self, run: RunDir) -> None:
+        self.log = AppendLog(run.results)
 
     def write(self, result: TargetResult) -> None:
         """Record one final result."""
         self.log.append_line(orjson.dumps(result_record(result)))
 
 
-def record_key(record: dict[str, Any]) -> str:
+def record_key(record: ResultRecord | AttemptRecord) -> str:
     """The identity key of the target a results.jsonl record is about (see Target.key)."""
-    selector = record["target"]
+    selector = record.get("target") or {}
     return identity_key(
         record["org_id"],
         selector.get("asset_id"),
@@ -91,7 +94,7 @@ class JournalCursor:
         self.sha256: Any = hashlib.sha256()  # of every byte before `offset` (the checkpoint's)
 
 
-def read_journal(path: Path, cursor: JournalCursor | None = None) -> Iterator[dict[str, Any]]:
+def read_journal(path: Path, cursor: JournalCursor | None = None) -> Iterator[ResultRecord]:
     """Every readable line of a JSON-lines file (from `cursor`, which it moves on).
 
     An unterminated last line (a torn write) ends the file. A damaged line in the middle is
@@ -109,6 +112,6 @@ def read_journal(path: Path, cursor: JournalCursor | None = None) -> Iterator[di
                 cursor.offset += len(line)
                 cursor.sha256.update(line)
             try:
-                yield orjson.loads(line)
+                yield orjson.loads(line)  # the run's own file: its lines are ResultRecords
             except orjson.JSONDecodeError:
                 log.warning("worker.journal_line_unreadable", path=str(path), line=number)

@@ -1,6 +1,6 @@
-"""The run's typed state: the manifest (run.json) with its segments, the summary, live progress
-and the exit codes. JSON is read and written at one boundary, :meth:`to_json`/:meth:`from_json`;
-everything else speaks these types.
+"""The run's typed state: the manifest (run.json) with its segments, and the summary. JSON is
+read and written at one boundary, :meth:`to_json`/:meth:`from_json`; everything else speaks
+these types.
 
 Nothing here does I/O or imports aiohttp or YAML: the report, the CLI and tests use it freely.
 """
@@ -9,20 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from enum import IntEnum
 from typing import Any
 
-from worker.model import Limits
-
-
-class ExitCode(IntEnum):
-    """The contract's exit codes (design.md)."""
-
-    OK = 0  # every target cancelled or had nothing to cancel
-    FAILED = 1  # finished; some targets failed
-    USAGE = 2  # bad usage or job file: nothing was sent
-    ABORTED = 3  # fatal error, abort rule, outage, internal error: resumable
-    INTERRUPTED = 4  # signal or deadline: resumable
+from worker.model import Limits, Match
+from worker.store.records import (
+    BatchingRecord,
+    BatchingSummary,
+    SegmentRate,
+    VerifyCountsRecord,
+)
 
 
 def limits_from_json(data: dict[str, Any]) -> Limits:
@@ -46,7 +41,7 @@ class Segment:
     abandoned: int = 0  # requests cut off in flight: their targets may have been cancelled
     duration_s: float = 0.0
     rate_timeline: list[list[float | None]] = field(default_factory=list)  # [s, achieved, allowed]
-    batching: dict[str, Any] | None = None  # assets_per_call > 1: lists sent, trust, changes
+    batching: BatchingRecord | None = None  # assets_per_call > 1: lists sent, trust, changes
 
     def to_json(self) -> dict[str, Any]:
         """As written in run.json."""
@@ -79,12 +74,12 @@ class Manifest:
     gateway: str
     limits: Limits
     segments: list[Segment] = field(default_factory=list)
-    match: dict[str, Any] | None = None  # the job's match rule (Match fields), for follow-ups
+    match: Match | None = None  # the job's match rule, for follow-ups
     shard: str | None = None  # "K/N": this run covers one shard of the job's targets
 
     def to_json(self) -> dict[str, Any]:
         """As written in run.json."""
-        data = dataclasses.asdict(self)
+        data = dataclasses.asdict(self)  # JSON at the file's boundary
         data["limits"] = dataclasses.asdict(self.limits)
         data["segments"] = [segment.to_json() for segment in self.segments]
         return data
@@ -102,7 +97,7 @@ class Manifest:
             gateway=data["gateway"],
             limits=limits_from_json(data["limits"]),
             segments=[Segment.from_json(s) for s in data.get("segments") or []],
-            match=data.get("match"),
+            match=Match(**data["match"]) if data.get("match") else None,
             shard=data.get("shard"),
         )
 
@@ -125,8 +120,8 @@ class RateSummary:
 
     requested: float | str | None
     achieved: float | None
-    timeline: list[list[Any]]
-    segments: list[dict[str, Any]] = field(default_factory=list)  # asked / achieved, each
+    timeline: list[list[Any]]  # [segment, seconds, achieved/s, allowed/s]
+    segments: list[SegmentRate] = field(default_factory=list)  # asked / achieved, each
 
 
 @dataclass(frozen=True)
@@ -164,9 +159,9 @@ class Summary:
     requests: int = 0  # every HTTP request sent, all segments (attempts: of final results)
     abandoned: int = 0  # requests cut off in flight by a second stop signal
     finished: bool = True  # False: the last segment never ended (kill -9, OOM, power loss)
-    batching: dict[str, Any] = field(default_factory=dict)  # lists: asked, sent, fallbacks
+    batching: BatchingSummary = field(default_factory=BatchingSummary)
     shard: str | None = None  # "K/N" when the run covers one shard of the job
-    verify: dict[str, Any] = field(default_factory=dict)  # the last verify sweep's counts
+    verify: VerifyCountsRecord = field(default_factory=VerifyCountsRecord)
 
     def to_json(self) -> dict[str, Any]:
         """summary.json's content (design.md's keys)."""

@@ -1,0 +1,167 @@
+"""The run directory: one value that names every file in it, and its small JSON files.
+
+Nothing else in the code spells a run directory's file names: a new file is a new property here
+(and a line in ``docs/architecture.md``). ::
+
+    run.json          the manifest (job and target hashes, limits, segments), replaced atomically
+    run.lock          flock'ed by the worker running the directory (released by the kernel)
+    results.jsonl     the journal: one final line per target (store.journal)
+    audit.jsonl       every attempt, hash-chained (store.audit)
+    admitted          the admission high-water mark: every target at or below it may have been sent
+    summary.json      the whole run's summary, replaced atomically
+    checkpoint.json   a resume's shortcut through a long journal (store.checkpoint) ...
+    done.bin          ... and its done set: a cache, never a record
+    verify.jsonl      the last verify sweep, a line per searched target ...
+    verify.json       ... and its counts
+    report.html       the report page (report.html)
+    failed.csv        the failed targets as a targets file ...
+    followup.yaml     ... and a job that runs them again
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+from worker.errors import UsageError
+from worker.store.records import VerifyCountsRecord
+from worker.store.state import Manifest, Summary
+
+
+@dataclass(frozen=True, slots=True)
+class RunDir:
+    """A run directory and the path of each of its files."""
+
+    path: Path
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @property
+    def manifest(self) -> Path:
+        """run.json: what the run is, and its segments."""
+        return self.path / "run.json"
+
+    @property
+    def lock(self) -> Path:
+        """run.lock: held (flock) by the process running the directory."""
+        return self.path / "run.lock"
+
+    @property
+    def results(self) -> Path:
+        """results.jsonl: the journal, one final line per target."""
+        return self.path / "results.jsonl"
+
+    @property
+    def audit(self) -> Path:
+        """audit.jsonl: every HTTP attempt, hash-chained."""
+        return self.path / "audit.jsonl"
+
+    @property
+    def admitted(self) -> Path:
+        """admitted: the admission high-water mark (crash truth)."""
+        return self.path / "admitted"
+
+    @property
+    def summary(self) -> Path:
+        """summary.json: the whole run's counts."""
+        return self.path / "summary.json"
+
+    @property
+    def checkpoint(self) -> Path:
+        """checkpoint.json: where the last segment's end read the journal to, and its counts."""
+        return self.path / "checkpoint.json"
+
+    @property
+    def done(self) -> Path:
+        """done.bin: the checkpoint's done set, a record per journal line."""
+        return self.path / "done.bin"
+
+    @property
+    def verify_lines(self) -> Path:
+        """verify.jsonl: the last verify sweep, a line per searched target."""
+        return self.path / "verify.jsonl"
+
+    @property
+    def verify_counts(self) -> Path:
+        """verify.json: the last verify sweep's counts."""
+        return self.path / "verify.json"
+
+    @property
+    def report(self) -> Path:
+        """report.html: the report page."""
+        return self.path / "report.html"
+
+    @property
+    def failed_csv(self) -> Path:
+        """failed.csv: the failed targets, as a targets file."""
+        return self.path / "failed.csv"
+
+    @property
+    def followup(self) -> Path:
+        """followup.yaml: a job that runs the failed targets again."""
+        return self.path / "followup.yaml"
+
+    def holds_run(self) -> bool:
+        """Whether the directory holds a run (its manifest exists)."""
+        return self.manifest.exists()
+
+    def unused(self) -> bool:
+        """Missing, or empty but for a lone run.lock (a run that died before it wrote anything)."""
+        if not self.path.exists():
+            return True
+        return self.path.is_dir() and all(p.name == self.lock.name for p in self.path.iterdir())
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` so that a reader (or a crash) sees the old or the new file,
+    never half of one: write beside it, fsync, rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as stream:
+        stream.write(data)
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(tmp, path)
+
+
+def read_manifest(run: RunDir) -> Manifest:
+    """The run's manifest (run.json); UsageError if the directory holds no readable one."""
+    try:
+        return Manifest.from_json(orjson.loads(run.manifest.read_bytes()))
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UsageError(f"{run} is not a run directory (no readable run.json)") from None
+
+
+def write_manifest(run: RunDir, manifest: Manifest) -> None:
+    """Replace run.json atomically."""
+    data = orjson.dumps(manifest.to_json(), option=orjson.OPT_INDENT_2)
+    write_atomically(run.manifest, data)
+
+
+def read_summary(run: RunDir) -> Summary | None:
+    """summary.json as the last segment's end wrote it (None before there is one)."""
+    if not run.summary.exists():
+        return None
+    return Summary.from_json(orjson.loads(run.summary.read_bytes()))
+
+
+def write_summary(run: RunDir, summary: Summary) -> None:
+    """Replace summary.json atomically."""
+    data = orjson.dumps(summary.to_json(), option=orjson.OPT_INDENT_2)
+    write_atomically(run.summary, data)
+
+
+def read_verify_counts(run: RunDir) -> VerifyCountsRecord:
+    """verify.json's counts ({} before any sweep)."""
+    if not run.verify_counts.exists():
+        return {}
+    loaded: VerifyCountsRecord = orjson.loads(run.verify_counts.read_bytes())  # our own JSON
+    return loaded
+
+
+def write_verify_counts(run: RunDir, counts: VerifyCountsRecord) -> None:
+    """Replace verify.json atomically."""
+    write_atomically(run.verify_counts, orjson.dumps(counts))
