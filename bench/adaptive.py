@@ -47,18 +47,26 @@ def main() -> None:
     throttled = sum(limited[s] for s in limited if s > converged)
     seconds = max(after) - converged if after else 1
     print(f"Machine: {machine()}.\n")
-    print(table(
-        f"rate: auto (floor 10/s) against a simulator capped at {CAP}/s, {count:,} targets",
-        ["measure", "value", "goal"],
-        [
-            [f"time to reach {CONVERGED_SHARE:.0%} of the cap", f"{converged + 1} s", "< 10 s"],
-            ["429 share after convergence", f"{throttled / max(1, accepted + throttled):.2%}",
-             "< 5 %"],
-            ["accepted rate after convergence", f"{accepted / seconds:.0f}/s "
-             f"({accepted / seconds / CAP:.0%} of the cap)", ""],
-            ["outcome", f"{summary['outcomes']}, exit {summary['exit_code']}", "exit 0"],
-        ],
-    ))  # fmt: skip
+    print(
+        table(
+            f"rate: auto (floor 10/s) against a simulator capped at {CAP}/s, {count:,} targets",
+            ["measure", "value", "goal"],
+            [
+                [f"time to reach {CONVERGED_SHARE:.0%} of the cap", f"{converged + 1} s", "< 10 s"],
+                [
+                    "429 share after convergence",
+                    f"{throttled / max(1, accepted + throttled):.2%}",
+                    "< 5 %",
+                ],
+                [
+                    "accepted rate after convergence",
+                    f"{accepted / seconds:.0f}/s ({accepted / seconds / CAP:.0%} of the cap)",
+                    "",
+                ],
+                ["outcome", f"{summary['outcomes']}, exit {summary['exit_code']}", "exit 0"],
+            ],
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -26,22 +26,34 @@ CAP = 40  # requests per second the simulated gateway allows
 
 def one_case(mode: str, per_call: int, count: int) -> dict[str, Any]:
     """Run one job; return its devices/s, calls, and whether every target came out right."""
-    with tempfile.TemporaryDirectory() as tmp, simulator(
-        "--devices", str(count), "--commands", "2", "--rate-cap", str(CAP),
-        "--multi-asset", mode,
-    ) as (url, _):  # fmt: skip
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        simulator(
+            "--devices",
+            str(count),
+            "--commands",
+            "2",
+            "--rate-cap",
+            str(CAP),
+            "--multi-asset",
+            mode,
+        ) as (url, _),
+    ):
         job = write_targets(Path(tmp), count, f"{{rate: {CAP}, concurrency: 16}}")
-        _, _, summary = run_worker_timed(job, url, Path(tmp) / "run",
-                                         "--assets-per-call", str(per_call))  # fmt: skip
+        _, _, summary = run_worker_timed(
+            job, url, Path(tmp) / "run", "--assets-per-call", str(per_call)
+        )
         stats = sim_json(url, "/_sim/stats")
         devices = sim_json(url, "/_sim/devices")
     left = sum(state == 1 for device in devices for state in device["commands"].values())
     outcomes = summary["outcomes"]
     right = (
-        summary["not_attempted"] == 0 and outcomes["failed"] == 0 and left == 0
+        summary["not_attempted"] == 0
+        and outcomes["failed"] == 0
+        and left == 0
         and len(devices) == count
         and sum(outcomes.values()) == count
-    )  # fmt: skip
+    )
     return {
         "devices_per_s": count / summary["duration_s"],
         "calls": stats["by_action"].get("cancel", 0) + stats["by_action"].get("search", 0),
@@ -60,18 +72,38 @@ def main() -> None:
     for mode, count in (("strict", large), ("lenient", large), ("off", small), ("first", small)):
         rows.append(_row(mode, 25, one_case(mode, 25, count), single))
     print(f"Machine: {machine()}.\n")
-    print(table(f"Devices cleared per second at a gateway capped at {CAP} requests/s",
-                ["lists (simulator)", "assets per call", "devices", "devices per s",
-                 "x one per call", "calls per device", "429s", "lists ended", "all right"],
-                rows))  # fmt: skip
+    print(
+        table(
+            f"Devices cleared per second at a gateway capped at {CAP} requests/s",
+            [
+                "lists (simulator)",
+                "assets per call",
+                "devices",
+                "devices per s",
+                "x one per call",
+                "calls per device",
+                "429s",
+                "lists ended",
+                "all right",
+            ],
+            rows,
+        )
+    )
 
 
 def _row(mode: str, per_call: int, case: dict[str, Any], single: dict[str, Any]) -> list[str]:
     per_device = case["calls"] / case["count"]
-    return [mode, str(per_call), f"{case['count']:,}", f"{case['devices_per_s']:.0f}",
-            f"{case['devices_per_s'] / single['devices_per_s']:.1f}x",
-            f"{per_device:.3f} ({per_device / (single['calls'] / single['count']):.2f}x)",
-            str(case["throttled"]), case["trust"], "yes" if case["right"] else "NO"]  # fmt: skip
+    return [
+        mode,
+        str(per_call),
+        f"{case['count']:,}",
+        f"{case['devices_per_s']:.0f}",
+        f"{case['devices_per_s'] / single['devices_per_s']:.1f}x",
+        f"{per_device:.3f} ({per_device / (single['calls'] / single['count']):.2f}x)",
+        str(case["throttled"]),
+        case["trust"],
+        "yes" if case["right"] else "NO",
+    ]
 
 
 if __name__ == "__main__":

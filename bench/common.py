@@ -36,9 +36,8 @@ def simulator(*extra: str) -> Iterator[tuple[str, int]]:
     """A `worker simulate` process pinned to its own core; yields (url, pid)."""
     command = pinned(
         SERVER_CORE,
-        [sys.executable, "-m", "worker", "simulate", "--port", "0", "--app-key", APP_KEY,
-         *extra],
-    )  # fmt: skip
+        [sys.executable, "-m", "worker", "simulate", "--port", "0", "--app-key", APP_KEY, *extra],
+    )
     env = {**os.environ, "ENOS_APP_SECRET": APP_SECRET}  # a secret never goes on argv
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
     try:
@@ -73,8 +72,9 @@ def write_targets(
     rows = "".join(f"as{i:06d}\n" for i in range(first, first + count))
     (directory / f"{name}.csv").write_text("asset_id\n" + rows)
     job = directory / f"{name}.yaml"
-    job.write_text(f"version: 1\nname: {name}\norg_id: {ORG}\nlimits: {limits}\n"
-                   f"targets_file: {name}.csv\n")  # fmt: skip
+    job.write_text(
+        f"version: 1\nname: {name}\norg_id: {ORG}\nlimits: {limits}\ntargets_file: {name}.csv\n"
+    )
     return job
 
 
@@ -91,8 +91,22 @@ def run_worker_timed(
     """Run `worker run` pinned to the client core; returns (wall s, CPU s, summary)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     began = time.perf_counter()
-    command = pinned(CLIENT_CORE, [sys.executable, "-m", "worker", "run", str(job), "--gateway",
-                                   url, "--out", str(out), "--yes", *flags])  # fmt: skip
+    command = pinned(
+        CLIENT_CORE,
+        [
+            sys.executable,
+            "-m",
+            "worker",
+            "run",
+            str(job),
+            "--gateway",
+            url,
+            "--out",
+            str(out),
+            "--yes",
+            *flags,
+        ],
+    )
     done = subprocess.run(command, env=worker_env(), capture_output=True, text=True, check=False)
     wall = time.perf_counter() - began
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -105,8 +119,12 @@ def run_worker_timed(
 
 def table(title: str, header: list[str], rows: list[list[str]]) -> str:
     """A Markdown table with a title line."""
-    lines = [f"### {title}", "", "| " + " | ".join(header) + " |",
-             "|" + "|".join("---" for _ in header) + "|"]  # fmt: skip
+    lines = [
+        f"### {title}",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 

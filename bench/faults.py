@@ -64,15 +64,22 @@ def admission_rate(run_dir: Path) -> float:
 def random_5xx(error_rate: float, rate: int) -> list[str]:
     """One run at `rate` against a simulator failing `error_rate` of the calls at random."""
     count = rate * SECONDS
-    with tempfile.TemporaryDirectory() as tmp, simulator(
-        "--devices", str(count + 10), "--error-rate", str(error_rate)
-    ) as (url, _):  # fmt: skip
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        simulator("--devices", str(count + 10), "--error-rate", str(error_rate)) as (url, _),
+    ):
         job = write_targets(Path(tmp), count, f"{{rate: {rate}, concurrency: 32, attempts: 10}}")
         _, _, summary = run_worker_timed(job, url, Path(tmp) / "run")
         achieved = admission_rate(Path(tmp) / "run")
     failed = summary["outcomes"]["failed"]
-    return [f"{error_rate:.0%}", f"{rate}/s", f"{achieved:.1f}/s", f"**{achieved / rate:.3f}**",
-            ">= 0.9", f"{failed}"]  # fmt: skip
+    return [
+        f"{error_rate:.0%}",
+        f"{rate}/s",
+        f"{achieved:.1f}/s",
+        f"**{achieved / rate:.3f}**",
+        ">= 0.9",
+        f"{failed}",
+    ]
 
 
 def one_429(rate: int = 200) -> list[str]:
@@ -81,11 +88,22 @@ def one_429(rate: int = 200) -> list[str]:
     with tempfile.TemporaryDirectory() as tmp, simulator("--devices", str(count + 10)) as (url, _):
         job = write_targets(Path(tmp), count, f"{{rate: {rate}, concurrency: 32}}")
         run_dir = Path(tmp) / "run"
-        argv = [sys.executable, "-m", "worker", "run", str(job), "--gateway", url,
-                "--out", str(run_dir), "--yes"]  # fmt: skip
+        argv = [
+            sys.executable,
+            "-m",
+            "worker",
+            "run",
+            str(job),
+            "--gateway",
+            url,
+            "--out",
+            str(run_dir),
+            "--yes",
+        ]
         command = pinned(CLIENT_CORE, argv)
-        process = subprocess.Popen(command, env=worker_env(), stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL)  # fmt: skip
+        process = subprocess.Popen(
+            command, env=worker_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         _wait_for_results(run_dir, rate * 4, process)
         _post_faults(url, {"throttle_next": 1})
         process.wait(timeout=120)
@@ -110,11 +128,15 @@ def _first_full_window(times: list[float], after: float, needed: float) -> float
 
 def auto_against_cap(error_rate: float = 0.1, count: int = 9000) -> list[list[str]]:
     """rate: auto (floor 10/s) against a 300/s cap with random 5xx."""
-    with tempfile.TemporaryDirectory() as tmp, simulator(
-        "--devices", str(count + 10), "--rate-cap", str(CAP), "--error-rate", str(error_rate)
-    ) as (url, _):  # fmt: skip
-        job = write_targets(Path(tmp), count, "{rate: auto, rate_floor: 10, concurrency: 64, "
-                            "attempts: 10}")  # fmt: skip
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        simulator(
+            "--devices", str(count + 10), "--rate-cap", str(CAP), "--error-rate", str(error_rate)
+        ) as (url, _),
+    ):
+        job = write_targets(
+            Path(tmp), count, "{rate: auto, rate_floor: 10, concurrency: 64, attempts: 10}"
+        )
         _, _, summary = run_worker_timed(job, url, Path(tmp) / "run")
         found = attempts(Path(tmp) / "run")
     per_second: dict[int, list[int]] = {}
@@ -128,10 +150,14 @@ def auto_against_cap(error_rate: float = 0.1, count: int = 9000) -> list[list[st
     return [
         [f"time to {CONVERGED:.0%} of the cap", f"**{converged + 1} s**", "<= 10 s"],
         ["429 share after that", f"**{limited / max(1, answered + limited):.2%}**", "< 5 %"],
-        ["answered rate after that", f"{answered / max(1, len(after)):.0f}/s "
-         f"({answered / max(1, len(after)) / CAP:.0%} of the cap)", ""],
+        [
+            "answered rate after that",
+            f"{answered / max(1, len(after)):.0f}/s "
+            f"({answered / max(1, len(after)) / CAP:.0%} of the cap)",
+            "",
+        ],
         ["outcome", f"{summary['outcomes']}, exit {summary['exit_code']}", "exit 0"],
-    ]  # fmt: skip
+    ]
 
 
 def _wait_for_results(run_dir: Path, lines: int, process: subprocess.Popen[bytes]) -> None:
@@ -154,12 +180,25 @@ def main() -> None:
     print(f"Machine: {machine()}.\n")
     rows = [random_5xx(error, rate) for error in (0.1, 0.2) for rate in (100, 400)]
     header = ["5xx share", "asked", "achieved", "ratio", "goal", "failed targets"]
-    print(table("Random 5xx: achieved / asked while targets are admitted (concurrency 32)",
-                header, rows))  # fmt: skip
-    print(table("One 429 at 200/s: back to >= 95 % of the asked rate",
-                ["asked", "429s", "recovered after", "goal"], [one_429()]))  # fmt: skip
-    print(table(f"rate: auto against a {CAP}/s cap with 10 % random 5xx",
-                ["measure", "value", "goal"], auto_against_cap()))  # fmt: skip
+    print(
+        table(
+            "Random 5xx: achieved / asked while targets are admitted (concurrency 32)", header, rows
+        )
+    )
+    print(
+        table(
+            "One 429 at 200/s: back to >= 95 % of the asked rate",
+            ["asked", "429s", "recovered after", "goal"],
+            [one_429()],
+        )
+    )
+    print(
+        table(
+            f"rate: auto against a {CAP}/s cap with 10 % random 5xx",
+            ["measure", "value", "goal"],
+            auto_against_cap(),
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -37,22 +37,39 @@ def main() -> None:
         for rate in rates:
             count = rate * SECONDS
             with simulator("--devices", str(first + count + 10)) as (url, _):
-                job = write_targets(Path(tmp) / f"r{rate}", count,
-                                    f"{{rate: {rate}, concurrency: 64}}", first=first)  # fmt: skip
+                job = write_targets(
+                    Path(tmp) / f"r{rate}", count, f"{{rate: {rate}, concurrency: 64}}", first=first
+                )
                 run_worker_timed(job, url, Path(tmp) / f"r{rate}" / "run")
                 arrivals = sorted(sim_json(url, "/_sim/arrivals"))
             first += count
             mean = (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
             worst = worst_window(arrivals)
-            rows.append([str(rate), str(len(arrivals)), f"{mean:,.1f}", f"{mean / rate:.3f}",
-                         str(worst), f"{worst / rate:.3f}"])  # fmt: skip
+            rows.append(
+                [
+                    str(rate),
+                    str(len(arrivals)),
+                    f"{mean:,.1f}",
+                    f"{mean / rate:.3f}",
+                    str(worst),
+                    f"{worst / rate:.3f}",
+                ]
+            )
     print(f"Machine: {machine()}.\n")
-    print(table(
-        f"Rate accuracy over {SECONDS} s, measured at the simulator",
-        ["rate/s", "requests", "achieved mean/s", "mean ratio", "worst 1-s window",
-         "worst ratio"],
-        rows,
-    ))  # fmt: skip
+    print(
+        table(
+            f"Rate accuracy over {SECONDS} s, measured at the simulator",
+            [
+                "rate/s",
+                "requests",
+                "achieved mean/s",
+                "mean ratio",
+                "worst 1-s window",
+                "worst ratio",
+            ],
+            rows,
+        )
+    )
 
 
 if __name__ == "__main__":

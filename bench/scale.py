@@ -32,8 +32,7 @@ from bench.common import (
 
 def timed(*args: str) -> tuple[float, int, float, subprocess.CompletedProcess[str]]:
     """Run `worker ARGS` under /usr/bin/time -v: (start, peak RSS MB, wall s, process)."""
-    command = ["/usr/bin/time", "-v", *pinned(CLIENT_CORE, [sys.executable, "-m", "worker",
-                                                            *args])]  # fmt: skip
+    command = ["/usr/bin/time", "-v", *pinned(CLIENT_CORE, [sys.executable, "-m", "worker", *args])]
     started = time.monotonic()
     done = subprocess.run(command, env=worker_env(), capture_output=True, text=True, check=False)
     wall = time.monotonic() - started
@@ -50,26 +49,29 @@ def main() -> None:
         assert done.returncode == 0, done.stderr
         with simulator("--devices", str(count + 10)) as (url, _):
             out = Path(tmp) / "run"
-            started, run_rss, run_s, done = timed("run", str(job), "--gateway", url,
-                                                  "--out", str(out), "--yes")  # fmt: skip
+            started, run_rss, run_s, done = timed(
+                "run", str(job), "--gateway", url, "--out", str(out), "--yes"
+            )
             assert done.returncode == 0, done.stderr[-2000:]
             first = min(sim_json(url, "/_sim/arrivals")[:1000])
             _, resume_rss, resume_s, done = timed("run", str(job), "--resume", str(out), "--yes")
             assert done.returncode == 0, done.stderr[-2000:]
     print(f"Machine: {machine()}.\n")
-    print(table(
-        f"{count:,} targets from a CSV targets file",
-        ["measure", "value", "goal"],
-        [
-            ["worker validate: wall time", f"{validate_s:.2f} s", "< 10 s"],
-            ["worker validate: peak RSS", f"{validate_rss} MB", "< 300 MB"],
-            ["worker run: first request after start", f"{first - started:.2f} s", "< 2 s"],
-            ["worker run: peak RSS, whole run", f"{run_rss} MB", "< 300 MB"],
-            ["worker run: wall time (unlimited rate)", f"{run_s:.0f} s", ""],
-            ["--resume of the finished run: peak RSS", f"{resume_rss} MB", "< 300 MB"],
-            ["--resume of the finished run: wall time", f"{resume_s:.1f} s", ""],
-        ],
-    ))  # fmt: skip
+    print(
+        table(
+            f"{count:,} targets from a CSV targets file",
+            ["measure", "value", "goal"],
+            [
+                ["worker validate: wall time", f"{validate_s:.2f} s", "< 10 s"],
+                ["worker validate: peak RSS", f"{validate_rss} MB", "< 300 MB"],
+                ["worker run: first request after start", f"{first - started:.2f} s", "< 2 s"],
+                ["worker run: peak RSS, whole run", f"{run_rss} MB", "< 300 MB"],
+                ["worker run: wall time (unlimited rate)", f"{run_s:.0f} s", ""],
+                ["--resume of the finished run: peak RSS", f"{resume_rss} MB", "< 300 MB"],
+                ["--resume of the finished run: wall time", f"{resume_s:.1f} s", ""],
+            ],
+        )
+    )
 
 
 if __name__ == "__main__":

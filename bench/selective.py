@@ -26,9 +26,10 @@ CASES = (
 
 
 def one_case(count: int, commands: int, match: str | None) -> list[str]:
-    with tempfile.TemporaryDirectory() as tmp, simulator(
-        "--devices", str(count + 10), "--commands", str(commands)
-    ) as (url, _):  # fmt: skip
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        simulator("--devices", str(count + 10), "--commands", str(commands)) as (url, _),
+    ):
         directory = Path(tmp)
         (directory / "d.csv").write_text(
             "asset_id\n" + "".join(f"as{i:06d}\n" for i in range(count))
@@ -42,17 +43,33 @@ def one_case(count: int, commands: int, match: str | None) -> list[str]:
     matched = summary.get("commands", {}).get("matched", 0)
     cancelled = summary.get("commands", {}).get("cancelled", 0)
     seconds = summary["duration_s"]
-    return [f"{matched / count:.2f}", f"{cancelled:,}", f"{calls / count:.2f}",
-            f"{count / seconds:.0f}", f"{summary['rate']['achieved']:.0f}/s"]  # fmt: skip
+    return [
+        f"{matched / count:.2f}",
+        f"{cancelled:,}",
+        f"{calls / count:.2f}",
+        f"{count / seconds:.0f}",
+        f"{summary['rate']['achieved']:.0f}/s",
+    ]
 
 
 def main() -> None:
     count = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
     rows = [[name, *one_case(count, commands, match)] for name, commands, match in CASES]
     print(f"Machine: {machine()}.\n")
-    print(table(f"Selective cancels at {RATE}/s, {count:,} devices (simulator: 1 in 8 has none)",
-                ["job", "matches per device", "commands cancelled", "calls per device",
-                 "devices per s", "achieved rate"], rows))  # fmt: skip
+    print(
+        table(
+            f"Selective cancels at {RATE}/s, {count:,} devices (simulator: 1 in 8 has none)",
+            [
+                "job",
+                "matches per device",
+                "commands cancelled",
+                "calls per device",
+                "devices per s",
+                "achieved rate",
+            ],
+            rows,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -18,8 +18,17 @@ from tests.conftest import APP_KEY, APP_SECRET
 @contextmanager
 def simulator_process(*extra: str) -> Iterator[str]:
     """Start `worker simulate --port 0 ...`, yield its URL, stop it."""
-    command = [sys.executable, "-m", "worker", "simulate", "--port", "0",
-               "--app-key", APP_KEY, *extra]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "worker",
+        "simulate",
+        "--port",
+        "0",
+        "--app-key",
+        APP_KEY,
+        *extra,
+    ]
     env = {**os.environ, "ENOS_APP_SECRET": APP_SECRET}  # a secret never goes on argv
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
     try:
@@ -59,6 +68,10 @@ def run_worker(
 ) -> subprocess.CompletedProcess[str]:
     """Run `python -m worker ARGS` to completion."""
     return subprocess.run(
-        [sys.executable, "-m", "worker", *args], env=env or worker_env(), capture_output=True,
-        text=True, timeout=timeout, check=False,
-    )  # fmt: skip
+        [sys.executable, "-m", "worker", *args],
+        env=env or worker_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )

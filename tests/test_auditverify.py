@@ -85,24 +85,44 @@ def one_target_less(summary: bytes) -> bytes:
 TAMPERING: dict[str, tuple[str, Callable[[list[bytes]], list[bytes]], str]] = {
     "edit": ("audit.jsonl", lambda lines: edited(lines, 3), "audit.jsonl:5: the chain is broken"),
     "delete": ("audit.jsonl", lambda lines: lines[:4] + lines[5:], "audit.jsonl:5: the chain"),
-    "reorder": ("audit.jsonl", lambda lines: [*lines[:4], lines[5], lines[4], *lines[6:]],
-                "audit.jsonl:5: the chain"),
-    "truncate mid-line": ("audit.jsonl", lambda lines: [*lines[:-1], lines[-1][:20]],
-                          "the last line is incomplete"),
+    "reorder": (
+        "audit.jsonl",
+        lambda lines: [*lines[:4], lines[5], lines[4], *lines[6:]],
+        "audit.jsonl:5: the chain",
+    ),
+    "truncate mid-line": (
+        "audit.jsonl",
+        lambda lines: [*lines[:-1], lines[-1][:20]],
+        "the last line is incomplete",
+    ),
     "append forged": ("audit.jsonl", forged, "outside a segment"),
-    "append garbage": ("audit.jsonl", lambda lines: [*lines, b'{"type": "attempt"}\n'],
-                       "the chain is broken"),
-    "result outcome": ("results.jsonl",
-                       lambda lines: [lines[0].replace(b'"nothing_to_cancel"', b'"cancelled"')
-                                      .replace(b'"cancelled"', b'"failed"', 1), *lines[1:]],
-                       "summary.json"),
-    "forged result": ("results.jsonl", lambda lines: [*lines, other_target(lines[0])],
-                      "a result with no attempt record"),
-    "second result": ("results.jsonl", lambda lines: [*lines, lines[1]],
-                      "a second final result"),
-    "summary": ("summary.json", lambda lines: [one_target_less(b"".join(lines))],
-                "summary.json: targets"),
-}  # fmt: skip
+    "append garbage": (
+        "audit.jsonl",
+        lambda lines: [*lines, b'{"type": "attempt"}\n'],
+        "the chain is broken",
+    ),
+    "result outcome": (
+        "results.jsonl",
+        lambda lines: [
+            lines[0]
+            .replace(b'"nothing_to_cancel"', b'"cancelled"')
+            .replace(b'"cancelled"', b'"failed"', 1),
+            *lines[1:],
+        ],
+        "summary.json",
+    ),
+    "forged result": (
+        "results.jsonl",
+        lambda lines: [*lines, other_target(lines[0])],
+        "a result with no attempt record",
+    ),
+    "second result": ("results.jsonl", lambda lines: [*lines, lines[1]], "a second final result"),
+    "summary": (
+        "summary.json",
+        lambda lines: [one_target_less(b"".join(lines))],
+        "summary.json: targets",
+    ),
+}
 
 
 @pytest.mark.parametrize("name", list(TAMPERING))

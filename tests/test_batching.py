@@ -108,8 +108,11 @@ def by_asset(results: list[TargetResult]) -> dict[str, TargetResult]:
 
 def test_each_returned_command_goes_to_its_asset() -> None:
     plan = trusted(3)
-    results = by_asset(Gateway(lambda _: reply(("a1", "c1"), ("a3", "c3"), ("a3", "c4"))).run(
-        plan.group(members("a1", "a2", "a3"), POLICY)))  # fmt: skip
+    results = by_asset(
+        Gateway(lambda _: reply(("a1", "c1"), ("a3", "c3"), ("a3", "c4"))).run(
+            plan.group(members("a1", "a2", "a3"), POLICY)
+        )
+    )
     assert results["a1"].cancelled_command_ids == ("c1",)
     assert results["a2"].outcome is Outcome.NOTHING_TO_CANCEL
     assert results["a3"].cancelled_command_ids == ("c3", "c4")
@@ -123,7 +126,8 @@ def test_a_command_of_no_listed_asset_makes_every_target_unknown() -> None:
     """It was cancelled, but for which target the answer does not say: no claim is lost or
     invented, and nobody's 'nothing' is trusted."""
     results = Gateway(lambda _: reply(("a1", "c1"), ("zz", "c9"))).run(
-        trusted(2).group(members("a1", "a2"), POLICY))  # fmt: skip
+        trusted(2).group(members("a1", "a2"), POLICY)
+    )
     assert all(r.effect_unknown for r in results)
     assert "could not be attributed" in (results[0].error or "")
     assert by_asset(results)["a1"].cancelled_command_ids == ("c1",)
@@ -212,8 +216,10 @@ def test_trial_lists_out_at_once_are_capped_and_the_rest_goes_alone() -> None:
 def test_a_gateway_that_ignores_part_of_a_list_is_caught() -> None:
     """Only the first asset is acted on; the others' older commands are still pending: the
     run falls back, and those assets are cancelled again, alone."""
-    cached = {a: [Command(f"c-{a}", 1, create_time_ms=int(NOW * 1000) - 60_000)]
-              for a in ("a1", "a2", "a3")}  # fmt: skip
+    cached = {
+        a: [Command(f"c-{a}", 1, create_time_ms=int(NOW * 1000) - 60_000)]
+        for a in ("a1", "a2", "a3")
+    }
 
     def first_only(named: list[str]) -> Answer:
         done = reply(*((named[0], c.command_id) for c in cached[named[0]]))
@@ -230,8 +236,14 @@ def test_a_gateway_that_ignores_part_of_a_list_is_caught() -> None:
     assert "ignored part of the list" in plan.notes[0]
     assert all(results[a].cancelled_command_ids == (f"c-{a}",) for a in cached)
     assert (results["a1"].batch_size, results["a2"].batch_size) == (3, 1)
-    assert gateway.calls == [("cancel", 3), ("search", 1), ("search", 1), ("search", 1),
-                             ("cancel", 1), ("cancel", 1)]  # fmt: skip
+    assert gateway.calls == [
+        ("cancel", 3),
+        ("search", 1),
+        ("search", 1),
+        ("search", 1),
+        ("cancel", 1),
+        ("cancel", 1),
+    ]
 
 
 def test_a_list_without_evidence_does_not_earn_trust() -> None:

@@ -68,8 +68,9 @@ async def test_retry_after_is_capped_and_said(header: str, expected: float | Non
     """A Retry-After past the cap (300 s) pauses for the cap, with a warning event."""
 
     async def limited(_: web.Request) -> web.Response:
-        return web.json_response({"message": "slow down"}, status=429,
-                                 headers={"Retry-After": header})  # fmt: skip
+        return web.json_response(
+            {"message": "slow down"}, status=429, headers={"Retry-After": header}
+        )
 
     with structlog.testing.capture_logs() as events:
         async with served(gateway(limited)) as url, EnOSClient(url, CREDENTIALS) as client:
@@ -102,8 +103,10 @@ async def test_gateway_echo_of_secrets_never_reaches_a_file(tmp_path: Path, code
     async with served(echoing(code)) as url:
         exit_code, report = await run_job(job, url, tmp_path / "run")
     assert exit_code == (0 if code == 0 else 1)
-    written = b"".join((tmp_path / "run" / name).read_bytes()
-                       for name in ("results.jsonl", "audit.jsonl", "summary.json"))  # fmt: skip
+    written = b"".join(
+        (tmp_path / "run" / name).read_bytes()
+        for name in ("results.jsonl", "audit.jsonl", "summary.json")
+    )
     assert b"tok-1234567890" not in written
     assert APP_SECRET.encode() not in written
     assert b"[redacted]" in written  # the echo was there, and was masked
@@ -119,8 +122,9 @@ def test_credentials_file_readable_by_others_is_refused(tmp_path: Path) -> None:
     secret_file.chmod(0o644)
     job = tmp_path / "job.yaml"
     job.write_text(f"version: 1\nname: t\norg_id: {ORG}\ntargets: [{{asset_id: a}}]\n")
-    done = run_worker("run", str(job), "--gateway", "http://127.0.0.1:9", "--credentials",
-                      str(secret_file))  # fmt: skip
+    done = run_worker(
+        "run", str(job), "--gateway", "http://127.0.0.1:9", "--credentials", str(secret_file)
+    )
     assert done.returncode == 2
     assert f"chmod 600 {secret_file}" in done.stderr
     assert APP_SECRET not in done.stdout + done.stderr
@@ -181,8 +185,16 @@ def test_a_missing_ca_bundle_is_refused_before_anything_is_sent(tmp_path: Path) 
     (tmp_path / "empty.pem").write_text("not a certificate\n")
     cases = ((tmp_path / "nope.pem", "no such file"), (tmp_path / "empty.pem", "no PEM"))
     for bundle, words in cases:
-        done = run_worker("run", str(job), "--gateway", "https://127.0.0.1:9", "--ca-bundle",
-                          str(bundle), "--out", str(tmp_path / "run"))  # fmt: skip
+        done = run_worker(
+            "run",
+            str(job),
+            "--gateway",
+            "https://127.0.0.1:9",
+            "--ca-bundle",
+            str(bundle),
+            "--out",
+            str(tmp_path / "run"),
+        )
         assert done.returncode == 2, done.stderr
         assert words in done.stderr
         assert not (tmp_path / "run").exists(), "refused before the run directory is made"

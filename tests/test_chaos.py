@@ -70,22 +70,38 @@ async def run_until_done(sim: Simulator, gateway: str, tmp_path: Path, limits: s
 
 SCENARIOS: dict[str, tuple[Faults, str]] = {
     "latency past the attempt timeout": (
-        Faults(slow_rate=0.3, slow_ms=500), "{rate: 500, timeout: 0.25, attempts: 12}"),
+        Faults(slow_rate=0.3, slow_ms=500),
+        "{rate: 500, timeout: 0.25, attempts: 12}",
+    ),
     "5xx at 40 %": (Faults(error_rate=0.4), "{rate: 500, attempts: 12}"),
     "a burst of 503s": (Faults(burst_from=20, burst_calls=60), "{rate: 500, attempts: 12}"),
     "429 storm with Retry-After": (Faults(rate_cap=20, retry_after_s=1), "{rate: 400}"),
-    "connections dropped before the effect": (Faults(drop_before_rate=0.3),
-                                              "{rate: 500, attempts: 12}"),
+    "connections dropped before the effect": (
+        Faults(drop_before_rate=0.3),
+        "{rate: 500, attempts: 12}",
+    ),
     "connections dropped after the effect": (Faults(drop_rate=0.3), "{rate: 500, attempts: 12}"),
     "garbled and cut-off bodies": (Faults(malformed_rate=0.3), "{rate: 500, attempts: 12}"),
     "oversized bodies": (Faults(oversize_rate=0.25), "{rate: 500, attempts: 12}"),
-    "a token that expires every second": (Faults(token_ttl_s=1, latency_ms=20),
-                                          "{rate: 25, concurrency: 4}"),
+    "a token that expires every second": (
+        Faults(token_ttl_s=1, latency_ms=20),
+        "{rate: 25, concurrency: 4}",
+    ),
     "all of them at once": (
-        Faults(error_rate=0.1, drop_rate=0.1, drop_before_rate=0.1, malformed_rate=0.1,
-               slow_rate=0.1, slow_ms=500, oversize_rate=0.05, rate_cap=150, token_ttl_s=2),
-        "{rate: 300, timeout: 0.25, attempts: 15}"),
-}  # fmt: skip
+        Faults(
+            error_rate=0.1,
+            drop_rate=0.1,
+            drop_before_rate=0.1,
+            malformed_rate=0.1,
+            slow_rate=0.1,
+            slow_ms=500,
+            oversize_rate=0.05,
+            rate_cap=150,
+            token_ttl_s=2,
+        ),
+        "{rate: 300, timeout: 0.25, attempts: 15}",
+    ),
+}
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))

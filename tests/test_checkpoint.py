@@ -37,8 +37,9 @@ def both_ways(run_dir: Path, *, retry_failed: bool) -> tuple[object, object]:
 async def test_a_resume_from_the_checkpoint_knows_what_the_journal_says(tmp_path: Path) -> None:
     """A run with failures (unknown assets, lost answers), a --retry-failed segment, then a
     crash's worth of lines appended after the checkpoint: both ways agree, every time."""
-    sim = Simulator(apps={APP_KEY: APP_SECRET}, devices=200, commands=2, seed=5,
-                    faults=Faults(drop_rate=0.2))  # fmt: skip
+    sim = Simulator(
+        apps={APP_KEY: APP_SECRET}, devices=200, commands=2, seed=5, faults=Faults(drop_rate=0.2)
+    )
     lines = "".join(f"  - asset_id: as{i:06d}\n" for i in range(60))
     lines += "".join(f"  - asset_id: nosuch{i}\n" for i in range(5))
     job = write_job(tmp_path, f"limits: {{rate: 2000, attempts: 2}}\ntargets:\n{lines}")
@@ -73,8 +74,11 @@ async def test_an_edited_journal_makes_the_checkpoint_ignored(tmp_path: Path) ->
     """An operator removes a line to run its target again: the checkpoint no longer matches,
     the journal is read, and the target runs again."""
     sim = Simulator(apps={APP_KEY: APP_SECRET}, devices=50, seed=5)
-    job = write_job(tmp_path, "limits: {rate: 2000}\ntargets:\n"
-                    + "".join(f"  - asset_id: as{i:06d}\n" for i in range(10)))  # fmt: skip
+    job = write_job(
+        tmp_path,
+        "limits: {rate: 2000}\ntargets:\n"
+        + "".join(f"  - asset_id: as{i:06d}\n" for i in range(10)),
+    )
     run_dir = tmp_path / "run"
     async with serve(sim) as url:
         assert (await run_job(job, url, run_dir))[0] == 0

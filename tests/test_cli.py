@@ -32,8 +32,16 @@ def idle_sim() -> Iterator[str]:
 def test_example_job_runs_to_exit_0(sim_url: str, tmp_path: Path) -> None:
     """worker run jobs/example.yaml --gateway URL against worker simulate exits 0."""
     out = tmp_path / "run"
-    done = run_worker("run", str(ROOT / "jobs" / "example.yaml"), "--gateway", sim_url,
-                      "--rate", "1000", "--out", str(out))  # fmt: skip
+    done = run_worker(
+        "run",
+        str(ROOT / "jobs" / "example.yaml"),
+        "--gateway",
+        sim_url,
+        "--rate",
+        "1000",
+        "--out",
+        str(out),
+    )
     assert done.returncode == 0, done.stderr
     summary = orjson.loads((out / "summary.json").read_bytes())
     assert summary["targets"] == 300
@@ -103,16 +111,27 @@ def test_credentials_file(sim_url: str, tmp_path: Path) -> None:
     job = tmp_path / "job.yaml"
     job.write_text(HEAD + "targets: [{asset_id: as000900}]\n")
     env = {k: v for k, v in worker_env().items() if not k.startswith("ENOS_")}
-    done = run_worker("run", str(job), "--gateway", sim_url, "--credentials", str(secret_file),
-                      "--out", str(tmp_path / "run"), env=env)  # fmt: skip
+    done = run_worker(
+        "run",
+        str(job),
+        "--gateway",
+        sim_url,
+        "--credentials",
+        str(secret_file),
+        "--out",
+        str(tmp_path / "run"),
+        env=env,
+    )
     assert done.returncode == 0, done.stderr
 
 
 def test_validate_prints_the_plan(tmp_path: Path) -> None:
     """validate: counts, duplicates, estimate at the rate, deadline warning; sends nothing."""
     job = tmp_path / "job.yaml"
-    job.write_text(HEAD + "limits: {rate: 1, deadline: 1s}\ntargets:\n  - asset_id: a\n"
-                   "  - asset_id: b\n  - asset_id: a\n")  # fmt: skip
+    job.write_text(
+        HEAD + "limits: {rate: 1, deadline: 1s}\ntargets:\n  - asset_id: a\n"
+        "  - asset_id: b\n  - asset_id: a\n"
+    )
     done = run_worker("validate", str(job))
     assert done.returncode == 0, done.stderr
     assert "2 targets (1 duplicate dropped)" in done.stdout
@@ -144,8 +163,12 @@ def test_operator_mistakes_exit_2_with_the_flag_named(
     job = tmp_path / "job.yaml"
     job.write_text(HEAD + "targets: [{asset_id: a}]\n")
     port = idle_sim.rsplit(":", 1)[1]
-    argv = [a.replace("JOB", str(job)).replace("NOPE", str(tmp_path / "nope"))
-            .replace("PORT_IN_USE", port) for a in args]  # fmt: skip
+    argv = [
+        a.replace("JOB", str(job))
+        .replace("NOPE", str(tmp_path / "nope"))
+        .replace("PORT_IN_USE", port)
+        for a in args
+    ]
     done = run_worker(*argv)
     assert done.returncode == 2, done.stdout + done.stderr
     assert words in done.stderr
@@ -156,8 +179,17 @@ def test_operator_mistakes_exit_2_with_the_flag_named(
 def test_report_html_path_mistakes_exit_2(sim_url: str, tmp_path: Path) -> None:
     """--html into a missing folder, or at a folder: exit 2 with the fix, no traceback."""
     out = tmp_path / "run"
-    done = run_worker("run", str(ROOT / "jobs" / "example.yaml"), "--gateway", sim_url,
-                      "--rate", "1000", "--out", str(out), "--no-progress")  # fmt: skip
+    done = run_worker(
+        "run",
+        str(ROOT / "jobs" / "example.yaml"),
+        "--gateway",
+        sim_url,
+        "--rate",
+        "1000",
+        "--out",
+        str(out),
+        "--no-progress",
+    )
     assert done.returncode == 0, done.stderr
     for page, words in (
         (tmp_path / "missing" / "x.html", "does not exist"),

@@ -104,8 +104,13 @@ def test_four_shard_processes_cover_every_target_exactly_once(tmp_path: Path) ->
     assert len(journalled) == count
     assert set(journalled.values()) == {1}
     assert {d["cancel_calls"] for d in devices} == {1}  # no device was called twice
-    merged = run_worker("report", *(str(tmp_path / f"shard-{k}") for k in range(4)),
-                        "--json", "--html", str(tmp_path / "all.html"))  # fmt: skip
+    merged = run_worker(
+        "report",
+        *(str(tmp_path / f"shard-{k}") for k in range(4)),
+        "--json",
+        "--html",
+        str(tmp_path / "all.html"),
+    )
     assert merged.returncode == 0, merged.stderr
     total = orjson.loads(merged.stdout)["total"]
     assert total["targets"] == count
@@ -178,8 +183,9 @@ def test_the_indexed_job_runs_each_shard_once_and_resumes_a_retried_index() -> N
         outs.add(args.out)
         mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
         assert mounts[str(args.job.parent)] == "job"
-        assert any(str(args.out).startswith(path) for path, name in mounts.items()
-                   if name == "results")  # fmt: skip
+        assert any(
+            str(args.out).startswith(path) for path, name in mounts.items() if name == "results"
+        )
         assert float(args.rate) * shards == 100  # per-shard rate = total / shards
         assert (
             MetricsAddress.parse(args.metrics_port).port == container["ports"][0]["containerPort"]
@@ -189,8 +195,9 @@ def test_the_indexed_job_runs_each_shard_once_and_resumes_a_retried_index() -> N
     assert volumes["job"]["configMap"]["name"] == manifest("configmap.yaml")["metadata"]["name"]
     claim = volumes["results"]["persistentVolumeClaim"]["claimName"]
     assert claim == manifest("results-pvc.yaml")["metadata"]["name"]
-    exit_rules = {rule["action"]: rule["onExitCodes"]["values"]
-                  for rule in spec["podFailurePolicy"]["rules"]}  # fmt: skip
+    exit_rules = {
+        rule["action"]: rule["onExitCodes"]["values"] for rule in spec["podFailurePolicy"]["rules"]
+    }
     assert 4 not in [code for codes in exit_rules.values() for code in codes]  # 4 is retried
 
 
@@ -235,14 +242,16 @@ async def test_metrics_are_served_during_the_run(tmp_path: Path) -> None:
         if calls > 5:
             arrived.set()
             await release.wait()
-        return web.Response(body=answer([{"commandId": f"c{calls}"}]),
-                            content_type="application/json")  # fmt: skip
+        return web.Response(
+            body=answer([{"commandId": f"c{calls}"}]), content_type="application/json"
+        )
 
     job = write_job(tmp_path, "targets:\n" + "".join(f"  - asset_id: a{i}\n" for i in range(8)))
     port = free_port()
     async with served(gateway(commands)) as url, anyio.create_task_group() as group:
-        group.start_soon(lambda: run_job(job, url, tmp_path / "run",
-                                         metrics=MetricsAddress("127.0.0.1", port)))  # fmt: skip
+        group.start_soon(
+            lambda: run_job(job, url, tmp_path / "run", metrics=MetricsAddress("127.0.0.1", port))
+        )
         await arrived.wait()
         async with (
             aiohttp.ClientSession() as session,

@@ -217,7 +217,10 @@ def test_a_failing_get_never_changes_the_result(error: EnOSError) -> None:
     assert isinstance(action, Finish)
     result = action.result
     assert (result.outcome, result.effect_unknown, result.get_state) == (
-        Outcome.NOTHING_TO_CANCEL, True, None)  # fmt: skip
+        Outcome.NOTHING_TO_CANCEL,
+        True,
+        None,
+    )
 
 
 def test_search_finds_without_claiming() -> None:

@@ -46,7 +46,10 @@ async def test_a_target_in_backoff_holds_no_worker() -> None:
     assert len(done) == 20
     first = done["a0"]
     assert (first.outcome, first.cancelled_command_ids, first.attempts) == (
-        Outcome.CANCELLED, ("c",), 4)  # fmt: skip
+        Outcome.CANCELLED,
+        ("c",),
+        4,
+    )
 
 
 async def test_concurrency_bounds_requests_in_flight() -> None:
@@ -63,8 +66,13 @@ async def test_every_target_is_admitted_in_order_before_its_first_call() -> None
     fake = FakeCanceller()
     recorder = MemoryRecorder()
     mark = MarkRecorder(fake.calls)
-    run = Engine(fake, recorder, RateLimiter(None), EngineSettings(concurrency=4, policy=FAST),
-                 admissions=mark)  # fmt: skip
+    run = Engine(
+        fake,
+        recorder,
+        RateLimiter(None),
+        EngineSettings(concurrency=4, policy=FAST),
+        admissions=mark,
+    )
     await run.run(iter(assets(25)))
     assert [ordinal for ordinal, _ in mark.admitted] == list(range(25))
     for ordinal, calls_before in mark.admitted:
@@ -75,8 +83,13 @@ async def test_sent_before_makes_an_empty_answer_unknown() -> None:
     """A target an earlier segment may have sent: nothing found is effect_unknown."""
     fake = FakeCanceller({"a1": [ok("x")]})
     recorder = MemoryRecorder()
-    run = Engine(fake, recorder, RateLimiter(None), EngineSettings(concurrency=2, policy=FAST),
-                 sent_before=lambda ordinal, _: ordinal <= 1)  # fmt: skip
+    run = Engine(
+        fake,
+        recorder,
+        RateLimiter(None),
+        EngineSettings(concurrency=2, policy=FAST),
+        sent_before=lambda ordinal, _: ordinal <= 1,
+    )
     await run.run(iter(assets(3)))
     done = recorder.by_asset()
     assert (done["a0"].outcome, done["a0"].effect_unknown) == (Outcome.NOTHING_TO_CANCEL, True)
@@ -115,8 +128,13 @@ async def test_a_stop_leaves_waiting_targets_resumable() -> None:
     fake = FakeCanceller({"a0": [lost()]})
     recorder = MemoryRecorder()
     slow = RetryPolicy(attempts=3, base_s=60, cap_s=60)
-    run = Engine(fake, recorder, RateLimiter(None), EngineSettings(concurrency=2, policy=slow),
-                 rng=random.Random(5))  # fmt: skip
+    run = Engine(
+        fake,
+        recorder,
+        RateLimiter(None),
+        EngineSettings(concurrency=2, policy=slow),
+        rng=random.Random(5),
+    )
     async with anyio.create_task_group() as group:
         group.start_soon(run.run, iter(assets(5)))
         while len(recorder.results) < 4 or run.progress.waiting < 1:
@@ -153,7 +171,10 @@ async def test_lost_then_get_records_evidence() -> None:
     await engine(fake, recorder).run(iter([(0, target)]))
     (result,) = recorder.results
     assert (result.outcome, result.effect_unknown, result.get_state) == (
-        Outcome.NOTHING_TO_CANCEL, True, 2)  # fmt: skip
+        Outcome.NOTHING_TO_CANCEL,
+        True,
+        2,
+    )
     assert [action for action, _ in fake.calls] == ["cancel", "cancel", "get"]
     assert [action for action, _ in recorder.attempts] == ["cancel", "cancel", "get"]
 
@@ -183,11 +204,26 @@ async def test_a_second_stop_during_a_lists_verification_keeps_its_answer() -> N
             await anyio.sleep_forever()
             raise AssertionError  # never reached
 
-    canceller = Held(script={"a0,a1,a2": [CancelReply(200, 0, "OK", "req-9", (
-        Command("c0", 1, asset_id="a0"), Command("c2", 1, asset_id="a2")))]})  # fmt: skip
+    canceller = Held(
+        script={
+            "a0,a1,a2": [
+                CancelReply(
+                    200,
+                    0,
+                    "OK",
+                    "req-9",
+                    (Command("c0", 1, asset_id="a0"), Command("c2", 1, asset_id="a2")),
+                )
+            ]
+        }
+    )
     recorder = MemoryRecorder()
-    run = Engine(canceller, recorder, RateLimiter(None),
-                 EngineSettings(concurrency=2, assets_per_call=3, batch_settle_s=0.0))  # fmt: skip
+    run = Engine(
+        canceller,
+        recorder,
+        RateLimiter(None),
+        EngineSettings(concurrency=2, assets_per_call=3, batch_settle_s=0.0),
+    )
     async with anyio.create_task_group() as group:
         group.start_soon(run.run, iter(list(assets(3))))
         await searching.wait()

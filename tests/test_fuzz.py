@@ -26,22 +26,76 @@ from worker.jobs.rules import LIMIT_KEYS
 from worker.jobs.targets import TARGET_KEYS
 
 settings.register_profile(
-    "ci", max_examples=120, derandomize=True, deadline=3000, database=None,
+    "ci",
+    max_examples=120,
+    derandomize=True,
+    deadline=3000,
+    database=None,
     suppress_health_check=[HealthCheck.too_slow],
-)  # fmt: skip
+)
 settings.register_profile("long", max_examples=5000, deadline=3000, database=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 LOCATED = re.compile(r"^[^\n]+?\.(yaml|csv|jsonl)(:\d+)?: ", re.MULTILINE)
 SCALARS = [
-    "1", "0", "-1", "1.5", "1e309", ".nan", ".inf", "-.inf", "0x1F", "0o17", "017", "yes", "no",
-    "on", "~", "null", "''", '""', "'a b'", "2h", "90s", "1h30m", "auto", "unlimited", "12:30:00",
-    "!!int ''", "!!float ''", "!!bool ''", "!!timestamp ''", "!!binary yes", "!!omap [a]",
-    "!!float abc", "!!int 0xZZ", "!!set {a}", "!!str 5", "!!null x", "!!python/object:os.system x",
-    "&anchor x", "*anchor", "[1, 2]", "{a: b}", "[]", "{}", "|\n  block", ">\n  folded",
-    "'\u202e'", "'\\x00'", '"\\u0000"', "'" + "x" * 300 + "'", "as000001", "o15541858646501",
-    "https://apim.example.com", "http://", "devices.csv", "t.jsonl", "/dev/zero", "..",
-]  # fmt: skip
+    "1",
+    "0",
+    "-1",
+    "1.5",
+    "1e309",
+    ".nan",
+    ".inf",
+    "-.inf",
+    "0x1F",
+    "0o17",
+    "017",
+    "yes",
+    "no",
+    "on",
+    "~",
+    "null",
+    "''",
+    '""',
+    "'a b'",
+    "2h",
+    "90s",
+    "1h30m",
+    "auto",
+    "unlimited",
+    "12:30:00",
+    "!!int ''",
+    "!!float ''",
+    "!!bool ''",
+    "!!timestamp ''",
+    "!!binary yes",
+    "!!omap [a]",
+    "!!float abc",
+    "!!int 0xZZ",
+    "!!set {a}",
+    "!!str 5",
+    "!!null x",
+    "!!python/object:os.system x",
+    "&anchor x",
+    "*anchor",
+    "[1, 2]",
+    "{a: b}",
+    "[]",
+    "{}",
+    "|\n  block",
+    ">\n  folded",
+    "'\u202e'",
+    "'\\x00'",
+    '"\\u0000"',
+    "'" + "x" * 300 + "'",
+    "as000001",
+    "o15541858646501",
+    "https://apim.example.com",
+    "http://",
+    "devices.csv",
+    "t.jsonl",
+    "/dev/zero",
+    "..",
+]
 KEYS = [*JOB_KEYS, "limits", "abort", "bogus", "version", "targets"]
 VALID = """version: 1
 name: fuzz
@@ -103,8 +157,13 @@ def test_generated_job_files(text: str) -> None:
         load_or_refuse(job)
 
 
-@given(st.lists(st.tuples(st.integers(0, len(VALID)), st.integers(0, 8), st.binary(max_size=6)),
-                min_size=1, max_size=4))  # fmt: skip
+@given(
+    st.lists(
+        st.tuples(st.integers(0, len(VALID)), st.integers(0, 8), st.binary(max_size=6)),
+        min_size=1,
+        max_size=4,
+    )
+)
 def test_mutated_job_files(edits: list[tuple[int, int, bytes]]) -> None:
     """A valid job file with bytes cut out and others put in, anywhere."""
     raw = bytearray(VALID.encode())
@@ -117,8 +176,10 @@ def test_mutated_job_files(edits: list[tuple[int, int, bytes]]) -> None:
         load_or_refuse(job)
 
 
-cell = st.one_of(st.sampled_from(["as000001", "", " a ", "a,b", '"q"', "\u202e", "x" * 300]),
-                 st.text(max_size=12))  # fmt: skip
+cell = st.one_of(
+    st.sampled_from(["as000001", "", " a ", "a,b", '"q"', "\u202e", "x" * 300]),
+    st.text(max_size=12),
+)
 csv_text = st.tuples(
     st.lists(st.sampled_from([*TARGET_KEYS, "bogus", ""]), min_size=1, max_size=4),
     st.lists(st.lists(cell, max_size=5), max_size=6),
@@ -135,8 +196,14 @@ def test_csv_targets_files(content: bytes) -> None:
         load_or_refuse(job)
 
 
-json_value = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=8),
-                       st.lists(st.integers(), max_size=2))  # fmt: skip
+json_value = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(),
+    st.text(max_size=8),
+    st.lists(st.integers(), max_size=2),
+)
 json_line = st.one_of(
     st.dictionaries(st.sampled_from([*TARGET_KEYS, "bogus"]), json_value, max_size=4).map(
         lambda d: __import__("json").dumps(d)
@@ -145,8 +212,12 @@ json_line = st.one_of(
 )
 
 
-@given(st.one_of(st.lists(json_line, max_size=5).map(lambda ls: "\n".join(ls).encode()),
-                 st.binary(max_size=200)))  # fmt: skip
+@given(
+    st.one_of(
+        st.lists(json_line, max_size=5).map(lambda ls: "\n".join(ls).encode()),
+        st.binary(max_size=200),
+    )
+)
 def test_jsonl_targets_files(content: bytes) -> None:
     """JSONL targets files: generated objects, wrong types, stray text and raw bytes."""
     with job_dir() as directory:

@@ -60,8 +60,10 @@ def test_billion_laughs_in_limits_stays_small(tmp_path: Path, field: str) -> Non
     """An alias bomb under a limit: refused in bounded time and memory, the message bounded
     (it was built from the repr of the expanded value: past 2 GB)."""
     job = tmp_path / "job.yaml"
-    job.write_text(LAUGHS.replace("a: &a", "x_a: &a") + "version: 1\nname: t\norg_id: o1\n"
-                   f"limits:\n  {field}: *h\ntargets: [{{asset_id: a}}]\n")  # fmt: skip
+    job.write_text(
+        LAUGHS.replace("a: &a", "x_a: &a") + "version: 1\nname: t\norg_id: o1\n"
+        f"limits:\n  {field}: *h\ntargets: [{{asset_id: a}}]\n"
+    )
     message = refused(job)
     assert "limits." in message
 

@@ -37,10 +37,14 @@ def refusal(path: Path) -> str:
 
 def test_inline_csv_and_jsonl_targets_with_defaults(tmp_path: Path) -> None:
     """Inline targets come first, then the file; org_id and command_id defaults apply."""
-    write(tmp_path, "asset_id,product_key,device_key,command_id,org_id\n"
-          "a2,,,,\n,pk,dk,42,o2\n", "devices.csv")  # fmt: skip
-    job = write(tmp_path, HEAD + "command_id: '7'\ntargets:\n  - asset_id: a1\n"
-                "targets_file: devices.csv\n")  # fmt: skip
+    write(
+        tmp_path,
+        "asset_id,product_key,device_key,command_id,org_id\na2,,,,\n,pk,dk,42,o2\n",
+        "devices.csv",
+    )
+    job = write(
+        tmp_path, HEAD + "command_id: '7'\ntargets:\n  - asset_id: a1\ntargets_file: devices.csv\n"
+    )
     assert targets_of(job) == [
         Target(org_id="o1", asset_id="a1", command_id="7"),
         Target(org_id="o1", asset_id="a2", command_id="7"),
@@ -178,8 +182,11 @@ def test_duplicates_are_dropped_naming_both_places(tmp_path: Path) -> None:
 
 def test_same_device_different_commands_are_not_duplicates(tmp_path: Path) -> None:
     """Two commands of one device are two targets."""
-    job = write(tmp_path, HEAD + "targets:\n  - {asset_id: a, command_id: '1'}\n"
-                "  - {asset_id: a, command_id: '2'}\n  - {asset_id: a}\n")  # fmt: skip
+    job = write(
+        tmp_path,
+        HEAD + "targets:\n  - {asset_id: a, command_id: '1'}\n"
+        "  - {asset_id: a, command_id: '2'}\n  - {asset_id: a}\n",
+    )
     assert len(targets_of(job)) == 3
 
 
@@ -190,8 +197,9 @@ def test_targets_hash_changes_with_the_list(tmp_path: Path) -> None:
     assert one.targets_sha256 != two.targets_sha256
 
 
-@pytest.mark.parametrize(("text", "seconds"), [("90s", 90), ("45m", 2700), ("2h", 7200),
-                                               ("1h30m", 5400), (30, 30)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("90s", 90), ("45m", 2700), ("2h", 7200), ("1h30m", 5400), (30, 30)]
+)
 def test_durations(text: str | int, seconds: float) -> None:
     """Deadlines read as seconds."""
     assert parse_duration(text) == seconds
@@ -212,8 +220,9 @@ def test_a_resume_plan_builds_only_what_is_still_pending(tmp_path: Path) -> None
     rows = [f"as{i:06d}" for i in range(50)] + ["as000003"]  # one duplicate
     (tmp_path / "t.csv").write_text("asset_id\n" + "".join(f"{r}\n" for r in rows))
     job_path = tmp_path / "job.yaml"
-    job_path.write_text("version: 1\nname: t\norg_id: o1\ntargets_file: t.csv\n"
-                        "targets:\n  - asset_id: inline1\n")  # fmt: skip
+    job_path.write_text(
+        "version: 1\nname: t\norg_id: o1\ntargets_file: t.csv\ntargets:\n  - asset_id: inline1\n"
+    )
     job = load_job(job_path)
     everything = list(run_targets(job, plan(job)))
     done = {target.digest() for _, target in everything[::3]}

@@ -88,8 +88,9 @@ def test_audit_chain_continues_when_appending(tmp_path: Path) -> None:
 async def test_audit_chain_spans_a_resumed_run(gateway: str, tmp_path: Path) -> None:
     """Run, stop at a deadline, resume: one unbroken chain, two run_started records."""
     targets = "".join(f"  - asset_id: as{i:06d}\n" for i in range(60))
-    job = write_job(tmp_path, "limits: {rate: 40, timeout: 0.5, deadline: 1s}\ntargets:\n"
-                    + targets)  # fmt: skip
+    job = write_job(
+        tmp_path, "limits: {rate: 40, timeout: 0.5, deadline: 1s}\ntargets:\n" + targets
+    )
     run_dir = tmp_path / "run"
     assert (await run_job(job, gateway, run_dir))[0] == 4
     assert (await resume_job(job, gateway, run_dir, rate=1000.0, deadline=None))[0] == 0
@@ -104,22 +105,37 @@ async def test_audit_chain_spans_a_resumed_run(gateway: str, tmp_path: Path) -> 
 
 def manifest_for(summary: dict[str, object]) -> Manifest:
     """A manifest to go with a hand-written summary."""
-    return Manifest(str(summary["run_id"]), "job.yaml", str(summary["job"]), "", "", 2, "gw",
-                    Limits())  # fmt: skip
+    return Manifest(
+        str(summary["run_id"]), "job.yaml", str(summary["job"]), "", "", 2, "gw", Limits()
+    )
 
 
 def test_html_report_escapes_and_charts() -> None:
     """The page escapes what it shows and draws the rate timeline when there is one."""
     summary = {
-        "job": "<b>x</b>", "run_id": "r", "stopped": "finished", "stop_message": "",
-        "exit_code": 0, "targets": 2, "not_attempted": 0, "effect_unknown": 0, "attempts": 2,
-        "segments": 1, "started_at": "a", "finished_at": "b", "duration_s": 2.0,
+        "job": "<b>x</b>",
+        "run_id": "r",
+        "stopped": "finished",
+        "stop_message": "",
+        "exit_code": 0,
+        "targets": 2,
+        "not_attempted": 0,
+        "effect_unknown": 0,
+        "attempts": 2,
+        "segments": 1,
+        "started_at": "a",
+        "finished_at": "b",
+        "duration_s": 2.0,
         "outcomes": {"cancelled": 1, "nothing_to_cancel": 0, "failed": 1},
-        "errors": {"99404": 1}, "latency_ms": {"p50": 1, "p95": 2, "p99": 3},
-        "rate": {"requested": 10, "achieved": 1.0,
-                 "timeline": [[1, 1.0, 1.0, 10.0], [1, 2.0, 1.0, 10.0]]},
+        "errors": {"99404": 1},
+        "latency_ms": {"p50": 1, "p95": 2, "p99": 3},
+        "rate": {
+            "requested": 10,
+            "achieved": 1.0,
+            "timeline": [[1, 1.0, 1.0, 10.0], [1, 2.0, 1.0, 10.0]],
+        },
         "resumable": True,
-    }  # fmt: skip
+    }
     report = RunReport(
         RunDir(Path("run")), manifest_for(summary), Summary.from_json(summary), Counts(), Details()
     )
@@ -160,9 +176,12 @@ def test_admission_mark_is_written_ahead_and_only_grows(tmp_path: Path) -> None:
     ],
 )
 def test_admission_mark_without_a_readable_number(
-    tmp_path: Path, content: bytes | None, earlier_segments: bool, sent_before_0: bool,
+    tmp_path: Path,
+    content: bytes | None,
+    earlier_segments: bool,
+    sent_before_0: bool,
     sent_before_huge: bool,
-) -> None:  # fmt: skip
+) -> None:
     """What the mark says when there is no number to read: never less careful than the facts."""
     if content is not None:
         (tmp_path / "admitted").write_bytes(content)
@@ -177,14 +196,28 @@ def test_counts_continued_from_the_resume_read_equal_a_full_recount(tmp_path: Pa
     journal = tmp_path / "results.jsonl"
 
     def line(asset: str, outcome: str, code: int | None, latency: float) -> bytes:
-        return orjson.dumps({"target": {"asset_id": asset}, "org_id": "o1", "command_id": None,
-                             "outcome": outcome, "cancelled_command_ids": ["c"] * (
-                                 outcome == "cancelled"), "attempts": 1, "code": code,
-                             "http_status": 200, "latency_ms": latency,
-                             "effect_unknown": outcome == "failed"}) + b"\n"  # fmt: skip
+        return (
+            orjson.dumps(
+                {
+                    "target": {"asset_id": asset},
+                    "org_id": "o1",
+                    "command_id": None,
+                    "outcome": outcome,
+                    "cancelled_command_ids": ["c"] * (outcome == "cancelled"),
+                    "attempts": 1,
+                    "code": code,
+                    "http_status": 200,
+                    "latency_ms": latency,
+                    "effect_unknown": outcome == "failed",
+                }
+            )
+            + b"\n"
+        )
 
-    journal.write_bytes(b"".join(line(f"a{i}", "cancelled", 0, i) for i in range(5))
-                        + line("bad", "failed", 99404, 3.0))  # fmt: skip
+    journal.write_bytes(
+        b"".join(line(f"a{i}", "cancelled", 0, i) for i in range(5))
+        + line("bad", "failed", 99404, 3.0)
+    )
     counted = JournalFold()
     finished = finished_targets(
         RunDir(tmp_path), retry_failed=True, cursor=counted.cursor, visit=counted.add

@@ -59,8 +59,13 @@ async def test_every_list_behaviour_ends_with_every_target_right(
     tmp_path: Path, mode: str, trust: str
 ) -> None:
     count = 1500
-    sim = Simulator(apps={APP_KEY: APP_SECRET}, devices=count, commands=3, seed=7,
-                    faults=Faults(multi_asset=mode))  # fmt: skip
+    sim = Simulator(
+        apps={APP_KEY: APP_SECRET},
+        devices=count,
+        commands=3,
+        seed=7,
+        faults=Faults(multi_asset=mode),
+    )
     assets = [f"as{i:06d}" for i in range(count)]
     before = {a: pending(sim, a) for a in assets}
     async with serve(sim) as url:
@@ -88,13 +93,21 @@ async def test_every_list_behaviour_ends_with_every_target_right(
 async def test_an_unknown_asset_in_a_list_fails_alone(tmp_path: Path) -> None:
     """Strict lists: the unknown id fails the whole call; bisection finds it in a few calls,
     and every other target of the list is cancelled."""
-    sim = Simulator(apps={APP_KEY: APP_SECRET}, devices=100, commands=2, seed=3,
-                    faults=Faults(multi_asset="strict"))  # fmt: skip
+    sim = Simulator(
+        apps={APP_KEY: APP_SECRET},
+        devices=100,
+        commands=2,
+        seed=3,
+        faults=Faults(multi_asset="strict"),
+    )
     assets = [f"as{i:06d}" for i in range(24)]
     assets.insert(13, "nosuchasset")
     before = {a: pending(sim, a) for a in assets}
-    job = write_job(tmp_path, "limits: {rate: 5000, assets_per_call: 25}\ntargets:\n"
-                    + "".join(f"  - asset_id: {a}\n" for a in assets))  # fmt: skip
+    job = write_job(
+        tmp_path,
+        "limits: {rate: 5000, assets_per_call: 25}\ntargets:\n"
+        + "".join(f"  - asset_id: {a}\n" for a in assets),
+    )
     async with serve(sim) as url:
         code, _ = await run_job(job, url, tmp_path / "run")
     assert code == 1  # one target failed
@@ -113,13 +126,19 @@ async def test_lost_answers_to_lists_are_admitted_unknown(tmp_path: Path) -> Non
     """Answers lost after the cancel took effect: the list is retried whole, finds nothing,
     and its targets say the effect is unknown; no claim is ever beyond what was done."""
     count = 600
-    sim = Simulator(apps={APP_KEY: APP_SECRET}, devices=count, commands=2, seed=11,
-                    faults=Faults(multi_asset="lenient", drop_rate=0.2))  # fmt: skip
+    sim = Simulator(
+        apps={APP_KEY: APP_SECRET},
+        devices=count,
+        commands=2,
+        seed=11,
+        faults=Faults(multi_asset="lenient", drop_rate=0.2),
+    )
     assets = [f"as{i:06d}" for i in range(count)]
     before = {a: pending(sim, a) for a in assets}
     async with serve(sim) as url:
-        code, report = await run_job(fleet_job(tmp_path, assets, 20), url, tmp_path / "run",
-                                     attempts=8)  # fmt: skip
+        code, report = await run_job(
+            fleet_job(tmp_path, assets, 20), url, tmp_path / "run", attempts=8
+        )
     assert code == 0, report
     lines = results(tmp_path / "run")
     assert len(lines) == count
@@ -132,8 +151,13 @@ async def test_lost_answers_to_lists_are_admitted_unknown(tmp_path: Path) -> Non
 
 async def test_lists_longer_than_the_gateway_takes_are_shortened(tmp_path: Path) -> None:
     count = 800
-    sim = Simulator(apps={APP_KEY: APP_SECRET}, devices=count, commands=1, seed=5,
-                    faults=Faults(multi_asset="strict", max_assets=10))  # fmt: skip
+    sim = Simulator(
+        apps={APP_KEY: APP_SECRET},
+        devices=count,
+        commands=1,
+        seed=5,
+        faults=Faults(multi_asset="strict", max_assets=10),
+    )
     assets = [f"as{i:06d}" for i in range(count)]
     async with serve(sim) as url:
         code, report = await run_job(fleet_job(tmp_path, assets, 25), url, tmp_path / "run")
@@ -150,8 +174,10 @@ def test_kill_9_during_a_batched_run_then_resume(tmp_path: Path) -> None:
     with simulator_process("--devices", str(count), "--multi-asset", "strict") as url:
         lines = "".join(f"as{i:06d}\n" for i in range(count))
         (tmp_path / "t.csv").write_text("asset_id\n" + lines, encoding="utf-8")
-        job = write_job(tmp_path, "targets_file: t.csv\nlimits: {rate: 100, concurrency: 8, "
-                        "assets_per_call: 25}\n")  # fmt: skip
+        job = write_job(
+            tmp_path,
+            "targets_file: t.csv\nlimits: {rate: 100, concurrency: 8, assets_per_call: 25}\n",
+        )
         run_dir = tmp_path / "run"
         # Past the trial (about 3 s at 100 calls/s), while lists of 25 are in flight.
         kill_9_midway(job, url, run_dir, random.Random(4).randint(1000, 3000))
@@ -176,8 +202,9 @@ def test_job_files_refuse_a_comma_in_an_asset_id_and_too_long_lists(tmp_path: Pa
     loaded = load_job(from_file)
     with pytest.raises(JobFileError, match=r"t\.csv:3: has a comma"):
         plan(loaded)
-    too_many = write_job(tmp_path, "limits: {assets_per_call: 101}\ntargets:\n  - asset_id: a\n",
-                         "many.yaml")  # fmt: skip
+    too_many = write_job(
+        tmp_path, "limits: {assets_per_call: 101}\ntargets:\n  - asset_id: a\n", "many.yaml"
+    )
     with pytest.raises(JobFileError, match=r"limits\.assets_per_call.*above 100"):
         load_job(too_many)
 
@@ -203,8 +230,9 @@ async def test_lists_under_random_5xx_drops_and_429s_stay_truthful(tmp_path: Pat
     assets = [f"as{i:06d}" for i in range(count)]
     before = {a: pending(sim, a) for a in assets}
     async with serve(sim) as url:
-        code, report = await run_job(fleet_job(tmp_path, assets, 20, rate=1000), url,
-                                     tmp_path / "run", attempts=10)  # fmt: skip
+        code, report = await run_job(
+            fleet_job(tmp_path, assets, 20, rate=1000), url, tmp_path / "run", attempts=10
+        )
     assert code == 0, report
     lines = results(tmp_path / "run")
     assert len(lines) == count

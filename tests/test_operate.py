@@ -52,9 +52,12 @@ def wait_for_lines(process: subprocess.Popen[str], run_dir: Path, count: int) ->
 def start_worker(*args: str) -> subprocess.Popen[str]:
     """`python -m worker ARGS` in the background."""
     return subprocess.Popen(
-        [sys.executable, "-m", "worker", *args], env=worker_env(), stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [sys.executable, "-m", "worker", *args],
+        env=worker_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def kill_9_midway(job: Path, gateway: str, run_dir: Path, lines: int) -> None:
@@ -178,8 +181,10 @@ async def test_torn_line_is_cut_and_retry_failed_supersedes(
 ) -> None:
     """A torn last line is truncated on resume; --retry-failed re-runs failed targets and the
     summary counts each target once."""
-    job = write_job(tmp_path, "targets:\n  - asset_id: as000001\n  - asset_id: late0001\n"
-                    "  - asset_id: as000002\n")  # fmt: skip
+    job = write_job(
+        tmp_path,
+        "targets:\n  - asset_id: as000001\n  - asset_id: late0001\n  - asset_id: as000002\n",
+    )
     run_dir = tmp_path / "run"
     code, _ = await run_job(job, gateway, run_dir, rate=1000.0)
     assert code == 1
@@ -270,8 +275,9 @@ async def test_outage_stops_the_run_before_targets_fail(
     the outage marks more than a handful of targets failed; once the gateway recovers, a resume
     with --retry-failed completes it."""
     lines = "".join(f"  - asset_id: as{i:06d}\n" for i in range(40))
-    job = write_job(tmp_path, "limits: {rate: 1000, concurrency: 4, attempts: 5}\ntargets:\n"
-                    + lines)  # fmt: skip
+    job = write_job(
+        tmp_path, "limits: {rate: 1000, concurrency: 4, attempts: 5}\ntargets:\n" + lines
+    )
     sim.faults = Faults(error_rate=1.0)
     code, report = await run_job(job, gateway, tmp_path / "run")
     assert code == 3

@@ -59,8 +59,11 @@ async def test_a_finished_run_with_a_failure(gateway: str, tmp_path: Path) -> No
     assert summary.finished
     assert summary.outcomes["failed"] == 1
     assert sum(found.by_org["o15541858646501"].values()) == 31
-    assert found.by_product["pQ7sLk2d"]["cancelled"] + found.by_product["pQ7sLk2d"][
-        "nothing_to_cancel"] == 1  # fmt: skip
+    assert (
+        found.by_product["pQ7sLk2d"]["cancelled"]
+        + found.by_product["pQ7sLk2d"]["nothing_to_cancel"]
+        == 1
+    )
     (failed,) = found.failed.values()
     assert (failed["asset_id"], failed["code"]) == ("nosuch01", 99404)
     assert "does not exist" in failed["msg"]
@@ -85,8 +88,7 @@ async def test_a_resumed_run_shows_both_segments_and_their_rates(
     """A deadline stops segment 1 at 100/s; a resume at 400/s ends it: the summary has both
     asked rates, the chart a segment divider."""
     lines = "".join(f"  - asset_id: as{i:06d}\n" for i in range(150))
-    job = write_job(tmp_path, "limits: {rate: 100, deadline: 1s, timeout: 0.2}\ntargets:\n"
-                    + lines)  # fmt: skip
+    job = write_job(tmp_path, "limits: {rate: 100, deadline: 1s, timeout: 0.2}\ntargets:\n" + lines)
     run_dir = tmp_path / "run"
     code, _ = await run_job(job, gateway, run_dir)
     assert code == 4
@@ -155,8 +157,14 @@ async def test_the_page_loads_in_headless_chromium(gateway: str, tmp_path: Path)
     run_dir = await finished_run(gateway, tmp_path)
     write_report([load_run(RunDir(run_dir))], run_dir / "report.html")
     url = (run_dir / "report.html").as_uri()
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-             "--enable-logging=stderr", "--v=0"]  # fmt: skip
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        "--enable-logging=stderr",
+        "--v=0",
+    ]
     dom = await anyio.run_process(["chromium", *flags, "--dump-dom", url], check=True)
     page, log = dom.stdout.decode(), dom.stderr.decode()
     assert page.count("<svg") >= 3
@@ -181,16 +189,34 @@ def test_the_progress_line_stays_one_line_in_80_columns(tmp_path: Path) -> None:
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
         env = {k: v for k, v in worker_env().items() if k not in ("COLUMNS", "LINES")}
         process = subprocess.Popen(
-            [sys.executable, "-m", "worker", "run", str(job), "--gateway", url, "--out",
-             str(tmp_path / "run"), "--yes"], stdin=slave, stdout=slave, stderr=slave, env=env,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "worker",
+                "run",
+                str(job),
+                "--gateway",
+                url,
+                "--out",
+                str(tmp_path / "run"),
+                "--yes",
+            ],
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            env=env,
+        )
         os.close(slave)
         output = _drain(master)
         process.wait(timeout=60)
     text = output.decode(errors="replace")
     assert process.returncode == 0, text[-2000:]
-    redraws = [part for line in text.split("\n") for part in line.split("\r")
-               if part.startswith("  ") and " done" in part]  # fmt: skip
+    redraws = [
+        part
+        for line in text.split("\n")
+        for part in line.split("\r")
+        if part.startswith("  ") and " done" in part
+    ]
     assert len(redraws) >= 2, "the progress line was never drawn"
     for part in redraws:
         assert len(part.replace("\x1b[K", "")) <= 80, part
@@ -219,8 +245,11 @@ async def test_a_follow_up_of_a_selective_job_keeps_its_match(
     sim: Simulator, gateway: str, tmp_path: Path
 ) -> None:
     """followup.yaml of a selective job carries the job's match; it validates."""
-    job = write_job(tmp_path, "match: {command_name: setPoint42, created_after: "
-                    "2026-01-01T00:00:00Z}\ntargets:\n  - asset_id: nosuch01\n")  # fmt: skip
+    job = write_job(
+        tmp_path,
+        "match: {command_name: setPoint42, created_after: "
+        "2026-01-01T00:00:00Z}\ntargets:\n  - asset_id: nosuch01\n",
+    )
     code, _ = await run_job(job, gateway, tmp_path / "run")
     assert code == 1
     followup = (tmp_path / "run" / "followup.yaml").read_text()
@@ -235,8 +264,10 @@ def test_a_sweeps_progress_line_counts_searches_not_outcomes() -> None:
     progress.outcomes[Outcome.NOTHING_TO_CANCEL] += 7
     progress.outcomes[Outcome.FAILED] += 1
     limiter = RateLimiter(50.0)
-    lines = [ProgressLine(progress, limiter, 20, 0, tty=True, searching=searching)
-             for searching in (True, False)]  # fmt: skip
+    lines = [
+        ProgressLine(progress, limiter, 20, 0, tty=True, searching=searching)
+        for searching in (True, False)
+    ]
     for line in lines:
         line.show(io.StringIO(), 1.0)
     sweep, run = (fit(line.parts(), 200) for line in lines)

@@ -43,8 +43,9 @@ async def test_mixed_run_matches_the_gateway_state(
     """Each targeted state-1 command is cancelled and reported; nothing else is touched."""
     indices = range(1, 61)
     before = {i: pending_ids(sim, i) for i in indices}
-    job = write_job(tmp_path, "limits: {rate: 500}\n" + mixed_targets(indices)
-                    + "  - asset_id: nosuch01\n")  # fmt: skip
+    job = write_job(
+        tmp_path, "limits: {rate: 500}\n" + mixed_targets(indices) + "  - asset_id: nosuch01\n"
+    )
     code, report = await run_job(job, gateway, tmp_path / "run")
     assert code == 1  # the unknown device failed
     lines = results(tmp_path / "run")
@@ -160,8 +161,9 @@ async def test_lost_answers_are_never_claimed(sim: Simulator, gateway: str, tmp_
     sim.faults = Faults(drop_rate=0.5)
     wanted = {i: generated_command_id(i, 0) for i in indices}
     lines = "".join(f"  - {{asset_id: as{i:06d}, command_id: '{wanted[i]}'}}\n" for i in indices)
-    job = write_job(tmp_path, "limits: {rate: 1000, concurrency: 1, attempts: 20}\ntargets:\n"
-                    + lines)  # fmt: skip
+    job = write_job(
+        tmp_path, "limits: {rate: 1000, concurrency: 1, attempts: 20}\ntargets:\n" + lines
+    )
     code, _ = await run_job(job, gateway, tmp_path / "run")
     assert code == 0
     records = results(tmp_path / "run")

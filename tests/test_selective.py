@@ -45,8 +45,9 @@ def states(sim: Simulator, index: int) -> dict[str, tuple[int, str, int]]:
     """command id -> (state, name, created ms) of generated device `index`."""
     device = sim.store.find(ORG, f"as{index:06d}", None, None)
     assert device is not None
-    return {c.command_id: (c.state, c.identifier, c.create_time_ms)
-            for c in device.commands.values()}  # fmt: skip
+    return {
+        c.command_id: (c.state, c.identifier, c.create_time_ms) for c in device.commands.values()
+    }
 
 
 def job_for(tmp_path: Path, match: str, limits: str = "{rate: 1000}") -> Path:
@@ -65,9 +66,14 @@ async def test_a_mixed_fleet_keeps_what_does_not_match(tmp_path: Path) -> None:
     # are setPoint42; the window starts between them, so only k = 4 is the incident's copy.
     earliest = min(created for i in DEVICES for _, _, created in before[i].values())
     window = earliest + 3 * SEEDED_SPACING_MS + SEEDED_SPACING_MS // 2
-    wanted = {i: {cid for cid, (state, name, created) in before[i].items()
-                  if state == 1 and name == "setPoint42" and created >= window}
-              for i in DEVICES}  # fmt: skip
+    wanted = {
+        i: {
+            cid
+            for cid, (state, name, created) in before[i].items()
+            if state == 1 and name == "setPoint42" and created >= window
+        }
+        for i in DEVICES
+    }
     assert sum(map(len, wanted.values())) > 20
     job = job_for(tmp_path, f"{{command_name: setPoint42, created_after: '{iso(window)}'}}")
     async with serve(sim) as url:
@@ -95,8 +101,9 @@ async def test_every_page_is_read_and_each_page_takes_a_slot(tmp_path: Path) -> 
     the audit shows the second page of each device's search."""
     sim = Simulator(apps={APP_KEY: APP_SECRET}, devices=10, commands=60, seed=1)
     lines = "".join(f"  - asset_id: as{i:06d}\n" for i in (2, 3))
-    job = write_job(tmp_path, "match: {tsl_identifier: restart}\nlimits: {rate: 1000}\n"
-                    f"targets:\n{lines}")  # fmt: skip
+    job = write_job(
+        tmp_path, f"match: {{tsl_identifier: restart}}\nlimits: {{rate: 1000}}\ntargets:\n{lines}"
+    )
     async with serve(sim) as url:
         code, _ = await run_job(job, url, tmp_path / "run")
     assert code == 0
@@ -126,8 +133,9 @@ async def test_matching_is_exact_where_the_server_is_fuzzy(tmp_path: Path) -> No
 async def test_a_localized_name_and_a_command_type(tmp_path: Path) -> None:
     """command_name_locale picks the name in that locale; command_type narrows further."""
     sim = Simulator(apps={APP_KEY: APP_SECRET}, devices=50, commands=4, seed=7)
-    job = job_for(tmp_path, "{command_name: 中文-setPoint, command_name_locale: zh_CN, "
-                  "command_type: 1}")  # fmt: skip
+    job = job_for(
+        tmp_path, "{command_name: 中文-setPoint, command_name_locale: zh_CN, command_type: 1}"
+    )
     async with serve(sim) as url:
         code, _ = await run_job(job, url, tmp_path / "run")
     assert code == 0
@@ -213,8 +221,9 @@ async def run_fake(fake: FakeCanceller, target: Target) -> MemoryRecorder:
 async def test_a_match_gone_before_its_cancel_is_missed() -> None:
     """Two matches; the second was delivered between the search and its cancel: cancelled
     lists the first, missed the second, and nothing is claimed for it."""
-    fake = FakeCanceller({"a0": [page(("c1", "bad"), ("c2", "bad one"), ("k", "good")),
-                                 ok("c1"), ok()]})  # fmt: skip
+    fake = FakeCanceller(
+        {"a0": [page(("c1", "bad"), ("c2", "bad one"), ("k", "good")), ok("c1"), ok()]}
+    )
     (result,) = (await run_fake(fake, selective())).results
     assert result.outcome is Outcome.CANCELLED
     assert (result.cancelled_command_ids, result.missed_command_ids) == (("c1",), ("c2",))
@@ -243,8 +252,15 @@ async def test_a_lost_answer_on_a_cancel_by_id_is_unknown_not_missed() -> None:
 
 async def test_a_permanent_error_keeps_what_was_cancelled() -> None:
     """A final error on the second match: failed, with the first match's cancel in the line."""
-    fake = FakeCanceller({"a0": [page(("c1", "bad"), ("c2", "bad")), ok("c1"),
-                                 TargetError("bad parameter", code=99400)]})  # fmt: skip
+    fake = FakeCanceller(
+        {
+            "a0": [
+                page(("c1", "bad"), ("c2", "bad")),
+                ok("c1"),
+                TargetError("bad parameter", code=99400),
+            ]
+        }
+    )
     (result,) = (await run_fake(fake, selective())).results
     assert (result.outcome, result.cancelled_command_ids) == (Outcome.FAILED, ("c1",))
 
@@ -257,24 +273,37 @@ HEAD = "version: 1\nname: t\norg_id: o1\n"
 @pytest.mark.parametrize(
     ("body", "words"),
     [
-        ("match: {command_name: x}\ncommand_id: '1'\ntargets: [{asset_id: a}]\n",
-         "has both a match and a command_id"),
-        ("match: {command_name: x}\ntargets: [{asset_id: a, command_id: '1'}]\n",
-         "has both a match and a command_id"),
-        ("targets: [{asset_id: a, match: {command_name: x}, command_id: '1'}]\n",
-         "has both a match and a command_id"),
+        (
+            "match: {command_name: x}\ncommand_id: '1'\ntargets: [{asset_id: a}]\n",
+            "has both a match and a command_id",
+        ),
+        (
+            "match: {command_name: x}\ntargets: [{asset_id: a, command_id: '1'}]\n",
+            "has both a match and a command_id",
+        ),
+        (
+            "targets: [{asset_id: a, match: {command_name: x}, command_id: '1'}]\n",
+            "has both a match and a command_id",
+        ),
         ("match: {}\ntargets: [{asset_id: a}]\n", "names no criterion"),
-        ("match: {command_name: x, command_name_locale: english}\ntargets: [{asset_id: a}]\n",
-         "is not a locale"),
+        (
+            "match: {command_name: x, command_name_locale: english}\ntargets: [{asset_id: a}]\n",
+            "is not a locale",
+        ),
         ("match: {command_type: 3}\ntargets: [{asset_id: a}]\n", "is not 1 or 2"),
-        ("match: {created_after: '2026-11-30T08:00:00'}\ntargets: [{asset_id: a}]\n",
-         "with a zone"),
-        ("match: {created_after: 2026-11-30T09:00:00Z, created_before: 2026-11-30T08:00:00Z}\n"
-         "targets: [{asset_id: a}]\n", "is not before created_before"),
+        (
+            "match: {created_after: '2026-11-30T08:00:00'}\ntargets: [{asset_id: a}]\n",
+            "with a zone",
+        ),
+        (
+            "match: {created_after: 2026-11-30T09:00:00Z, created_before: 2026-11-30T08:00:00Z}\n"
+            "targets: [{asset_id: a}]\n",
+            "is not before created_before",
+        ),
         ("match: {name: x}\ntargets: [{asset_id: a}]\n", "unknown key"),
         ("match: [x]\ntargets: [{asset_id: a}]\n", "must be a mapping"),
     ],
-)  # fmt: skip
+)
 def test_bad_match_blocks_are_refused(tmp_path: Path, body: str, words: str) -> None:
     """Each mistake in a match is the job-file error at its line, with the fix."""
     job = tmp_path / "job.yaml"
@@ -295,9 +324,11 @@ def test_a_csv_row_with_a_command_id_under_a_job_match_is_refused(tmp_path: Path
 def test_a_target_match_overrides_the_job_match(tmp_path: Path) -> None:
     """A target's own match replaces the job's; times are read with their zone."""
     job = tmp_path / "job.yaml"
-    job.write_text(HEAD + "match: {command_name: a}\ntargets:\n  - asset_id: x\n"
-                   "  - {asset_id: y, match: {tsl_identifier: t, created_before: "
-                   "'2026-11-30T09:30:00+01:00'}}\n")  # fmt: skip
+    job.write_text(
+        HEAD + "match: {command_name: a}\ntargets:\n  - asset_id: x\n"
+        "  - {asset_id: y, match: {tsl_identifier: t, created_before: "
+        "'2026-11-30T09:30:00+01:00'}}\n"
+    )
     first, second = load_job(job).inline_targets
     assert first.match == Match(command_name="a")
     moment = datetime(2026, 11, 30, 8, 30, tzinfo=UTC)  # 09:30 at +01:00
@@ -309,8 +340,10 @@ def test_a_target_match_overrides_the_job_match(tmp_path: Path) -> None:
 def test_validate_prints_the_rule_and_the_call_range(tmp_path: Path) -> None:
     """validate: the match rule in words and calls as a range (k is unknown until the run)."""
     job = tmp_path / "job.yaml"
-    job.write_text(HEAD + "match: {command_name: Set Point 42, created_after: "
-                   "2026-11-30T08:00:00Z}\ntargets: [{asset_id: a}, {asset_id: b}]\n")  # fmt: skip
+    job.write_text(
+        HEAD + "match: {command_name: Set Point 42, created_after: "
+        "2026-11-30T08:00:00Z}\ntargets: [{asset_id: a}, {asset_id: b}]\n"
+    )
     done = run_worker("validate", str(job))
     assert done.returncode == 0, done.stderr
     assert (

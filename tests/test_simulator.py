@@ -129,8 +129,12 @@ async def test_command_creation_and_cache_limit(client: EnOSClient, gateway: str
     body = orjson.dumps({"inputData": {"speed": 3}})
     created = 0
     for _ in range(60):
-        query = [("action", "invokeService"), *device, ("serviceId", "restart"),
-                 ("pendingTtl", "600")]  # fmt: skip
+        query = [
+            ("action", "invokeService"),
+            *device,
+            ("serviceId", "restart"),
+            ("pendingTtl", "600"),
+        ]
         _, answer = await signed(client, gateway, "POST", query, body)
         if answer["code"] != 0:
             assert answer["code"] == p.CODE_CACHE_FULL
@@ -145,8 +149,9 @@ async def test_command_creation_and_cache_limit(client: EnOSClient, gateway: str
     assert (await signed(client, gateway, "POST", bad_ttl, body))[1]["code"] == 99400
 
 
-async def test_rate_cap_answers_429_with_retry_after(sim: Simulator, client: EnOSClient,
-                                                    gateway: str) -> None:  # fmt: skip
+async def test_rate_cap_answers_429_with_retry_after(
+    sim: Simulator, client: EnOSClient, gateway: str
+) -> None:
     """Above the cap within one second: HTTP 429."""
     sim.faults = Faults(rate_cap=2, retry_after_s=2)
     query = [("action", "cancel"), ("orgId", ORG), ("assetId", "as000003")]
@@ -191,8 +196,9 @@ def test_search_expressions(expression: str, matches: list[bool]) -> None:
     assert [predicate(c) for c in commands] == matches
 
 
-@pytest.mark.parametrize("expression", ["state", "state = 1 and", "colour = 'red'",
-                                        "createTime < 'yesterday'"])  # fmt: skip
+@pytest.mark.parametrize(
+    "expression", ["state", "state = 1 and", "colour = 'red'", "createTime < 'yesterday'"]
+)
 def test_bad_expressions_are_refused(expression: str) -> None:
     """An expression the service cannot read is a 99400, not a crash."""
     with pytest.raises(ExpressionError):
@@ -202,8 +208,10 @@ def test_bad_expressions_are_refused(expression: str) -> None:
 def test_seeding_from_targets() -> None:
     """Every target of a job exists afterwards, with its command id cached."""
     sim = Simulator(apps={APP_KEY: APP_SECRET}, devices=0, commands=2)
-    targets = [Target(org_id="o9", asset_id="A1", command_id="42"),
-               Target(org_id="o9", product_key="pk", device_key="dk")]  # fmt: skip
+    targets = [
+        Target(org_id="o9", asset_id="A1", command_id="42"),
+        Target(org_id="o9", product_key="pk", device_key="dk"),
+    ]
     assert sim.store.seed_targets(targets) == 2
     first = sim.store.find("o9", "A1", None, None)
     second = sim.store.find("o9", None, "pk", "dk")

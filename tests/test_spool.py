@@ -38,8 +38,10 @@ def drop(spool: Path, name: str, first: int, count: int, limits: str = "{concurr
     rows = "".join(f"as{i:06d}\n" for i in range(first, first + count))
     (spool / "targets" / f"{name}.csv").write_text("asset_id\n" + rows)
     staging = spool / f".{name}.yaml"
-    staging.write_text(f"version: 1\nname: {name}\norg_id: {ORG}\nlimits: {limits}\n"
-                       f"targets_file: ../targets/{name}.csv\n")  # fmt: skip
+    staging.write_text(
+        f"version: 1\nname: {name}\norg_id: {ORG}\nlimits: {limits}\n"
+        f"targets_file: ../targets/{name}.csv\n"
+    )
     staging.rename(spool / "incoming" / f"{name}.yaml")
 
 
@@ -53,15 +55,29 @@ def settled(spool: Path, where: str) -> dict[str, dict[str, object]]:
 
 def journalled(spool: Path) -> Counter[str]:
     """Every asset id in every run directory's journal."""
-    return Counter(line["target"]["asset_id"]
-                   for run in (spool / "runs").iterdir() if (run / "results.jsonl").exists()
-                   for line in results(run))  # fmt: skip
+    return Counter(
+        line["target"]["asset_id"]
+        for run in (spool / "runs").iterdir()
+        if (run / "results.jsonl").exists()
+        for line in results(run)
+    )
 
 
 def watcher(spool: Path, url: str, *, once: bool = True) -> Watcher:
-    return Watcher(WatchOptions(spool, Credentials(APP_KEY, APP_SECRET), Limits(rate=1000),
-                                gateway=url, jobs=2, poll_s=0.05, once=once, quiet_s=0.0,
-                                backoff_base_s=0.01, backoff_cap_s=0.1))  # fmt: skip
+    return Watcher(
+        WatchOptions(
+            spool,
+            Credentials(APP_KEY, APP_SECRET),
+            Limits(rate=1000),
+            gateway=url,
+            jobs=2,
+            poll_s=0.05,
+            once=once,
+            quiet_s=0.0,
+            backoff_base_s=0.01,
+            backoff_cap_s=0.1,
+        )
+    )
 
 
 async def test_three_jobs_and_a_bad_one_are_all_settled(tmp_path: Path) -> None:
@@ -88,10 +104,23 @@ async def test_three_jobs_and_a_bad_one_are_all_settled(tmp_path: Path) -> None:
 
 def start_watch(spool: Path, url: str, *flags: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "worker", "watch", str(spool), "--gateway", url,
-         "--poll", "0.05", *flags],
-        env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "worker",
+            "watch",
+            str(spool),
+            "--gateway",
+            url,
+            "--poll",
+            "0.05",
+            *flags,
+        ],
+        env=worker_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for_journal(process: subprocess.Popen[str], spool: Path, lines: int) -> None:
@@ -179,9 +208,17 @@ async def test_the_watcher_serves_metrics_of_its_jobs(tmp_path: Path) -> None:
     drop(spool, "held", 0, 10)
     port = free_port()
     async with served(gateway(commands)) as url, anyio.create_task_group() as group:
-        watch = Watcher(WatchOptions(spool, Credentials(APP_KEY, APP_SECRET), Limits(rate=1000),
-                                     gateway=url, poll_s=0.05, quiet_s=0.0,
-                                     metrics=MetricsAddress("127.0.0.1", port)))  # fmt: skip
+        watch = Watcher(
+            WatchOptions(
+                spool,
+                Credentials(APP_KEY, APP_SECRET),
+                Limits(rate=1000),
+                gateway=url,
+                poll_s=0.05,
+                quiet_s=0.0,
+                metrics=MetricsAddress("127.0.0.1", port),
+            )
+        )
         codes: list[int] = []
 
         async def watching() -> None:

@@ -57,8 +57,10 @@ async def test_a_clean_run_is_verified_and_a_reappearing_command_is_caught(
     first is still pending, the second is another command, not a failure."""
     sim = Simulator(apps={APP_KEY: APP_SECRET}, devices=200, commands=3, seed=7)
     assets = [f"as{i:06d}" for i in range(30)]
-    job = write_job(tmp_path, "limits: {rate: 2000}\ntargets:\n"
-                    + "".join(f"  - asset_id: {a}\n" for a in assets))  # fmt: skip
+    job = write_job(
+        tmp_path,
+        "limits: {rate: 2000}\ntargets:\n" + "".join(f"  - asset_id: {a}\n" for a in assets),
+    )
     run_dir = tmp_path / "run"
     async with serve(sim) as url:
         assert (await run_job(job, url, run_dir))[0] == 0
@@ -68,8 +70,11 @@ async def test_a_clean_run_is_verified_and_a_reappearing_command_is_caught(
         first = lines(run_dir)
         assert all(line["verified"] is True for line in first.values())
         assert all(line["request_id"] for line in first.values())  # the search's answer
-        cancelled = {line["target"]["asset_id"]: line["cancelled_command_ids"]
-                     for line in results(run_dir) if line["cancelled_command_ids"]}  # fmt: skip
+        cancelled = {
+            line["target"]["asset_id"]: line["cancelled_command_ids"]
+            for line in results(run_dir)
+            if line["cancelled_command_ids"]
+        }
         back_asset, back_ids = next(iter(cancelled.items()))
         device(sim, back_asset).commands[back_ids[0]].state = p.CommandState.CREATED
         other = assets[-1]
@@ -79,7 +84,7 @@ async def test_a_clean_run_is_verified_and_a_reappearing_command_is_caught(
                 "9999999999999999999", p.CommandState.CREATED, int(time.time() * 1000) + 5000
             ),
         )
-        assert await verify_run(sweep_options(url, run_dir), io.StringIO()) == 1  # fmt: skip
+        assert await verify_run(sweep_options(url, run_dir), io.StringIO()) == 1
     second = lines(run_dir)
     assert (second[back_asset]["verified"], second[back_asset]["still_pending"]) == (
         False,
@@ -97,11 +102,15 @@ async def test_one_command_and_selective_targets_check_what_they_asked_for(
     tmp_path: Path,
 ) -> None:
     sim = Simulator(apps={APP_KEY: APP_SECRET}, devices=50, commands=4, seed=7)
-    chosen = sorted(c.command_id for c in device(sim, "as000002").commands.values()
-                    if c.state == 1)[0]  # fmt: skip
-    job = write_job(tmp_path, "limits: {rate: 2000}\ntargets:\n"
-                    f"  - asset_id: as000002\n    command_id: '{chosen}'\n"
-                    "  - asset_id: as000004\n    match: {tsl_identifier: restart}\n")  # fmt: skip
+    chosen = sorted(
+        c.command_id for c in device(sim, "as000002").commands.values() if c.state == 1
+    )[0]
+    job = write_job(
+        tmp_path,
+        "limits: {rate: 2000}\ntargets:\n"
+        f"  - asset_id: as000002\n    command_id: '{chosen}'\n"
+        "  - asset_id: as000004\n    match: {tsl_identifier: restart}\n",
+    )
     run_dir = tmp_path / "run"
     async with serve(sim) as url:
         assert (await run_job(job, url, run_dir))[0] == 0
@@ -116,11 +125,15 @@ async def test_one_command_and_selective_targets_check_what_they_asked_for(
 
 def test_run_with_verify_and_worker_verify_from_the_command_line(tmp_path: Path) -> None:
     with simulator_process("--devices", "100") as url:
-        job = write_job(tmp_path, "limits: {rate: 2000}\ntargets:\n"
-                        + "".join(f"  - asset_id: as{i:06d}\n" for i in range(20)))  # fmt: skip
+        job = write_job(
+            tmp_path,
+            "limits: {rate: 2000}\ntargets:\n"
+            + "".join(f"  - asset_id: as{i:06d}\n" for i in range(20)),
+        )
         run_dir = tmp_path / "run"
-        done = run_worker("run", str(job), "--gateway", url, "--out", str(run_dir), "--yes",
-                          "--verify")  # fmt: skip
+        done = run_worker(
+            "run", str(job), "--gateway", url, "--out", str(run_dir), "--yes", "--verify"
+        )
         assert done.returncode == 0, done.stderr
         assert "20 of 20 targets verified" in done.stdout
         assert summary(run_dir)["verify"]["verified"] == 20

@@ -109,8 +109,10 @@ async def test_a_run_records_odd_answers_as_results(tmp_path: Path) -> None:
     """Through a whole run: every target gets a final line with the ids read and the problem
     in `error`; the run finishes (exit 0) instead of ending as an internal error."""
     body = answer([{"commandId": "c1", "createTime": "\u00b2"}, {"state": 1}])
-    job = write_job(tmp_path, "limits: {rate: 500}\ntargets:\n"
-                    + "".join(f"  - asset_id: as{i:06d}\n" for i in range(5)))  # fmt: skip
+    job = write_job(
+        tmp_path,
+        "limits: {rate: 500}\ntargets:\n" + "".join(f"  - asset_id: as{i:06d}\n" for i in range(5)),
+    )
     async with served(canned_gateway(body)) as url:
         code, _ = await run_job(job, url, tmp_path / "run")
     assert code == 0
@@ -170,8 +172,7 @@ def test_light_modules_load_neither_aiohttp_nor_yaml(module: str) -> None:
     code = (
         f"import sys, {module}; print(sorted(m for m in ('aiohttp', 'yaml') if m in sys.modules))"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          check=True)  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
 
 

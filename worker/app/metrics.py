@@ -48,26 +48,36 @@ class RunMetrics:
         self.registry = CollectorRegistry()
         registry = self.registry
         self.requests = Counter(
-            "worker_requests", "HTTP requests answered or failed, by action, HTTP status and "
-            "EnOS code ('none' when no answer came)", ["action", "http_status", "code"],
+            "worker_requests",
+            "HTTP requests answered or failed, by action, HTTP status and "
+            "EnOS code ('none' when no answer came)",
+            ["action", "http_status", "code"],
             registry=registry,
-        )  # fmt: skip
+        )
         self.retries = Counter(
-            "worker_retries", "requests followed by another try, by why ('retry' after an "
-            "error, 'throttled' after a 429)", ["decision"], registry=registry,
-        )  # fmt: skip
-        self.outcomes = Counter(
-            "worker_targets_finished", "targets with a final result, by outcome", ["outcome"],
+            "worker_retries",
+            "requests followed by another try, by why ('retry' after an "
+            "error, 'throttled' after a 429)",
+            ["decision"],
             registry=registry,
-        )  # fmt: skip
+        )
+        self.outcomes = Counter(
+            "worker_targets_finished",
+            "targets with a final result, by outcome",
+            ["outcome"],
+            registry=registry,
+        )
         self.effect_unknown = Counter(
-            "worker_targets_effect_unknown", "final results whose effect is unknown (a lost "
-            "answer)", registry=registry,
-        )  # fmt: skip
+            "worker_targets_effect_unknown",
+            "final results whose effect is unknown (a lost answer)",
+            registry=registry,
+        )
         self.latency = Histogram(
-            "worker_request_latency_seconds", "latency of each HTTP request",
-            buckets=LATENCY_BUCKETS_S, registry=registry,
-        )  # fmt: skip
+            "worker_request_latency_seconds",
+            "latency of each HTTP request",
+            buckets=LATENCY_BUCKETS_S,
+            registry=registry,
+        )
         self._server: Any = None
 
     def attempt(self, attempt: Attempt, action: str) -> None:
@@ -93,8 +103,11 @@ class RunMetrics:
     def serve(self, address: MetricsAddress, limiter: RateLimiter) -> str | None:
         """Start serving, with the allowed rate of `limiter` as a gauge; what stops it (a port
         taken) as a message, or None."""
-        self.gauge("worker_rate_allowed", "requests per second allowed now (-1: unlimited)",
-                   lambda: -1.0 if limiter.rate is None else limiter.rate)  # fmt: skip
+        self.gauge(
+            "worker_rate_allowed",
+            "requests per second allowed now (-1: unlimited)",
+            lambda: -1.0 if limiter.rate is None else limiter.rate,
+        )
         try:
             self._server, _ = start_http_server(address.port, address.host, self.registry)
         except OSError as exc:

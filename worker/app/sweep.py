@@ -103,13 +103,22 @@ class _Sweep:
         failed = result.outcome is Outcome.FAILED
         verified = None if failed else not pending
         self._count(verified, pending, other)
-        self.out.append_line(orjson.dumps({
-            "target": target.selector(), "org_id": target.org_id,
-            "command_id": target.command_id, "outcome": asked.outcome, "verified": verified,
-            "still_pending": pending, "other_pending": other,
-            "error": result.error if failed else None, "request_id": result.request_id,
-            "checked_at": iso(result.finished_at),
-        }))  # fmt: skip
+        self.out.append_line(
+            orjson.dumps(
+                {
+                    "target": target.selector(),
+                    "org_id": target.org_id,
+                    "command_id": target.command_id,
+                    "outcome": asked.outcome,
+                    "verified": verified,
+                    "still_pending": pending,
+                    "other_pending": other,
+                    "error": result.error if failed else None,
+                    "request_id": result.request_id,
+                    "checked_at": iso(result.finished_at),
+                }
+            )
+        )
 
     def _count(self, verified: bool | None, pending: list[str], other: int) -> None:
         counts = self.counts

@@ -158,12 +158,21 @@ class Watcher:
         """One server for the watcher: every job's requests and results, and its own state."""
         metrics = self.metrics
         assert metrics is not None
-        metrics.gauge("worker_jobs_running", "spooled jobs being run by this watcher",
-                      lambda: len(self.controls))  # fmt: skip
-        metrics.gauge("worker_jobs_waiting", "job files in incoming/",
-                      lambda: len(waiting(self.options.spool)))  # fmt: skip
-        metrics.gauge("worker_jobs_settled", "jobs this watcher moved to done/ or failed/",
-                      lambda: len(self.settled))  # fmt: skip
+        metrics.gauge(
+            "worker_jobs_running",
+            "spooled jobs being run by this watcher",
+            lambda: len(self.controls),
+        )
+        metrics.gauge(
+            "worker_jobs_waiting",
+            "job files in incoming/",
+            lambda: len(waiting(self.options.spool)),
+        )
+        metrics.gauge(
+            "worker_jobs_settled",
+            "jobs this watcher moved to done/ or failed/",
+            lambda: len(self.settled),
+        )
         problem = metrics.serve(address, self.limiter)  # the rate the jobs share
         if problem is not None:
             raise UsageError(problem)

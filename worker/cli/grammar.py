@@ -13,67 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from worker import __version__
+from worker.cli.help import EXAMPLES, EXIT_CODES, SWEEP_EXIT_CODES, WATCH_EXIT_CODES
 
 Handler = Callable[[argparse.Namespace], int]
 SIM_APP_KEY, SIM_APP_SECRET = "sim-app-key", "sim-app-secret"
 CONFIRM_ABOVE = 1000
-
-EXIT_CODES = """exit codes:
-  0  every target was cancelled or had nothing to cancel
-  1  the run finished; some targets failed
-  2  bad usage or an invalid job file: nothing was sent
-  3  aborted (credentials, permission, wrong gateway, abort rule, outage, internal error);
-     resumable
-  4  interrupted (SIGINT/SIGTERM) or the deadline was reached; resumable"""
-
-WATCH_EXIT_CODES = """exit codes:
-  0  stopped (or, with --once, nothing left to do)
-  1  a job could not be run by this watcher (a crash or an unreadable run directory: it
-     stays in running/, resumable; the log says why)
-  2  bad usage
-  4  stopped by SIGINT/SIGTERM with jobs left in running/ (the next watcher resumes them)"""
-
-SWEEP_EXIT_CODES = """exit codes:
-  0  every searched target is verified: nothing the job asked to cancel is pending
-  1  some targets still have such a command pending, or could not be searched
-  2  bad usage (not a run directory, a run in progress)
-  3  the gateway or the credentials cannot be used"""
-
-EXAMPLES = {
-    "worker": """examples:
-  worker demo                                    the simulator and an example job, in process
-  worker validate jobs/maintenance.yaml          check a job and print its plan; sends nothing
-  worker run jobs/maintenance.yaml --gateway https://apim-ppe1.envisioniot.com
-  worker run JOB.yaml --resume runs/JOB-20261201T120000Z
-  worker report runs/JOB-20261201T120000Z        the summary again, and report.html""",
-    "run": """examples:
-  worker run jobs/maintenance.yaml --gateway https://apim.example.com
-  worker run JOB.yaml --rate auto --concurrency 64 --deadline 1h --yes
-  worker run JOB.yaml --dry-run --sample 20      token + 20 sampled searches; no cancel
-  worker run JOB.yaml --resume DIR --retry-failed""",
-    "validate": """examples:
-  worker validate jobs/incident.yaml
-  worker validate JOB.yaml --rate 200 --json""",
-    "simulate": """examples:
-  worker simulate --devices 10000 --commands 4
-  worker simulate --port 0 --error-rate 0.2 --rate-cap 300
-  curl -X POST localhost:8080/_sim/faults -d '{"down_for_s": 5}'""",
-    "report": """examples:
-  worker report runs/JOB-20261201T120000Z
-  worker report shard-0 shard-1 shard-2 --html incident.html
-  worker report DIR --json""",
-    "watch": """examples:
-  worker watch /srv/spool --rate 100             run every job file dropped in incoming/
-  worker watch /srv/spool --rate 100 --jobs 4    four jobs at once, sharing 100 requests/s
-  worker watch /srv/spool --once                 what is there now, then exit (cron)""",
-    "sweep": """examples:
-  worker verify runs/JOB-20261201T120000Z        search each target: is anything still pending?
-  worker verify DIR --rate 50
-  worker run JOB.yaml --verify                   the run, then the sweep""",
-    "verify": """examples:
-  worker audit verify runs/JOB-20261201T120000Z
-  worker audit verify DIR --head SHA256            (the audit head the run printed)""",
-}
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):

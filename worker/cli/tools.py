@@ -11,7 +11,6 @@ import os
 import secrets
 import sys
 from pathlib import Path
-from typing import Any
 
 import anyio
 import orjson
@@ -26,7 +25,7 @@ from worker.cli.run import run_async
 from worker.errors import UsageError
 from worker.jobs.parse import load_job
 from worker.jobs.plan import all_targets
-from worker.model import Credentials
+from worker.model import Credentials, JsonObject
 from worker.report import auditverify
 from worker.report.console import render
 from worker.report.details import RunReport, load_run
@@ -131,7 +130,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     page = args.html or (reports[0].run.report if len(reports) == 1 else Path("report.html"))
     _check_writable(page, "--html")
     if args.json:
-        data: dict[str, Any] = {"runs": [r.summary.to_json() for r in reports]}
+        data: JsonObject = {"runs": [r.summary.to_json() for r in reports]}
         if len(reports) > 1:
             data["total"] = dataclasses.asdict(combine([r.summary for r in reports]))
         sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")

@@ -223,8 +223,17 @@ class BatchCore:
     is made by the member's own core from the part of the answer that is its own.
     """
 
-    __slots__ = ("_answered_at", "_calls", "_evidence", "_policy", "_retry", "_split", "_verify",
-                 "members", "plan")  # fmt: skip
+    __slots__ = (
+        "_answered_at",
+        "_calls",
+        "_evidence",
+        "_policy",
+        "_retry",
+        "_split",
+        "_verify",
+        "members",
+        "plan",
+    )
 
     def __init__(
         self, members: list[TargetCore], plan: BatchPlan, policy: RetryPolicy, split: _Split
@@ -333,10 +342,17 @@ class BatchCore:
         if stray and problem is None:
             problem = f"{stray} cancelled commands could not be attributed to an asset of the call"
         return [
-            CancelReply(reply.http_status, reply.code, reply.msg, reply.request_id,
-                        tuple(found), unreadable=stray, problem=problem)
+            CancelReply(
+                reply.http_status,
+                reply.code,
+                reply.msg,
+                reply.request_id,
+                tuple(found),
+                unreadable=stray,
+                problem=problem,
+            )
             for found in commands
-        ]  # fmt: skip
+        ]
 
     def searched(self, page: SearchPage, now: float, latency_ms: float | None) -> Action | Fanout:
         """A page of one member's pending commands, after the list's answer."""
@@ -419,10 +435,13 @@ class BatchCore:
             split.too_long = min(split.too_long or size, size)
         half = (len(self.members) + 1) // 2
         split.open += 1  # two calls instead of this one
-        return Fanout((), (
-            BatchCore(self.members[:half], self.plan, self._policy, split),
-            BatchCore(self.members[half:], self.plan, self._policy, split),
-        ))  # fmt: skip
+        return Fanout(
+            (),
+            (
+                BatchCore(self.members[:half], self.plan, self._policy, split),
+                BatchCore(self.members[half:], self.plan, self._policy, split),
+            ),
+        )
 
     def _search_failed(
         self, error: EnOSError, now: float, rng: random.Random, situation: Situation

@@ -145,9 +145,12 @@ class TargetCore:
     def got_command(self, command: Command, now: float, latency_ms: float | None) -> Finish:
         """Get Command's answer after a lost answer: evidence beside nothing_to_cancel."""
         return self._finish(
-            Outcome.NOTHING_TO_CANCEL, now, reply=self._pending_reply, unknown=True,
+            Outcome.NOTHING_TO_CANCEL,
+            now,
+            reply=self._pending_reply,
+            unknown=True,
             get_state=command.state,
-        )  # fmt: skip
+        )
 
     def searched(self, page: SearchPage, now: float, latency_ms: float | None) -> Action:
         """A page of Search Command: sort its cached commands into matched and kept; read the
@@ -175,8 +178,9 @@ class TargetCore:
             return self._send()
         outcome = Outcome.CANCELLED if selection.cancelled else Outcome.NOTHING_TO_CANCEL
         unknown = self.maybe_applied or bool(selection.unknown)
-        return self._finish(outcome, now, reply=reply, ids=tuple(selection.cancelled),
-                            unknown=unknown)  # fmt: skip
+        return self._finish(
+            outcome, now, reply=reply, ids=tuple(selection.cancelled), unknown=unknown
+        )
 
     def failed(
         self,
@@ -319,8 +323,20 @@ class TargetCore:
 class _Selection:
     """A selective target's bookkeeping: what the search found, and each match's fate."""
 
-    __slots__ = ("cancel", "cancelled", "current", "current_maybe_applied", "kept", "match",
-                 "matched", "missed", "page", "queue", "unknown", "wanted_id")  # fmt: skip
+    __slots__ = (
+        "cancel",
+        "cancelled",
+        "current",
+        "current_maybe_applied",
+        "kept",
+        "match",
+        "matched",
+        "missed",
+        "page",
+        "queue",
+        "unknown",
+        "wanted_id",
+    )
 
     def __init__(self, target: Target, *, cancel: bool) -> None:
         self.match = target.match

@@ -27,7 +27,6 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 
 import anyio
 import structlog
@@ -36,15 +35,15 @@ from worker.core.actions import (
     PLAIN_CANCEL,
     Action,
     Finish,
-    Kind,
     Send,
     Situation,
     StopRun,
     Wait,
 )
-from worker.core.attempts import action_name, decision_after, ms_since, subject_of
 from worker.core.batching import LIST_CANCEL, BatchCore, BatchPlan, Fanout, groupable, take_list
+from worker.core.calls import action_name, ask, attempt_of, decision_after, ms_since
 from worker.core.decide import TargetCore
+from worker.core.pacing import Pacer
 from worker.core.ports import (
     Admissions,
     Answer,
@@ -56,10 +55,8 @@ from worker.core.ports import (
 )
 from worker.core.ratelimit import RateLimiter
 from worker.core.stops import Stop, StopRules
-from worker.enos import protocol as p
 from worker.errors import EnOSError, RateLimitedError, RetryableError, UnreadableAnswerError
 from worker.model import (
-    Attempt,
     CancelReply,
     Decided,
     SearchPage,
@@ -98,7 +95,7 @@ class Engine:
         self._clock = clock
         self._rng = rng or random.Random()
         self._max_waiting = settings.max_waiting or max(4096, 64 * settings.concurrency)
-        self._idle_scopes: set[anyio.CancelScope] = set()
+        self._pacer = Pacer(limiter, lambda: self.stopping)
         self._group_scope: anyio.CancelScope | None = None
         self._parked: list[tuple[float, int, Core]] = []
         self._parked_seq = 0
@@ -129,8 +126,7 @@ class Engine:
             return
         self.stop_reason, self.stop_message = reason, message
         log.warning("worker.stopping", reason=reason.value, why=message)
-        for scope in list(self._idle_scopes):
-            scope.cancel()
+        self._pacer.wake()
         self._notify()
 
     def cancel(self) -> None:
@@ -242,7 +238,7 @@ class Engine:
         self._busy += 1
         try:
             while isinstance(action, Send):
-                if not (self._slot_now() or await self._slot()):
+                if not (self._pacer.slot_now() or await self._pacer.slot()):
                     action = core.stopped()
                     break
                 action = await self._call(core, action)
@@ -266,15 +262,21 @@ class Engine:
                 assert isinstance(core, BatchCore)
                 answer = await self._client.cancel_assets([m.target for m in core.members])
             else:
-                answer = await self._ask(send, core)
+                answer = await ask(self._client, send, core.target)
         except anyio.get_cancelled_exc_class():
             progress.abandoned += 1
-            self.recorder.attempt(
-                Attempt(target, number, self._clock(), ms_since(began), None, None, None,
-                        Decided.ABANDONED, error="cancelled in flight by a second stop signal",
-                        subject=subject_of(send), batch=core.batch),
-                action_name(send),
-            )  # fmt: skip
+            error = "cancelled in flight by a second stop signal"
+            record = attempt_of(
+                core.target,
+                core.batch,
+                send,
+                number=number,
+                at=self._clock(),
+                latency=ms_since(began),
+                decision=Decided.ABANDONED,
+                error=error,
+            )
+            self.recorder.attempt(record, action_name(send))
             if isinstance(core, BatchCore):  # a list's answer already obtained is kept
                 self._settle(core, core.stopped())
             raise
@@ -288,15 +290,6 @@ class Engine:
             progress.in_flight -= 1
         return self._after_answer(core, send, number, answer, began)
 
-    async def _ask(self, send: Send, core: Core) -> Answer:
-        target = core.target
-        if send.kind is Kind.CANCEL:  # one command of a selective target
-            return await self._client.cancel(replace(target, command_id=send.command_id))
-        if send.kind is Kind.GET:
-            assert target.command_id is not None
-            return await self._client.get_command(target, target.command_id)
-        return await self._client.search_page(target, p.PENDING_EXPRESSION, send.page)
-
     def _after_answer(
         self, core: Core, send: Send, number: int, answer: Answer, began: float
     ) -> Action | Fanout:
@@ -304,7 +297,7 @@ class Engine:
         self._limiter.accepted()
         self._rules.answered()
         status, code, request_id = 200, 0, None
-        batch = core.batch
+        batch = core.batch  # as the call named it (a list's verification changes it)
         action: Action | Fanout
         if isinstance(answer, CancelReply):
             action = core.cancelled(answer, now, latency)
@@ -315,11 +308,19 @@ class Engine:
         else:
             assert isinstance(core, TargetCore)
             action = core.got_command(answer, now, latency)
-        self.recorder.attempt(
-            Attempt(core.target, number, now, latency, status, code, request_id, Decided.DONE,
-                    subject=subject_of(send), batch=batch),
-            action_name(send),
-        )  # fmt: skip
+        record = attempt_of(
+            core.target,
+            batch,
+            send,
+            number=number,
+            at=now,
+            latency=latency,
+            decision=Decided.DONE,
+            status=status,
+            code=code,
+            request_id=request_id,
+        )
+        self.recorder.attempt(record, action_name(send))
         return action
 
     def _after_error(
@@ -337,11 +338,21 @@ class Engine:
         now, batch = self._clock(), core.batch
         action = core.failed(error, now, latency, self._rng, self._situation())
         decision, wait_s = decision_after(action, send.kind)
-        self.recorder.attempt(
-            Attempt(core.target, number, now, latency, error.http_status, error.code,
-                    error.request_id, decision, wait_s, str(error), subject_of(send), batch),
-            action_name(send),
-        )  # fmt: skip
+        record = attempt_of(
+            core.target,
+            batch,
+            send,
+            number=number,
+            at=now,
+            latency=latency,
+            decision=decision,
+            status=error.http_status,
+            code=error.code,
+            request_id=error.request_id,
+            wait_s=wait_s,
+            error=str(error),
+        )
+        self.recorder.attempt(record, action_name(send))
         return action
 
     def _settle(self, core: Core, action: Action | Fanout) -> None:
@@ -372,42 +383,6 @@ class Engine:
             time_left_s=None if deadline is None else deadline - self._clock(),
             attempt_timeout_s=self._settings.attempt_timeout,
         )
-
-    # -- pacing ---------------------------------------------------------------------------------
-
-    def _slot_now(self) -> bool:
-        """The hot path: a slot free right now, taken without a coroutine (False: go slow)."""
-        if self.stopping:
-            return False
-        wait, held = self._limiter.reserve()
-        if held and wait == 0:
-            return True
-        if held:
-            self._limiter.release()  # give it back; _slot() reserves it again and waits
-        return False
-
-    async def _slot(self) -> bool:
-        """Wait for the shared limiter's next slot; False if the run stopped meanwhile."""
-        while True:
-            wait, held = self._limiter.reserve()
-            if wait > 0 and not await self._sleep_unless_stopped(wait):
-                if held:
-                    self._limiter.release()
-                return False
-            if held and (wait == 0 or not self._limiter.paused()):
-                return not self.stopping
-
-    async def _sleep_unless_stopped(self, seconds: float) -> bool:
-        """Sleep unless a stop cuts it short; False if cut."""
-        with anyio.CancelScope() as scope:
-            self._idle_scopes.add(scope)
-            try:
-                if self.stopping:
-                    scope.cancel()
-                await anyio.sleep(seconds)
-            finally:
-                self._idle_scopes.discard(scope)
-        return not scope.cancel_called and not self.stopping
 
     # -- stop rules -----------------------------------------------------------------------------
 

@@ -76,7 +76,8 @@ class Retrying:
         """Count `error` and return the policy's decision for it."""
         if isinstance(error, RateLimitedError):
             self.throttles += 1
-            return self.policy.decide(error, failures=self.failures, throttles=self.throttles - 1,
-                                      rng=rng)  # fmt: skip
+            return self.policy.decide(
+                error, failures=self.failures, throttles=self.throttles - 1, rng=rng
+            )
         self.failures += 1
         return self.policy.decide(error, failures=self.failures, throttles=self.throttles, rng=rng)

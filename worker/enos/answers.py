@@ -78,7 +78,7 @@ def search_page(payload: Payload, page_size: int) -> SearchPage:
 
 def interpret(
     status: int, headers: Mapping[str, str], raw: bytes, max_retry_after: float
-) -> dict[str, Any]:
+) -> Payload:
     """Map a business answer to its payload, or raise the classified error it stands for."""
     if status != 200:
         raise_for_http(status, headers, max_retry_after)
@@ -189,7 +189,7 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def json_object(raw: bytes) -> dict[str, Any]:
+def json_object(raw: bytes) -> Payload:
     try:
         payload = orjson.loads(raw)
     except orjson.JSONDecodeError:

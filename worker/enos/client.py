@@ -13,7 +13,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote
 
 import aiohttp
@@ -30,7 +29,7 @@ from worker.errors import (
     FatalError,
     RetryableError,
 )
-from worker.model import CancelReply, Command, Credentials, SearchPage, Target
+from worker.model import CancelReply, Command, Credentials, JsonObject, SearchPage, Target
 
 log = structlog.get_logger("worker.enos")
 MAX_BODY = 1 << 20  # bytes of an answer read at the most
@@ -95,9 +94,11 @@ class EnOSClient:
         # honours SSL_CERT_FILE / SSL_CERT_DIR).
         context = ssl.create_default_context(cafile=self._ca_bundle)
         connector = aiohttp.TCPConnector(
-            limit=self._concurrency, limit_per_host=self._concurrency, ttl_dns_cache=300,
+            limit=self._concurrency,
+            limit_per_host=self._concurrency,
+            ttl_dns_cache=300,
             ssl=context,
-        )  # fmt: skip
+        )
         self._session = aiohttp.ClientSession(
             connector=connector, timeout=aiohttp.ClientTimeout(total=self._timeout)
         )
@@ -150,7 +151,7 @@ class EnOSClient:
         page_size: int = p.SEARCH_PAGE_SIZE,
     ) -> SearchPage:
         """One page of the device's commands matching `expression` (e.g. ``state = 1``)."""
-        query: dict[str, Any] = {"pagination": {"pageNo": page, "pageSize": page_size}}
+        query: JsonObject = {"pagination": {"pageNo": page, "pageSize": page_size}}
         if expression is not None:
             query["expression"] = expression
         params = device_params(target)
@@ -176,7 +177,7 @@ class EnOSClient:
 
     async def _business(
         self, method: str, action: str, params: Params, body: bytes
-    ) -> tuple[int, dict[str, Any]]:
+    ) -> tuple[int, JsonObject]:
         """Send one signed business call; renew a rejected token once and send it again."""
         token = await self._access_token()
         try:
@@ -194,7 +195,7 @@ class EnOSClient:
 
     async def _send(
         self, method: str, action: str, params: Params, body: bytes, token: str
-    ) -> tuple[int, dict[str, Any]]:
+    ) -> tuple[int, JsonObject]:
         query = [("action", action), *params]
         timestamp = str(int(self._clock() * 1000))
         headers = {
@@ -340,7 +341,11 @@ def _query_string(query: Params) -> str:
     """The encoded query of a business call (yarl's with_query costs twice as much): plain ids
     go as they are, anything else is percent-encoded as yarl would, keeping the comma of an
     asset list (the signature covers the decoded values either way)."""
-    return "&".join([
-        name + "=" + (value if value.isalnum() and value.isascii() else quote(value, safe="?/:@,"))
-        for name, value in query
-    ])  # fmt: skip
+    return "&".join(
+        [
+            name
+            + "="
+            + (value if value.isalnum() and value.isascii() else quote(value, safe="?/:@,"))
+            for name, value in query
+        ]
+    )

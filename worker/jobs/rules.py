@@ -56,7 +56,7 @@ def read_match(node: yaml.Node | None, field_name: str, problems: Problems) -> M
         return None
     before = len(problems.items)
     fields = mapping(node, MATCH_KEYS, f"{field_name}.", problems)
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = {}  # Match's fields, as read from the file
     for key in ("command_name", "command_name_locale", "tsl_identifier"):
         if key in fields:
             values[key] = id_text(fields[key], f"{field_name}.{key}", problems)
@@ -177,6 +177,7 @@ def _settings(
     parsers: dict[str, tuple[Callable[[Any], Any], str]],
     problems: Problems,
 ) -> dict[str, Any]:
+    """A section's values as read from the file, parsed, by key (a dataclass's fields)."""
     if is_null(node):
         return {}
     if not isinstance(node, yaml.MappingNode):

@@ -14,12 +14,12 @@ import operator
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import orjson
 
 from worker.errors import JobFileError, shown
-from worker.model import Match, Target, TargetsFile, selector_problem
+from worker.model import JsonObject, Match, Target, TargetsFile, selector_problem
 
 TARGET_KEYS = ("asset_id", "product_key", "device_key", "command_id", "org_id")
 Row = tuple[str, str, str, str, str]  # TARGET_KEYS in order; "" where absent
@@ -216,7 +216,7 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, Row]]:
         yield number, _json_row(where, item)
 
 
-def _json_row(where: str, item: dict[str, Any]) -> Row:
+def _json_row(where: str, item: JsonObject) -> Row:
     for name, value in item.items():
         if name not in TARGET_KEYS:
             raise JobFileError(

@@ -105,8 +105,9 @@ _TRUST_WORDS = {
 
 def _asked_text(summary: Summary) -> str:
     asked = [s.get("asked") for s in summary.rate.segments] or [summary.rate.requested]
-    shown = ["unlimited" if a is None else f"{a:g}/s" if isinstance(a, float) else str(a)
-             for a in asked]  # fmt: skip
+    shown = [
+        "unlimited" if a is None else f"{a:g}/s" if isinstance(a, float) else str(a) for a in asked
+    ]
     if len(set(shown)) == 1:
         return f"asked {shown[0]}"
     return "asked " + ", then ".join(shown)
@@ -149,8 +150,7 @@ async def progress_loop(
     `already`: targets final from earlier segments, counted as done from the start.
     `searching`: a verify sweep (targets searched, no outcomes to show)."""
     stream = out or sys.stderr
-    line = ProgressLine(progress, limiter, total, already, tty=stream.isatty(),
-                        searching=searching)  # fmt: skip
+    line = ProgressLine(progress, limiter, total, already, tty=stream.isatty(), searching=searching)
     try:
         while True:
             await anyio.sleep(0.5 if line.tty else 10.0)
@@ -213,10 +213,14 @@ class ProgressLine:
         left = self.total - done
         eta = f"~{_minutes(left / finishing)} left" if finishing > 0 and left > 0 else ""
         if self.searching:
-            return [f"  {done:,}/{self.total:,} searched",
-                    f"{outcomes[Outcome.FAILED]:,} could not be searched", rate, eta,
-                    f"{progress.in_flight} in flight",
-                    f"{progress.waiting:,} waiting to retry"]  # fmt: skip
+            return [
+                f"  {done:,}/{self.total:,} searched",
+                f"{outcomes[Outcome.FAILED]:,} could not be searched",
+                rate,
+                eta,
+                f"{progress.in_flight} in flight",
+                f"{progress.waiting:,} waiting to retry",
+            ]
         return [
             f"  {done:,}/{self.total:,} done",
             f"{outcomes[Outcome.FAILED]:,} failed",
@@ -231,12 +235,18 @@ class ProgressLine:
     def _log(self) -> None:
         progress, allowed = self.progress, self.limiter.rate
         finishing, requesting = self._recent()
-        log.info("worker.progress", finished=self.already + progress.finished,
-                 targets=self.total, failed=progress.outcomes[Outcome.FAILED],
-                 in_flight=progress.in_flight, waiting_retry=progress.waiting,
-                 requests_per_s=round(requesting, 1), finished_per_s=round(finishing, 1),
-                 allowed_per_s=None if allowed is None else round(allowed, 1),
-                 rate_cause=self.limiter.cause)  # fmt: skip
+        log.info(
+            "worker.progress",
+            finished=self.already + progress.finished,
+            targets=self.total,
+            failed=progress.outcomes[Outcome.FAILED],
+            in_flight=progress.in_flight,
+            waiting_retry=progress.waiting,
+            requests_per_s=round(requesting, 1),
+            finished_per_s=round(finishing, 1),
+            allowed_per_s=None if allowed is None else round(allowed, 1),
+            rate_cause=self.limiter.cause,
+        )
 
 
 def fit(parts: list[str], width: int) -> str:

@@ -242,15 +242,22 @@ def _summary_pairs(report: RunReport) -> list[tuple[str, object]]:
         pairs.append(("commands matched / cancelled / gone / kept", " / ".join(counts)))
     verify = summary.verify
     if verify:
-        pairs.append(("verify sweep: verified / searched", f"{verify['verified']:,} / "
-                      f"{verify['checked']:,}"))  # fmt: skip
-        pairs.append(("still pending: targets / commands",
-                      f"{verify['still_pending']:,} / {verify['commands_pending']:,}"))  # fmt: skip
+        pairs.append(
+            ("verify sweep: verified / searched", f"{verify['verified']:,} / {verify['checked']:,}")
+        )
+        pairs.append(
+            (
+                "still pending: targets / commands",
+                f"{verify['still_pending']:,} / {verify['commands_pending']:,}",
+            )
+        )
         pairs.append(("could not be searched", verify["unverified"]))
     batching = summary.batching
     if batching:
-        lists = (f"{batching['assets_per_call']} asked; {batching['lists']:,} list calls "
-                 f"answered; ended {batching['trust']}")  # fmt: skip
+        lists = (
+            f"{batching['assets_per_call']} asked; {batching['lists']:,} list calls "
+            f"answered; ended {batching['trust']}"
+        )
         pairs.append(("assets per call", lists))
         pairs += [("lists", note) for note in batching["notes"]]
     return pairs

@@ -14,11 +14,12 @@ from typing import Any, ClassVar
 import orjson
 
 from worker.enos import protocol as p
+from worker.model import JsonObject
 from worker.sim.expression import parse_expression
 from worker.sim.faults import Faults
 from worker.sim.state import DeviceStore, SimCommand, SimDevice, render_command
 
-Result = tuple[Any, dict[str, Any]]  # the answer's `data`, and extra top-level keys (JSON)
+Result = tuple[Any, JsonObject]  # the answer's `data`, and extra top-level keys (JSON)
 
 
 class Refused(Exception):
@@ -69,7 +70,7 @@ class CommandService:
             raise Refused(p.CODE_INVALID_PARAM, "Invalid Argument orgId:  orgId does not exist")
         return org
 
-    def _cancel_list(self, action: str, query: Mapping[str, str]) -> list[dict[str, Any]]:
+    def _cancel_list(self, action: str, query: Mapping[str, str]) -> list[JsonObject]:
         """Cancel for a comma-separated assetId, as `faults.multi_asset` says lists behave."""
         org = self._org(query)
         if action != p.ACTION_CANCEL or "commandId" in query:
@@ -88,7 +89,7 @@ class CommandService:
             raise Refused(p.CODE_NOT_FOUND, "The specified device does not exist")
         if mode == "first":
             devices = devices[:1]
-        shown: list[dict[str, Any]] = []
+        shown: list[JsonObject] = []
         for device in devices:
             if device is not None:
                 shown += self._cancel(device, query, b"")[0]
@@ -207,11 +208,11 @@ class CommandService:
 
     def _render(
         self, device: SimDevice, command: SimCommand, state: int | None = None
-    ) -> dict[str, Any]:
+    ) -> JsonObject:
         return render_command(device, command, legacy=self.faults.legacy_wire, state=state)
 
 
-def json_body(body: bytes) -> dict[str, Any]:
+def json_body(body: bytes) -> JsonObject:
     try:
         value = orjson.loads(body) if body else {}
     except orjson.JSONDecodeError:

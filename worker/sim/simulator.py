@@ -21,13 +21,13 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import orjson
 from aiohttp import web
 
 from worker.enos import protocol as p
 from worker.enos.signing import request_signature, token_encryption
+from worker.model import JsonObject
 from worker.sim.faults import Faults, SimStats
 from worker.sim.service import CommandService, Refused, json_body
 from worker.sim.state import DeviceStore, SimDevice
@@ -264,15 +264,17 @@ class Simulator:
     def _request_id(self) -> str:
         return f"{self._rng.getrandbits(128):032x}"
 
-    async def _deliver(self, request: web.Request, payload: dict[str, Any]) -> web.StreamResponse:
+    async def _deliver(self, request: web.Request, payload: JsonObject) -> web.StreamResponse:
         """Send the answer, or lose it on the way as configured (after the effect took place)."""
         raw = orjson.dumps(payload)
         faults = self.faults
         if faults.slow_rate and self._rng.random() < faults.slow_rate:
             await asyncio.sleep(faults.slow_ms / 1000)
         if faults.oversize_rate and self._rng.random() < faults.oversize_rate:
-            return web.Response(body=raw[:-1] + b',"pad":"' + b"x" * (2 << 20) + b'"}',
-                                content_type="application/json")  # fmt: skip
+            return web.Response(
+                body=raw[:-1] + b',"pad":"' + b"x" * (2 << 20) + b'"}',
+                content_type="application/json",
+            )
         if faults.drop_rate and self._rng.random() < faults.drop_rate:
             if request.transport is not None:
                 request.transport.close()
@@ -288,7 +290,7 @@ class Simulator:
     async def _inspect_stats(self, _: web.Request) -> web.Response:
         return _json(self.stats_snapshot())
 
-    def stats_snapshot(self) -> dict[str, Any]:
+    def stats_snapshot(self) -> JsonObject:
         """Counts of calls by action and answers by status, token requests, auth rejections."""
         return {
             "business_calls": self.stats.business_calls,
@@ -320,7 +322,7 @@ class Simulator:
         return _json(dataclasses.asdict(self.faults), 200)
 
 
-def _device_view(device: SimDevice) -> dict[str, Any]:
+def _device_view(device: SimDevice) -> JsonObject:
     return {
         "org_id": device.org_id,
         "asset_id": device.asset_id,

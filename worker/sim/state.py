@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from worker.enos.protocol import MAX_PENDING_TTL_S, CommandState
-from worker.model import Target
+from worker.model import JsonObject, Target
 
 DEFAULT_ORG = "o15541858646501"
 # What a generated device holds, in order (name, commandType): the k-th cached command has the
@@ -213,7 +213,7 @@ def _local_time(second: int) -> str:
 
 def render_command(
     device: SimDevice, command: SimCommand, *, legacy: bool, state: int | None = None
-) -> dict[str, Any]:
+) -> JsonObject:
     """The wire form of a command. `legacy` uses the 2019 variants (numbers, createLocalTime)."""
     local = _local_time(command.create_time_ms // 1000)
     return {

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker.model import Limits, Match
+from worker.model import JsonObject, Limits, Match
 from worker.store.records import (
     BatchingRecord,
     BatchingSummary,
@@ -20,7 +20,7 @@ from worker.store.records import (
 )
 
 
-def limits_from_json(data: dict[str, Any]) -> Limits:
+def limits_from_json(data: JsonObject) -> Limits:
     """Limits as recorded (fields a newer or older version wrote and this one lacks are
     dropped, missing ones take their defaults)."""
     known = {f.name for f in dataclasses.fields(Limits)}
@@ -43,14 +43,14 @@ class Segment:
     rate_timeline: list[list[float | None]] = field(default_factory=list)  # [s, achieved, allowed]
     batching: BatchingRecord | None = None  # assets_per_call > 1: lists sent, trust, changes
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JsonObject:
         """As written in run.json."""
         data = dataclasses.asdict(self)
         data["limits"] = dataclasses.asdict(self.limits)
         return data
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Segment:
+    def from_json(cls, data: JsonObject) -> Segment:
         """From run.json (a segment that died early lacks its end fields)."""
         known = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
@@ -77,7 +77,7 @@ class Manifest:
     match: Match | None = None  # the job's match rule, for follow-ups
     shard: str | None = None  # "K/N": this run covers one shard of the job's targets
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JsonObject:
         """As written in run.json."""
         data = dataclasses.asdict(self)  # JSON at the file's boundary
         data["limits"] = dataclasses.asdict(self.limits)
@@ -85,7 +85,7 @@ class Manifest:
         return data
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Manifest:
+    def from_json(cls, data: JsonObject) -> Manifest:
         """From run.json."""
         return cls(
             run_id=data["run_id"],
@@ -104,8 +104,10 @@ class Manifest:
     def changes(self, job_sha256: str, targets_sha256: str) -> list[tuple[str, str, str]]:
         """(what, sha256 then, sha256 now) for the job file and the target list, where they
         differ from this run's: resuming would mix two runs."""
-        pairs = (("job file", self.job_sha256, job_sha256),
-                 ("target list", self.targets_sha256, targets_sha256))  # fmt: skip
+        pairs = (
+            ("job file", self.job_sha256, job_sha256),
+            ("target list", self.targets_sha256, targets_sha256),
+        )
         return [(name, then, now) for name, then, now in pairs if then != now]
 
     @property
@@ -163,12 +165,12 @@ class Summary:
     shard: str | None = None  # "K/N" when the run covers one shard of the job
     verify: VerifyCountsRecord = field(default_factory=VerifyCountsRecord)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JsonObject:
         """summary.json's content (design.md's keys)."""
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Summary:
+    def from_json(cls, data: JsonObject) -> Summary:
         """From summary.json."""
         values = dict(data)
         values["rate"] = RateSummary(**data["rate"])

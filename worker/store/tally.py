@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from worker.model import Outcome, gc_paused, key_digest
+from worker.model import JsonObject, Outcome, gc_paused, key_digest
 from worker.store.done import done_record, line_flags
 from worker.store.journal import JournalCursor, read_journal, record_key
 from worker.store.layout import RunDir
@@ -62,7 +62,7 @@ def _fill_list(empty: list[Any], saved: list[Any]) -> None:
     empty[:] = saved
 
 
-def _fill_dict(empty: dict[str, Any], saved: dict[str, Any]) -> None:
+def _fill_dict(empty: JsonObject, saved: JsonObject) -> None:
     empty.update(saved)
 
 
@@ -125,12 +125,12 @@ class Counts:
                 grouped.setdefault(key[part], Counter())[key[2]] += count
         return grouped
 
-    def save(self) -> dict[str, Any]:
+    def save(self) -> JsonObject:
         """The whole fold as JSON, for a checkpoint."""
         return {f.name: f.metadata["codec"].save(getattr(self, f.name)) for f in fields(self)}
 
     @classmethod
-    def restore(cls, saved: dict[str, Any]) -> Counts:
+    def restore(cls, saved: JsonObject) -> Counts:
         """The fold a checkpoint saved (KeyError/ValueError/TypeError when it does not fit)."""
         counts = cls()
         for item in fields(cls):
