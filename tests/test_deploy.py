@@ -1,8 +1,11 @@
 """deploy/: the Kubernetes manifests hold up on a real cluster (non-root, read-only, the
-failure policy each exit code needs, every reference resolved)."""
+failure policy each exit code needs, every reference resolved) and the Grafana dashboard
+asks only for metrics the worker exports."""
 
 from __future__ import annotations
 
+import ast
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
+from worker.app.metrics import RunMetrics
 from worker.cli.grammar import build_parser
 from worker.cli.main import HANDLERS
 from worker.jobs.jobfile import load_job, plan
@@ -19,6 +23,7 @@ from worker.store.state import ExitCode
 ROOT = Path(__file__).parent.parent
 DEPLOY = ROOT / "deploy"
 KUBERNETES = DEPLOY / "kubernetes"
+DASHBOARD = DEPLOY / "grafana" / "worker-dashboard.json"
 WORKLOADS = ("indexed-job.yaml", "cronjob.yaml", "spool-watcher.yaml")
 DISRUPTED = frozenset({("DisruptionTarget", "True")})
 SAMPLE_ENV = {"SHARD_INDEX": "2", "JOB_NAME": "worker-maintenance-29412570"}
@@ -293,3 +298,153 @@ def test_the_spool_watcher_runs_watch_with_its_own_gateway_one_at_a_time() -> No
     assert doc["spec"]["strategy"]["type"] == "Recreate"  # no two watchers in a rollout
     selector = doc["spec"]["selector"]["matchLabels"]
     assert selector.items() <= doc["spec"]["template"]["metadata"]["labels"].items()
+
+
+# -- the Grafana dashboard -----------------------------------------------------------------
+
+SUFFIXES = {
+    "counter": ("_total", "_created"),
+    "histogram": ("_bucket", "_sum", "_count", "_created"),
+    "gauge": ("",),
+}
+PROMQL_WORDS = {
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "offset",
+    "bool",
+    "and",
+    "or",
+    "unless",
+}
+
+
+def registered_gauges() -> set[str]:
+    """Every ``*.gauge("name", ...)`` call in the worker package: the gauges the run, the
+    watcher and the server register, read from their code (a renamed one is caught)."""
+    names = set()
+    for path in (ROOT / "worker").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "gauge"
+                and node.args
+                and isinstance(node.args[0], ast.Constant)
+                and isinstance(node.args[0].value, str)
+            ):
+                names.add(node.args[0].value)
+    return names
+
+
+def exported() -> dict[str, set[str]]:
+    """The series names a worker's /metrics can show, by metric family: a real RunMetrics
+    with every gauge the code registers, as prometheus-client collects it."""
+    metrics = RunMetrics()
+    for name in registered_gauges():
+        metrics.gauge(name, "as the worker registers it", lambda: 0.0)
+    families = list(metrics.registry.collect())
+    return {f.name: {f.name + suffix for suffix in SUFFIXES[f.type]} for f in families}
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression selects: what is left once strings, label
+    matchers, ranges, grouping labels, variables, functions and keywords are taken out."""
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    expr = re.sub(r"\{[^}]*\}|\[[^\]]*\]", " ", expr)
+    expr = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", expr)
+    expr = re.sub(r"\$\{?\w+\}?|(?<![\w:])\d[\w.]*", " ", expr)  # variables, numbers, 5m
+    names = set()
+    for match in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", expr):
+        if expr[match.end() :].lstrip().startswith("("):
+            continue  # a function or an aggregation
+        if match.group() not in PROMQL_WORDS:
+            names.add(match.group())
+    return names
+
+
+def dashboard() -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    return loaded
+
+
+def expressions(board: dict[str, Any]) -> list[str]:
+    """Every PromQL the dashboard runs: panel targets and query variables (label_values'
+    last argument is a label, not a metric)."""
+    exprs = [target["expr"] for panel in board["panels"] for target in panel["targets"]]
+    for variable in board["templating"]["list"]:
+        if variable["type"] == "query":
+            query = variable["query"]["query"]
+            exprs.append(re.sub(r"^label_values\((.*),\s*\w+\)$", r"\1", query))
+    return exprs
+
+
+def test_metric_names_are_read_out_of_promql() -> None:
+    expr = (
+        'histogram_quantile(0.95, sum by (le) (rate(a_bucket{code!="0", x=~"by(y)"}[5m])))'
+        " / on (job) group_left (pod) sum without (code) (b_total offset 5m) > bool 0"
+    )
+    assert metric_names(expr) == {"a_bucket", "b_total"}
+
+
+def test_the_dashboard_asks_only_for_exported_metrics_and_shows_each_one() -> None:
+    series = exported()
+    known = set().union(*series.values())
+    assert {
+        "worker_requests_in_flight",
+        "worker_targets_waiting",
+        "worker_targets_pending",
+        "worker_rate_allowed",
+        "worker_jobs_running",
+        "worker_jobs_waiting",
+        "worker_jobs_settled",
+    } <= registered_gauges()
+    used = set().union(*(metric_names(expr) for expr in expressions(dashboard())))
+    assert all(name.startswith("worker_") for name in used)  # the reader missed nothing
+    assert used <= known, f"not exported: {sorted(used - known)}"
+    shown = {family for family, names in series.items() if names & used}
+    assert shown == set(series), f"no panel: {sorted(set(series) - shown)}"
+
+
+def test_the_dashboard_imports_into_grafana() -> None:
+    """The shape Grafana's import needs: a uid and title, a Prometheus datasource variable
+    every panel and query uses, panels with unique ids on the 24-column grid that do not
+    overlap, and targets with a refId and an expression."""
+    board = dashboard()
+    assert re.fullmatch(r"[a-zA-Z0-9_-]{1,40}", board["uid"])
+    assert board["title"]
+    assert board["id"] is None  # a new dashboard on import, whatever the instance holds
+    assert isinstance(board["schemaVersion"], int)
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    assert (variables["datasource"]["type"], variables["datasource"]["query"]) == (
+        "datasource",
+        "prometheus",
+    )
+    datasource = {"type": "prometheus", "uid": "${datasource}"}
+    assert variables["instance"]["datasource"] == datasource
+    ids: set[int] = set()
+    cells: set[tuple[int, int]] = set()
+    for panel in board["panels"]:
+        assert panel["id"] not in ids
+        ids.add(panel["id"])
+        assert panel["title"]
+        assert panel["type"] in ("timeseries", "stat")
+        assert panel["datasource"] == datasource
+        grid = panel["gridPos"]
+        assert grid["x"] >= 0
+        assert grid["x"] + grid["w"] <= 24
+        area = {
+            (x, y)
+            for x in range(grid["x"], grid["x"] + grid["w"])
+            for y in range(grid["y"], grid["y"] + grid["h"])
+        }
+        assert not area & cells, f"{panel['title']} overlaps another panel"
+        cells |= area
+        refs = [target["refId"] for target in panel["targets"]]
+        assert len(refs) == len(set(refs)) >= 1
+        for target in panel["targets"]:
+            assert target["datasource"] == datasource
+            assert target["expr"].count("(") == target["expr"].count(")")
