@@ -39,6 +39,7 @@ READ_TIMEOUT_S = 5.0  # a connection's whole life: request in, answer out (a scr
 MAX_CONNECTIONS = 32  # open at once; a new one closes the oldest (scrapers reconnect)
 MAX_REQUEST_BYTES = 8192  # a request head past this is refused (431)
 METRICS_PATHS = frozenset({"/metrics", "/"})
+ACCEPT_PAUSE_S = 0.5  # after an accept that failed (out of file descriptors)
 
 
 @dataclass(frozen=True)
@@ -220,8 +221,11 @@ class MetricsServer:
         """Wait for sockets until closed; no error of one connection ends the loop."""
         try:
             while not self._stopping:
-                for key, _ in self._selector.select(self._wait_s()):
-                    self._dispatch(key.data)
+                ready = [key.data for key, _ in self._selector.select(self._wait_s())]
+                # Open connections first, then new ones: a scrape accepted in the last round
+                # is read before a flood of newer connections can push it out.
+                for data in sorted(ready, key=lambda data: isinstance(data, str)):
+                    self._dispatch(data)
                 self._expire(time.monotonic())
         except Exception:  # a bug: say so, rather than stop answering without a word
             log.exception("worker.metrics_server_failed")
@@ -241,7 +245,8 @@ class MetricsServer:
         if data == "accept":
             self._accept()
         elif data == "wake":
-            self._wake_read.recv(64)
+            with contextlib.suppress(BlockingIOError):
+                self._wake_read.recv(64)
         elif isinstance(data, _Connection) and data.sock in self._open:  # not dropped yet
             self._serve(data)
 
@@ -253,8 +258,10 @@ class MetricsServer:
                 sock, _ = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # out of descriptors, or the client gave up already
+            except OSError as exc:  # out of descriptors: the listener stays readable, so
+                # pause rather than spin (a scrape waits; the run's sockets matter more)
                 log.warning("worker.metrics_accept_failed", error=exc.strerror or str(exc))
+                time.sleep(ACCEPT_PAUSE_S)
                 return
             sock.setblocking(False)
             if len(self._open) >= self._max_connections:
@@ -347,7 +354,7 @@ def _listen(address: MetricsAddress) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(sockaddr)
-        sock.listen(64)
+        sock.listen(socket.SOMAXCONN)  # a burst waits in the kernel, not in a SYN retry
         sock.setblocking(False)
     except OSError:
         sock.close()
