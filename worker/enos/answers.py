@@ -11,6 +11,7 @@ from __future__ import annotations
 import email.utils
 import math
 import time
+import zlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -199,6 +200,70 @@ def json_object(raw: bytes) -> dict[str, Any]:
     if not isinstance(payload, dict):
         raise RetryableError("the answer is not a JSON object", maybe_applied=True, http_status=200)
     return payload
+
+
+ACCEPTED_ENCODINGS = "gzip, deflate"  # what the client asks for, and all inflate() decodes
+_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+def inflate(raw: bytes, encoding: str, cap: int, status: int) -> bytes:
+    """`raw` decompressed as its Content-Encoding says, never past `cap` bytes.
+
+    The cap is on what comes out: a 1 MB gzip answer can inflate to 1 GiB. zlib is asked for at
+    most what is left under the cap (+1 byte, to see it passed), so no step allocates more than
+    that, whatever the input; each member of a concatenated gzip answer counts against the same
+    cap. A stream that stops before its end was cut short (its effect unknown, like a cut-off
+    plain body); a corrupt one is unreadable; an encoding not asked for is refused by name.
+    ``deflate`` is the zlib format (RFC 9110), or bare deflate data as some servers send it.
+    """
+    name = encoding.strip().lower()
+    if name in ("", "identity"):
+        return raw
+    wbits = _WBITS.get(name)
+    if wbits is None:
+        raise RetryableError(
+            f"the answer is encoded as '{gateway_text(encoding)[:40]}', which was not asked for "
+            f"({ACCEPTED_ENCODINGS})",
+            maybe_applied=True,
+            http_status=status,
+        )
+    if name == "deflate" and not _zlib_header(raw):
+        wbits = -zlib.MAX_WBITS
+    parts, size, rest = [], 0, raw
+    while rest:
+        stream = zlib.decompressobj(wbits)
+        try:
+            part = stream.decompress(rest, cap + 1 - size)
+        except zlib.error:
+            raise RetryableError(
+                f"the answer's {name} data is corrupt", maybe_applied=True, http_status=status
+            ) from None
+        size += len(part)
+        if size > cap:
+            raise oversized(cap, status)
+        if not stream.eof:  # all input used, less than asked for came out: it stops early
+            raise RetryableError("the answer was cut short", maybe_applied=True, http_status=status)
+        parts.append(part)
+        rest = stream.unused_data if wbits > zlib.MAX_WBITS else b""  # the next gzip member
+    return b"".join(parts)
+
+
+def _zlib_header(raw: bytes) -> bool:
+    """Whether `raw` starts with a zlib header (RFC 1950: deflate, a window of at most 32 KiB,
+    and the check bits), rather than bare deflate data."""
+    return (
+        len(raw) >= 2
+        and raw[0] & 0x0F == 8
+        and raw[0] >> 4 <= 7
+        and ((raw[0] << 8 | raw[1]) % 31 == 0)
+    )
+
+
+def oversized(cap: int, status: int) -> RetryableError:
+    """An answer past the cap: not read further; it may have taken effect."""
+    return RetryableError(
+        f"the answer is larger than {cap:,} bytes; not read", maybe_applied=True, http_status=status
+    )
 
 
 def malformed(what: str, payload: Mapping[str, Any]) -> RetryableError:

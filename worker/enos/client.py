@@ -19,6 +19,7 @@ from urllib.parse import quote
 import aiohttp
 import orjson
 import structlog
+from aiohttp import hdrs
 from yarl import URL
 
 from worker import redact
@@ -98,8 +99,13 @@ class EnOSClient:
             limit=self._concurrency, limit_per_host=self._concurrency, ttl_dns_cache=300,
             ssl=context,
         )  # fmt: skip
+        # Answers are decompressed here, not by aiohttp (a.inflate: never past the cap in one
+        # step, whatever the aiohttp version), so only what that can decode is asked for.
         self._session = aiohttp.ClientSession(
-            connector=connector, timeout=aiohttp.ClientTimeout(total=self._timeout)
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=self._timeout),
+            auto_decompress=False,
+            headers={hdrs.ACCEPT_ENCODING: a.ACCEPTED_ENCODINGS},
         )
         return self
 
@@ -224,8 +230,14 @@ class EnOSClient:
             ) as resp:
                 length = resp.content_length
                 if length is not None and length <= self._max_body:
-                    return resp.status, resp.headers, await resp.read()
-                return resp.status, resp.headers, await self._read_capped(resp)
+                    raw = await resp.read()  # the hot path: one read
+                else:
+                    raw = await self._read_capped(resp)
+                # Only a 200's body is read further (any other status is decided by itself).
+                encoding = resp.headers.get(hdrs.CONTENT_ENCODING) if resp.status == 200 else None
+                if encoding is not None:
+                    raw = self._inflated(resp, raw, encoding)
+                return resp.status, resp.headers, raw
         except aiohttp.ClientConnectorCertificateError as exc:
             raise FatalError(
                 "the gateway's TLS certificate was not accepted "
@@ -251,6 +263,16 @@ class EnOSClient:
                 f"connection lost: {type(exc).__name__}", maybe_applied=True
             ) from None
 
+    def _inflated(self, resp: aiohttp.ClientResponse, raw: bytes, encoding: str) -> bytes:
+        """The decompressed body, at most the cap; an answer that would inflate past it (or
+        cannot be decoded) is refused like any other unreadable answer, and its connection
+        dropped: nothing more of it is wanted."""
+        try:
+            return a.inflate(raw, encoding, self._max_body, resp.status)
+        except RetryableError:
+            resp.close()
+            raise
+
     async def _read_capped(self, resp: aiohttp.ClientResponse) -> bytes:
         """The body, unless it grows past the cap: then the connection is dropped (a gateway
         that answers without end must not exhaust memory) and the attempt is retried."""
@@ -259,11 +281,7 @@ class EnOSClient:
             size += len(chunk)
             if size > self._max_body:
                 resp.close()
-                raise RetryableError(
-                    f"the answer is larger than {self._max_body:,} bytes; not read",
-                    maybe_applied=True,
-                    http_status=resp.status,
-                )
+                raise a.oversized(self._max_body, resp.status)
             chunks.append(chunk)
         return b"".join(chunks)
 
