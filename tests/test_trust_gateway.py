@@ -4,15 +4,20 @@ in any spelling are kept out of every output, answers of an odd shape are never 
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import orjson
 import pytest
+import structlog
 from aiohttp import web
 
 from tests.conftest import APP_KEY, APP_SECRET, ORG
 from tests.gateways import (
+    answer,
     bomb,
     compressed,
     encoded_answer,
@@ -20,6 +25,9 @@ from tests.gateways import (
     served,
     token_gateway,
 )
+from tests.runs import results, run_job, write_job
+from worker import logs, redact
+from worker.enos import protocol as p
 from worker.enos.client import EnOSClient
 from worker.errors import RetryableError
 from worker.model import Credentials, Target
@@ -117,3 +125,174 @@ async def test_a_truncated_compressed_answer_is_cut_short() -> None:
         with pytest.raises(RetryableError, match="cut short") as caught:
             await client.cancel(TARGET)
     assert caught.value.maybe_applied is True
+
+
+# -- 2. secrets the gateway echoes, in any spelling, reach no output ---------------------------
+
+OUTPUTS = ["results.jsonl", "audit.jsonl", "summary.json", "report.html", "checkpoint.json"]
+OUTPUTS += ["run.json"]
+HOSTILE_TOKEN = "Tok-5f3a9c2e81d74b60XyZ"
+
+
+@pytest.fixture
+def registry() -> Iterator[None]:
+    """The process's secret registry as it was before the test (a token registered here, such
+    as 'finished', must not mask other tests' text)."""
+    secrets, digests = dict(redact._secrets), list(redact._digests)
+    yield
+    redact._secrets.clear()
+    redact._secrets.update(secrets)
+    redact._digests.clear()
+    redact._digests.extend(digests)
+    redact._compile()
+
+
+@pytest.fixture
+def json_logs() -> Iterator[io.StringIO]:
+    """The process's log lines, as `worker` writes them (JSON, redaction included)."""
+    stream = io.StringIO()
+    logs.configure(json=True, stream=stream)
+    try:
+        yield stream
+    finally:
+        structlog.reset_defaults()
+
+
+def spelled(text: str, how: str) -> bytes:
+    """`text` as a JSON string literal: every character escaped (backslash-u), upper-cased, or
+    both."""
+    if "upper" in how:
+        text = text.upper()
+    if "escaped" in how:
+        return ('"' + "".join(f"\\u{ord(c):04x}" for c in text) + '"').encode()
+    return orjson.dumps(text)
+
+
+class Echo:
+    """A gateway that echoes the secrets of each request (the access token and the request's
+    signature; the token request's body) into the answer's `field`, spelt `how`."""
+
+    def __init__(self, field: str, how: str, *, code: int = 0, token_status: int = 0) -> None:
+        self.field, self.how, self.code, self.token_status = field, how, code, token_status
+        self.secrets: set[str] = {HOSTILE_TOKEN, APP_SECRET}
+
+    async def token(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        self.secrets.add(orjson.loads(body)["encryption"])
+        if self.token_status:
+            echoed = spelled(body.decode(), self.how)
+            raw = b'{"status":%d,"msg":%s,"data":null}' % (self.token_status, echoed)
+            return web.Response(body=raw, content_type="application/json")
+        data = {"accessToken": HOSTILE_TOKEN, "expire": 7200}
+        return web.json_response({"status": 0, "msg": "SUCCESS", "data": data})
+
+    async def commands(self, request: web.Request) -> web.Response:
+        signature = request.headers[p.HEADER_SIGNATURE]
+        self.secrets.add(signature)
+        echo = spelled(request.headers[p.HEADER_TOKEN] + " " + signature, self.how)
+        fields = {"msg": b'"OK"', "requestId": b'"r-1"'}
+        data = b'[{"commandId":"c1"}]' if self.code == 0 else b"null"
+        if self.field == "commandId":
+            data = b'[{"commandId":%s},{"commandId":"c1"}]' % echo
+        else:
+            fields[self.field] = echo
+        raw = b'{"code":%d,"msg":%s,"requestId":%s,"data":%s}' % (
+            self.code,
+            fields["msg"],
+            fields["requestId"],
+            data,
+        )
+        return web.Response(body=raw, content_type="application/json")
+
+    def app(self) -> web.Application:
+        return token_gateway(self.token, self.commands)
+
+
+def leaked(run_dir: Path, texts: list[str], secrets: set[str]) -> list[str]:
+    """Every secret (in any case) found in an output file or one of `texts`."""
+    everything = [(run_dir / name).read_text(encoding="utf-8") for name in OUTPUTS]
+    haystack = "\n".join(everything + texts).lower()
+    return sorted(secret for secret in secrets if secret.lower() in haystack)
+
+
+FIELDS = [("commandId", 0), ("requestId", 0), ("msg", 0), ("msg", 99404), ("requestId", 99404)]
+SPELLINGS = ("escaped", "upper", "escaped-upper")
+ECHOES = [(field, how, code) for how in SPELLINGS for field, code in FIELDS]
+
+
+@pytest.mark.usefixtures("registry")
+@pytest.mark.parametrize(("field", "how", "code"), ECHOES)
+async def test_secrets_echoed_in_any_spelling_reach_no_output(
+    tmp_path: Path, json_logs: io.StringIO, field: str, how: str, code: int
+) -> None:
+    """The access token and each request's signature, echoed escaped, upper-cased or both
+    into commandId, requestId or msg (of a success or of a 99404): no output file, printed
+    report or log line holds either (nor the app secret, nor a token request's encryption), in
+    any case. A command id holding one is unreadable, not kept: the target's effect is unknown."""
+    echo = Echo(field, how, code=code)
+    job = write_job(tmp_path, "targets:\n" + "".join(f"  - asset_id: a{i}\n" for i in range(3)))
+    async with served(echo.app()) as url:
+        exit_code, printed = await run_job(job, url, tmp_path / "run", rate=1000)
+    assert exit_code == (0 if code == 0 else 1)
+    assert leaked(tmp_path / "run", [printed, json_logs.getvalue()], echo.secrets) == []
+    assert len(echo.secrets) >= 5  # the token, the app secret, an encryption, 3 signatures
+    for line in results(tmp_path / "run"):
+        if field == "commandId":
+            assert (line["cancelled_command_ids"], line["effect_unknown"]) == (["c1"], True)
+            assert "holds a secret" in line["error"]
+        elif field == "requestId":
+            assert line["request_id"] == "[redacted] [redacted]"
+        else:
+            assert "[redacted]" in (line["msg"] or line["error"])
+
+
+@pytest.mark.usefixtures("registry")
+@pytest.mark.parametrize("how", ["escaped", "upper"])
+async def test_a_token_service_echoing_its_request_reaches_no_output(
+    tmp_path: Path, json_logs: io.StringIO, how: str
+) -> None:
+    """A token service that refuses the application (1003) and echoes the request's body,
+    `encryption` included, into its msg: the run stops (exit 3) saying why, and neither the
+    encryption nor the app secret reaches the summary, the report, run.json, the audit or a log
+    line (the stop message carried it to all of them)."""
+    echo = Echo("msg", how, token_status=p.TOKEN_BAD_ENCRYPTION)
+    job = write_job(tmp_path, "targets:\n  - asset_id: a1\n")
+    async with served(echo.app()) as url:
+        exit_code, printed = await run_job(job, url, tmp_path / "run")
+    assert exit_code == 3
+    summary = orjson.loads((tmp_path / "run" / "summary.json").read_bytes())
+    assert "rejected the application credentials" in summary["stop_message"]
+    assert "[redacted]" in summary["stop_message"]
+    texts = [printed, json_logs.getvalue()]
+    texts += [(tmp_path / "run" / name).read_text() for name in ("run.json", "audit.jsonl")]
+    haystack = "\n".join([*texts, (tmp_path / "run" / "report.html").read_text()]).lower()
+    assert [s for s in echo.secrets if s.lower() in haystack] == []
+
+
+@pytest.mark.usefixtures("registry")
+@pytest.mark.parametrize("token", ["commandId", "finished"])
+async def test_a_token_spelt_like_a_word_censors_nothing(
+    tmp_path: Path, json_logs: io.StringIO, token: str
+) -> None:
+    """A gateway whose access token is an ordinary word: the answers' keys still read (a token
+    'commandId' made every listed command unreadable), and log keys, event names and values
+    stay as written (a token 'finished' masked the run's outcome in the log)."""
+    answers = answer([{"commandId": "c1"}])
+
+    async def issue(_: web.Request) -> web.Response:
+        data = {"accessToken": token, "expire": 7200}
+        return web.json_response({"status": 0, "msg": "SUCCESS", "data": data})
+
+    async def commands(_: web.Request) -> web.Response:
+        return web.Response(body=answers, content_type="application/json")
+
+    job = write_job(tmp_path, "targets:\n  - asset_id: a1\n  - asset_id: a2\n")
+    async with served(token_gateway(issue, commands)) as url:
+        exit_code, _ = await run_job(job, url, tmp_path / "run", rate=1000)
+    assert exit_code == 0
+    for line in results(tmp_path / "run"):
+        assert (line["cancelled_command_ids"], line["effect_unknown"]) == (["c1"], False)
+    events = [orjson.loads(line) for line in json_logs.getvalue().splitlines()]
+    finished = next(e for e in events if e["event"] == "worker.run_finished")
+    assert finished["reason"] == "finished"
+    assert "[redacted]" not in json_logs.getvalue()

@@ -32,6 +32,7 @@ from dataclasses import replace
 import anyio
 import structlog
 
+from worker import redact
 from worker.core.actions import (
     PLAIN_CANCEL,
     Action,
@@ -282,7 +283,7 @@ class Engine:
             return self._after_error(core, send, number, error, began)
         except Exception as exc:  # the client failed on an answer: the target, not the run
             log.exception("worker.unreadable_answer", target=target.describe())
-            unreadable = UnreadableAnswerError(f"the answer could not be read: {exc!r}"[:500])
+            unreadable = UnreadableAnswerError(_unreadable_text(exc))
             return self._after_error(core, send, number, unreadable, began)
         finally:
             progress.in_flight -= 1
@@ -430,6 +431,13 @@ class Engine:
         self.recorder.result(result)
         self.progress.outcomes[result.outcome] += 1
         self._stop_if(self._rules.finished(self.progress))
+
+
+def _unreadable_text(exc: Exception) -> str:
+    """What an answer the client failed on is recorded with: the exception may quote the
+    gateway's text, so it is masked like the gateway's text (before the cut), and capped."""
+    text = f"the answer could not be read: {exc!r}"
+    return redact.scrub_text(text[: 500 + redact.reach()])[:500]
 
 
 def _batch_plan(settings: EngineSettings) -> BatchPlan | None:

@@ -277,10 +277,12 @@ TEXT_CAP = 1000  # characters of gateway text kept in a record
 
 def gateway_text(value: object) -> str:
     """Gateway text for a record: a string, capped, with every registered secret masked (the
-    gateway's text is never trusted)."""
+    gateway's text is never trusted). It is masked before it is cut, so that a cut cannot
+    leave the start of a secret; only as far past the cut as a secret can reach, so that a
+    1 MB message costs no more than a short one."""
     text = value if type(value) is str else "" if value is None else str(value)
     if len(text) > TEXT_CAP:
-        text = text[:TEXT_CAP] + "...[cut]"
+        return redact.scrub_text(text[: TEXT_CAP + redact.reach()])[:TEXT_CAP] + "...[cut]"
     return redact.scrub_text(text)
 
 
@@ -321,7 +323,7 @@ def command_id_only(item: object) -> Command | str:
     if type(item) is dict:
         command_id = item.get("commandId")
         if type(command_id) is str and 0 < len(command_id) <= ID_CAP:
-            return Command(command_id)
+            return UNKEPT_ID if redact.carries_secret(command_id) else Command(command_id)
     return command_of(item)
 
 
@@ -342,15 +344,14 @@ def command_of(item: object) -> Command | str:
     if type(item) is not dict:
         return f"a command is a {type(item).__name__}, not an object"
     command_id = item.get("commandId")
-    if type(command_id) is str:
-        if not command_id:
-            return "a command has no readable commandId"
-        if len(command_id) > ID_CAP:
-            command_id = command_id[:ID_CAP]
-    elif type(command_id) is int:
+    if type(command_id) is int:
         command_id = str(command_id)
-    else:
+    if type(command_id) is not str or not command_id:
         return "a command has no readable commandId"
+    if len(command_id) > ID_CAP:  # cut, it would be an id no answer gave
+        return f"a command's commandId is longer than {ID_CAP} characters"
+    if redact.carries_secret(command_id):
+        return UNKEPT_ID
     name = item.get("commandName")
     if type(name) is dict:
         name = name.get("defaultValue")
@@ -384,6 +385,8 @@ def command_full(item: object) -> Command | str:
 
 
 ID_CAP, NAME_CAP, EPOCH_MS_CAP = 128, 256, 10**15
+# An id holding a secret of this run is not masked (a masked id would be claimed) but unreadable.
+UNKEPT_ID = "a command's commandId holds a secret of this run (not kept)"
 
 
 def _int_or_none(value: object) -> int | None:

@@ -214,8 +214,8 @@ class EnOSClient:
             headers["Content-Type"] = p.JSON_CONTENT_TYPE
         url = URL(self._commands_prefix + _query_string(query), encoded=True)
         status, headers_in, raw = await self._exchange(method, url, headers, body)
-        # The gateway's text is never trusted: what it echoes of this request is masked.
-        raw = redact.scrub_bytes(raw, token.encode(), headers[p.HEADER_SIGNATURE].encode())
+        # The gateway's text is never trusted: what is kept of it is masked once decoded
+        # (a.gateway_text, a.command_id_only), whatever it echoes of this request.
         return status, a.interpret(status, headers_in, raw, self._max_retry_after)
 
     async def _exchange(
@@ -326,12 +326,12 @@ class EnOSClient:
             status, headers, raw = await self._exchange(
                 "POST", self._api_url(path), {"Content-Type": p.JSON_CONTENT_TYPE}, body
             )
-            # Not byte-scrubbed: a token answer legitimately holds a token (the same one again,
-            # while it is valid); what is kept of it goes through a.gateway_text(), which masks.
+            # What is kept of a token answer goes through a.gateway_text(), which masks.
             reply = a.token_reply(status, headers, raw, self._max_retry_after)
             if reply is not None:
                 value, expire = reply
-                redact.register(value)  # from now on masked in every output, also once replaced
+                # from now on masked in every output, also once replaced
+                redact.register(value, chosen_by_gateway=True)
                 log.info("enos.token_obtained", expires_in_s=expire)
                 margin = min(300.0, 0.1 * expire)
                 return _Token(value, self._clock() + expire - margin)
@@ -344,11 +344,9 @@ class EnOSClient:
         self._last_token_ts = max(int(self._clock() * 1000), self._last_token_ts + 1)
         timestamp = str(self._last_token_ts)
         app_key, secret = self._credentials.app_key, self._credentials.app_secret
-        body: dict[str, str] = {
-            "appKey": app_key,
-            "encryption": token_encryption(app_key, timestamp, secret),
-            "timestamp": timestamp,
-        }
+        encryption = token_encryption(app_key, timestamp, secret)
+        redact.register_digest(encryption)  # never kept, even if the token service echoes it
+        body: dict[str, str] = {"appKey": app_key, "encryption": encryption, "timestamp": timestamp}
         if previous is not None:
             body["accessToken"] = previous
         return orjson.dumps(body)
