@@ -7,9 +7,11 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
+import anyio
 import orjson
 import pytest
 import structlog
@@ -27,10 +29,11 @@ from tests.gateways import (
 )
 from tests.runs import results, run_job, write_job
 from worker import logs, redact
+from worker.app.run import RunOptions, verify_run
 from worker.enos import protocol as p
 from worker.enos.client import EnOSClient
 from worker.errors import RetryableError
-from worker.model import Credentials, Target
+from worker.model import Credentials, Limits, Target
 
 pytestmark = pytest.mark.anyio
 TARGET = Target(org_id=ORG, asset_id="as000001")
@@ -296,3 +299,121 @@ async def test_a_token_spelt_like_a_word_censors_nothing(
     finished = next(e for e in events if e["event"] == "worker.run_finished")
     assert finished["reason"] == "finished"
     assert "[redacted]" not in json_logs.getvalue()
+
+
+# -- 3. search answers that would hide a match ------------------------------------------------
+
+MATCH_JOB = "match: {tsl_identifier: restart}\nlimits: {rate: 1000}\ntargets:\n"
+MATCH_JOB += "  - asset_id: a1\n  - asset_id: a2\n"
+
+
+def command(command_id: str, tsl: str = "restart") -> dict[str, object]:
+    """A cached command as Search Command lists it."""
+    return {"commandId": command_id, "state": 1, "tslIdentifier": tsl, "createTime": 1}
+
+
+def searched(data: object, pagination: object = "ok") -> dict[str, object]:
+    """A code-0 search answer with this `data` and `pagination` ("ok": one page, as many as
+    listed; None: left out)."""
+    body: dict[str, object] = {"code": 0, "msg": "OK", "requestId": "r-s", "data": data}
+    if pagination == "ok":
+        count = len(data) if isinstance(data, list) else 1
+        pagination = {"pageNo": 1, "pageSize": 50, "totalSize": count}
+    if pagination is not None:
+        body["pagination"] = pagination
+    return body
+
+
+ODD_SEARCHES = {
+    "data an object": searched({"list": [command("c1")]}),
+    "data null": searched(None),
+    "an item that is text": searched(["c9", command("c1")]),
+    "an item without an id": searched([{"state": 1, "tslIdentifier": "restart"}]),
+    "more than the page size": searched([command(f"c{i}") for i in range(51)]),
+    "no pagination": searched([command("c1")], None),
+    "pagination a list": searched([command("c1")], [1, 50, 1]),
+    "no totalSize": searched([command("c1")], {"pageNo": 1, "pageSize": 50}),
+    "totalSize negative": searched([command("c1")], {"pageNo": 1, "totalSize": -1}),
+    "totalSize text": searched([command("c1")], {"pageNo": 1, "totalSize": "1"}),
+    "totalSize true": searched([command("c1")], {"pageNo": 1, "totalSize": True}),
+}
+
+
+class Searches:
+    """A gateway answering each search with `answer(page)`, each cancel as a cancel of what
+    it names; it records the actions called."""
+
+    def __init__(self, answer: Callable[[int], object]) -> None:
+        self.answer = answer
+        self.calls: list[str] = []
+
+    async def commands(self, request: web.Request) -> web.Response:
+        action = request.query["action"]
+        self.calls.append(action)
+        if action == "search":
+            page = orjson.loads(await request.read())["pagination"]["pageNo"]
+            return web.json_response(self.answer(page))
+        named = request.query.get("commandId")
+        return web.Response(body=answer([{"commandId": named}] if named else []))
+
+    def app(self) -> web.Application:
+        return gateway(self.commands)
+
+
+@pytest.mark.parametrize("name", list(ODD_SEARCHES))
+async def test_a_search_answer_of_an_odd_shape_fails_the_target(tmp_path: Path, name: str) -> None:
+    """A selective run whose searches come back in a shape the docs do not give (a list
+    hidden in an object, a null, an unreadable item, no usable pagination, more than a page):
+    each target fails saying the answer is unreadable, nothing is cancelled by guess, the run
+    ends 1. It was a clean nothing_to_cancel (exit 0), or cancelled on half a reading."""
+    gateway_ = Searches(lambda _: ODD_SEARCHES[name])
+    async with served(gateway_.app()) as url:
+        exit_code, _ = await run_job(write_job(tmp_path, MATCH_JOB), url, tmp_path / "run")
+    assert exit_code == 1
+    for line in results(tmp_path / "run"):
+        assert (line["outcome"], line["effect_unknown"]) == ("failed", False)
+        assert "search answer is not of the documented shape" in line["error"]
+        assert line["request_id"] == "r-s"
+    assert set(gateway_.calls) == {"search"}
+
+
+async def test_pages_that_never_end_fail_the_target_after_three(tmp_path: Path) -> None:
+    """Search answers counting a billion commands, a full page each time: each target reads 3
+    pages (150 commands: a device caches at most 50) and fails saying why, instead of searching
+    without end (35,773 searches in 30 s, memory growing)."""
+
+    def endless(page: int) -> object:
+        listed = [command(f"p{page}-{i}", "other") for i in range(50)]
+        return searched(listed, {"pageNo": page, "pageSize": 50, "totalSize": 10**9})
+
+    gateway_ = Searches(endless)
+    async with served(gateway_.app()) as url:
+        with anyio.fail_after(30):
+            exit_code, _ = await run_job(write_job(tmp_path, MATCH_JOB), url, tmp_path / "run")
+    assert exit_code == 1
+    assert gateway_.calls == ["search"] * 6
+    for line in results(tmp_path / "run"):
+        assert (line["outcome"], line["effect_unknown"]) == ("failed", False)
+        assert "1,000,000,000 commands, more than 3 pages of 50" in line["error"]
+
+
+async def test_verify_does_not_call_unreadable_searches_verified(tmp_path: Path) -> None:
+    """A selective run that cancelled its matches, then `worker verify` against a gateway
+    whose searches hide their list in an object: the sweep verifies nothing and says so
+    (exit 1, '0 of 2 targets verified'); it said all were verified (exit 0)."""
+    shape = {"now": searched([command("c1")])}
+    gateway_ = Searches(lambda _: shape["now"])
+    run_dir = tmp_path / "run"
+    async with served(gateway_.app()) as url:
+        assert (await run_job(write_job(tmp_path, MATCH_JOB), url, run_dir))[0] == 0
+        assert all(line["cancelled_command_ids"] == ["c1"] for line in results(run_dir))
+        shape["now"] = ODD_SEARCHES["data an object"]
+        out = io.StringIO()
+        options = RunOptions(url, CREDENTIALS, Limits(rate=1000), run_dir, seed=1)
+        options = replace(options, backoff_base_s=0.01, backoff_cap_s=0.1, verify_settle_s=0.0)
+        assert await verify_run(options, out) == 1
+    assert "0 of 2 targets verified" in out.getvalue()
+    assert "2 could not be searched" in out.getvalue()
+    verified = [orjson.loads(x) for x in (run_dir / "verify.jsonl").read_bytes().splitlines()]
+    assert [line["verified"] for line in verified] == [None, None]
+    assert all("documented shape" in line["error"] for line in verified)

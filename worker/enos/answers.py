@@ -62,19 +62,63 @@ def got_command(payload: Payload) -> Command:
     return command
 
 
-def search_page(payload: Payload, page_size: int) -> SearchPage:
-    """One page of a Search Command answer, with every field a match looks at; commands whose
-    id cannot be read are only counted."""
-    commands, unreadable, _ = read_commands(payload.get("data"), command_full)
+def search_page(payload: Payload, page_size: int, page: int = 1) -> SearchPage:
+    """Page `page` of a Search Command answer, with every field a match looks at.
+
+    Only the documented shape is read: `data` a list of at most `page_size` Command objects,
+    each with a readable id, and `pagination` an object whose `totalSize` is a non-negative
+    integer. Anything else could hide a command to cancel, so it is an unreadable answer for
+    the target (final: a search changes nothing, and the same answer would come again), never
+    a clean "nothing". So is an answer that asks for a page past the bound
+    (:func:`max_search_pages`): a device cannot cache that many commands.
+    """
+    data = payload.get("data")
+    if type(data) is not list:
+        raise unreadable_search(f"'data' is {_kind(data)}, not a list of commands", payload)
+    if len(data) > page_size:
+        raise unreadable_search(f"it lists {len(data)} commands on a page of {page_size}", payload)
+    commands, unreadable, problem = read_commands(data, command_full)
+    if unreadable:
+        raise unreadable_search(problem or "a command cannot be read", payload)
     pagination = payload.get("pagination")
-    total = pagination.get("totalSize") if isinstance(pagination, dict) else None
-    return SearchPage(
-        commands,
-        total if type(total) is int else None,
-        unreadable,
-        page_size,
-        request_id_of(payload),
+    if type(pagination) is not dict:
+        raise unreadable_search(f"'pagination' is {_kind(pagination)}, not an object", payload)
+    total = pagination.get("totalSize")
+    if type(total) is not int or total < 0:
+        raise unreadable_search("'pagination.totalSize' is not a non-negative integer", payload)
+    found = SearchPage(commands, total, 0, page_size, request_id_of(payload))
+    if found.more(page) and page >= max_search_pages(page_size):
+        raise TargetError(
+            f"the search answer counts {total:,} commands, more than {page} pages of "
+            f"{page_size}; a device caches at most {p.MAX_CACHED_COMMANDS}, so it was not read "
+            "further: the device's cached commands are unknown",
+            http_status=200,
+            request_id=found.request_id,
+        )
+    return found
+
+
+def max_search_pages(page_size: int) -> int:
+    """The pages of one device's search read at the most: as many as hold
+    ``p.MAX_SEARCH_COMMANDS`` (3 pages of the 50 asked for). A device caches at most 50
+    commands, so its ``state = 1`` commands fit the first page; the margin is for commands
+    cached while the pages are read. Past it, a `totalSize` that never ends the paging (or
+    pages that never do) would make one target search without end."""
+    return max(1, -(-p.MAX_SEARCH_COMMANDS // page_size))
+
+
+def unreadable_search(what: str, payload: Mapping[str, Any]) -> TargetError:
+    """A search answer of a shape the docs do not give: the target fails, saying so."""
+    return TargetError(
+        f"the search answer is not of the documented shape ({what}); the device's cached "
+        "commands are unknown",
+        http_status=200,
+        request_id=request_id_of(payload),
     )
+
+
+def _kind(value: object) -> str:
+    return "missing" if value is None else f"a {type(value).__name__}"
 
 
 def interpret(

@@ -161,18 +161,17 @@ class EnOSClient:
             query["expression"] = expression
         params = device_params(target)
         _, payload = await self._business("POST", p.ACTION_SEARCH, params, orjson.dumps(query))
-        return a.search_page(payload, page_size)
+        return a.search_page(payload, page_size, page)
 
     async def search_commands(
         self, target: Target, expression: str | None = None, *, page_size: int = p.SEARCH_PAGE_SIZE
     ) -> list[Command]:
-        """All commands of the device matching `expression`, every page."""
+        """All commands of the device matching `expression`, every page (at most
+        :func:`answers.max_search_pages` of them)."""
         found: list[Command] = []
         page = 1
         while True:
             batch = await self.search_page(target, expression, page, page_size=page_size)
-            if batch.unreadable:
-                raise a.malformed("a search answer lists a command without a readable id", {})
             found.extend(batch.commands)
             if not batch.more(page):
                 return found
