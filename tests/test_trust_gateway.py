@@ -27,12 +27,20 @@ from tests.gateways import (
     served,
     token_gateway,
 )
-from tests.runs import results, run_job, write_job
+from tests.runs import results, resume_job, run_job, write_job
 from worker import logs, redact
 from worker.app.run import RunOptions, verify_run
+from worker.core.ports import EngineSettings, StopReason
+from worker.core.stops import REFUSALS_TO_STOP, StopRules
 from worker.enos import protocol as p
 from worker.enos.client import EnOSClient
-from worker.errors import RetryableError
+from worker.errors import (
+    EnOSError,
+    FatalError,
+    RateLimitedError,
+    RetryableError,
+    TargetError,
+)
 from worker.model import Credentials, Limits, Target
 
 pytestmark = pytest.mark.anyio
@@ -417,3 +425,165 @@ async def test_verify_does_not_call_unreadable_searches_verified(tmp_path: Path)
     verified = [orjson.loads(x) for x in (run_dir / "verify.jsonl").read_bytes().splitlines()]
     assert [line["verified"] for line in verified] == [None, None]
     assert all("documented shape" in line["error"] for line in verified)
+
+
+# -- 4. requests that cannot be sent, or that every call refuses alike, stop the run ------------
+
+FLEET = "limits: {rate: 2000, concurrency: 16}\ntargets:\n"
+FLEET += "".join(f"  - asset_id: a{i:03d}\n" for i in range(60))
+
+
+class Counting:
+    """A gateway issuing `token` and answering every business call with `status` (200: a
+    cancel that lists c1); it counts the business calls."""
+
+    def __init__(self, token: str = "tok-1234567890", status: int = 200) -> None:  # noqa: S107
+        self.token, self.status, self.calls = token, status, 0
+
+    async def issue(self, _: web.Request) -> web.Response:
+        data = {"accessToken": self.token, "expire": 7200}
+        return web.json_response({"status": 0, "msg": "SUCCESS", "data": data})
+
+    async def commands(self, _: web.Request) -> web.Response:
+        self.calls += 1
+        if self.status != 200:
+            return web.json_response({"message": "Cannot process request body"}, status=400)
+        return web.Response(body=answer([{"commandId": "c1"}]), content_type="application/json")
+
+    def app(self) -> web.Application:
+        return token_gateway(self.issue, self.commands)
+
+
+@pytest.mark.usefixtures("registry")
+@pytest.mark.parametrize(
+    ("token", "words"),
+    [
+        ("tok-123\n4567890", "a control character"),
+        ("tok-123 4567890", "a space"),
+        ("tok-123\u00e94567890", "not printable ASCII"),
+        ("t" * 512_000, "512,000 characters long (at most 4,096)"),
+    ],
+    ids=["newline", "space", "non-ascii", "500 KB"],
+)
+async def test_a_token_that_cannot_be_sent_stops_before_anything_is(
+    tmp_path: Path, token: str, words: str
+) -> None:
+    """An access token with a newline (which aiohttp refuses in a header), a space, a
+    non-ASCII letter, or 500 KB of text: refused when obtained, so the run stops at once (exit 3)
+    naming the problem, not the token; no business call is sent and no result claims an
+    unknown effect. A newline made every target failed with effect_unknown (exit 1); 500 KB
+    made every call HTTP 400 and failed the fleet."""
+    fleet = Counting(token)
+    async with served(fleet.app()) as url:
+        exit_code, _ = await run_job(write_job(tmp_path, FLEET), url, tmp_path / "run")
+    assert exit_code == 3
+    summary = orjson.loads((tmp_path / "run" / "summary.json").read_bytes())
+    assert "access token" in summary["stop_message"]
+    assert words in summary["stop_message"]
+    assert token[:12] not in summary["stop_message"]
+    assert fleet.calls == 0
+    assert not (tmp_path / "run" / "results.jsonl").read_bytes()
+
+
+async def test_a_request_the_http_library_refuses_is_fatal_and_not_sent() -> None:
+    """A request aiohttp will not build (here: a cached token holding a newline, as one
+    obtained before validation could): a FatalError saying nothing was sent, not a raw
+    ValueError that the engine turned into failed + effect_unknown."""
+    fleet = Counting()
+    async with served(fleet.app()) as url, EnOSClient(url, CREDENTIALS) as client:
+        await client.authenticate()
+        assert client._token is not None
+        client._token = replace(client._token, value="tok-123\n4567890")
+        with pytest.raises(FatalError, match="could not be built") as caught:
+            await client.cancel(TARGET)
+    assert caught.value.maybe_applied is False
+    assert "tok-123" not in str(caught.value)
+    assert fleet.calls == 0
+
+
+async def test_the_first_answers_all_refused_alike_stop_the_run(tmp_path: Path) -> None:
+    """Every business call answered HTTP 400 (a gateway that cannot take the requests): the run
+    stops after 20 such answers with nothing succeeding (exit 3), saying what repeated and
+    what to check; no target is failed (each one refused waits, and is left to resume); a
+    resume against a gateway that answers cancels them all. It failed all 60 targets."""
+    fleet = Counting(status=400)
+    job = write_job(tmp_path, FLEET)
+    async with served(fleet.app()) as url:
+        exit_code, _ = await run_job(job, url, tmp_path / "run")
+    assert exit_code == 3
+    summary = orjson.loads((tmp_path / "run" / "summary.json").read_bytes())
+    assert "the first 20 answers" in summary["stop_message"]
+    assert "HTTP 400" in summary["stop_message"]
+    assert summary["outcomes"]["failed"] == 0
+    assert 20 <= fleet.calls <= 20 + 16  # what was in flight when it stopped
+    fixed = Counting()
+    async with served(fixed.app()) as url:
+        exit_code, _ = await resume_job(job, url, tmp_path / "run")
+    assert exit_code == 0
+    lines = results(tmp_path / "run")
+    assert len(lines) == 60
+    assert {line["outcome"] for line in lines} == {"cancelled"}
+
+
+async def test_refusals_after_a_success_fail_their_targets_only(tmp_path: Path) -> None:
+    """The rule is about a segment's first answers: once a call succeeded, HTTP 400s are
+    the targets' own (failed, exit 1), however many follow."""
+    refused = {f"a{i:03d}" for i in range(1, 60)}
+
+    async def commands(request: web.Request) -> web.Response:
+        if request.query["assetId"] in refused:
+            return web.json_response({"message": "Cannot process request body"}, status=400)
+        return web.Response(body=answer([{"commandId": "c1"}]), content_type="application/json")
+
+    job = write_job(tmp_path, FLEET.replace("concurrency: 16", "concurrency: 1"))
+    async with served(token_gateway(Counting().issue, commands)) as url:
+        exit_code, _ = await run_job(job, url, tmp_path / "run")
+    assert exit_code == 1
+    outcomes = {line["target"]["asset_id"]: line["outcome"] for line in results(tmp_path / "run")}
+    assert outcomes == {asset: "failed" if asset in refused else "cancelled" for asset in outcomes}
+    assert len(outcomes) == 60
+
+
+def refusal(status: int = 400, code: int | None = None) -> EnOSError:
+    """An answer refusing a call: an HTTP 4xx of the gateway's, or an EnOS code."""
+    return TargetError(f"HTTP {status}", http_status=status, code=code)
+
+
+@pytest.mark.parametrize(
+    ("before", "stops"),
+    [
+        ([refusal()] * 19, True),
+        ([refusal()] * 5 + [RetryableError("HTTP 503", maybe_applied=True)] * 3, True),
+        ([refusal()] * 5 + [RateLimitedError("HTTP 429", retry_after=1, request_id=None)], True),
+        ([refusal()] * 5 + ["success"], False),
+        ([refusal()] * 5 + [refusal(413)], False),
+        ([refusal()] * 5 + [refusal(200, code=p.CODE_NOT_FOUND)], False),
+        ([refusal(200, code=p.CODE_INVALID_PARAM)], False),
+    ],
+    ids=["19 alike", "5xx between", "429 between", "a success", "another 4xx", "99404", "99400"],
+)
+def test_the_refusal_rule_is_about_the_first_answers_alike(
+    before: list[EnOSError | str], *, stops: bool
+) -> None:
+    """The rule, pure: the 20th HTTP 400 stops the run when all answers before it were HTTP 400
+    (transient failures and 429s in between are no answers); a success, another status or a
+    target's own EnOS code settles it, after which refusals are the targets' own. A held
+    refusal comes back retryable and took no effect."""
+    rules = StopRules(EngineSettings(concurrency=16))
+    for event in before:
+        if event == "success":
+            rules.answered()
+        elif isinstance(event, RetryableError):
+            assert rules.transient(event) is None
+        else:
+            assert isinstance(event, EnOSError)
+            rules.refused(event)
+    counted = sum(1 for e in before if isinstance(e, TargetError) and e.http_status == 400)
+    for _ in range(REFUSALS_TO_STOP - counted - 1):
+        assert rules.refused(refusal())[1] is None
+    held, stop = rules.refused(refusal())
+    assert (stop is not None) == stops
+    assert isinstance(held, RetryableError) == stops
+    if stop is not None:
+        assert stop[0] is StopReason.FATAL
+        assert held.maybe_applied is False

@@ -334,7 +334,8 @@ class Engine:
             self._stop_if(self._rules.transient(error))
         else:
             self._limiter.accepted()  # an answer: the gateway is up
-            self._rules.answered()
+            error, stop = self._rules.refused(error)  # a held refusal comes back retryable
+            self._stop_if(stop)
         now, batch = self._clock(), core.batch
         action = core.failed(error, now, latency, self._rng, self._situation())
         decision, wait_s = decision_after(action, send.kind)

@@ -192,6 +192,13 @@ def token_reply(
     if outcome == p.TOKEN_OK and isinstance(data, dict):
         token, expire = data.get("accessToken"), data.get("expire")
         if isinstance(token, str) and token and isinstance(expire, int | float) and expire > 0:
+            problem = token_problem(token)
+            if problem is not None:
+                raise AuthError(
+                    f"the token service issued an access token that cannot be sent ({problem}); "
+                    "nothing was sent with it. Check that --gateway is the EnOS API gateway and "
+                    "that its token service works"
+                )
             return token, float(expire)
         raise malformed("the token answer has no accessToken/expire", payload)
     if outcome == p.TOKEN_REPLAYED:
@@ -205,6 +212,32 @@ def token_reply(
         f"{gateway_text(payload.get('msg'))}); check ENOS_APP_KEY and ENOS_APP_SECRET",
         code=outcome if isinstance(outcome, int) else None,
     )
+
+
+MAX_TOKEN_LENGTH = 4096  # characters: an access token is a header value on every call
+
+
+def token_problem(token: str) -> str | None:
+    """What makes an access token unusable, without quoting it; None when it is fine.
+
+    A token goes into a header of every call: a newline or another control character would be
+    refused by the HTTP library before anything is sent (or split the header), a space or a
+    non-ASCII letter is not what a token service issues, and a huge one makes every call too
+    large for the gateway (each then fails alike). Refusing it once, when it is obtained, stops
+    the run with this reason instead of failing every target.
+    """
+    if len(token) > MAX_TOKEN_LENGTH:
+        return f"it is {len(token):,} characters long (at most {MAX_TOKEN_LENGTH:,})"
+    if token.isascii() and token.isprintable() and " " not in token:
+        return None
+    for position, char in enumerate(token):
+        if char == " ":
+            return f"it holds a space at character {position + 1}"
+        if not char.isascii():
+            return f"it holds a letter that is not printable ASCII at character {position + 1}"
+        if not char.isprintable():
+            return f"it holds a control character at character {position + 1}"
+    return None  # unreachable: one of the checks above failed
 
 
 def capped_retry_after(value: str | None, cap: float) -> float | None:

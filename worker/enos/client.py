@@ -223,10 +223,12 @@ class EnOSClient:
         """One HTTP exchange; transport failures become RetryableError."""
         if self._session is None:
             raise RuntimeError("EnOSClient used outside 'async with'")
+        answered = False
         try:
             async with self._session.request(
                 method, url, headers=headers, data=body or None, allow_redirects=False
             ) as resp:
+                answered = True
                 length = resp.content_length
                 if length is not None and length <= self._max_body:
                     raw = await resp.read()  # the hot path: one read
@@ -257,6 +259,10 @@ class EnOSClient:
             ) from None
         except aiohttp.ClientPayloadError:
             raise RetryableError("the answer was cut short", maybe_applied=True) from None
+        except ValueError as exc:  # before ClientError: aiohttp.InvalidURL is both
+            if answered:
+                raise
+            raise _not_built(exc) from None
         except aiohttp.ClientError as exc:
             raise RetryableError(
                 f"connection lost: {type(exc).__name__}", maybe_applied=True
@@ -349,6 +355,16 @@ class EnOSClient:
         if previous is not None:
             body["accessToken"] = previous
         return orjson.dumps(body)
+
+
+def _not_built(exc: ValueError) -> FatalError:
+    """A request the HTTP library refused to build (a header value it will not send, a URL it
+    cannot form): nothing was sent, so the effect is known, and every call would meet it: the
+    run stops. The library's words are masked like the gateway's (they may quote a value)."""
+    return FatalError(
+        f"a request could not be built ({type(exc).__name__}: {a.gateway_text(exc)[:200]}); "
+        "nothing was sent. Check --gateway and the access token the token service issues"
+    )
 
 
 def _query_string(query: Params) -> str:
