@@ -2,7 +2,8 @@
 
 Redaction is part of the pipeline, not a convention: any key that names a secret is masked,
 and any value containing a registered secret (the app secret, every access token: see
-:mod:`worker.redact`) is masked too, tracebacks included.
+:mod:`worker.redact`) is masked too, tracebacks included. Keys and the event name are ours and
+never rewritten: a gateway must not be able to censor them by choosing its token.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[s
         lowered = key.lower()
         if any(word in lowered for word in _SECRET_KEYS) and not lowered.endswith(("_s", "_ms")):
             event[key] = REDACTED
-        elif isinstance(value, str):
-            event[key] = redact_values.scrub_text(value)
+        elif isinstance(value, str) and key != "event":
+            event[key] = redact_values.scrub_own(value)
     return event
 
 

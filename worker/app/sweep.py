@@ -39,7 +39,13 @@ from worker.report.details import load_run
 from worker.report.html import write_report
 from worker.store.appendlog import AppendLog, iso
 from worker.store.journal import read_journal, record_key
-from worker.store.layout import RunDir, read_summary, write_summary, write_verify_counts
+from worker.store.layout import (
+    RunDir,
+    read_manifest,
+    read_summary,
+    write_summary,
+    write_verify_counts,
+)
 from worker.store.records import ResultRecord, VerifyCountsRecord
 
 log = structlog.get_logger("worker.verify")
@@ -78,6 +84,7 @@ class _Asked:
 
     outcome: str
     matched: frozenset[str] | None = None  # selective: the matched ids; None: the rule does
+    unknown: bool = False  # selective, failed before its search was read: no matched ids
 
 
 @dataclass
@@ -95,13 +102,16 @@ class _Sweep:
         target = result.target
         asked = self.asked.pop(target.digest())
         found = set(result.found_command_ids)
+        unknown = asked.unknown and target.match is None  # no rule to judge the search by
         if asked.matched is not None:
             pending = sorted(found & asked.matched)
             other = len(found) - len(pending)
+        elif unknown:
+            pending, other = [], len(found)
         else:
             pending, other = sorted(found), len(result.kept_command_ids)
         failed = result.outcome is Outcome.FAILED
-        verified = None if failed else not pending
+        verified = None if failed or unknown else not pending
         self._count(verified, pending, other)
         self.out.append_line(
             orjson.dumps(
@@ -113,7 +123,7 @@ class _Sweep:
                     "verified": verified,
                     "still_pending": pending,
                     "other_pending": other,
-                    "error": result.error if failed else None,
+                    "error": result.error if failed else _UNKNOWN if unknown else None,
                     "request_id": result.request_id,
                     "checked_at": iso(result.finished_at),
                 }
@@ -133,9 +143,22 @@ class _Sweep:
             counts.commands_pending += len(pending)
 
 
-def sweep_targets(run: RunDir) -> tuple[Iterator[tuple[int, Target]], dict[int, _Asked]]:
+_UNKNOWN = (
+    "its search failed during the run, so what its match selected is not known; with no "
+    "job-level match in run.json there is nothing to check it against"
+)
+
+
+def sweep_targets(
+    run: RunDir, match: Match | None = None
+) -> tuple[Iterator[tuple[int, Target]], dict[int, _Asked]]:
     """What each finished target asked for (read once), and its searches, built as the engine
-    takes them (a second pass: a million targets are never all held as objects)."""
+    takes them (a second pass: a million targets are never all held as objects).
+
+    A selective target that failed before its search was read knows no matched ids: it is
+    searched with the job's `match` (run.json), whose matches are then what it asked for;
+    without one (an inline target's own rule) it is searched for nothing and stays unverified.
+    """
     path = run.results
     asked: dict[int, _Asked] = {}
     later: dict[int, int] = {}  # targets with more than one line: lines left before the last
@@ -145,7 +168,9 @@ def sweep_targets(run: RunDir) -> tuple[Iterator[tuple[int, Target]], dict[int, 
             later[digest] = later.get(digest, 1) + 1
         matched = line.get("matched_command_ids")
         selection = frozenset(matched) if matched is not None else None
-        asked[digest] = _Asked(line.get("outcome", ""), selection)
+        if _unknown_matches(line):
+            selection = None  # the job's rule decides (or, without one, nothing is known)
+        asked[digest] = _Asked(line.get("outcome", ""), selection, unknown=_unknown_matches(line))
     for digest in [d for d, a in asked.items() if a.matched is not None and not a.matched]:
         del asked[digest]  # a match that selected nothing asked for nothing: no search
 
@@ -158,16 +183,22 @@ def sweep_targets(run: RunDir) -> tuple[Iterator[tuple[int, Target]], dict[int, 
                 if left > 1:
                     continue  # a --retry-failed line follows: that one is final
             if digest in asked:
-                yield ordinal, _probe_target(line)
+                yield ordinal, _probe_target(line, match)
 
     return searches(), asked
 
 
-def _probe_target(line: ResultRecord) -> Target:
-    """The search to make for a result line: for cancel-all, what was cached before it."""
+def _unknown_matches(line: ResultRecord) -> bool:
+    """A selective target that failed without knowing what its rule matched."""
+    return line.get("outcome") == Outcome.FAILED and line.get("matched_command_ids") == []
+
+
+def _probe_target(line: ResultRecord, job_match: Match | None) -> Target:
+    """The search to make for a result line: for cancel-all, what was cached before it; for a
+    selective target that failed before its search was read, the job's rule."""
     selector = line["target"]
     command_id = line.get("command_id")
-    match = None
+    match = job_match if _unknown_matches(line) else None
     if command_id is None and "matched_command_ids" not in line:
         before = int(datetime.fromisoformat(line["finished_at"]).timestamp() * 1000)
         match = Match(created_before_ms=before)
@@ -205,7 +236,7 @@ async def _sweep(
     progress line: a 200,000-target sweep at 100 searches/s takes half an hour), write
     verify.jsonl and verify.json; returns the counts and the engine."""
     run = options.run
-    targets, asked = sweep_targets(run)
+    targets, asked = sweep_targets(run, read_manifest(run).match)
     total = len(asked)
     run.verify_lines.unlink(missing_ok=True)  # each sweep says what is true now
     recorder = _Sweep(AppendLog(run.verify_lines), asked)

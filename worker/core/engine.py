@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 import anyio
 import structlog
 
+from worker import redact
 from worker.core.actions import (
     PLAIN_CANCEL,
     Action,
@@ -284,7 +285,7 @@ class Engine:
             return self._after_error(core, send, number, error, began)
         except Exception as exc:  # the client failed on an answer: the target, not the run
             log.exception("worker.unreadable_answer", target=target.describe())
-            unreadable = UnreadableAnswerError(f"the answer could not be read: {exc!r}"[:500])
+            unreadable = UnreadableAnswerError(_unreadable_text(exc))
             return self._after_error(core, send, number, unreadable, began)
         finally:
             progress.in_flight -= 1
@@ -334,7 +335,8 @@ class Engine:
             self._stop_if(self._rules.transient(error))
         else:
             self._limiter.accepted()  # an answer: the gateway is up
-            self._rules.answered()
+            error, stop = self._rules.refused(error)  # a held refusal comes back retryable
+            self._stop_if(stop)
         now, batch = self._clock(), core.batch
         action = core.failed(error, now, latency, self._rng, self._situation())
         decision, wait_s = decision_after(action, send.kind)
@@ -405,6 +407,13 @@ class Engine:
         self.recorder.result(result)
         self.progress.outcomes[result.outcome] += 1
         self._stop_if(self._rules.finished(self.progress))
+
+
+def _unreadable_text(exc: Exception) -> str:
+    """What an answer the client failed on is recorded with: the exception may quote the
+    gateway's text, so it is masked like the gateway's text (before the cut), and capped."""
+    text = f"the answer could not be read: {exc!r}"
+    return redact.scrub_text(text[: 500 + redact.reach()])[:500]
 
 
 def _batch_plan(settings: EngineSettings) -> BatchPlan | None:

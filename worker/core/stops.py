@@ -1,32 +1,78 @@
 """The rules that stop a whole run rather than fail one more target: an outage (transient
-failures in a row, no answer between) and the failure-ratio abort rule. Pure: the engine tells
-them of every answer and result, and carries out the stop they return (None: go on).
+failures in a row, no answer between), a segment whose first answers all refuse its requests
+alike, and the failure-ratio abort rule. Pure: the engine tells them of every answer and
+result, and carries out the stop they return (None: go on).
 """
 
 from __future__ import annotations
 
 from worker.core.ports import EngineSettings, Progress, StopReason
-from worker.errors import RetryableError
+from worker.errors import EnOSError, RetryableError, TargetError
 from worker.model import Outcome
 
 Stop = tuple[StopReason, str]
+REFUSALS_TO_STOP = 20  # a segment's first answers, all one HTTP 4xx: the run's fault
 
 
 class StopRules:
     """An outage, not bad luck: this many transient failures in a row, with no answer in
-    between, stop the run before the outage marks many targets `failed`."""
+    between, stop the run before the outage marks many targets `failed`.
 
-    __slots__ = ("_abort", "_failures_in_a_row", "_outage_after")
+    A run's own fault, not its targets': when a segment's first 20 answers all refuse its
+    requests with one HTTP 4xx of the gateway's own (not 429, which is flow control, nor an
+    EnOS code in an HTTP 200 such as 99400/99404, which is about one target), with no success
+    between, every call is being refused for something they all share (an access token the
+    gateway cannot take, a proxy, the wrong --gateway), and the run stops (exit 3) before the
+    fleet is failed one by one. Until the rule is settled, such a refusal is held: handed back
+    as a retryable error (it took no effect), so its target waits for another attempt instead of
+    failing; if the run stops, the targets are left to resume, and if a success comes first
+    the rule is off for the segment and the next refusal fails its target. (A request the HTTP
+    library refuses to build needs no count: the client makes it fatal at the first.)
+    """
+
+    __slots__ = ("_abort", "_failures_in_a_row", "_outage_after", "_refusals", "_refused_as")
 
     def __init__(self, settings: EngineSettings) -> None:
         attempts = settings.policy.attempts
         self._outage_after = max(10, min(256, settings.concurrency * (attempts - 1)))
         self._failures_in_a_row = 0
         self._abort = settings.abort
+        self._refusals = 0  # -1: settled, a success or another answer came first
+        self._refused_as: int | None = None  # the HTTP status every refusal so far had
 
     def answered(self) -> None:
-        """The gateway answered (a success, or a target's own error): it is up."""
+        """The gateway answered with a success: it is up, and takes this run's requests."""
         self._failures_in_a_row = 0
+        self._refusals = -1
+
+    def refused(self, error: EnOSError) -> tuple[EnOSError, Stop | None]:
+        """The gateway answered with an error (a target's own, or an HTTP 4xx of its own):
+        it is up. Returns the error to decide the target with (a held refusal becomes
+        retryable) and the stop, when this refusal is the one that settles the rule."""
+        self._failures_in_a_row = 0
+        status = error.http_status
+        alike = self._refused_as is None or status == self._refused_as
+        if self._refusals < 0 or not alike or not _gateway_refusal(error):
+            self._refusals = -1  # settled: from now on a refusal is its target's
+            return error, None
+        self._refusals += 1
+        self._refused_as = status
+        held = RetryableError(
+            f"{error} (held: the run's first answers are all this refusal)",
+            maybe_applied=False,
+            http_status=status,
+            request_id=error.request_id,
+        )
+        if self._refusals < REFUSALS_TO_STOP:
+            return held, None
+        return held, (
+            StopReason.FATAL,
+            f"the first {self._refusals} answers of this run all refused its requests with HTTP "
+            f"{status} ({error}), and none succeeded: the requests themselves are refused (an "
+            "access token the gateway cannot take, a proxy in between, the wrong --gateway), "
+            "not the targets; stopped before every target fails alike. Check what answers at "
+            "--gateway, then resume (refused calls took no effect)",
+        )
 
     def transient(self, error: RetryableError) -> Stop | None:
         """A 5xx, a timeout, a dropped connection, a garbled answer."""
@@ -53,3 +99,12 @@ class StopRules:
             f"{failed} of {finished} finished targets failed ({failed / finished:.0%}), "
             f"at or above abort.failure_ratio {ratio:g}",
         )
+
+
+def _gateway_refusal(error: EnOSError) -> bool:
+    """An HTTP 4xx from the gateway itself (no EnOS code): not 429 (flow control, a
+    RetryableError), not 401/403/404 (fatal already), not 99400/99404 (in an HTTP 200)."""
+    status = error.http_status
+    if type(error) is not TargetError or error.code is not None or status is None:
+        return False
+    return 400 <= status < 500

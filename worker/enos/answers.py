@@ -11,6 +11,7 @@ from __future__ import annotations
 import email.utils
 import math
 import time
+import zlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -19,6 +20,7 @@ import structlog
 
 from worker import redact
 from worker.enos import protocol as p
+from worker.enos.commands import command_full, command_of, read_commands
 from worker.errors import (
     AuthError,
     FatalError,
@@ -61,19 +63,63 @@ def got_command(payload: Payload) -> Command:
     return command
 
 
-def search_page(payload: Payload, page_size: int) -> SearchPage:
-    """One page of a Search Command answer, with every field a match looks at; commands whose
-    id cannot be read are only counted."""
-    commands, unreadable, _ = read_commands(payload.get("data"), command_full)
+def search_page(payload: Payload, page_size: int, page: int = 1) -> SearchPage:
+    """Page `page` of a Search Command answer, with every field a match looks at.
+
+    Only the documented shape is read: `data` a list of at most `page_size` Command objects,
+    each with a readable id, and `pagination` an object whose `totalSize` is a non-negative
+    integer. Anything else could hide a command to cancel, so it is an unreadable answer for
+    the target (final: a search changes nothing, and the same answer would come again), never
+    a clean "nothing". So is an answer that asks for a page past the bound
+    (:func:`max_search_pages`): a device cannot cache that many commands.
+    """
+    data = payload.get("data")
+    if type(data) is not list:
+        raise unreadable_search(f"'data' is {_kind(data)}, not a list of commands", payload)
+    if len(data) > page_size:
+        raise unreadable_search(f"it lists {len(data)} commands on a page of {page_size}", payload)
+    commands, unreadable, problem = read_commands(data, command_full)
+    if unreadable:
+        raise unreadable_search(problem or "a command cannot be read", payload)
     pagination = payload.get("pagination")
-    total = pagination.get("totalSize") if isinstance(pagination, dict) else None
-    return SearchPage(
-        commands,
-        total if type(total) is int else None,
-        unreadable,
-        page_size,
-        request_id_of(payload),
+    if type(pagination) is not dict:
+        raise unreadable_search(f"'pagination' is {_kind(pagination)}, not an object", payload)
+    total = pagination.get("totalSize")
+    if type(total) is not int or total < 0:
+        raise unreadable_search("'pagination.totalSize' is not a non-negative integer", payload)
+    found = SearchPage(commands, total, 0, page_size, request_id_of(payload))
+    if found.more(page) and page >= max_search_pages(page_size):
+        raise TargetError(
+            f"the search answer counts {total:,} commands, more than {page} pages of "
+            f"{page_size}; a device caches at most {p.MAX_CACHED_COMMANDS}, so it was not read "
+            "further: the device's cached commands are unknown",
+            http_status=200,
+            request_id=found.request_id,
+        )
+    return found
+
+
+def max_search_pages(page_size: int) -> int:
+    """The pages of one device's search read at the most: as many as hold
+    ``p.MAX_SEARCH_COMMANDS`` (3 pages of the 50 asked for). A device caches at most 50
+    commands, so its ``state = 1`` commands fit the first page; the margin is for commands
+    cached while the pages are read. Past it, a `totalSize` that never ends the paging (or
+    pages that never do) would make one target search without end."""
+    return max(1, -(-p.MAX_SEARCH_COMMANDS // page_size))
+
+
+def unreadable_search(what: str, payload: Mapping[str, Any]) -> TargetError:
+    """A search answer of a shape the docs do not give: the target fails, saying so."""
+    return TargetError(
+        f"the search answer is not of the documented shape ({what}); the device's cached "
+        "commands are unknown",
+        http_status=200,
+        request_id=request_id_of(payload),
     )
+
+
+def _kind(value: object) -> str:
+    return "missing" if value is None else f"a {type(value).__name__}"
 
 
 def interpret(
@@ -147,6 +193,13 @@ def token_reply(
     if outcome == p.TOKEN_OK and isinstance(data, dict):
         token, expire = data.get("accessToken"), data.get("expire")
         if isinstance(token, str) and token and isinstance(expire, int | float) and expire > 0:
+            problem = token_problem(token)
+            if problem is not None:
+                raise AuthError(
+                    f"the token service issued an access token that cannot be sent ({problem}); "
+                    "nothing was sent with it. Check that --gateway is the EnOS API gateway and "
+                    "that its token service works"
+                )
             return token, float(expire)
         raise malformed("the token answer has no accessToken/expire", payload)
     if outcome == p.TOKEN_REPLAYED:
@@ -160,6 +213,32 @@ def token_reply(
         f"{gateway_text(payload.get('msg'))}); check ENOS_APP_KEY and ENOS_APP_SECRET",
         code=outcome if isinstance(outcome, int) else None,
     )
+
+
+MAX_TOKEN_LENGTH = 4096  # characters: an access token is a header value on every call
+
+
+def token_problem(token: str) -> str | None:
+    """What makes an access token unusable, without quoting it; None when it is fine.
+
+    A token goes into a header of every call: a newline or another control character would be
+    refused by the HTTP library before anything is sent (or split the header), a space or a
+    non-ASCII letter is not what a token service issues, and a huge one makes every call too
+    large for the gateway (each then fails alike). Refusing it once, when it is obtained, stops
+    the run with this reason instead of failing every target.
+    """
+    if len(token) > MAX_TOKEN_LENGTH:
+        return f"it is {len(token):,} characters long (at most {MAX_TOKEN_LENGTH:,})"
+    if token.isascii() and token.isprintable() and " " not in token:
+        return None
+    for position, char in enumerate(token):
+        if char == " ":
+            return f"it holds a space at character {position + 1}"
+        if not char.isascii():
+            return f"it holds a letter that is not printable ASCII at character {position + 1}"
+        if not char.isprintable():
+            return f"it holds a control character at character {position + 1}"
+    return None  # unreachable: one of the checks above failed
 
 
 def capped_retry_after(value: str | None, cap: float) -> float | None:
@@ -201,6 +280,70 @@ def json_object(raw: bytes) -> Payload:
     return payload
 
 
+ACCEPTED_ENCODINGS = "gzip, deflate"  # what the client asks for, and all inflate() decodes
+_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+def inflate(raw: bytes, encoding: str, cap: int, status: int) -> bytes:
+    """`raw` decompressed as its Content-Encoding says, never past `cap` bytes.
+
+    The cap is on what comes out: a 1 MB gzip answer can inflate to 1 GiB. zlib is asked for at
+    most what is left under the cap (+1 byte, to see it passed), so no step allocates more than
+    that, whatever the input; each member of a concatenated gzip answer counts against the same
+    cap. A stream that stops before its end was cut short (its effect unknown, like a cut-off
+    plain body); a corrupt one is unreadable; an encoding not asked for is refused by name.
+    ``deflate`` is the zlib format (RFC 9110), or bare deflate data as some servers send it.
+    """
+    name = encoding.strip().lower()
+    if name in ("", "identity"):
+        return raw
+    wbits = _WBITS.get(name)
+    if wbits is None:
+        raise RetryableError(
+            f"the answer is encoded as '{gateway_text(encoding)[:40]}', which was not asked for "
+            f"({ACCEPTED_ENCODINGS})",
+            maybe_applied=True,
+            http_status=status,
+        )
+    if name == "deflate" and not _zlib_header(raw):
+        wbits = -zlib.MAX_WBITS
+    parts, size, rest = [], 0, raw
+    while rest:
+        stream = zlib.decompressobj(wbits)
+        try:
+            part = stream.decompress(rest, cap + 1 - size)
+        except zlib.error:
+            raise RetryableError(
+                f"the answer's {name} data is corrupt", maybe_applied=True, http_status=status
+            ) from None
+        size += len(part)
+        if size > cap:
+            raise oversized(cap, status)
+        if not stream.eof:  # all input used, less than asked for came out: it stops early
+            raise RetryableError("the answer was cut short", maybe_applied=True, http_status=status)
+        parts.append(part)
+        rest = stream.unused_data if wbits > zlib.MAX_WBITS else b""  # the next gzip member
+    return b"".join(parts)
+
+
+def _zlib_header(raw: bytes) -> bool:
+    """Whether `raw` starts with a zlib header (RFC 1950: deflate, a window of at most 32 KiB,
+    and the check bits), rather than bare deflate data."""
+    return (
+        len(raw) >= 2
+        and raw[0] & 0x0F == 8
+        and raw[0] >> 4 <= 7
+        and ((raw[0] << 8 | raw[1]) % 31 == 0)
+    )
+
+
+def oversized(cap: int, status: int) -> RetryableError:
+    """An answer past the cap: not read further; it may have taken effect."""
+    return RetryableError(
+        f"the answer is larger than {cap:,} bytes; not read", maybe_applied=True, http_status=status
+    )
+
+
 def malformed(what: str, payload: Mapping[str, Any]) -> RetryableError:
     return RetryableError(
         what, maybe_applied=True, http_status=200, request_id=request_id_of(payload)
@@ -212,120 +355,15 @@ TEXT_CAP = 1000  # characters of gateway text kept in a record
 
 def gateway_text(value: object) -> str:
     """Gateway text for a record: a string, capped, with every registered secret masked (the
-    gateway's text is never trusted)."""
+    gateway's text is never trusted). It is masked before it is cut, so that a cut cannot
+    leave the start of a secret; only as far past the cut as a secret can reach, so that a
+    1 MB message costs no more than a short one."""
     text = value if type(value) is str else "" if value is None else str(value)
     if len(text) > TEXT_CAP:
-        text = text[:TEXT_CAP] + "...[cut]"
+        return redact.scrub_text(text[: TEXT_CAP + redact.reach()])[:TEXT_CAP] + "...[cut]"
     return redact.scrub_text(text)
 
 
 def request_id_of(payload: Mapping[str, Any]) -> str | None:
     value = payload.get("requestId")
     return gateway_text(value)[:128] if value is not None else None
-
-
-def read_commands(
-    data: object, read: Callable[[object], Command | str] | None = None
-) -> tuple[tuple[Command, ...], int, str | None]:
-    """The commands of an answer's `data` (null is an empty list), tolerant of wire variants.
-
-    Returns (readable commands, how many listed commands had no readable id, the first
-    problem met). Never raises: a code-0 answer is a fact about the gateway (something was
-    cancelled), so what can be read is kept and the rest is said, not thrown away.
-    """
-    if data is None:
-        return (), 0, None
-    if not isinstance(data, list):
-        return (), 1, f"'data' is a {type(data).__name__}, not a list of commands"
-    commands: list[Command] = []
-    unreadable, problem = 0, None
-    read = read or command_of  # command_id_only for cancels, command_full for searches
-    for item in data:
-        command = read(item)
-        if isinstance(command, str):
-            unreadable += 1
-            problem = problem or command
-        else:
-            commands.append(command)
-    return tuple(commands), unreadable, problem
-
-
-def command_id_only(item: object) -> Command | str:
-    """Only the id: all a cancel's result needs (the hot path: three fields less to parse per
-    command of every answer). The id rules are those of :func:`command_of`."""
-    if type(item) is dict:
-        command_id = item.get("commandId")
-        if type(command_id) is str and 0 < len(command_id) <= ID_CAP:
-            return Command(command_id)
-    return command_of(item)
-
-
-def command_of_asset(item: object) -> Command | str:
-    """The id and the asset it belongs to (answers to a call for several assets)."""
-    command = command_id_only(item)
-    if isinstance(command, str):
-        return command
-    asset = item.get("assetId") if type(item) is dict else None
-    return command._replace(asset_id=asset if type(asset) is str and asset else None)
-
-
-def command_of(item: object) -> Command | str:
-    """One Command struct (createTime as number or string, name as I18n object or text), or
-    what makes it unreadable. Only the id is required; any other field may be odd.
-
-    ``type(x) is`` rather than isinstance: it is the hot path, and it also refuses bools."""
-    if type(item) is not dict:
-        return f"a command is a {type(item).__name__}, not an object"
-    command_id = item.get("commandId")
-    if type(command_id) is str:
-        if not command_id:
-            return "a command has no readable commandId"
-        if len(command_id) > ID_CAP:
-            command_id = command_id[:ID_CAP]
-    elif type(command_id) is int:
-        command_id = str(command_id)
-    else:
-        return "a command has no readable commandId"
-    name = item.get("commandName")
-    if type(name) is dict:
-        name = name.get("defaultValue")
-    state = item.get("state")
-    return Command(
-        command_id,
-        state if type(state) is int else None,
-        _int_or_none(item.get("createTime")),
-        name[:NAME_CAP] if type(name) is str else None,
-    )
-
-
-def command_full(item: object) -> Command | str:
-    """A command with every field a match looks at (search answers only)."""
-    command = command_of(item)
-    if isinstance(command, str):
-        return command
-    assert type(item) is dict
-    kind, tsl, name = item.get("commandType"), item.get("tslIdentifier"), item.get("commandName")
-    i18n = name.get("i18nValue") if type(name) is dict else None
-    names = tuple(
-        (str(locale)[:32], text[:NAME_CAP])
-        for locale, text in (i18n.items() if type(i18n) is dict else ())
-        if type(text) is str
-    )[:16]
-    return command._replace(
-        command_type=kind if type(kind) is int else None,
-        tsl_identifier=tsl[:NAME_CAP] if type(tsl) is str else None,
-        names=names,
-    )
-
-
-ID_CAP, NAME_CAP, EPOCH_MS_CAP = 128, 256, 10**15
-
-
-def _int_or_none(value: object) -> int | None:
-    """An epoch-ms number from a number or a numeric string; None for anything else (a
-    string of 5,000 digits, a superscript two that str.isdigit() accepts but int() refuses)."""
-    if type(value) is int:
-        return value if -EPOCH_MS_CAP < value < EPOCH_MS_CAP else None
-    if type(value) is str and 0 < len(value) <= 15 and value.isascii() and value.isdigit():
-        return int(value)
-    return None

@@ -18,10 +18,12 @@ from urllib.parse import quote
 import aiohttp
 import orjson
 import structlog
+from aiohttp import hdrs
 from yarl import URL
 
 from worker import redact
 from worker.enos import answers as a
+from worker.enos import commands
 from worker.enos import protocol as p
 from worker.enos.signing import request_signature, token_encryption
 from worker.errors import (
@@ -99,8 +101,13 @@ class EnOSClient:
             ttl_dns_cache=300,
             ssl=context,
         )
+        # Answers are decompressed here, not by aiohttp (a.inflate: never past the cap in one
+        # step, whatever the aiohttp version), so only what that can decode is asked for.
         self._session = aiohttp.ClientSession(
-            connector=connector, timeout=aiohttp.ClientTimeout(total=self._timeout)
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=self._timeout),
+            auto_decompress=False,
+            headers={hdrs.ACCEPT_ENCODING: a.ACCEPTED_ENCODINGS},
         )
         return self
 
@@ -120,7 +127,7 @@ class EnOSClient:
         params = device_params(target)
         if target.command_id is not None:
             params.append(("commandId", target.command_id))
-        return await self._cancel(params, a.command_id_only)
+        return await self._cancel(params, commands.command_id_only)
 
     async def cancel_assets(self, targets: Sequence[Target]) -> CancelReply:
         """Cancel every cached command of several assets of one org in one call
@@ -129,7 +136,7 @@ class EnOSClient:
         first = targets[0]
         first.check()
         params = [("orgId", first.org_id), ("assetId", ",".join(t.asset_id or "" for t in targets))]
-        return await self._cancel(params, a.command_of_asset)
+        return await self._cancel(params, commands.command_of_asset)
 
     async def _cancel(self, params: Params, read: Callable[[object], Command | str]) -> CancelReply:
         """One cancel call and its code-0 answer, each listed command read by `read`."""
@@ -156,18 +163,17 @@ class EnOSClient:
             query["expression"] = expression
         params = device_params(target)
         _, payload = await self._business("POST", p.ACTION_SEARCH, params, orjson.dumps(query))
-        return a.search_page(payload, page_size)
+        return a.search_page(payload, page_size, page)
 
     async def search_commands(
         self, target: Target, expression: str | None = None, *, page_size: int = p.SEARCH_PAGE_SIZE
     ) -> list[Command]:
-        """All commands of the device matching `expression`, every page."""
+        """All commands of the device matching `expression`, every page (at most
+        :func:`answers.max_search_pages` of them)."""
         found: list[Command] = []
         page = 1
         while True:
             batch = await self.search_page(target, expression, page, page_size=page_size)
-            if batch.unreadable:
-                raise a.malformed("a search answer lists a command without a readable id", {})
             found.extend(batch.commands)
             if not batch.more(page):
                 return found
@@ -209,8 +215,8 @@ class EnOSClient:
             headers["Content-Type"] = p.JSON_CONTENT_TYPE
         url = URL(self._commands_prefix + _query_string(query), encoded=True)
         status, headers_in, raw = await self._exchange(method, url, headers, body)
-        # The gateway's text is never trusted: what it echoes of this request is masked.
-        raw = redact.scrub_bytes(raw, token.encode(), headers[p.HEADER_SIGNATURE].encode())
+        # The gateway's text is never trusted: what is kept of it is masked once decoded
+        # (a.gateway_text, commands.command_id_only), whatever it echoes of this request.
         return status, a.interpret(status, headers_in, raw, self._max_retry_after)
 
     async def _exchange(
@@ -219,14 +225,22 @@ class EnOSClient:
         """One HTTP exchange; transport failures become RetryableError."""
         if self._session is None:
             raise RuntimeError("EnOSClient used outside 'async with'")
+        answered = False
         try:
             async with self._session.request(
                 method, url, headers=headers, data=body or None, allow_redirects=False
             ) as resp:
+                answered = True
                 length = resp.content_length
                 if length is not None and length <= self._max_body:
-                    return resp.status, resp.headers, await resp.read()
-                return resp.status, resp.headers, await self._read_capped(resp)
+                    raw = await resp.read()  # the hot path: one read
+                else:
+                    raw = await self._read_capped(resp)
+                # Only a 200's body is read further (any other status is decided by itself).
+                encoding = resp.headers.get(hdrs.CONTENT_ENCODING) if resp.status == 200 else None
+                if encoding is not None:
+                    raw = self._inflated(resp, raw, encoding)
+                return resp.status, resp.headers, raw
         except aiohttp.ClientConnectorCertificateError as exc:
             raise FatalError(
                 "the gateway's TLS certificate was not accepted "
@@ -247,10 +261,24 @@ class EnOSClient:
             ) from None
         except aiohttp.ClientPayloadError:
             raise RetryableError("the answer was cut short", maybe_applied=True) from None
+        except ValueError as exc:  # before ClientError: aiohttp.InvalidURL is both
+            if answered:
+                raise
+            raise _not_built(exc) from None
         except aiohttp.ClientError as exc:
             raise RetryableError(
                 f"connection lost: {type(exc).__name__}", maybe_applied=True
             ) from None
+
+    def _inflated(self, resp: aiohttp.ClientResponse, raw: bytes, encoding: str) -> bytes:
+        """The decompressed body, at most the cap; an answer that would inflate past it (or
+        cannot be decoded) is refused like any other unreadable answer, and its connection
+        dropped: nothing more of it is wanted."""
+        try:
+            return a.inflate(raw, encoding, self._max_body, resp.status)
+        except RetryableError:
+            resp.close()
+            raise
 
     async def _read_capped(self, resp: aiohttp.ClientResponse) -> bytes:
         """The body, unless it grows past the cap: then the connection is dropped (a gateway
@@ -260,11 +288,7 @@ class EnOSClient:
             size += len(chunk)
             if size > self._max_body:
                 resp.close()
-                raise RetryableError(
-                    f"the answer is larger than {self._max_body:,} bytes; not read",
-                    maybe_applied=True,
-                    http_status=resp.status,
-                )
+                raise a.oversized(self._max_body, resp.status)
             chunks.append(chunk)
         return b"".join(chunks)
 
@@ -309,12 +333,12 @@ class EnOSClient:
             status, headers, raw = await self._exchange(
                 "POST", self._api_url(path), {"Content-Type": p.JSON_CONTENT_TYPE}, body
             )
-            # Not byte-scrubbed: a token answer legitimately holds a token (the same one again,
-            # while it is valid); what is kept of it goes through a.gateway_text(), which masks.
+            # What is kept of a token answer goes through a.gateway_text(), which masks.
             reply = a.token_reply(status, headers, raw, self._max_retry_after)
             if reply is not None:
                 value, expire = reply
-                redact.register(value)  # from now on masked in every output, also once replaced
+                # from now on masked in every output, also once replaced
+                redact.register(value, chosen_by_gateway=True)
                 log.info("enos.token_obtained", expires_in_s=expire)
                 margin = min(300.0, 0.1 * expire)
                 return _Token(value, self._clock() + expire - margin)
@@ -327,14 +351,22 @@ class EnOSClient:
         self._last_token_ts = max(int(self._clock() * 1000), self._last_token_ts + 1)
         timestamp = str(self._last_token_ts)
         app_key, secret = self._credentials.app_key, self._credentials.app_secret
-        body: dict[str, str] = {
-            "appKey": app_key,
-            "encryption": token_encryption(app_key, timestamp, secret),
-            "timestamp": timestamp,
-        }
+        encryption = token_encryption(app_key, timestamp, secret)
+        redact.register_digest(encryption)  # never kept, even if the token service echoes it
+        body: dict[str, str] = {"appKey": app_key, "encryption": encryption, "timestamp": timestamp}
         if previous is not None:
             body["accessToken"] = previous
         return orjson.dumps(body)
+
+
+def _not_built(exc: ValueError) -> FatalError:
+    """A request the HTTP library refused to build (a header value it will not send, a URL it
+    cannot form): nothing was sent, so the effect is known, and every call would meet it: the
+    run stops. The library's words are masked like the gateway's (they may quote a value)."""
+    return FatalError(
+        f"a request could not be built ({type(exc).__name__}: {a.gateway_text(exc)[:200]}); "
+        "nothing was sent. Check --gateway and the access token the token service issues"
+    )
 
 
 def _query_string(query: Params) -> str:

@@ -51,6 +51,11 @@ TOKEN_LIFETIME_S: Final = 7200
 MAX_CACHED_COMMANDS: Final = 50
 MAX_PENDING_TTL_S: Final = 172_800
 SEARCH_PAGE_SIZE: Final = 50
+# The commands one device's search reads at the most: three pages of 50. A device caches at most
+# MAX_CACHED_COMMANDS, so its `state = 1` commands fit one page; two more are the margin for
+# commands cached while the pages are read. An answer that asks for more is an error on that
+# target (answers.search_page), not a loop.
+MAX_SEARCH_COMMANDS: Final = 3 * SEARCH_PAGE_SIZE
 
 CODE_MEANINGS: Final = {
     "99400": "invalid parameter (a malformed id, an unknown org)",
