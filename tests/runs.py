@@ -11,7 +11,7 @@ import orjson
 
 from tests.conftest import APP_KEY, APP_SECRET
 from worker.app.metrics import MetricsAddress
-from worker.app.prepare import start_new, start_resumed
+from worker.app.prepare import snapshot_targets, start_new, start_resumed
 from worker.app.run import execute
 from worker.app.wiring import RunOptions
 from worker.jobs.parse import load_job
@@ -54,6 +54,7 @@ async def run_job(
     run_dir.mkdir(parents=True, exist_ok=True)
     out = io.StringIO()
     start = start_new(job, None, gateway=gateway, limits=options.limits)
+    start = snapshot_targets(start, options.run)
     code = await execute(start, options, out=out)
     return code, out.getvalue()
 

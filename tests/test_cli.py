@@ -97,7 +97,8 @@ def test_usage_refusals_exit_2(idle_sim: str, tmp_path: Path) -> None:
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "results.jsonl").write_text("")
     done = run_worker("run", str(job), "--gateway", idle_sim, "--out", str(tmp_path / "old"))
-    assert (done.returncode, "--resume" in done.stderr) == (2, True)
+    assert (done.returncode, "--resume" in done.stderr) == (2, False)  # it would not work
+    assert "holds files but no run" in done.stderr
     assert sim_get(idle_sim, "/_sim/stats")["business_calls"] == 0
 
 

@@ -6,6 +6,7 @@
     ├── UsageError                 bad command line, credentials file or run directory (exit 2)
     │   ├── JobFileError           a job or targets file is invalid; names file, line, field, fix
     │   └── InvalidTargetError     a target with neither selector, or half a product/device pair
+    ├── StoreError                 a run directory's file cannot be written (disk full, permission)
     └── EnOSError                  something the gateway (or the way to it) answered
         ├── RetryableError         worth another attempt: 5xx, timeout, dropped, malformed body
         │   └── RateLimitedError   HTTP 429: flow control, carries Retry-After
@@ -53,6 +54,22 @@ class JobFileError(UsageError):
 
 class InvalidTargetError(UsageError):
     """A target that cannot be turned into a request; refused before anything is sent."""
+
+
+class StoreError(WorkerError):
+    """A file of the run directory cannot be written completely: the disk is full, a
+    permission was lost, an I/O error. Mid-run it stops the run (exit 3, resumable) and nothing
+    that depends on the lost record is written; before anything is sent it is a usage error's
+    kin (the caller decides the exit code). The message names the path, the cause and the fix.
+    """
+
+    def __init__(self, path: object, cause: str) -> None:
+        self.path = path
+        self.cause = cause
+        super().__init__(
+            f"cannot write {path}: {cause}; free space or fix the permissions, then resume "
+            "(nothing already written is lost)"
+        )
 
 
 class EnOSError(WorkerError):

@@ -38,6 +38,14 @@ def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[s
     return event
 
 
+def _printable(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Every text value escaped for a terminal (ESC, CR/LF, OSC... shown, never obeyed)."""
+    for key, value in event.items():
+        if isinstance(value, str):
+            event[key] = redact_values.printable(value)
+    return event
+
+
 def _clear_progress_line(_: Any, __: str, line: str) -> str:
     """On a terminal, a log line first clears the live progress line (which redraws below)."""
     return "\r\x1b[K" + line
@@ -62,6 +70,8 @@ def configure(
         redact,
         renderer,
     ]
+    if not as_json:  # a console: what came from the gateway or a file is shown, not obeyed
+        processors.insert(-1, _printable)
     if not as_json and out.isatty():
         processors.append(_clear_progress_line)
     structlog.configure(

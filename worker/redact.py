@@ -109,3 +109,12 @@ def scrub_own(text: str) -> str:
     if pattern is None or len(text) < MIN_LENGTH:
         return text
     return pattern.sub(REDACTED, text)
+
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
+
+
+def printable(text: str) -> str:
+    """Text from the gateway or a file, safe for a terminal: control characters (ESC, CR, LF,
+    OSC...), zero-width and bidi characters shown escaped (``\\x1b``), never obeyed."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import signal
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Coroutine, Iterator
 from functools import partial
 from typing import Any, TextIO
@@ -34,6 +35,7 @@ async def drive(
     signals: bool = True,
     progress: bool = True,
     searching: bool = False,
+    earlier: Counter[str] | None = None,
 ) -> StopReason:
     """Run the engine over the targets with its helpers: syncing the records (a run's), the
     rate timeline (a run's `segment`), signals (unless the caller stops it) and progress."""
@@ -46,7 +48,7 @@ async def drive(
         helpers.append(partial(_signal_loop, engine, out))
     if progress:
         show = partial(progress_loop, engine.progress, engine.limiter, total, out, already)
-        helpers.append(partial(show, searching=searching))
+        helpers.append(partial(show, searching=searching, earlier=earlier))
     async with anyio.create_task_group() as group:
         for helper in helpers:
             group.start_soon(helper)

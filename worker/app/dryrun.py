@@ -15,6 +15,7 @@ from typing import TextIO, TypeVar
 
 from worker.app.wiring import RunOptions, build_engine, client_for, proven
 from worker.model import Attempt, Outcome, Target, TargetResult
+from worker.redact import printable
 
 T = TypeVar("T")
 SHOWN = 20
@@ -80,16 +81,17 @@ def render(probes: list[Probe], total: int, out: TextIO | None = None) -> None:
     """What the sample says a real run would cancel."""
     stream = out or sys.stdout
     if not probes:
-        stream.write(
-            "Dry run: credentials and gateway accepted (token obtained). No cancel sent.\n"
+        _say(
+            stream, "Dry run: credentials and gateway accepted (token obtained). No cancel sent.\n"
         )
         return
     with_pending = [p for p in probes if p.would_cancel]
     commands = sum(len(p.would_cancel) for p in probes)
     errors = [p for p in probes if p.error]
-    stream.write(
+    _say(
+        stream,
         f"Dry run: token obtained; searched {len(probes)} random targets of {total:,}. "
-        "No cancel sent.\n"
+        "No cancel sent.\n",
     )
     for item in probes[:SHOWN]:
         if item.error:
@@ -100,11 +102,17 @@ def render(probes: list[Probe], total: int, out: TextIO | None = None) -> None:
             what = "nothing to cancel"
         if item.target.match is not None:
             what += f"; keeps {len(item.kept)}" + (f": {', '.join(item.kept)}" if item.kept else "")
-        stream.write(f"  {item.target.describe():<60} {what}\n")
+        _say(stream, f"  {item.target.describe():<60} {what}\n")
     share = len(with_pending) / len(probes)
-    stream.write(
+    _say(
+        stream,
         f"  {len(with_pending)} of {len(probes)} sampled targets have commands to cancel "
-        f"({commands} in all); a real run would cancel on about {share * total:,.0f} targets.\n"
+        f"({commands} in all); a real run would cancel on about {share * total:,.0f} targets.\n",
     )
     if errors:
-        stream.write(f"  {len(errors)} sampled targets answered with an error (see above).\n")
+        _say(stream, f"  {len(errors)} sampled targets answered with an error (see above).\n")
+
+
+def _say(stream: TextIO, text: str) -> None:
+    """A line for people: what came from the gateway is shown escaped, never obeyed."""
+    stream.write("\n".join(printable(line) for line in text.split("\n")))

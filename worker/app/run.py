@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TextIO
 
 import structlog
@@ -24,7 +24,7 @@ from worker.app.wiring import RunOptions, build_engine, client_for, proven
 from worker.core.engine import Engine
 from worker.core.ports import StopReason
 from worker.core.ratelimit import RateLimiter
-from worker.errors import ExitCode
+from worker.errors import ExitCode, StoreError
 from worker.jobs.plan import Plan, run_targets
 from worker.model import Job, Target
 from worker.report.console import render
@@ -34,12 +34,12 @@ from worker.report.html import write_report
 from worker.report.summary import build_summary
 from worker.store import checkpoint
 from worker.store.admitted import AdmissionMark
-from worker.store.appendlog import iso, repair_tail
+from worker.store.appendlog import SyncedFile, WriteGuard, iso, repair_tail
 from worker.store.audit import AuditLog, who_and_where
 from worker.store.done import Finished
 from worker.store.journal import ResultJournal
 from worker.store.layout import read_verify_counts, write_manifest, write_summary
-from worker.store.records import BatchingRecord, RunStartedRecord
+from worker.store.records import BatchingRecord, RunFinishedRecord, RunStartedRecord
 from worker.store.state import Manifest, Segment, Summary
 from worker.store.tally import Counts, JournalFold
 
@@ -105,17 +105,18 @@ async def execute(
 ) -> int:
     """Run the job's pending targets as one segment; returns the exit code. With `control`,
     the caller stops the run (no signal handling here) and may share its limiter."""
-    run, manifest = options.run, start.manifest
-    segment = _open_segment(options, manifest)
-    mark = AdmissionMark(
-        run, ahead=options.limits.concurrency, earlier_segments=len(manifest.segments) > 1
-    )
-    recorder = RunRecorder(AuditLog(run, manifest.run_id), ResultJournal(run), mark)
+    manifest = start.manifest
+    resuming = bool(manifest.segments)
+    try:
+        segment, recorder = _open_segment(start, options)
+    except StoreError as error:  # nothing was sent in this segment
+        (out or sys.stderr).write(f"worker: {error}\n")
+        return ExitCode.ABORTED if resuming else ExitCode.USAGE
+    mark = recorder.mark
     metrics = RunMetrics() if options.metrics is not None else None
     counting = metrics or (control.metrics if control is not None else None)
     if counting is not None:
         recorder = recorder.metered(counting)
-    recorder.audit.write(_run_started(start, options))
     client = client_for(options)
     engine = build_engine(
         client,
@@ -149,15 +150,34 @@ async def execute(
     return summary.exit_code
 
 
-def _open_segment(options: RunOptions, manifest: Manifest) -> Segment:
-    """A torn last line cut (a machine crash mid-write), the segment added to run.json."""
-    run = options.run
-    repair_tail(run.results)
-    repair_tail(run.audit)
+def _open_segment(start: SegmentStart, options: RunOptions) -> tuple[Segment, RunRecorder]:
+    """A torn last line cut (a machine crash mid-write), the segment added to run.json, the
+    records opened (never through a planted link), run_started written. StoreError when the
+    run directory cannot take them (the files opened so far are closed again)."""
+    run, manifest = options.run, start.manifest
     segment = Segment(started_at=iso(time.time()), limits=options.limits)
-    manifest.segments.append(segment)
-    write_manifest(run, manifest)
-    return segment
+    guard = WriteGuard()
+    opened: list[SyncedFile] = []
+    try:
+        repair_tail(run.results)
+        repair_tail(run.audit)
+        manifest.segments.append(segment)
+        write_manifest(run, manifest)
+        earlier = len(manifest.segments) > 1
+        mark = AdmissionMark(
+            run, ahead=options.limits.concurrency, earlier_segments=earlier, guard=guard
+        )
+        opened.append(mark)
+        journal = ResultJournal(run, guard)
+        opened.append(journal.log)
+        audit = AuditLog(run, manifest.run_id, guard)
+        opened.append(audit.log)
+        audit.write(_run_started(start, options))
+    except (StoreError, OSError) as error:
+        for file in opened:
+            file.close()
+        raise error if isinstance(error, StoreError) else StoreError(run, str(error)) from None
+    return segment, RunRecorder(audit, journal, mark)
 
 
 def _tell(
@@ -200,6 +220,7 @@ async def _drive_segment(
         already=already,
         signals=control is None,
         progress=options.progress,
+        earlier=start.fold.counts.outcomes,
     )
 
 
@@ -261,46 +282,72 @@ def _close_segment(
     recorder: RunRecorder,
     fold: JournalFold,
 ) -> tuple[Summary, Counts]:
-    """Close the files, then write run.json, run_finished and summary.json for the whole run."""
+    """Close the files, then write run.json, summary.json and run_finished for the whole run.
+
+    When a record could not be written (a full disk), nothing more is written: the directory
+    then reads as a segment that ended there (resumable, its audit whole), and the summary is
+    only shown."""
     progress = engine.progress
     segment.requests, segment.abandoned = progress.requests, progress.abandoned
     segment.batching = _batching_record(engine, segment.limits.assets_per_call)
     recorder.journal.log.close()
     recorder.mark.close()
-    run = recorder.audit.run
+    run, guard = recorder.audit.run, recorder.audit.log.guard
     counts = fold.read_rest(run)  # the summary and the report
-    try:
-        checkpoint.write(run, fold)  # a cache: failing to write it loses nothing
-    except OSError as exc:
-        log.warning("worker.checkpoint_not_written", why=str(exc))
+    if guard.failed is None:
+        try:
+            checkpoint.write(run, fold)  # a cache: failing to write it loses nothing
+        except StoreError as exc:
+            log.warning("worker.checkpoint_not_written", why=str(exc))
     reason = engine.stop_reason
     failed = counts.outcomes.get("failed", 0)
     exit_code = exit_code_for(reason, failed, manifest.targets - counts.finished)
     segment.finished_at, segment.reason = iso(time.time()), reason.value
     segment.message, segment.exit_code = engine.stop_message, exit_code
-    write_manifest(run, manifest)
     verify = read_verify_counts(run)
     summary = build_summary(manifest, counts, exit_code=exit_code, verify=verify)
-    write_summary(run, summary)
-    recorder.audit.write(
-        {
-            "type": "run_finished",
-            "at": iso(time.time()),
-            "segment": len(manifest.segments),
-            "reason": reason.value,
-            "message": engine.stop_message,
-            "exit_code": exit_code,
-            "summary": summary.to_json(),
-        }
-    )
+    try:
+        guard.check()
+        write_manifest(run, manifest)
+        write_summary(run, summary)
+        recorder.audit.write(_run_finished(manifest, segment, summary))
+    except StoreError as error:
+        summary = _unwritten(summary, error)
     recorder.audit.log.close()
     log.info(
         "worker.run_finished",
-        reason=reason.value,
-        exit_code=int(exit_code),
-        why=engine.stop_message,
+        reason=summary.stopped,
+        exit_code=int(summary.exit_code),
+        why=summary.stop_message,
+        throttled=engine.limiter.throttles,  # 429s met (one warning said the first)
     )
     return summary, counts
+
+
+def _run_finished(manifest: Manifest, segment: Segment, summary: Summary) -> RunFinishedRecord:
+    return {
+        "type": "run_finished",
+        "at": segment.finished_at or iso(time.time()),
+        "segment": len(manifest.segments),
+        "reason": segment.reason or "",
+        "message": segment.message,
+        "exit_code": summary.exit_code,
+        "summary": summary.to_json(),
+    }
+
+
+def _unwritten(summary: Summary, error: StoreError) -> Summary:
+    """The summary as shown when the run directory could not take it: a fatal stop, exit 3."""
+    why = str(error)
+    if summary.stopped == StopReason.FATAL and summary.stop_message:
+        why = summary.stop_message
+    return replace(
+        summary,
+        exit_code=ExitCode.ABORTED,
+        stopped=StopReason.FATAL.value,
+        stop_message=why,
+        resumable=True,
+    )
 
 
 def _run_started(start: SegmentStart, options: RunOptions) -> RunStartedRecord:
@@ -336,7 +383,10 @@ def _write_run_report(options: RunOptions, out: TextIO | None, counts: Counts) -
     run = options.run
     try:
         followups = write_report([load_run(run, counts)], run.report)
-    except Exception:  # the run's files are complete; the report can be made again later
+    except (OSError, StoreError) as exc:  # a full disk: the run's own files say what happened
+        log.warning("worker.report_not_written", why=str(exc), fix=f"worker report {run}")
+        return
+    except Exception:  # a bug: the run's files are complete; the report can be made later
         log.warning("worker.report_failed", exc_info=True, fix=f"worker report {run}")
         return
     stream.write(f"  report             {run.report}\n")

@@ -40,7 +40,7 @@ import structlog
 from anyio.abc import TaskGroup
 
 from worker.app.metrics import MetricsAddress, RunMetrics
-from worker.app.prepare import start_new, start_resumed
+from worker.app.prepare import snapshot_targets, start_new, start_resumed
 from worker.app.run import RunControl, SegmentStart, execute
 from worker.app.settings import resolve_gateway
 from worker.app.wiring import RunOptions, limiter_for
@@ -292,7 +292,8 @@ class Watcher:
                 ) from None
         options = self.options
         gateway = resolve_gateway(options.gateway, job, insecure=options.insecure)
-        return start_new(job, None, gateway=gateway, limits=self._limits_for(job))
+        start = start_new(job, None, gateway=gateway, limits=self._limits_for(job))
+        return snapshot_targets(start, run)
 
     def _limits_for(self, job: Job) -> Limits:
         """The job's limits, with the watcher's rate: --rate is the whole watcher's budget."""

@@ -91,19 +91,42 @@ def limiter_for(limits: Limits) -> RateLimiter:
         adaptive=limits.adaptive,
         ceiling=limits.rate_max,
         floor=min(limits.rate_floor, limits.rate or limits.rate_floor),
-        on_change=_log_rate_change,
+        on_change=RateLog(adaptive=limits.adaptive),
     )
 
 
-def _log_rate_change(change: RateChange) -> None:
-    lowered = change.after is not None and (change.before is None or change.after < change.before)
-    (log.warning if lowered else log.info)(
-        "worker.rate_changed",
-        cause=change.cause,
-        from_per_s=_rounded(change.before),
-        to_per_s=_rounded(change.after),
-        why=change.detail,
-    )
+class RateLog:
+    """The limiter's decisions in the log. A fixed rate above what the gateway takes is cut
+    and ramps back again and again: that is said once, as a warning with what to do, and its
+    repeats are only counted (the segment's end says how many), not logged every 2.5 s."""
+
+    def __init__(self, *, adaptive: bool) -> None:
+        self.adaptive = adaptive
+        self.throttle_cycles = 0
+
+    def __call__(self, change: RateChange) -> None:
+        """One change of the limiter's rate or cause."""
+        cycling = not self.adaptive and change.cause == "throttled"
+        if cycling:
+            self.throttle_cycles += 1
+        if self.throttle_cycles > 1 and (cycling or change.detail == "recovered from the 429"):
+            return  # a repeat: counted, not logged
+        lowered = change.after is not None and (
+            change.before is None or change.after < change.before
+        )
+        fix = (
+            "the gateway refuses this rate: pass --rate auto, or a lower --rate"
+            if cycling
+            else None
+        )
+        (log.warning if lowered else log.info)(
+            "worker.rate_changed",
+            cause=change.cause,
+            from_per_s=_rounded(change.before),
+            to_per_s=_rounded(change.after),
+            why=change.detail,
+            **({"fix": fix} if fix else {}),
+        )
 
 
 def _rounded(rate: float | None) -> float | str:

@@ -13,10 +13,19 @@ from pathlib import Path
 from typing import Any
 
 from worker import __version__
-from worker.cli.help import EXAMPLES, EXIT_CODES, SWEEP_EXIT_CODES, WATCH_EXIT_CODES
+from worker.cli.help import (
+    AUDIT_EXIT_CODES,
+    EXAMPLES,
+    EXIT_CODES,
+    REPORT_EXIT_CODES,
+    SIMULATE_EXIT_CODES,
+    SWEEP_EXIT_CODES,
+    VALIDATE_EXIT_CODES,
+    WATCH_EXIT_CODES,
+)
+from worker.cli.simulate_flags import simulate_flags
 
 Handler = Callable[[argparse.Namespace], int]
-SIM_APP_KEY, SIM_APP_SECRET = "sim-app-key", "sim-app-secret"
 CONFIRM_ABOVE = 1000
 
 
@@ -96,18 +105,20 @@ def build_parser(handlers: Mapping[str, Handler]) -> argparse.ArgumentParser:
         handlers["validate"],
         "check a job file and print the plan; sends nothing",
         EXAMPLES["validate"],
+        exit_codes=VALIDATE_EXIT_CODES,
     )
     validate.add_argument("job", type=Path, help="the job file (YAML)")
     validate.add_argument("--gateway", help="shown in the plan (else ENOS_GATEWAY, else the job's)")
     validate.add_argument("--json", action="store_true", help="print the plan as JSON")
     _limit_flags(validate)
-    _simulate_flags(
+    simulate_flags(
         _command(
             commands,
             "simulate",
             handlers["simulate"],
             "serve a local EnOS gateway simulator",
             EXAMPLES["simulate"],
+            exit_codes=SIMULATE_EXIT_CODES,
         )
     )
     demo = _command(
@@ -117,7 +128,14 @@ def build_parser(handlers: Mapping[str, Handler]) -> argparse.ArgumentParser:
         "run the example job against the built-in simulator, in process",
         "examples:\n  worker demo\n  worker demo --out /tmp/demo",
     )
-    demo.add_argument("--out", type=Path, help="run directory (default: runs/<job>-<UTC time>/)")
+    demo.add_argument(
+        "--out", type=Path, help="run directory (default: runs/<job>-<UTC time>-<hex>/)"
+    )
+    demo.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no live progress line (logs and the summary still come)",
+    )
     _report_command(
         _command(
             commands,
@@ -125,6 +143,7 @@ def build_parser(handlers: Mapping[str, Handler]) -> argparse.ArgumentParser:
             handlers["report"],
             "print the summary of run directories and write report.html",
             EXAMPLES["report"],
+            exit_codes=REPORT_EXIT_CODES,
         )
     )
     _watch_command(
@@ -160,6 +179,7 @@ def build_parser(handlers: Mapping[str, Handler]) -> argparse.ArgumentParser:
         "check the hash chain, and that the results and the summary agree with it "
         "(exit 0 when whole, 1 naming the first bad line)",
         EXAMPLES["verify"],
+        exit_codes=AUDIT_EXIT_CODES,
     )
     check.add_argument("dirs", nargs="+", metavar="DIR", help="run directories")
     check.add_argument(
@@ -175,7 +195,8 @@ def _run_command(run: argparse.ArgumentParser) -> None:
         "--out",
         type=Path,
         metavar="DIR",
-        help="run directory; must not exist or be empty (default: runs/<job name>-<UTC time>/)",
+        help="run directory; must not exist or be empty (default: "
+        "runs/<job name>-<UTC time>-<hex>/)",
     )
     run.add_argument(
         "--gateway",
@@ -353,92 +374,4 @@ def _limit_flags(parser: argparse.ArgumentParser) -> None:
         metavar="DURATION",
         help="stop cleanly after this long, e.g. 90s, 45m, 2h, 1h30m (default: "
         "the job's, else none)",
-    )
-
-
-def _simulate_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--port", type=int, default=8080, help="port to listen on; 0 picks one")
-    parser.add_argument(
-        "--app-key", help=f"the accepted app key (default: ENOS_APP_KEY, else {SIM_APP_KEY})"
-    )
-    parser.add_argument(
-        "--app-secret-file",
-        type=Path,
-        metavar="FILE",
-        help=f"a chmod-600 file holding its secret (default: ENOS_APP_SECRET, else "
-        f"{SIM_APP_SECRET}); never on the command line, where ps shows it",
-    )
-    parser.add_argument(
-        "--job",
-        type=Path,
-        metavar="JOB.yaml",
-        help="make every target of this job exist, with cached commands",
-    )
-    parser.add_argument(
-        "--devices", type=int, default=1000, help="generated devices (as000000, as000001, ...)"
-    )
-    parser.add_argument(
-        "--commands",
-        type=int,
-        default=3,
-        help="cached commands per device (names cycle setPoint42, restart, "
-        "firmwareCheck, setPoint7)",
-    )
-    parser.add_argument("--seed", type=int, default=7, help="seed of the data and the faults")
-    faults = parser.add_argument_group("faults (more over POST /_sim/faults; see the README)")
-    faults.add_argument("--latency-ms", type=float, default=0.0, help="added to every call")
-    faults.add_argument(
-        "--error-rate", type=float, default=0.0, help="share of calls answered HTTP 500/502/503"
-    )
-    faults.add_argument(
-        "--rate-cap",
-        type=float,
-        metavar="N",
-        help="calls per second above which to answer 429 (default: none)",
-    )
-    faults.add_argument(
-        "--drop-rate",
-        type=float,
-        default=0.0,
-        help="share of connections closed after the call took effect",
-    )
-    faults.add_argument(
-        "--malformed-rate", type=float, default=0.0, help="share of answers garbled or cut short"
-    )
-    faults.add_argument("--token-ttl", type=int, default=7200, help="token lifetime in seconds")
-    faults.add_argument(
-        "--deny-org", action="append", metavar="ORG", help="answer 99403 for this org (repeatable)"
-    )
-    faults.add_argument(
-        "--expired-token-answer",
-        choices=("401", "1203"),
-        default="401",
-        help="how an expired token is refused",
-    )
-    faults.add_argument(
-        "--require-command-id",
-        action="store_true",
-        help="refuse a cancel without commandId, as the 2.3.0 docs say",
-    )
-    faults.add_argument(
-        "--multi-asset",
-        choices=("off", "strict", "lenient", "first"),
-        default="off",
-        help="what a cancel with assetId=a1,a2,... does: off = the text is one (unknown) id, "
-        "99404; strict = an unknown id fails the whole call (99404, no effect); lenient = "
-        "unknown ids are ignored; first = only the first id is acted on, silently (to test "
-        "the worker's self-verification)",
-    )
-    faults.add_argument(
-        "--max-assets",
-        type=int,
-        default=100,
-        metavar="N",
-        help="with --multi-asset: a list of more asset ids is refused with 99400",
-    )
-    faults.add_argument(
-        "--legacy-wire",
-        action="store_true",
-        help="2019 wire variants (numeric createTime, createLocalTime)",
     )

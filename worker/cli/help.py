@@ -3,13 +3,34 @@ the same)."""
 
 from __future__ import annotations
 
+SIM_APP_KEY, SIM_APP_SECRET = "sim-app-key", "sim-app-secret"  # the simulator's defaults
+
 EXIT_CODES = """exit codes:
   0  every target was cancelled or had nothing to cancel
   1  the run finished; some targets failed
-  2  bad usage or an invalid job file: nothing was sent
-  3  aborted (credentials, permission, wrong gateway, abort rule, outage, internal error);
-     resumable
-  4  interrupted (SIGINT/SIGTERM) or the deadline was reached; resumable"""
+  2  bad usage, an invalid job file, or a run directory that cannot be made or written:
+     nothing was sent
+  3  aborted (credentials, permission, wrong gateway, abort rule, outage, a disk that can
+     no longer be written, internal error); resumable
+  4  interrupted (SIGINT/SIGTERM), the deadline was reached, or the run directory is busy
+     with another live worker; resumable: try again later"""
+
+VALIDATE_EXIT_CODES = """exit codes:
+  0  the job is valid and has targets to run
+  2  the job file (or a flag) cannot be used, or it lists no targets; the message says why"""
+
+REPORT_EXIT_CODES = """exit codes:
+  0  the summaries were printed and the report written
+  2  bad usage: not a run directory, or a report path that cannot be written"""
+
+AUDIT_EXIT_CODES = """exit codes:
+  0  every audit log is whole and agrees with its results and summary
+  1  an audit log is broken (the first bad line is named)
+  2  bad usage (not a run directory; --head is not 64 hex digits)"""
+
+SIMULATE_EXIT_CODES = """exit codes:
+  0  stopped cleanly (Ctrl-C / SIGTERM)
+  2  bad usage (a port out of range or taken, devices below 0, a share outside 0 to 1)"""
 
 WATCH_EXIT_CODES = """exit codes:
   0  stopped (or, with --once, nothing left to do)

@@ -26,6 +26,7 @@ from worker.app.prepare import (
     check_same_run,
     new_run_dir,
     runnable_plan,
+    snapshot_targets,
     start_new,
     start_resumed,
 )
@@ -107,8 +108,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     limits = limits_of(job.limits, args)
     start = start_new(job, shard, gateway=gateway, limits=limits)
     _confirm(start.plan.total, gateway, assume_yes=args.yes)
-    run = new_run_dir(args.out, job)
+    run = new_run_dir(args.out, job, start.manifest.run_id)
     with run_dir_lock(run):
+        start = snapshot_targets(start, run)
         options = _options(
             args,
             gateway=gateway,
@@ -174,7 +176,7 @@ def _dry_run(
     if args.resume is not None:
         run = RunDir(Path(args.resume))
         manifest = read_manifest(run)
-        check_same_run(run, manifest, job, made, force=args.force)
+        check_same_run(run, manifest, job.sha256, made.targets_sha256, made.shard, force=args.force)
         gateway = resolve_gateway(args.gateway or manifest.gateway, job, insecure=args.insecure)
         limits = limits_of(manifest.limits, args)
     else:

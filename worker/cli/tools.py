@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import importlib.resources
 import os
+import re
 import secrets
 import sys
 from pathlib import Path
@@ -16,13 +17,19 @@ import anyio
 import orjson
 import structlog
 
-from worker.app.prepare import checked_plan, new_manifest, new_run_dir
+from worker.app.prepare import (
+    new_manifest,
+    new_run_dir,
+    new_run_id,
+    runnable_plan,
+    snapshot_targets,
+)
 from worker.app.run import SegmentStart, execute
 from worker.app.settings import read_secret_file
 from worker.app.wiring import RunOptions
-from worker.cli.grammar import SIM_APP_KEY, SIM_APP_SECRET
+from worker.cli.help import SIM_APP_KEY, SIM_APP_SECRET
 from worker.cli.run import run_async
-from worker.errors import UsageError
+from worker.errors import UsageError, shown
 from worker.jobs.parse import load_job
 from worker.jobs.plan import all_targets
 from worker.model import Credentials, JsonObject
@@ -35,6 +42,7 @@ from worker.sim.faults import Faults
 from worker.sim.simulator import Simulator, serve
 from worker.store.done import Finished
 from worker.store.layout import RunDir
+from worker.store.lock import holder_of, run_dir_lock
 from worker.store.tally import JournalFold
 
 log = structlog.get_logger("worker")
@@ -74,13 +82,43 @@ def _simulator(args: argparse.Namespace) -> Simulator:
     return simulator
 
 
+def _check_simulate(args: argparse.Namespace) -> None:
+    """Refuse what the simulator would otherwise take silently (port 99999 served elsewhere)."""
+    problems = []
+    if not 0 <= args.port <= 65535:
+        problems.append(f"--port {args.port} is not 0 to 65535 (0 picks a free one)")
+    if args.devices < 0 or args.commands < 0:
+        problems.append("--devices and --commands must be 0 or more")
+    for flag in ("error_rate", "drop_rate", "malformed_rate"):
+        share = getattr(args, flag)
+        if not 0.0 <= share <= 1.0:
+            problems.append(f"--{flag.replace('_', '-')} {share:g} is not a share from 0 to 1")
+    if (
+        args.latency_ms < 0
+        or args.token_ttl < 1
+        or (args.rate_cap is not None and args.rate_cap <= 0)
+    ):
+        problems.append("--latency-ms must be 0 or more, --token-ttl and --rate-cap above 0")
+    if problems:
+        raise UsageError("; ".join(problems))
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     """Serve the gateway simulator until interrupted."""
+    _check_simulate(args)
     simulator = _simulator(args)
+    ((app_key, secret),) = simulator.apps.items()
+    # The built-in default is public; a secret the operator gave is never printed.
+    shown_secret = secret if secret == SIM_APP_SECRET else "(yours; not printed)"
 
     async def serve_forever() -> None:
         async with serve(simulator, args.host, args.port) as url:
-            sys.stdout.write(f"worker simulate: serving {url}\n")
+            sys.stdout.write(
+                f"worker simulate: serving {url}\n"
+                f"  it accepts ENOS_APP_KEY={app_key} ENOS_APP_SECRET={shown_secret}\n"
+                f"  export ENOS_GATEWAY={url} ENOS_APP_KEY={app_key} "
+                f"ENOS_APP_SECRET={shown_secret}\n"
+            )
             sys.stdout.flush()
             await anyio.sleep_forever()
 
@@ -99,20 +137,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Start the simulator in process, run jobs/example.yaml against it, show the summary."""
     job_path = _find_example()
     job = load_job(job_path)
-    made = checked_plan(job)
+    made = runnable_plan(job)
     credentials = Credentials("demo-" + secrets.token_hex(4), secrets.token_hex(16))
     simulator = Simulator(apps={credentials.app_key: credentials.app_secret}, devices=1000, seed=7)
-    run = new_run_dir(args.out, job)
+    run_id = new_run_id(job)
+    run = new_run_dir(args.out, job, run_id)
+    progress = not (args.quiet or args.no_progress)
 
     async def demo() -> int:
         async with serve(simulator) as url:
-            options = RunOptions(url, credentials, job.limits, run, progress=not args.quiet)
-            manifest = new_manifest(job, made, gateway=url, limits=job.limits)
+            options = RunOptions(url, credentials, job.limits, run, progress=progress)
+            manifest = new_manifest(job, made, gateway=url, limits=job.limits, run_id=run_id)
             start = SegmentStart(job, made, manifest, Finished(), JournalFold())
-            return await execute(start, options)
+            return await execute(snapshot_targets(start, run), options)
 
     sys.stdout.write(f"worker demo: running {job_path} against the built-in simulator\n")
-    return run_async(demo)
+    with run_dir_lock(run):
+        return run_async(demo)
 
 
 def _find_example() -> Path:
@@ -128,7 +169,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     there are several, and write the HTML report (with failed.csv and followup.yaml)."""
     reports = [load_run(RunDir(Path(name))) for name in args.dirs]
     page = args.html or (reports[0].run.report if len(reports) == 1 else Path("report.html"))
-    _check_writable(page, "--html")
+    _check_writable(page, "--html" if args.html else "the report")
     if args.json:
         data: JsonObject = {"runs": [r.summary.to_json() for r in reports]}
         if len(reports) > 1:
@@ -137,11 +178,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     else:
         for report in reports:
             render(report.summary, report.run)
-            if not report.summary.finished or report.summary.not_attempted:
-                _print_resume(report)
+            _print_what_next(report)
         if len(reports) > 1:
             _print_total(combine([r.summary for r in reports]), len(reports))
-    followups = write_report(reports, page)
+    try:
+        followups = write_report(reports, page)
+    except OSError as exc:
+        raise UsageError(
+            f"cannot write the report {exc.filename or page}: {exc.strerror}; pass --html FILE "
+            "somewhere writable (failed.csv and followup.yaml go beside each run)"
+        ) from None
     if not args.json:
         sys.stdout.write(f"HTML report: {page}\n")
         for followup in followups:
@@ -149,7 +195,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_resume(report: RunReport) -> None:
+def _print_what_next(report: RunReport) -> None:
+    """A run held by a live worker is running (its numbers still move); one that stopped or
+    died is resumable, with the command that does it."""
+    holder = holder_of(report.run)
+    if holder is not None:
+        sys.stdout.write(f"  (this run is running now: {holder}; check again later)\n")
+        return
+    if report.summary.finished and not report.summary.not_attempted:
+        return
     state = "did not finish (it died)" if not report.summary.finished else "stopped early"
     failed = bool(report.summary.outcomes.get("failed"))
     command = resume_command(report.manifest.job, report.run, retry_failed=failed)
@@ -166,15 +220,24 @@ def _print_total(total: Totals, runs: int) -> None:
 
 
 def _check_writable(page: Path, flag: str) -> None:
-    """An output path an operator gave: its folder exists, and it is not a folder itself."""
+    """An output path: its folder exists and can be written, and it is not a folder itself."""
     if page.is_dir():
         raise UsageError(f"{flag} {page} is a directory; give a file name, e.g. {page}/report.html")
     if not page.parent.is_dir():
         raise UsageError(f"{flag} {page}: the folder {page.parent} does not exist; create it first")
+    if not os.access(page.parent, os.W_OK | os.X_OK) or (
+        page.exists() and not os.access(page, os.W_OK)
+    ):
+        raise UsageError(f"cannot write {flag} {page}; pass --html FILE somewhere writable")
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     """Check each run directory's audit chain and its agreement with results and summary."""
+    if args.head is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", args.head):
+        raise UsageError(
+            f"--head {shown(args.head)} is not a sha256 (64 hex digits); give the audit head "
+            "the run printed"
+        )
     worst = 0
     for name in args.dirs:
         try:

@@ -11,7 +11,7 @@ from typing import TextIO, TypedDict
 
 import orjson
 
-from worker.app.prepare import checked_plan
+from worker.app.prepare import runnable_plan
 from worker.cli.run import limits_of, shard_of
 from worker.core.batching import planned_calls
 from worker.jobs.parse import load_job
@@ -66,7 +66,7 @@ class PlanFacts(TypedDict):
 def cmd_validate(args: argparse.Namespace) -> int:
     """Check a job file and print the plan; sends nothing."""
     job = load_job(Path(args.job))
-    plan_ = checked_plan(job, shard_of(args))
+    plan_ = runnable_plan(job, shard_of(args))
     facts = _plan_facts(job, plan_, limits_of(job.limits, args), args.gateway)
     if args.json:
         sys.stdout.write(orjson.dumps(facts, option=orjson.OPT_INDENT_2).decode() + "\n")

@@ -1,17 +1,23 @@
 """A call, apart from the engine's flow: sending one that is not the plain cancel through the
-canceller, and what the audit log says of it (its action, its subject, the decision that
-followed: :class:`~worker.model.Decided`)."""
+canceller, what the audit log says of it (its action, its subject, the decision that
+followed: :class:`~worker.model.Decided`, the text of an answer that could not be read), and
+the run's list calls when the job asked for them."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import replace
 
+import structlog
+
+from worker import redact
 from worker.core.actions import Action, Finish, Kind, Leave, Send, StopRun, Wait
-from worker.core.batching import LIST_CANCEL, Fanout
-from worker.core.ports import Answer, Canceller
+from worker.core.batching import LIST_CANCEL, BatchPlan, Fanout
+from worker.core.ports import Answer, Canceller, EngineSettings
 from worker.enos import protocol as p
 from worker.model import Attempt, Decided, Outcome, Target
+
+log = structlog.get_logger("worker.engine")
 
 
 def decision_after(  # noqa: PLR0911 (one word per kind of action)
@@ -91,3 +97,26 @@ def attempt_of(
         subject,
         batch,
     )
+
+
+def unreadable_text(exc: Exception) -> str:
+    """What an answer the client failed on is recorded with: the exception may quote the
+    gateway's text, so it is masked like the gateway's text (before the cut), and capped."""
+    text = f"the answer could not be read: {exc!r}"
+    return redact.scrub_text(text[: 500 + redact.reach()])[:500]
+
+
+def batch_plan(settings: EngineSettings) -> BatchPlan | None:
+    """The run's lists, when the job asked for them (never in a dry run, which only searches)."""
+    if settings.assets_per_call <= 1 or settings.dry_run:
+        return None
+    return BatchPlan(
+        settings.assets_per_call,
+        trial_batches=settings.trial_batches,
+        settle_s=settings.batch_settle_s,
+        on_change=_log_batching,
+    )
+
+
+def _log_batching(event: str, why: str) -> None:
+    (log.info if event == "batching_trusted" else log.warning)(f"worker.{event}", why=why)

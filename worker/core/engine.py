@@ -31,7 +31,6 @@ from collections.abc import Callable, Iterator
 import anyio
 import structlog
 
-from worker import redact
 from worker.core.actions import (
     PLAIN_CANCEL,
     Action,
@@ -42,7 +41,15 @@ from worker.core.actions import (
     Wait,
 )
 from worker.core.batching import LIST_CANCEL, BatchCore, BatchPlan, Fanout, groupable, take_list
-from worker.core.calls import action_name, ask, attempt_of, decision_after, ms_since
+from worker.core.calls import (
+    action_name,
+    ask,
+    attempt_of,
+    batch_plan,
+    decision_after,
+    ms_since,
+    unreadable_text,
+)
 from worker.core.decide import TargetCore
 from worker.core.pacing import Pacer
 from worker.core.ports import (
@@ -56,8 +63,15 @@ from worker.core.ports import (
 )
 from worker.core.ratelimit import RateLimiter
 from worker.core.stops import Stop, StopRules
-from worker.errors import EnOSError, RateLimitedError, RetryableError, UnreadableAnswerError
+from worker.errors import (
+    EnOSError,
+    RateLimitedError,
+    RetryableError,
+    StoreError,
+    UnreadableAnswerError,
+)
 from worker.model import (
+    Attempt,
     CancelReply,
     Decided,
     SearchPage,
@@ -104,7 +118,7 @@ class Engine:
         self._admitting = True
         self._targets: Iterator[tuple[int, Target]] = iter(())
         self._held: tuple[int, Target] | None = None  # read ahead while grouping a list
-        self.batching = _batch_plan(settings)
+        self.batching = batch_plan(settings)
         self._wake: anyio.Event | None = None
         self.progress = Progress()
         self.stop_reason = StopReason.FINISHED
@@ -196,15 +210,26 @@ class Engine:
         if plan is not None and groupable(item[1]) and (size := plan.per_call()) > 1:
             return self._admit_list(item, size, plan)
         ordinal, target = item
-        if self._admissions is not None:
-            self._admissions.admit(ordinal)
-        return self._core(ordinal, target)
+        return self._core(ordinal, target) if self._admitted(ordinal) else None
 
-    def _admit_list(self, first: tuple[int, Target], size: int, plan: BatchPlan) -> BatchCore:
+    def _admitted(self, ordinal: int) -> bool:
+        """Tell the admission mark before the first call; a mark that cannot be written stops
+        the run (the target is not sent: crash truth could not cover it)."""
+        if self._admissions is not None:
+            try:
+                self._admissions.admit(ordinal)
+            except StoreError as error:
+                self.stop(StopReason.FATAL, str(error))
+                return False
+        return True
+
+    def _admit_list(
+        self, first: tuple[int, Target], size: int, plan: BatchPlan
+    ) -> BatchCore | None:
         """`first` and the next targets that may share its call (one held back for later)."""
         items, self._held = take_list(first, self._targets, size)
-        if self._admissions is not None:
-            self._admissions.admit(items[-1][0])
+        if not self._admitted(items[-1][0]):
+            return None
         members = [self._core(ordinal, target) for ordinal, target in items]
         return plan.group(members, self._settings.policy)
 
@@ -277,7 +302,7 @@ class Engine:
                 decision=Decided.ABANDONED,
                 error=error,
             )
-            self.recorder.attempt(record, action_name(send))
+            self._audit(record, action_name(send))
             if isinstance(core, BatchCore):  # a list's answer already obtained is kept
                 self._settle(core, core.stopped())
             raise
@@ -285,7 +310,7 @@ class Engine:
             return self._after_error(core, send, number, error, began)
         except Exception as exc:  # the client failed on an answer: the target, not the run
             log.exception("worker.unreadable_answer", target=target.describe())
-            unreadable = UnreadableAnswerError(_unreadable_text(exc))
+            unreadable = UnreadableAnswerError(unreadable_text(exc))
             return self._after_error(core, send, number, unreadable, began)
         finally:
             progress.in_flight -= 1
@@ -321,7 +346,7 @@ class Engine:
             code=code,
             request_id=request_id,
         )
-        self.recorder.attempt(record, action_name(send))
+        self._audit(record, action_name(send))
         return action
 
     def _after_error(
@@ -354,7 +379,7 @@ class Engine:
             wait_s=wait_s,
             error=str(error),
         )
-        self.recorder.attempt(record, action_name(send))
+        self._audit(record, action_name(send))
         return action
 
     def _settle(self, core: Core, action: Action | Fanout) -> None:
@@ -403,30 +428,20 @@ class Engine:
         if stop is not None:
             self.stop(*stop)
 
+    def _audit(self, attempt: Attempt, action: str) -> None:
+        """Record an attempt; a record that cannot be written stops the run."""
+        try:
+            self.recorder.attempt(attempt, action)
+        except StoreError as error:
+            self.stop(StopReason.FATAL, str(error))
+
     def _finish(self, result: TargetResult) -> None:
-        self.recorder.result(result)
+        """Record a final result (unless the records can no longer be written: then the target
+        stays without one, resumable) and apply the stop rules."""
+        try:
+            self.recorder.result(result)
+        except StoreError as error:
+            self.stop(StopReason.FATAL, str(error))
+            return
         self.progress.outcomes[result.outcome] += 1
         self._stop_if(self._rules.finished(self.progress))
-
-
-def _unreadable_text(exc: Exception) -> str:
-    """What an answer the client failed on is recorded with: the exception may quote the
-    gateway's text, so it is masked like the gateway's text (before the cut), and capped."""
-    text = f"the answer could not be read: {exc!r}"
-    return redact.scrub_text(text[: 500 + redact.reach()])[:500]
-
-
-def _batch_plan(settings: EngineSettings) -> BatchPlan | None:
-    """The run's lists, when the job asked for them (never in a dry run, which only searches)."""
-    if settings.assets_per_call <= 1 or settings.dry_run:
-        return None
-    return BatchPlan(
-        settings.assets_per_call,
-        trial_batches=settings.trial_batches,
-        settle_s=settings.batch_settle_s,
-        on_change=_log_batching,
-    )
-
-
-def _log_batching(event: str, why: str) -> None:
-    (log.info if event == "batching_trusted" else log.warning)(f"worker.{event}", why=why)

@@ -82,6 +82,7 @@ class RateLimiter:
         self._on_change = on_change
         now = clock()
         self._next = now  # the earliest instant the next slot may be used
+        self._idle = True  # no slot reserved yet
         self._paused_until = 0.0
         self._last_cut = float("-inf")
         self._ramp_from: float | None = None  # fixed rate: the ramp back starts here
@@ -119,6 +120,8 @@ class RateLimiter:
         if rate is None:
             wait = self._paused_until - now
             return (wait, False) if wait > 0 else (0.0, True)
+        if self._idle:  # the first slot: no catching up on a schedule that never ran
+            self._idle, self._next = False, max(self._next, now)
         slot = max(self._next, now - self._burst_window(rate), self._paused_until)
         if slot - now > HORIZON_S:
             return max(0.001, slot - now - HORIZON_S), False

@@ -23,6 +23,7 @@ from worker.jobs.rules import read_abort, read_limits, read_match
 from worker.jobs.targets import (
     BOTH_MATCH_AND_ID,
     TARGET_KEYS,
+    open_regular,
     row_target,
 )
 from worker.model import Job, Match, Target, TargetsFile, gc_paused
@@ -95,7 +96,7 @@ def _read_bytes(path: Path) -> bytes:
                     f"({JOB_FILE_MAX:,}); put the targets in a targets_file (CSV or JSONL)"
                 ]
             )
-        with path.open("rb") as stream:
+        with open_regular(path, "job file") as stream:  # a FIFO swapped in since the stat
             return stream.read(JOB_FILE_MAX + 1)
     except OSError as exc:
         raise JobFileError([f"{path}: cannot read the job file: {exc.strerror}"]) from None

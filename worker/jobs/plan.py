@@ -14,7 +14,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from worker.errors import JobFileError
-from worker.jobs.targets import BOTH_MATCH_AND_ID, MAX_PROBLEMS, file_rows, row_target
+from worker.jobs.targets import (
+    BOTH_MATCH_AND_ID,
+    MAX_PROBLEMS,
+    file_rows,
+    open_regular,
+    row_target,
+)
 from worker.model import Job, Shard, Target, gc_paused, identity_key, key_digest, selector_problem
 
 
@@ -133,7 +139,7 @@ def plan(job: Job, shard: Shard | None = None, done: set[int] | None = None) -> 
         total=listed - len(skip),
         skip=frozenset(skip),
         duplicate_notes=notes,
-        targets_sha256=_targets_sha256(job),
+        targets_sha256=targets_sha256(job),
         orgs=orgs,
         cancel_all=cancel_all,
         shard=shard,
@@ -218,16 +224,23 @@ def _confirm_duplicates(
     return skip, tuple(notes), distinct
 
 
-def _targets_sha256(job: Job) -> str:
+def inline_digest(job: Job) -> hashlib._Hash:
+    """A sha256 of the inline targets (canonical, defaults applied), to go on with the targets
+    file's bytes (as the plan hashes them, or as they are copied into the run directory)."""
+    digest = hashlib.sha256()
+    for target in job.inline_targets:
+        digest.update(target.key().encode() + b"\n")
+    return digest
+
+
+def targets_sha256(job: Job) -> str:
     """sha256 of the inline targets (canonical, defaults applied) and the targets file's bytes.
 
     With no inline targets it is exactly ``sha256sum`` of the targets file.
     """
-    digest = hashlib.sha256()
-    for target in job.inline_targets:
-        digest.update(target.key().encode() + b"\n")
+    digest = inline_digest(job)
     if job.targets_file is not None:
-        with job.targets_file.path.open("rb") as stream:
+        with open_regular(job.targets_file.path) as stream:
             while chunk := stream.read(1 << 20):
                 digest.update(chunk)
     return digest.hexdigest()

@@ -11,10 +11,12 @@ from __future__ import annotations
 import csv
 import io
 import operator
+import os
 import re
+import stat
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NoReturn
+from typing import BinaryIO, NoReturn
 
 import orjson
 
@@ -90,11 +92,27 @@ def file_rows(targets_file: TargetsFile) -> Iterator[tuple[int, Row]]:
 _BLOCK = 1 << 20  # bytes of a targets file read at a time
 
 
+def open_regular(path: Path, what: str = "targets file") -> BinaryIO:
+    """`path` opened to read, checked to be a regular file through the descriptor itself: a
+    FIFO swapped in after validation neither blocks the open (O_NONBLOCK) nor is read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise JobFileError([f"{path}: cannot read the {what}: {exc.strerror}"]) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise JobFileError(
+            [f"{path}: not a regular file (a FIFO, a device or a directory); give a file"]
+        )
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
 def _line_blocks(path: Path) -> Iterator[tuple[int, list[bytes]]]:
     """(number of the first line, the complete lines without their newline), a block at a
     time: a line over LINE_MAX bytes (a 200 MB "id", a header of fifty million commas) is
     refused before it is held, and there is no Python work per line here."""
-    with path.open("rb") as stream:
+    with open_regular(path) as stream:
         number, rest = 1, b""
         while chunk := stream.read(_BLOCK):
             lines = (rest + chunk).split(b"\n")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from typing import Protocol, TextIO
 
 import anyio
@@ -14,6 +14,7 @@ import structlog
 
 from worker.core.ports import Progress
 from worker.model import Outcome
+from worker.redact import printable
 from worker.store.layout import RunDir
 from worker.store.state import Summary
 
@@ -45,7 +46,7 @@ def render(
         lines.append(f"  audit head         {audit_head}   (keep it; worker audit verify --head)")
     code = summary.exit_code if summary.finished else "none yet (unfinished; resumable)"
     lines.append(f"  exit code          {code}")
-    stream.write("\n".join(lines) + "\n")
+    stream.write("\n".join(printable(line) for line in lines) + "\n")
     stream.flush()
 
 
@@ -144,13 +145,23 @@ async def progress_loop(
     already: int = 0,
     *,
     searching: bool = False,
+    earlier: Counter[str] | None = None,
 ) -> None:
     """A live line on a terminal (ended with the final counts); a log line every 10 s otherwise.
 
-    `already`: targets final from earlier segments, counted as done from the start.
-    `searching`: a verify sweep (targets searched, no outcomes to show)."""
+    `already`: targets final from earlier segments, counted as done from the start, with
+    `earlier` their outcomes. `searching`: a verify sweep (targets searched, no outcomes)."""
     stream = out or sys.stderr
-    line = ProgressLine(progress, limiter, total, already, tty=stream.isatty(), searching=searching)
+    line = ProgressLine(
+        progress,
+        limiter,
+        total,
+        already,
+        tty=stream.isatty(),
+        searching=searching,
+        earlier=earlier,
+        started=time.monotonic(),
+    )
     try:
         while True:
             await anyio.sleep(0.5 if line.tty else 10.0)
@@ -177,10 +188,15 @@ class ProgressLine:
         *,
         tty: bool,
         searching: bool = False,
+        earlier: Counter[str] | None = None,
+        started: float | None = None,
     ) -> None:
         self.progress, self.limiter, self.total, self.already = progress, limiter, total, already
         self.tty, self.searching = tty, searching
+        self.earlier = _earlier_outcomes(already, earlier)
         self._samples: deque[tuple[float, int, int]] = deque()  # (time, finished, requests)
+        if started is not None:  # the first line off a terminal comes with a rate, not 0.0/s
+            self._samples.append((started, progress.finished, progress.requests))
 
     def show(self, stream: TextIO, now: float) -> None:
         """Draw (or, off a terminal, log) the current state."""
@@ -223,14 +239,19 @@ class ProgressLine:
             ]
         return [
             f"  {done:,}/{self.total:,} done",
-            f"{outcomes[Outcome.FAILED]:,} failed",
+            f"{self._run(Outcome.FAILED):,} failed",
             rate,
             eta,
-            f"{outcomes[Outcome.CANCELLED]:,} cancelled",
-            f"{outcomes[Outcome.NOTHING_TO_CANCEL]:,} nothing to cancel",
+            f"{self._run(Outcome.CANCELLED):,} cancelled",
+            f"{self._run(Outcome.NOTHING_TO_CANCEL):,} nothing to cancel",
             f"{progress.in_flight} in flight",
             f"{progress.waiting:,} waiting to retry",
         ]
+
+    def _run(self, outcome: Outcome) -> int:
+        """Targets of the whole run with this outcome (earlier segments and this one), as
+        `done` counts them."""
+        return self.earlier[outcome.value] + self.progress.outcomes[outcome]
 
     def _log(self) -> None:
         progress, allowed = self.progress, self.limiter.rate
@@ -239,7 +260,7 @@ class ProgressLine:
             "worker.progress",
             finished=self.already + progress.finished,
             targets=self.total,
-            failed=progress.outcomes[Outcome.FAILED],
+            failed=self._run(Outcome.FAILED),
             in_flight=progress.in_flight,
             waiting_retry=progress.waiting,
             requests_per_s=round(requesting, 1),
@@ -247,6 +268,20 @@ class ProgressLine:
             allowed_per_s=None if allowed is None else round(allowed, 1),
             rate_cause=self.limiter.cause,
         )
+
+
+def _earlier_outcomes(already: int, earlier: Counter[str] | None) -> Counter[str]:
+    """The outcomes of the targets already final when the segment began. A failed target
+    retried now (--retry-failed) is not among them: the failures counted are the rest."""
+    counted: Counter[str] = Counter()
+    if earlier:
+        counted[Outcome.CANCELLED.value] = earlier[Outcome.CANCELLED.value]
+        counted[Outcome.NOTHING_TO_CANCEL.value] = earlier[Outcome.NOTHING_TO_CANCEL.value]
+        successes = sum(counted.values())
+        counted[Outcome.FAILED.value] = max(
+            0, min(earlier[Outcome.FAILED.value], already - successes)
+        )
+    return counted
 
 
 def fit(parts: list[str], width: int) -> str:

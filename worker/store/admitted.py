@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from worker.store.appendlog import SyncedFile
+from worker.store.appendlog import SyncedFile, WriteGuard, os_cause
 from worker.store.layout import RunDir
 
 _MARK_WIDTH = 20
@@ -21,10 +21,17 @@ class AdmissionMark(SyncedFile):
     segment that has no result may have been cancelled by a call whose answer was never read.
     """
 
-    def __init__(self, run: RunDir, *, ahead: int, earlier_segments: bool) -> None:
+    def __init__(
+        self,
+        run: RunDir,
+        *,
+        ahead: int,
+        earlier_segments: bool,
+        guard: WriteGuard | None = None,
+    ) -> None:
         path = run.admitted
         existed = path.exists()
-        super().__init__(path, os.O_RDWR)
+        super().__init__(path, os.O_RDWR, guard)
         self._ahead = max(1, ahead)
         self.earlier = self._read() if existed else (sys.maxsize if earlier_segments else -1)
         self._written = self.earlier
@@ -43,8 +50,16 @@ class AdmissionMark(SyncedFile):
         return ordinal <= self.earlier
 
     def admit(self, ordinal: int) -> None:
-        """Target `ordinal` is about to be sent: make sure the mark covers it."""
+        """Target `ordinal` is about to be sent: make sure the mark covers it (StoreError when
+        it cannot be written: then the target must not be sent)."""
         if ordinal > self._written:
+            self.guard.check()
+            mark = b"%0*d\n" % (_MARK_WIDTH, ordinal + self._ahead - 1)
+            try:
+                written = os.pwrite(self._fd, mark, 0)
+            except OSError as exc:
+                raise self.guard.fail(self.path, os_cause(exc)) from None
+            if written != len(mark):
+                raise self.guard.fail(self.path, "the admission mark was written short")
             self._written = ordinal + self._ahead - 1
-            os.pwrite(self._fd, b"%0*d\n" % (_MARK_WIDTH, self._written), 0)
             self.unsynced += 1

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import orjson
 
 from worker.model import Attempt
-from worker.store.appendlog import AppendLog, iso, last_line
+from worker.store.appendlog import AppendLog, WriteGuard, iso, last_line
 from worker.store.layout import RunDir
 from worker.store.records import AttemptRecord, AuditRecord
 
@@ -26,11 +26,11 @@ from worker.store.records import AttemptRecord, AuditRecord
 class AuditLog:
     """Writes audit records and keeps the hash chain."""
 
-    def __init__(self, run: RunDir, run_id: str) -> None:
+    def __init__(self, run: RunDir, run_id: str, guard: WriteGuard | None = None) -> None:
         self.run = run
         path = run.audit
         self._prev = _last_line_hash(path) or hashlib.sha256(run_id.encode()).hexdigest()
-        self.log = AppendLog(path)
+        self.log = AppendLog(path, guard)
 
     @property
     def head(self) -> str:
@@ -38,11 +38,12 @@ class AuditLog:
         return self._prev
 
     def write(self, record: AuditRecord) -> None:
-        """Append one record, chained to the previous one."""
+        """Append one record, chained to the previous one (the chain moves on only once the
+        line is written)."""
         record["prev"] = self._prev
         line = orjson.dumps(record)
-        self._prev = hashlib.sha256(line).hexdigest()
         self.log.append_line(line)
+        self._prev = hashlib.sha256(line).hexdigest()
 
     def attempt(self, attempt: Attempt, action: str = "cancel") -> None:
         """One HTTP attempt: target (or targets, for a list), number, status, code, request

@@ -20,7 +20,7 @@ from worker.store.records import AttemptRecord, ResultRecord
 
 if TYPE_CHECKING:
     from worker.store.layout import RunDir
-from worker.store.appendlog import AppendLog, iso
+from worker.store.appendlog import AppendLog, WriteGuard, iso
 
 log = structlog.get_logger("worker.journal")
 
@@ -63,8 +63,8 @@ def _plain_record(result: TargetResult, target: Target) -> ResultRecord:
 class ResultJournal:
     """Appends result lines to results.jsonl."""
 
-    def __init__(self, run: RunDir) -> None:
-        self.log = AppendLog(run.results)
+    def __init__(self, run: RunDir, guard: WriteGuard | None = None) -> None:
+        self.log = AppendLog(run.results, guard)
 
     def write(self, result: TargetResult) -> None:
         """Record one final result."""

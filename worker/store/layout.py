@@ -13,6 +13,8 @@ Nothing else in the code spells a run directory's file names: a new file is a ne
     done.bin          ... and its done set: a cache, never a record
     verify.jsonl      the last verify sweep, a line per searched target ...
     verify.json       ... and its counts
+    targets.csv       the targets file copied in at the start (or targets.jsonl): what the run
+                      and every resume read
     report.html       the report page (report.html)
     failed.csv        the failed targets as a targets file ...
     followup.yaml     ... and a job that runs them again
@@ -20,13 +22,17 @@ Nothing else in the code spells a run directory's file names: a new file is a ne
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import orjson
 
-from worker.errors import UsageError
+from worker.errors import StoreError, UsageError
+from worker.store.appendlog import os_cause
 from worker.store.records import VerifyCountsRecord
 from worker.store.state import Manifest, Summary
 
@@ -105,6 +111,11 @@ class RunDir:
         """followup.yaml: a job that runs the failed targets again."""
         return self.path / "followup.yaml"
 
+    def targets(self, fmt: str) -> Path:
+        """targets.csv / targets.jsonl: the targets file as the run planned it, copied in at its
+        start; the run and every resume read only this copy."""
+        return self.path / f"targets.{fmt}"
+
     def holds_run(self) -> bool:
         """Whether the directory holds a run (its manifest exists)."""
         return self.manifest.exists()
@@ -118,13 +129,51 @@ class RunDir:
 
 def write_atomically(path: Path, data: bytes) -> None:
     """Replace `path` with `data` so that a reader (or a crash) sees the old or the new file,
-    never half of one: write beside it, fsync, rename."""
+    never half of one: write beside it (never through a planted link), fsync, rename.
+    StoreError when it cannot be written (the old file, if any, stays as it was)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as stream:
-        stream.write(data)
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(tmp, path)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(tmp, flags, 0o640)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise StoreError(path, os_cause(exc)) from None
+
+
+def copy_in(source: BinaryIO, dest: Path, digest: hashlib._Hash) -> None:
+    """Copy an open file into the run directory (beside, fsync, rename; never through a planted
+    link), feeding every byte to `digest` as it goes. StoreError when it cannot be written."""
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(tmp, flags, 0o640)
+        try:
+            while chunk := source.read(1 << 20):
+                digest.update(chunk)
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, dest)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise StoreError(dest, os_cause(exc)) from None
 
 
 def read_manifest(run: RunDir) -> Manifest:

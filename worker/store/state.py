@@ -76,6 +76,7 @@ class Manifest:
     segments: list[Segment] = field(default_factory=list)
     match: Match | None = None  # the job's match rule, for follow-ups
     shard: str | None = None  # "K/N": this run covers one shard of the job's targets
+    targets_file: str | None = None  # the targets file's copy in the run directory (its name)
 
     def to_json(self) -> JsonObject:
         """As written in run.json."""
@@ -99,6 +100,7 @@ class Manifest:
             segments=[Segment.from_json(s) for s in data.get("segments") or []],
             match=Match(**data["match"]) if data.get("match") else None,
             shard=data.get("shard"),
+            targets_file=data.get("targets_file"),
         )
 
     def changes(self, job_sha256: str, targets_sha256: str) -> list[tuple[str, str, str]]:
