@@ -11,7 +11,7 @@ import orjson
 
 from tests.conftest import APP_KEY, APP_SECRET
 from worker.app.metrics import MetricsAddress
-from worker.app.prepare import snapshot_targets, start_new, start_resumed
+from worker.app.prepare import check_recorded, snapshot_targets, start_new, start_resumed
 from worker.app.run import execute
 from worker.app.wiring import RunOptions
 from worker.jobs.parse import load_job
@@ -91,5 +91,6 @@ async def resume_job(
     )
     out = io.StringIO()
     start = start_resumed(job, run, None, retry_failed=retry_failed, force=False)
+    check_recorded(run, start.manifest, gateway=gateway)  # as `--resume DIR --gateway URL`
     code = await execute(start, options, out=out)
     return code, out.getvalue()

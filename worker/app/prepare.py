@@ -15,11 +15,12 @@ from pathlib import Path
 import structlog
 
 from worker.app.run import SegmentStart
-from worker.errors import UsageError
+from worker.errors import UsageError, shown
 from worker.jobs.plan import Plan, inline_digest, plan, targets_sha256
 from worker.jobs.targets import open_regular
 from worker.model import Job, Limits, Shard, TargetsFile
 from worker.report.hints import resume_command
+from worker.store.audit import last_run_started
 from worker.store.done import Finished
 from worker.store.layout import RunDir, copy_in, read_manifest
 from worker.store.lock import holder_of
@@ -204,3 +205,30 @@ def check_same_run(
         covers = f"shard {manifest.shard}" if manifest.shard else "every target (no shard)"
         fix = f"pass --shard {manifest.shard}" if manifest.shard else "drop --shard"
         raise UsageError(f"the run in {run} covers {covers}; {fix} to resume it")
+
+
+def check_recorded(run: RunDir, manifest: Manifest, *, gateway: str | None) -> None:
+    """run.json against the audit's last run_started: the run id, the job and targets hashes
+    and the gateway must be what the run last ran as. An edited run.json (a gateway pointed
+    elsewhere, to receive the token) is refused; an explicit `gateway` (--gateway, or the
+    spool watcher's own) may change the gateway, and run.json then follows it (the new
+    segment's run_started records it)."""
+    started = last_run_started(run)
+    if started is None:
+        return  # a run that died before its first record: nothing to compare
+    recorded = {
+        "run id": (manifest.run_id, started.get("run_id")),
+        "job sha256": (manifest.job_sha256, started.get("job_sha256")),
+        "targets sha256": (manifest.targets_sha256, started.get("targets_sha256")),
+    }
+    if gateway is None:
+        recorded["gateway"] = (manifest.gateway, started.get("gateway"))
+    for what, (then, audited) in recorded.items():
+        if then != audited:
+            raise UsageError(
+                f"{run.manifest} says its {what} is {shown(then)}, but the audit's last segment "
+                f"ran with {shown(audited)}: run.json was changed outside worker. Restore it"
+                + (", or pass --gateway to change the gateway openly" if what == "gateway" else "")
+            )
+    if gateway is not None:
+        manifest.gateway = gateway

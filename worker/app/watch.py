@@ -40,7 +40,7 @@ import structlog
 from anyio.abc import TaskGroup
 
 from worker.app.metrics import MetricsAddress, RunMetrics
-from worker.app.prepare import snapshot_targets, start_new, start_resumed
+from worker.app.prepare import check_recorded, snapshot_targets, start_new, start_resumed
 from worker.app.run import RunControl, SegmentStart, execute
 from worker.app.settings import resolve_gateway
 from worker.app.wiring import RunOptions, limiter_for
@@ -284,7 +284,10 @@ class Watcher:
         job = load_job(job_file)
         if run.holds_run():
             try:
-                return start_resumed(job, run, None, retry_failed=False, force=False)
+                start = start_resumed(job, run, None, retry_failed=False, force=False)
+                gateway = resolve_gateway(self.options.gateway, job, insecure=self.options.insecure)
+                check_recorded(run, start.manifest, gateway=gateway)  # the watcher's decides
+                return start
             except UsageError as exc:
                 raise UsageError(
                     f"{job_file.name} is not resumed: {exc} (drop it in again under a new "

@@ -23,6 +23,7 @@ from worker.app import dryrun
 from worker.app.dryrun import dry_run
 from worker.app.metrics import MetricsAddress
 from worker.app.prepare import (
+    check_recorded,
     check_same_run,
     new_run_dir,
     runnable_plan,
@@ -92,6 +93,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             gateway = resolve_gateway(
                 args.gateway or start.manifest.gateway, job, insecure=args.insecure
             )
+            check_recorded(run, start.manifest, gateway=gateway if args.gateway else None)
             limits = limits_of(start.manifest.limits, args)
             _confirm(start.plan.pending_count or 0, gateway, assume_yes=args.yes)
             options = _options(

@@ -34,7 +34,8 @@ from worker.model import JsonObject, Outcome, gc_paused, key_digest
 from worker.report.summary import build_summary
 from worker.store.journal import record_key
 from worker.store.layout import RunDir, read_manifest
-from worker.store.records import AttemptRecord, AuditRecord, ResultRecord
+from worker.store.records import AttemptRecord, AuditRecord, ResultRecord, RunStartedRecord
+from worker.store.state import Manifest
 from worker.store.tally import count_journal
 
 
@@ -56,6 +57,7 @@ class Verified:
     results: int = 0
     head: str = ""
     died: bool = False  # the last segment has no run_finished
+    last_started: RunStartedRecord | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -80,6 +82,7 @@ def verify(run: RunDir, *, head: str | None = None) -> Verified:
                 f"{found.segments} segments started, run.json lists {len(manifest.segments)}",
             )
         _check_results(run.results, attempts, found)
+    _check_manifest(run, manifest, found)
     if head is not None and head.lower() != found.head:
         raise AuditBroken(
             run.audit,
@@ -89,6 +92,27 @@ def verify(run: RunDir, *, head: str | None = None) -> Verified:
         )
     _check_summary(run, found)
     return found
+
+
+def _check_manifest(run: RunDir, manifest: Manifest, found: Verified) -> None:
+    """run.json says what the audit's last run_started says (run id, job and targets hashes,
+    gateway): an edited run.json (a gateway pointed elsewhere) is found."""
+    started = found.last_started
+    if started is None:
+        return
+    for key, value in (
+        ("run_id", manifest.run_id),
+        ("job_sha256", manifest.job_sha256),
+        ("targets_sha256", manifest.targets_sha256),
+        ("gateway", manifest.gateway),
+    ):
+        if started.get(key) != value:
+            raise AuditBroken(
+                run.manifest,
+                None,
+                f"its {key} is {value!r:.80}, the audit's last run_started says "
+                f"{started.get(key)!r:.80}: run.json was changed outside worker",
+            )
 
 
 def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
@@ -122,6 +146,7 @@ def _check_chain(path: Path, run_id: str, found: Verified) -> _Attempts:
         kind: object = record.get("type")
         if kind == "run_started":
             found.segments += 1
+            found.last_started = cast("RunStartedRecord", record)
             if record.get("segment") != found.segments or record.get("run_id") != run_id:
                 raise AuditBroken(path, number, "a run_started out of order or of another run")
             in_segment = True

@@ -20,7 +20,7 @@ import orjson
 from worker.model import Attempt
 from worker.store.appendlog import AppendLog, WriteGuard, iso, last_line
 from worker.store.layout import RunDir
-from worker.store.records import AttemptRecord, AuditRecord
+from worker.store.records import AttemptRecord, AuditRecord, RunStartedRecord
 
 
 class AuditLog:
@@ -100,3 +100,43 @@ def attempt_record(attempt: Attempt, action: str) -> AttemptRecord:
     if attempt.subject is not None:
         record["subject"] = attempt.subject
     return record
+
+
+_STARTED = b'{"type":"run_started"'
+_CHUNK = 1 << 20
+
+
+def last_run_started(run: RunDir) -> RunStartedRecord | None:
+    """The last segment's run_started record: what the audit says the run last ran as (its
+    run id, job and targets hashes, gateway), read backwards from the end, a megabyte at a
+    time. None when the audit holds none."""
+    path = run.audit
+    if not path.exists():
+        return None
+    with path.open("rb") as stream:
+        end = stream.seek(0, os.SEEK_END)
+        tail = b""
+        while end > 0:
+            start = max(0, end - _CHUNK)
+            stream.seek(start)
+            tail = stream.read(end - start) + tail
+            found = _started_line(tail, at_file_start=start == 0)
+            if found is not None:
+                loaded: RunStartedRecord = orjson.loads(found)  # a line of the run's own audit
+                return loaded
+            end = start
+            cut = tail.find(b"\n")  # the chunk's first line may go on in the chunk before
+            tail = tail if cut < 0 else tail[: cut + 1]
+    return None
+
+
+def _started_line(data: bytes, *, at_file_start: bool) -> bytes | None:
+    """The last complete run_started line in `data` (which may begin mid-line)."""
+    index = data.rfind(b"\n" + _STARTED)
+    if index >= 0:
+        line_end = data.find(b"\n", index + 1)
+        return data[index + 1 : line_end] if line_end > 0 else None
+    if at_file_start and data.startswith(_STARTED):
+        line_end = data.find(b"\n")
+        return data[:line_end] if line_end > 0 else None
+    return None
