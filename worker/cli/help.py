@@ -12,11 +12,13 @@ EXIT_CODES = """exit codes:
   4  interrupted (SIGINT/SIGTERM) or the deadline was reached; resumable"""
 
 WATCH_EXIT_CODES = """exit codes:
-  0  stopped (or, with --once, nothing left to do)
-  1  a job could not be run by this watcher (a crash or an unreadable run directory: it
-     stays in running/, resumable; the log says why)
-  2  bad usage
-  4  stopped by SIGINT/SIGTERM with jobs left in running/ (the next watcher resumes them)"""
+  0  stopped (SIGINT/SIGTERM with nothing left in running/), or with --once nothing left to do
+  1  with --once, a job of this pass went to failed/ (its NAME.error.txt says why); or a job
+     could not be run nor filed (failed/ cannot be written: it stays in running/, the log
+     says why)
+  2  bad usage: no gateway (--gateway or ENOS_GATEWAY), no spool (or pass --create), bad
+     credentials or flags; nothing was claimed
+  4  drained by SIGINT/SIGTERM with jobs left in running/ (the next watcher resumes them)"""
 
 SWEEP_EXIT_CODES = """exit codes:
   0  every searched target is verified: nothing the job asked to cancel is pending
