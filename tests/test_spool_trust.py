@@ -26,7 +26,7 @@ from worker.app.settings import same_gateway
 from worker.app.spool import open_spool
 from worker.app.spoolcheck import public_text
 from worker.app.watch import Watcher, WatchOptions
-from worker.errors import JobFileError
+from worker.errors import JobFileError, UsageError
 from worker.jobs.plan import Plan
 from worker.jobs.plan import plan as real_plan
 from worker.model import Credentials, Job, Limits, Shard
@@ -354,3 +354,16 @@ async def test_a_run_directory_of_another_user_is_not_used(
         assert await watch.run() == 1
     assert "belongs to another user" in error_of(spool, "job")
     assert list((spool / "runs" / claimed.stem).iterdir()) == []
+
+
+def test_a_spool_folder_that_is_a_link_is_refused(tmp_path: Path) -> None:
+    """failed/ planted as a symbolic link to another user's directory would have every exit
+    record and error file written there: the watcher does not start (exit 2)."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (spool / "failed").symlink_to(elsewhere)
+    with pytest.raises(UsageError, match="failed is not a directory"):
+        open_spool(spool, create=False)
+    assert list(elsewhere.iterdir()) == []

@@ -42,14 +42,17 @@ def open_spool(spool: Path, *, create: bool) -> None:
     """Check the spool and make its missing subfolders. A spool that does not exist is a
     mistyped path unless `create` says otherwise; a subfolder that is a symbolic link would
     send the watcher's writes elsewhere, so it is refused."""
-    if not spool.is_dir():
-        if not create and not spool.exists():
+    if not spool.exists():
+        if not create:
             raise UsageError(
                 f"the spool {spool} does not exist; check the path, or pass --create to make it"
             )
-        if not create:
-            raise UsageError(f"the spool {spool} is not a directory")
-        spool.mkdir(parents=True, exist_ok=True)
+        try:
+            spool.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"cannot make the spool {spool}: {exc.strerror}") from None
+    if not spool.is_dir():
+        raise UsageError(f"the spool {spool} is not a directory")
     for name in SPOOL_DIRS:
         folder = spool / name
         try:
