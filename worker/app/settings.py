@@ -112,6 +112,49 @@ def check_gateway(gateway: str, *, insecure: bool) -> str:
     return gateway.rstrip("/")
 
 
+def watcher_gateway(flag: str | None, *, insecure: bool) -> str:
+    """``watch``: the watcher's own gateway, --gateway else ENOS_GATEWAY, required. Where the
+    credentials go is the operator's decision, never a dropped job file's (design.md, "Spool
+    trust"), so there is no fallback to a job's ``gateway:``."""
+    gateway = flag or os.environ.get(ENV_GATEWAY)
+    if not gateway:
+        raise UsageError(
+            "watch needs a gateway of its own: pass --gateway https://apim-... or set "
+            f"{ENV_GATEWAY}. Every spooled job runs against it; a job file's 'gateway:' is "
+            "never used (a job naming another gateway is refused)"
+        )
+    return check_gateway(gateway, insecure=insecure)
+
+
+DEFAULT_PORTS = {"http": 80, "https": 443}
+GatewayIdentity = tuple[str, str, int, str, str, str]
+
+
+def gateway_identity(url: str) -> GatewayIdentity | None:
+    """What makes two spellings of a gateway URL one place: the scheme and host in any case,
+    the scheme's default port written or not, the path without trailing slashes (a path
+    prefix is part of the place). Anything else that differs (user info, a query) is another
+    place. None when it is no http(s) URL with a host."""
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:  # a port out of range, a bad IPv6 literal
+        return None
+    scheme, host = parts.scheme.lower(), (parts.hostname or "").lower()
+    if scheme not in DEFAULT_PORTS or not host:
+        return None
+    userinfo = parts.netloc.rpartition("@")[0]
+    path = parts.path.rstrip("/")
+    return scheme, host, port or DEFAULT_PORTS[scheme], path, userinfo, parts.query
+
+
+def same_gateway(one: str, other: str) -> bool:
+    """Whether two gateway URLs name the same place (see :func:`gateway_identity`); a URL
+    that cannot be read is the same as nothing."""
+    mine = gateway_identity(one)
+    return mine is not None and mine == gateway_identity(other)
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True

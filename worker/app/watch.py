@@ -1,14 +1,14 @@
 """``worker watch SPOOL``: a long-lived worker that runs the job files dropped into a directory.
 
-Layout (created when missing)::
+Layout (the spool must exist, or ``--create``; its subfolders are made when missing)::
 
     SPOOL/incoming/   job files are dropped here (*.yaml, *.yml), by cron or another system;
-                      one is claimed once it has not changed for a second
+                      one is claimed once it has not changed for --unchanged-for seconds
     SPOOL/running/    claimed: renamed here, under a unique name, by the watcher running it
     SPOOL/runs/       one run directory per claimed job, named like its file in running/
-    SPOOL/done/       finished jobs (exit 0 or 1), with NAME.exit.json beside each
-    SPOOL/failed/     invalid (2), aborted (3) or past their deadline (4), with NAME.exit.json
-                      (and NAME.error.txt for a job that could not be read)
+    SPOOL/done/       finished jobs (every target final: exit 0 or 1), NAME.exit.json beside each
+    SPOOL/failed/     every job that ended without finishing: refused or invalid (2), aborted
+                      or crashed (3), past its deadline (4); NAME.exit.json and NAME.error.txt
 
 A claim is one ``rename`` from incoming/ to a name that exists nowhere else, so of several
 watchers on one shared volume exactly one gets each file. The run directory's ``run.lock``
@@ -16,7 +16,13 @@ watchers on one shared volume exactly one gets each file. The run directory's ``
 an unlocked one is resumed from its journal, by whichever watcher locks it first. Several jobs
 run at once under one shared limiter (``--rate`` is the watcher's whole budget). SIGTERM drains:
 nothing new is claimed, running jobs stop as a run does on SIGTERM and stay in running/,
-resumable by the next watcher.
+resumable by the next watcher. Those two (a drain, a job another live watcher holds) are the
+only ways a job stays in running/: every other end but finishing files it under failed/.
+
+Every job runs against the watcher's own gateway; a job is refused before anything is read
+through it when it names another gateway, a targets file outside the spool, or is a link
+(:mod:`worker.app.spoolcheck`). Its targets file, too, must have been still for
+--unchanged-for seconds before it is planned.
 
 Targets files move with nothing: a job file refers to them by a path relative to itself, and
 incoming/, running/, done/ and failed/ are siblings, so write ``targets_file: ../targets/x.csv``
@@ -26,46 +32,50 @@ and keep targets files in ``SPOOL/targets/``.
 from __future__ import annotations
 
 import os
-import secrets
 import signal
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
-import orjson
 import structlog
 from anyio.abc import TaskGroup
 
 from worker.app.metrics import MetricsAddress, RunMetrics
 from worker.app.prepare import check_recorded, snapshot_targets, start_new, start_resumed
 from worker.app.run import RunControl, SegmentStart, execute
-from worker.app.settings import resolve_gateway
+from worker.app.spool import (
+    JobRefused,
+    Settled,
+    claim,
+    claimed_files,
+    make_run_dir,
+    open_spool,
+    settle,
+    unfinished,
+    waiting,
+)
+from worker.app.spoolcheck import check_job, check_job_file, file_state, public_text
 from worker.app.wiring import RunOptions, limiter_for
 from worker.core.ratelimit import RateLimiter
-from worker.errors import ExitCode, JobFileError, UsageError
+from worker.errors import ExitCode, UsageError
 from worker.jobs.parse import load_job
 from worker.model import Credentials, Job, Limits
-from worker.store.appendlog import iso
+from worker.report.hints import resume_command
 from worker.store.layout import RunDir
 from worker.store.lock import RunDirBusy, run_dir_lock
 
 log = structlog.get_logger("worker.watch")
-SPOOL_DIRS = ("incoming", "running", "runs", "done", "failed")
-JOB_SUFFIXES = (".yaml", ".yml")
 
 
 @dataclass(frozen=True)
 class WatchOptions:
-    """One watcher: its spool, credentials, the shared rate, how many jobs at once."""
+    """One watcher: its spool, credentials, gateway, the shared rate, how many jobs at once."""
 
     spool: Path
     credentials: Credentials
     limits: Limits  # rate: the whole watcher's budget; concurrency: per job unless the job's
-    gateway: str | None = None
-    insecure: bool = False
+    gateway: str  # the watcher's own, checked: every job runs against it, whatever it names
     jobs: int = 2
     poll_s: float = 1.0
     once: bool = False  # exit when nothing is left to do (cron, tests)
@@ -73,70 +83,8 @@ class WatchOptions:
     backoff_base_s: float = 0.5
     backoff_cap_s: float = 30.0
     metrics: MetricsAddress | None = None  # serve the watcher's metrics (all its jobs) there
-    quiet_s: float = 1.0  # a job file is claimed once it has not changed for this long
-
-
-def prepare(spool: Path) -> None:
-    """Create the spool's directories (a watcher may be the first on a fresh volume)."""
-    for name in SPOOL_DIRS:
-        (spool / name).mkdir(parents=True, exist_ok=True)
-
-
-def claim(spool: Path, name: str) -> Path | None:
-    """Move incoming/NAME to running/ under a unique name; None if another watcher took it."""
-    stem = Path(name).stem
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    claimed = spool / "running" / f"{stem}.{stamp}-{secrets.token_hex(3)}{Path(name).suffix}"
-    try:
-        os.rename(spool / "incoming" / name, claimed)
-    except FileNotFoundError:
-        return None
-    log.info("worker.job_claimed", job=name, as_=claimed.name)
-    return claimed
-
-
-def run_dir_of(job_file: Path) -> RunDir:
-    """The run directory of a claimed job file: SPOOL/runs/<its name without the suffix>."""
-    return RunDir(job_file.parent.parent / "runs" / job_file.stem)
-
-
-def waiting(spool: Path, quiet_s: float = 0.0) -> list[str]:
-    """Job files in incoming/, oldest first; with `quiet_s`, only those unchanged for that
-    long (a producer that writes in place must not have half a job claimed: a cut-off YAML
-    list can still parse, as a shorter job)."""
-    now = time.time()
-    entries = [
-        entry
-        for entry in os.scandir(spool / "incoming")
-        if entry.is_file()
-        and entry.name.endswith(JOB_SUFFIXES)
-        and not entry.name.startswith(".")
-        and now - entry.stat().st_mtime >= quiet_s
-    ]
-    entries.sort(key=lambda entry: (entry.stat().st_mtime, entry.name))
-    return [entry.name for entry in entries]
-
-
-def claimed_files(spool: Path) -> Iterator[Path]:
-    """Job files in running/ (some run by live watchers, some left by a dead one)."""
-    for entry in sorted(os.scandir(spool / "running"), key=lambda e: e.name):
-        if entry.is_file() and entry.name.endswith(JOB_SUFFIXES):
-            yield Path(entry.path)
-
-
-def settle(job_file: Path, code: int, *, error: str | None = None) -> Path:
-    """Move a claimed job to done/ (exit 0, 1) or failed/, its exit code written beside it
-    first (a crash in between leaves it in running/, where it is resumed: nothing is lost)."""
-    spool = job_file.parent.parent
-    where = spool / ("done" if code in (ExitCode.OK, ExitCode.FAILED) else "failed")
-    record = {"exit_code": int(code), "run_dir": str(run_dir_of(job_file)), "at": iso(time.time())}
-    if error is not None:
-        record["error"] = error
-        (where / f"{job_file.name}.error.txt").write_text(error + "\n", encoding="utf-8")
-    (where / f"{job_file.name}.exit.json").write_bytes(orjson.dumps(record) + b"\n")
-    os.rename(job_file, where / job_file.name)
-    log.info("worker.job_settled", job=job_file.name, exit_code=int(code), to=where.name)
-    return where / job_file.name
+    quiet_s: float = 1.0  # a job file (and its targets file) must not have changed for this long
+    create: bool = False  # make the spool when it does not exist
 
 
 class Watcher:
@@ -147,11 +95,12 @@ class Watcher:
         self.limiter: RateLimiter = limiter_for(options.limits)
         self.controls: dict[str, RunControl] = {}  # claimed name -> its run, while it runs
         self.draining = False
-        self.settled: list[tuple[str, int]] = []
+        self.settled: list[Settled] = []
         self._slots = anyio.Semaphore(options.jobs)
         self._mine: set[str] = set()  # claimed names this watcher has a task for
-        self._broken: set[str] = set()  # failed here for a reason of this process: not retried
+        self._broken: set[str] = set()  # could not even be settled here: not retried
         self._wake = anyio.Event()
+        self._spool = options.spool  # resolved once the spool is opened
         self.metrics = RunMetrics() if options.metrics is not None else None
 
     def _serve_metrics(self, address: MetricsAddress) -> None:
@@ -179,9 +128,10 @@ class Watcher:
 
     async def run(self) -> int:
         """Watch until SIGINT/SIGTERM (or, with once, until nothing is left); returns 0, 4 when
-        a drain left jobs in running/ to resume, 1 when a job could not be run here (it stays in
-        running/, resumable; the log says why)."""
-        prepare(self.options.spool)
+        a drain left jobs in running/ to resume, 1 when a job could not be settled or (with
+        once) went to failed/. UsageError when the spool does not exist (without create)."""
+        open_spool(self.options.spool, create=self.options.create)
+        self._spool = self.options.spool.resolve()
         if self.options.metrics is not None:
             self._serve_metrics(self.options.metrics)
         try:
@@ -196,10 +146,19 @@ class Watcher:
             async with anyio.create_task_group() as jobs:
                 await self._watch(jobs)
             signals.cancel_scope.cancel()  # every job has ended
+        return self._exit_code()
+
+    def _exit_code(self) -> int:
+        """4 when a drain left jobs in running/ (resumable: the contract's "try again"); 1
+        when a job could not be settled, or with once when one went to failed/ (a cron entry
+        must see it); else 0."""
         left = any(True for _ in claimed_files(self.options.spool))
         if self.draining and left:
             return ExitCode.INTERRUPTED
-        return ExitCode.FAILED if self._broken else ExitCode.OK
+        failed = any(not settled.finished for settled in self.settled)
+        if self._broken or (self.options.once and failed):
+            return ExitCode.FAILED
+        return ExitCode.OK
 
     async def _watch(self, jobs: TaskGroup) -> None:
         spool = self.options.spool
@@ -237,21 +196,16 @@ class Watcher:
         jobs.start_soon(self._adopt, job_file)
 
     async def _adopt(self, job_file: Path) -> None:
-        """Run one claimed job (fresh, or resumed from its journal) under its run dir's lock;
-        skip it when a live watcher holds that lock."""
+        """Run one claimed job (fresh, or resumed from its journal) and settle it; skip it
+        when a live watcher holds its run directory. Only a job that cannot even be settled
+        (failed/ cannot be written) stays in running/ without a reason: then the watcher
+        exits 1 and its log says why."""
         try:
-            run = run_dir_of(job_file)
-            run.path.mkdir(exist_ok=True)
-            with run_dir_lock(run):
-                if job_file.exists():  # noqa: ASYNC240 (a stat: not settled by another watcher)
-                    await self._run(job_file, run)
+            await self._adopt_locked(job_file)
         except RunDirBusy:
             pass  # a live watcher runs it
-        except UsageError as exc:
-            log.error("worker.job_not_run", job=job_file.name, why=str(exc))
-            self._broken.add(job_file.name)
-        except Exception:  # a bug or an OS failure: this job stays resumable; the rest goes on
-            log.exception("worker.job_crashed", job=job_file.name)
+        except Exception:
+            log.exception("worker.job_not_settled", job=job_file.name)
             self._broken.add(job_file.name)
         finally:
             self._mine.discard(job_file.name)
@@ -259,43 +213,88 @@ class Watcher:
             self._wake.set()
             self._wake = anyio.Event()
 
+    async def _adopt_locked(self, job_file: Path) -> None:
+        """Under the run directory's lock: every end of the job but a finish or a drain files
+        it under failed/ with why (a bad job 2, a crash 3)."""
+        try:
+            run = make_run_dir(job_file)
+        except JobRefused as exc:
+            self._fail(job_file, exc, ExitCode.USAGE)
+            return
+        with run_dir_lock(run):
+            if not os.path.lexists(job_file):  # noqa: ASYNC240 (a stat: settled elsewhere)
+                return
+            try:
+                await self._run(job_file, run)
+            except UsageError as exc:  # the job, its targets, a run that cannot be resumed
+                self._fail(job_file, exc, ExitCode.USAGE)
+            except Exception as exc:  # a bug or an OS failure: this job ends, the rest goes on
+                log.exception("worker.job_crashed", job=job_file.name)
+                self._fail(job_file, self._crash(job_file, run, exc), ExitCode.ABORTED)
+
     async def _run(self, job_file: Path, run: RunDir) -> None:
+        """Load and check the job, wait for its targets file to be still, run a segment and
+        settle it; a drain leaves it in running/ (at any of these steps)."""
         control = RunControl(self.limiter, self.metrics)
         self.controls[job_file.name] = control
         try:
             if self._stopping():
                 return
-            try:
-                start = await anyio.to_thread.run_sync(lambda: self._prepare(job_file, run))
-            except (JobFileError, UsageError) as exc:
-                settle(job_file, ExitCode.USAGE, error=str(exc))
+            job = await anyio.to_thread.run_sync(lambda: self._load(job_file))
+            if not await self._targets_still(job):
                 return
+            start = await anyio.to_thread.run_sync(lambda: self._segment(job, job_file, run))
             code = await execute(start, self._options_for(start, run), control=control)
             if code == ExitCode.INTERRUPTED and self._stopping():
                 log.info("worker.job_left_resumable", job=job_file.name)
                 return  # stays in running/: the next watcher resumes it
-            self.settled.append((job_file.name, code))
-            settle(job_file, code)
+            self._settle_run(job_file, run, code)
         finally:
             del self.controls[job_file.name]
 
-    def _prepare(self, job_file: Path, run: RunDir) -> SegmentStart:
-        """The job and its segment (a new run, or the run in `run` resumed): off the loop."""
+    def _load(self, job_file: Path) -> Job:
+        """The job, read only when it is a file of its own, and refused before its targets
+        are read when it reaches past the spool's trust (spoolcheck). Off the loop."""
+        check_job_file(job_file)
         job = load_job(job_file)
+        check_job(job, spool=self._spool, gateway=self.options.gateway)
+        return job
+
+    async def _targets_still(self, job: Job) -> bool:
+        """Wait until the job's targets file has not changed for --unchanged-for seconds, as
+        the job file must not have before its claim: a producer still writing the CSV must
+        not have half of it planned. Still by the file's own clock, or seen unchanged for
+        that long (a clock skewed into the future must not hold the job forever). False
+        when a drain comes first."""
+        if job.targets_file is None:
+            return True
+        path, quiet = job.targets_file.path, self.options.quiet_s
+        seen, since = file_state(path), time.monotonic()
+        if seen is not None and seen.age_s < quiet:
+            log.info("worker.targets_file_changing", job=job.path.name, still_for_s=quiet)
+        while seen is not None and seen.age_s < quiet and time.monotonic() - since < quiet:
+            if self._stopping():
+                return False
+            await anyio.sleep(min(self.options.poll_s, quiet))
+            now = file_state(path)
+            if now != seen:
+                seen, since = now, time.monotonic()
+        return True
+
+    def _segment(self, job: Job, job_file: Path, run: RunDir) -> SegmentStart:
+        """The job's segment: a new run, or the run in `run` resumed. Off the loop."""
         if run.holds_run():
             try:
                 start = start_resumed(job, run, None, retry_failed=False, force=False)
-                gateway = resolve_gateway(self.options.gateway, job, insecure=self.options.insecure)
-                check_recorded(run, start.manifest, gateway=gateway)  # the watcher's decides
+                check_recorded(run, start.manifest, gateway=self.options.gateway)  # its own
                 return start
             except UsageError as exc:
                 raise UsageError(
-                    f"{job_file.name} is not resumed: {exc} (drop it in again under a new "
-                    "name to start a new run)"
+                    f"{job_file}: not resumed: {exc} (drop the job in again under a new name "
+                    "to start a new run)"
                 ) from None
-        options = self.options
-        gateway = resolve_gateway(options.gateway, job, insecure=options.insecure)
-        start = start_new(job, None, gateway=gateway, limits=self._limits_for(job))
+        limits = self._limits_for(job)
+        start = start_new(job, None, gateway=self.options.gateway, limits=limits)
         return snapshot_targets(start, run)
 
     def _limits_for(self, job: Job) -> Limits:
@@ -304,9 +303,10 @@ class Watcher:
         return replace(job.limits, rate=shared.rate, adaptive=shared.adaptive)
 
     def _options_for(self, start: SegmentStart, run: RunDir) -> RunOptions:
+        """A new or resumed segment's settings: the watcher's gateway, never the job's nor
+        the one run.json recorded (a run directory is as writable as the spool)."""
         options, job = self.options, start.job
         resuming = bool(start.manifest.segments)
-        gateway = resolve_gateway(options.gateway, job, insecure=options.insecure)
         log.info(
             "worker.job_starting",
             run_dir=str(run),
@@ -315,7 +315,7 @@ class Watcher:
             already_final=len(start.finished.done),
         )
         return RunOptions(
-            gateway,
+            options.gateway,
             options.credentials,
             self._limits_for(job),
             run,
@@ -325,6 +325,50 @@ class Watcher:
             backoff_base_s=options.backoff_base_s,
             backoff_cap_s=options.backoff_cap_s,
         )
+
+    def _settle_run(self, job_file: Path, run: RunDir, code: int) -> None:
+        """done/ when the run finished (every target final), else failed/ with why: an exit
+        code of 0 or 1 alone does not prove it (a segment cut short must not pass)."""
+        verdict = unfinished(run, code)
+        if verdict is None:
+            self.settled.append(settle(job_file, code, finished=True))
+            return
+        log.warning("worker.job_not_finished", job=job_file.name, stop_message=verdict.message)
+        said = public_text(UsageError(verdict.message), self._roots()) if verdict.message else ""
+        stopped = JobRefused(
+            f"{job_file}: the run stopped before every target was done: {verdict.what}. It "
+            f"is resumable: {resume_command(str(self._failed(job_file)), run)}"
+            + (f"\nwhy it stopped: {said}" if said else "")
+        )
+        code = code if code not in (ExitCode.OK, ExitCode.FAILED) else ExitCode.ABORTED
+        self._fail(job_file, stopped, code)
+
+    def _crash(self, job_file: Path, run: RunDir, exc: Exception) -> JobRefused:
+        """What the spool's users read about a crash: its kind, not its text (which may quote
+        anything); the log has the traceback."""
+        return JobRefused(
+            f"{job_file}: the job could not be run: an internal error "
+            f"({type(exc).__name__}); the watcher's log says more. If its run started, it is "
+            f"resumable: {resume_command(str(self._failed(job_file)), run)}"
+        )
+
+    def _fail(self, job_file: Path, error: Exception, code: int) -> None:
+        """File a job that did not finish under failed/: the whole message to the watcher's
+        log, the public one (no file content) beside the job, naming it where it now is."""
+        log.error("worker.job_failed", job=job_file.name, exit_code=int(code), why=str(error))
+        text = public_text(error, self._roots()).replace(str(job_file), str(self._failed(job_file)))
+        try:
+            self.settled.append(settle(job_file, code, finished=False, error=text))
+        except FileNotFoundError:  # another watcher refused it at the same moment
+            log.info("worker.job_settled_elsewhere", job=job_file.name)
+
+    def _failed(self, job_file: Path) -> Path:
+        """Where a claimed job goes when it does not finish."""
+        return self.options.spool / "failed" / job_file.name
+
+    def _roots(self) -> tuple[Path, ...]:
+        """Where a problem's location may be (kept in a public message): inside the spool."""
+        return (self.options.spool, self._spool)
 
     def drain(self, why: str) -> None:
         """Claim nothing more; stop the running jobs as SIGTERM would (they stay resumable)."""

@@ -302,12 +302,13 @@ def _watch_command(watch: argparse.ArgumentParser) -> None:
         type=float,
         default=1.0,
         metavar="SECONDS",
-        help="claim a job file only once it has not changed for this long (a producer writing "
-        "in place must not have half a job run)",
+        help="claim a job file, and plan its targets file, only once it has not changed for "
+        "this long (a producer writing in place must not have half a job run)",
     )
     watch.add_argument(
-        "--gateway", metavar="URL", help="(default: ENOS_GATEWAY, else each job's gateway:)"
+        "--gateway", metavar="URL", help="every job's gateway (required: this or ENOS_GATEWAY)"
     )
+    watch.add_argument("--create", action="store_true", help="make SPOOL if it does not exist")
     _connection_flags(watch)
     watch.add_argument(
         "--metrics-port",

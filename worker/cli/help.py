@@ -33,11 +33,13 @@ SIMULATE_EXIT_CODES = """exit codes:
   2  bad usage (a port out of range or taken, devices below 0, a share outside 0 to 1)"""
 
 WATCH_EXIT_CODES = """exit codes:
-  0  stopped (or, with --once, nothing left to do)
-  1  a job could not be run by this watcher (a crash or an unreadable run directory: it
-     stays in running/, resumable; the log says why)
-  2  bad usage
-  4  stopped by SIGINT/SIGTERM with jobs left in running/ (the next watcher resumes them)"""
+  0  stopped (SIGINT/SIGTERM with nothing left in running/), or with --once nothing left to do
+  1  with --once, a job of this pass went to failed/ (its NAME.error.txt says why); or a job
+     could not be run nor filed (failed/ cannot be written: it stays in running/, the log
+     says why)
+  2  bad usage: no gateway (--gateway or ENOS_GATEWAY), no spool (or pass --create), bad
+     credentials or flags; nothing was claimed
+  4  drained by SIGINT/SIGTERM with jobs left in running/ (the next watcher resumes them)"""
 
 SWEEP_EXIT_CODES = """exit codes:
   0  every searched target is verified: nothing the job asked to cancel is pending
@@ -69,9 +71,10 @@ EXAMPLES = {
   worker report shard-0 shard-1 shard-2 --html incident.html
   worker report DIR --json""",
     "watch": """examples:
-  worker watch /srv/spool --rate 100             run every job file dropped in incoming/
-  worker watch /srv/spool --rate 100 --jobs 4    four jobs at once, sharing 100 requests/s
-  worker watch /srv/spool --once                 what is there now, then exit (cron)""",
+  worker watch /srv/spool --gateway https://apim.example.com --rate 100
+                                                 run every job file dropped in incoming/
+  worker watch /srv/spool --rate 100 --jobs 4    (ENOS_GATEWAY set) four jobs at once
+  worker watch /srv/spool --create --once        make the spool, run what is there, exit""",
     "sweep": """examples:
   worker verify runs/JOB-20261201T120000Z        search each target: is anything still pending?
   worker verify DIR --rate 50

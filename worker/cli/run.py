@@ -38,6 +38,7 @@ from worker.app.settings import (
     load_credentials,
     merge_limits,
     resolve_gateway,
+    watcher_gateway,
 )
 from worker.app.sweep import verify_run
 from worker.app.watch import Watcher, WatchOptions
@@ -201,26 +202,33 @@ def _sampled(job: Job, made: Plan, options: RunOptions, *, sample: int) -> int:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    """Run the job files dropped into a spool directory, until SIGINT/SIGTERM."""
+    """Run the job files dropped into a spool directory, until SIGINT/SIGTERM. The watcher's
+    own gateway (--gateway or ENOS_GATEWAY) is required: every job runs against it."""
     if args.jobs < 1 or args.poll <= 0:
         raise UsageError("--jobs must be 1 or more and --poll above 0")
+    gateway = watcher_gateway(args.gateway, insecure=args.insecure)
     credentials = credentials_of(args)
     limits = merge_limits(Limits(), rate=args.rate, concurrency=None, deadline=None)
-    gateway = check_gateway(args.gateway, insecure=args.insecure) if args.gateway else None
     options = WatchOptions(
         spool=Path(args.spool),
         credentials=credentials,
         limits=limits,
         gateway=gateway,
-        insecure=args.insecure,
         jobs=args.jobs,
         poll_s=args.poll,
         once=args.once,
         ca_bundle=ca_bundle(args.ca_bundle),
         metrics=metrics_address(args.metrics_port),
         quiet_s=max(0.0, args.unchanged_for),
+        create=args.create,
     )
-    log.info("worker.watching", spool=str(options.spool), rate=limits.rate, jobs=args.jobs)
+    log.info(
+        "worker.watching",
+        spool=str(options.spool),
+        gateway=gateway,
+        rate=limits.rate,
+        jobs=args.jobs,
+    )
     return run_async(Watcher(options).run)
 
 
