@@ -1,6 +1,7 @@
 """`worker report`'s HTML page: one self-contained file people can read and attach to a ticket.
 
-No scripts and no external assets (no network, no CDN): tables and inline SVG charts. For each
+No scripts and no external assets (no network, no CDN): tables and inline SVG charts that scale
+to the window (:mod:`worker.report.charts`). For each
 run directory: the summary (an unfinished run says so, with the command that resumes it), the
 throughput over time beside the asked and the allowed rate (segments side by side on one time
 line), the outcomes, a latency histogram, outcomes by org and by product key, the failed and
@@ -16,21 +17,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from worker.enos.protocol import CODE_MEANINGS
+from worker.report.charts import OUTCOMES, latency_histogram, outcome_bar, throughput
+from worker.report.charts import STYLE as CHART_STYLE
 from worker.report.details import RunReport
 from worker.report.followup import write_followup
 from worker.report.hints import resume_command
 from worker.store.records import FailedRow
 from worker.store.state import Summary
-from worker.store.tally import LATENCY_EDGES_MS, LISTED, Counts
+from worker.store.tally import LISTED
 
-OUTCOMES = ("cancelled", "nothing_to_cancel", "failed")
-COLOURS = {"cancelled": "#2da44e", "nothing_to_cancel": "#8c959f", "failed": "#cf222e"}
 _STYLE = (
     "body{font-family:system-ui,sans-serif;margin:2em;max-width:64em;color:#1f2328}"
     "table{border-collapse:collapse;margin:.5em 0}th,td{border:1px solid #d0d7de;"
     "padding:.25em .6em;text-align:left;vertical-align:top}th{background:#f6f8fa;font-weight:600}"
     "td.n{text-align:right}.banner{background:#fff8c5;border:1px solid #d4a72c;padding:.6em 1em}"
-    "code{background:#f6f8fa;padding:.1em .3em}svg text{font-size:11px;fill:#57606a}"
+    "code{background:#f6f8fa;padding:.1em .3em}" + CHART_STYLE
 )
 
 
@@ -86,130 +87,6 @@ def _pairs(pairs: list[tuple[str, object]]) -> str:
         "<table>"
         + "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in pairs)
         + "</table>"
-    )
-
-
-# -- charts (inline SVG) -------------------------------------------------------------------------
-
-
-def _throughput(summary: Summary, width: int = 640, height: int = 180) -> str:
-    """Achieved (solid), allowed (dashed) and asked (dotted) requests/s; segments side by side."""
-    points = summary.rate.timeline
-    if len(points) < 2:
-        return "<p>Too short a run for a throughput chart.</p>"
-    ends: dict[int, float] = {}
-    for segment, seconds, *_ in points:
-        ends[segment] = max(ends.get(segment, 0.0), float(seconds))
-    offsets, position = {}, 0.0
-    for segment in sorted(ends):
-        offsets[segment] = position
-        position += ends[segment]
-    span, left = position or 1.0, 48
-    asked = {n: s.get("asked") for n, s in enumerate(summary.rate.segments, start=1)}
-    numbers = [float(a) for a in asked.values() if isinstance(a, int | float)]
-    values = [float(p[2]) for p in points] + [float(p[3]) for p in points if p[3] is not None]
-    top = _nice(max(values + numbers) if values else 1.0)
-
-    def x(segment: int, seconds: float) -> float:
-        return left + (offsets[segment] + seconds) / span * (width - left)
-
-    def y(value: float) -> float:  # 12 px of room above the top line for its label
-        return 12 + (height - 12) * (1 - value / top)
-
-    def polyline(column: int, style: str) -> str:
-        lines = []
-        for segment in sorted(ends):
-            run = " ".join(
-                f"{x(segment, float(p[1])):.1f},{y(float(p[column])):.1f}"
-                for p in points
-                if p[0] == segment and p[column] is not None
-            )
-            if run:
-                lines.append(f'<polyline fill="none" {style} points="{run}"/>')
-        return "".join(lines)
-
-    asked_lines = "".join(
-        f'<line x1="{x(n, 0):.1f}" x2="{x(n, ends[n]):.1f}" y1="{y(float(a)):.1f}" '
-        f'y2="{y(float(a)):.1f}" stroke="#bf8700" stroke-dasharray="1 3" stroke-width="2"/>'
-        for n, a in asked.items()
-        if isinstance(a, int | float) and n in ends
-    )
-    grid = "".join(
-        f'<line x1="{left}" x2="{width}" y1="{y(top * f):.1f}" y2="{y(top * f):.1f}" '
-        f'stroke="#eaeef2"/><text x="0" y="{y(top * f) + 4:.1f}">{top * f:,.0f}/s</text>'
-        for f in (0.0, 0.25, 0.5, 0.75, 1.0)
-    )
-    dividers = "".join(
-        f'<line x1="{x(n, 0):.1f}" x2="{x(n, 0):.1f}" y1="0" y2="{height}" stroke="#57606a" '
-        f'stroke-dasharray="2 2"/><text x="{x(n, 0) + 3:.1f}" y="10">segment {n}</text>'
-        for n in sorted(ends)
-        if n > 1
-    )
-    allowed = polyline(3, 'stroke="#8c959f" stroke-dasharray="5 3"')
-    achieved = polyline(2, 'stroke="#0969da" stroke-width="2"')
-    return (
-        f'<svg width="{width}" height="{height + 20}" role="img" class="chart" '
-        'aria-label="achieved, allowed and asked requests per second over time">'
-        f"{grid}{dividers}{asked_lines}{allowed}{achieved}"
-        f'<text x="{left}" y="{height + 14}">0 s</text>'
-        f'<text x="{width - 50}" y="{height + 14}">{span:,.0f} s</text></svg>'
-        "<p>Solid blue: achieved requests/s. Dashed grey: the rate the limiter allowed. "
-        "Dotted: the rate asked for. Segments of a resumed run stand side by side.</p>"
-    )
-
-
-def _nice(value: float) -> float:
-    """A round upper bound for an axis."""
-    for step in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000):
-        if value <= step:
-            return float(step)
-    return value
-
-
-def _outcome_bar(summary: Summary, width: int = 640) -> str:
-    total = sum(summary.outcomes.values()) + summary.not_attempted or 1
-    parts, x = [], 0.0
-    shown = [
-        *((o, summary.outcomes[o]) for o in OUTCOMES),
-        ("not_attempted", summary.not_attempted),
-    ]
-    for name, count in shown:
-        w = count / total * width
-        colour = COLOURS.get(name, "#eaeef2")
-        parts.append(
-            f'<rect x="{x:.1f}" y="0" width="{w:.1f}" height="24" fill="{colour}">'
-            f"<title>{_esc(name)}: {count:,}</title></rect>"
-        )
-        x += w
-    legend = " &nbsp; ".join(
-        f'<span style="color:{COLOURS.get(n, "#57606a")}">&#9632;</span> '
-        f"{_esc(n.replace('_', ' '))} {c:,}"
-        for n, c in shown
-    )
-    return (
-        f'<svg width="{width}" height="24" role="img" class="chart" aria-label="outcomes">'
-        f"{''.join(parts)}</svg><p>{legend}</p>"
-    )
-
-
-def _latency_histogram(journal: Counts, width: int = 640, height: int = 120) -> str:
-    counts = journal.latency_histogram
-    if not any(counts):
-        return "<p>No latencies recorded.</p>"
-    labels = [f"<{e}" for e in LATENCY_EDGES_MS] + [f">={LATENCY_EDGES_MS[-1]}"]
-    top = max(counts)
-    bar = width / len(counts)
-    bars = "".join(
-        f'<rect x="{i * bar + 2:.1f}" y="{height - c / top * height:.1f}" width="{bar - 4:.1f}" '
-        f'height="{c / top * height:.1f}" fill="#0969da">'
-        f"<title>{labels[i]} ms: {c:,}</title></rect>"
-        f'<text x="{i * bar + 2:.1f}" y="{height + 14}">{labels[i]}</text>'
-        for i, c in enumerate(counts)
-    )
-    return (
-        f'<svg width="{width}" height="{height + 20}" role="img" class="chart" '
-        f'aria-label="latency histogram">{bars}</svg><p>Targets by the latency of their last '
-        f"attempt, in milliseconds (most: {top:,}).</p>"
     )
 
 
@@ -331,9 +208,9 @@ def _run_section(report: RunReport) -> str:
     return (
         f"<section><h2>{_esc(summary.job)}: run {_esc(summary.run_id)}</h2>{banner}"
         f"{_pairs(_summary_pairs(report))}"
-        f"<h3>Outcomes</h3>{_outcome_bar(summary)}{_codes(summary)}"
-        f"<h3>Throughput</h3>{_throughput(summary)}"
-        f"<h3>Latency</h3>{_latency_histogram(counts)}"
+        f"<h3>Outcomes</h3>{outcome_bar(summary)}{_codes(summary)}"
+        f"<h3>Throughput</h3>{throughput(summary)}"
+        f"<h3>Latency</h3>{latency_histogram(counts)}"
         f"{_by('org', counts.by_org)}{_by('product key', counts.by_product)}"
         + _listed(
             "Failed targets",
@@ -379,6 +256,7 @@ def render_html(runs: list[RunReport]) -> str:
     title = f"{first.job}: run {first.run_id}" if len(runs) == 1 else f"{len(runs)} runs"
     return (
         "<!doctype html><html lang=en><head><meta charset=utf-8>"
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{_esc(title)} - worker report</title><style>{_STYLE}</style></head><body>"
         f"<h1>EnOS command cancellation report: {_esc(title)}</h1>{total}{sections}</body></html>\n"
     )
