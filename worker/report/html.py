@@ -19,7 +19,7 @@ from pathlib import Path
 from worker.enos.protocol import CODE_MEANINGS
 from worker.report.charts import OUTCOMES, latency_histogram, outcome_bar, throughput
 from worker.report.charts import STYLE as CHART_STYLE
-from worker.report.details import RunReport
+from worker.report.details import RunReport, why_unknown
 from worker.report.followup import write_followup
 from worker.report.hints import resume_command
 from worker.store.records import FailedRow
@@ -147,17 +147,30 @@ def _who(row: FailedRow) -> str:
 
 
 def _target_rows(rows: list[FailedRow], extra: str) -> list[list[object]]:
-    """A row per target: who, the code (or the `extra` column: outcome, at), message, attempts."""
+    """A row per target: who, the code (or the `extra` column: at), message, attempts."""
     shown: list[list[object]] = []
     for row in rows:
-        second = {"outcome": row["outcome"], "at": row.get("at")}.get(extra, row["code"])
+        second = row.get("at") if extra == "at" else row["code"]
         shown.append([_who(row), str(second), row["msg"], row["attempts"]])
     return shown
 
 
-def _listed(
-    title: str, rows: list[FailedRow], total: int, header: list[str], extra: str = ""
-) -> str:
+def _unknown_rows(report: RunReport) -> list[list[object]]:
+    """A row per effect-unknown target: who, its outcome, why it is unknown, attempts."""
+    resumed = len(report.manifest.segments) > 1
+    return [
+        [
+            _who(row),
+            row["outcome"].replace("_", " "),
+            why_unknown(row, resumed=resumed),
+            row["attempts"],
+        ]
+        for row in report.counts.unknown
+    ]
+
+
+def _listed(title: str, rows: list[list[object]], total: int, header: list[str]) -> str:
+    """A capped table of targets under its title and full count."""
     if not total:
         return ""
     more = (
@@ -165,7 +178,7 @@ def _listed(
         if total > len(rows)
         else ""
     )
-    return f"<h3>{_esc(title)} ({total:,})</h3>{_table(header, _target_rows(rows, extra))}{more}"
+    return f"<h3>{_esc(title)} ({total:,})</h3>{_table(header, rows)}{more}"
 
 
 def _by(title: str, counts: dict[str, Counter[str]]) -> str:
@@ -193,6 +206,32 @@ def _meaning(code: str) -> str:
     return "gateway error" if code.startswith("http_5") else "see the failed targets below"
 
 
+def _targets(report: RunReport) -> str:
+    """The failed, the effect-unknown and the abandoned targets, each capped."""
+    summary, counts, details = report.summary, report.counts, report.details
+    failed = list(counts.failed.values())
+    return (
+        _listed(
+            "Failed targets",
+            _target_rows(failed[:LISTED], "code"),
+            len(failed),
+            ["target", "code", "EnOS message", "attempts"],
+        )
+        + _listed(
+            "Effect unknown",
+            _unknown_rows(report),
+            counts.unknown_total,
+            ["target", "outcome", "why unknown", "attempts"],
+        )
+        + _listed(
+            "Requests abandoned in flight (their targets may have been cancelled)",
+            _target_rows(details.abandoned, "at"),
+            summary.abandoned,
+            ["target", "at", "message", "attempt"],
+        )
+    )
+
+
 def _run_section(report: RunReport) -> str:
     summary, counts, details = report.summary, report.counts, report.details
     banner = ""
@@ -204,7 +243,6 @@ def _run_section(report: RunReport) -> str:
             f'<p class="banner">This run {state}: {summary.not_attempted:,} targets were '
             f"not attempted and are resumable. Continue it with <code>{_esc(command)}</code></p>"
         )
-    failed = list(counts.failed.values())
     return (
         f"<section><h2>{_esc(summary.job)}: run {_esc(summary.run_id)}</h2>{banner}"
         f"{_pairs(_summary_pairs(report))}"
@@ -212,26 +250,7 @@ def _run_section(report: RunReport) -> str:
         f"<h3>Throughput</h3>{throughput(summary)}"
         f"<h3>Latency</h3>{latency_histogram(counts)}"
         f"{_by('org', counts.by_org)}{_by('product key', counts.by_product)}"
-        + _listed(
-            "Failed targets",
-            failed[:LISTED],
-            len(failed),
-            ["target", "code", "EnOS message", "attempts"],
-        )
-        + _listed(
-            "Effect unknown",
-            counts.unknown,
-            counts.unknown_total,
-            ["target", "outcome", "message", "attempts"],
-            extra="outcome",
-        )
-        + _listed(
-            "Requests abandoned in flight (their targets may have been cancelled)",
-            details.abandoned,
-            summary.abandoned,
-            ["target", "at", "message", "attempt"],
-            extra="at",
-        )
+        f"{_targets(report)}"
         + f"<h3>Timeline</h3>{_table(['when', 'what'], [list(e) for e in details.events])}"
         + "</section>"
     )
