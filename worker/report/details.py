@@ -1,6 +1,6 @@
 """A run directory read for a report: its manifest, the journal's counts (the fold of
 :mod:`worker.store.tally`, from the checkpoint when it matches), the summary built from them,
-and what only the audit log and run.json
+the facts of its header (:mod:`worker.report.facts`), and what only the audit log and run.json
 hold: requests abandoned in flight, the timeline (segments, stops, rate cuts, a run of cuts
 folded into one row), and per-segment request counts for a segment that died before it could
 record them. Memory stays bounded: counters and capped lists.
@@ -16,6 +16,7 @@ import orjson
 
 from worker.errors import ExitCode
 from worker.model import gc_paused
+from worker.report.facts import RunFacts, read_facts
 from worker.report.summary import build_summary
 from worker.store.appendlog import iso
 from worker.store.layout import RunDir, read_manifest, read_verify_counts
@@ -44,6 +45,7 @@ class RunReport:
     summary: Summary
     counts: Counts
     details: Details
+    facts: RunFacts = field(default_factory=RunFacts)  # a page made without them says less
 
 
 def load_run(run: RunDir, counts: Counts | None = None) -> RunReport:
@@ -62,7 +64,7 @@ def load_run(run: RunDir, counts: Counts | None = None) -> RunReport:
         last_at = _seconds(details.segment_last_at[-1])
         last.duration_s = max(0.0, last_at - _seconds(last.started_at))
         summary = build_summary(manifest, counts, exit_code=int(ExitCode.ABORTED), verify=verify)
-    return RunReport(run, manifest, summary, counts, details)
+    return RunReport(run, manifest, summary, counts, details, read_facts(run, manifest))
 
 
 def _seconds(iso: str) -> float:

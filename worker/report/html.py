@@ -1,12 +1,14 @@
 """`worker report`'s HTML page: one self-contained file people can read and attach to a ticket.
 
 No scripts and no external assets (no network, no CDN): tables and inline SVG charts that scale
-to the window (:mod:`worker.report.charts`). For each
-run directory: the summary (an unfinished run says so, with the command that resumes it), the
-throughput over time beside the asked and the allowed rate (segments side by side on one time
-line), the outcomes, a latency histogram, outcomes by org and by product key, the failed and
-the effect-unknown targets, the requests abandoned in flight, and the run's timeline; a total
-when there are several directories (shards, or segments run apart).
+to the window (:mod:`worker.report.charts`). For each run directory, first what an incident
+manager asks: the verdict in one sentence, what to do next (with the commands to paste), and the
+facts (job and its sha256, what it cancelled, gateway, operator and host, times, version, the
+audit head); then the outcomes, the throughput over the whole run beside the asked and the
+allowed rate, a latency histogram, outcomes by org and by product key, the failed and the
+effect-unknown targets (each with why), the requests abandoned in flight, and the run's
+timeline; a total when there are several directories (shards, or segments run apart).
+Everything that came from the gateway or a file goes through :func:`_esc`.
 """
 
 from __future__ import annotations
@@ -20,18 +22,26 @@ from worker.enos.protocol import CODE_MEANINGS
 from worker.report.charts import OUTCOMES, latency_histogram, outcome_bar, throughput
 from worker.report.charts import STYLE as CHART_STYLE
 from worker.report.details import RunReport, why_unknown
+from worker.report.facts import RunFacts
 from worker.report.followup import write_followup
-from worker.report.hints import resume_command
+from worker.report.hints import next_steps, state_of, verdict
 from worker.store.records import FailedRow
 from worker.store.state import Summary
 from worker.store.tally import LISTED
 
 _STYLE = (
-    "body{font-family:system-ui,sans-serif;margin:2em;max-width:64em;color:#1f2328}"
-    "table{border-collapse:collapse;margin:.5em 0}th,td{border:1px solid #d0d7de;"
-    "padding:.25em .6em;text-align:left;vertical-align:top}th{background:#f6f8fa;font-weight:600}"
-    "td.n{text-align:right}.banner{background:#fff8c5;border:1px solid #d4a72c;padding:.6em 1em}"
-    "code{background:#f6f8fa;padding:.1em .3em}" + CHART_STYLE
+    "body{font-family:system-ui,sans-serif;margin:1em auto;padding:0 1em;max-width:64em;"
+    "color:#1f2328;line-height:1.4}h1{font-size:1.6em;margin:.3em 0;overflow-wrap:anywhere}"
+    ".kicker{color:#57606a;margin:0}table{border-collapse:collapse;margin:.5em 0}"
+    "th,td{border:1px solid #d0d7de;padding:.25em .6em;text-align:left;vertical-align:top;"
+    "overflow-wrap:break-word}th{background:#f6f8fa;font-weight:600}td.n{text-align:right}"
+    "table.facts th{white-space:nowrap}code{background:#f6f8fa;padding:.1em .3em;"
+    "word-break:break-all}"
+    ".verdict{font-size:1.2em;font-weight:600;padding:.6em 1em;border-left:.4em solid}"
+    ".done{background:#dafbe1;border-color:#2da44e}.failed,.unknown{background:#ffebe9;"
+    "border-color:#cf222e}.stopped,.died{background:#fff8c5;border-color:#d4a72c}"
+    ".running{background:#ddf4ff;border-color:#0969da}ol.next li{margin:.3em 0}"
+    "section{margin-bottom:2.5em}" + CHART_STYLE
 )
 
 
@@ -94,6 +104,7 @@ def _pairs(pairs: list[tuple[str, object]]) -> str:
 
 
 def _summary_pairs(report: RunReport) -> list[tuple[str, object]]:
+    """The run's numbers, below the outcomes (the header holds who, what and when)."""
     summary = report.summary
     latency, rate, commands = summary.latency_ms, summary.rate, summary.commands
     asked = ", ".join(str(s.get("asked")) for s in rate.segments) or str(rate.requested)
@@ -109,14 +120,21 @@ def _summary_pairs(report: RunReport) -> list[tuple[str, object]]:
         ("requests sent", summary.requests),
         ("abandoned in flight", summary.abandoned),
         ("segments", summary.segments),
-        ("started / finished", f"{summary.started_at} / {summary.finished_at or '-'}"),
         ("duration", f"{summary.duration_s:,.1f} s"),
         ("rate asked (per segment) / achieved", f"{asked} / {rate.achieved}"),
         ("latency p50 / p95 / p99 ms", f"{latency.p50} / {latency.p95} / {latency.p99}"),
     ]
+    if summary.shard:
+        pairs.insert(2, ("shard", summary.shard))
     if commands.get("matched") or commands.get("kept"):
         counts = [f"{commands.get(k, 0):,}" for k in ("matched", "cancelled", "missed", "kept")]
         pairs.append(("commands matched / cancelled / gone / kept", " / ".join(counts)))
+    return pairs + _later_pairs(summary)
+
+
+def _later_pairs(summary: Summary) -> list[tuple[str, object]]:
+    """The verify sweep's and the lists' lines, for the runs that had them."""
+    pairs: list[tuple[str, object]] = []
     verify = summary.verify
     if verify:
         pairs.append(
@@ -138,6 +156,80 @@ def _summary_pairs(report: RunReport) -> list[tuple[str, object]]:
         pairs.append(("assets per call", lists))
         pairs += [("lists", note) for note in batching["notes"]]
     return pairs
+
+
+# -- the header: verdict, what next, facts -----------------------------------------------------
+
+
+def _who_ran(facts: RunFacts) -> str:
+    """Operator and host of the first segment, and of the last when someone else resumed."""
+    first, last = facts.first, facts.last
+    if first is None:
+        return "not known (no audit log)"
+    said = f"{first['operator']} on {first['host']}"
+    if last is not None and (last["operator"], last["host"]) != (first["operator"], first["host"]):
+        said += f" (segment 1); {last['operator']} on {last['host']} (segment {last['segment']})"
+    return said
+
+
+def _version(facts: RunFacts) -> str:
+    """The worker version of the last segment, and of the first when it differs."""
+    first, last = facts.first, facts.last
+    if last is None:
+        return "not known (no audit log)"
+    said = last["worker_version"]
+    if first is not None and first["worker_version"] != said:
+        said += f" (segment 1: {first['worker_version']})"
+    return said
+
+
+def _facts(report: RunReport) -> str:
+    """The facts people ask first, as a table of escaped text (and the commands in code)."""
+    manifest, summary, facts = report.manifest, report.summary, report.facts
+    if facts.head is None:
+        head = "not known (no audit log)"
+    else:
+        check = f"worker audit verify {report.run} --head {facts.head}"
+        head = (
+            f"<code>{_esc(facts.head)}</code><br>keep it in the ticket; "
+            f"<code>{_esc(check)}</code> proves the log still ends there"
+        )
+    rows = [
+        ("job", _esc(f"{manifest.job_name} ({manifest.job})")),
+        ("job sha256", f"<code>{_esc(manifest.job_sha256)}</code>"),
+        ("cancels", _esc(facts.cancels)),
+        ("targets", _esc(f"{manifest.targets:,} (targets sha256 {manifest.targets_sha256})")),
+        ("gateway", _esc(manifest.gateway)),
+        ("operator and host", _esc(_who_ran(facts))),
+        ("started", _esc(summary.started_at or "-")),
+        ("finished", _esc(summary.finished_at or "not yet")),
+        ("worker version", _esc(_version(facts))),
+        ("audit head", head),
+    ]
+    body = "".join(f"<tr><th>{_esc(k)}</th><td>{v}</td></tr>" for k, v in rows)
+    return f'<table class="facts">{body}</table>'
+
+
+def _next(report: RunReport) -> str:
+    """The what-next block: each step's words, then its commands to paste."""
+    steps = next_steps(report.summary, report.manifest, report.run, report.facts.holder)
+    items = "".join(
+        f"<li>{_esc(step.text)}"
+        + "".join(f"<br><code>{_esc(command)}</code>" for command in step.commands)
+        + "</li>"
+        for step in steps
+    )
+    return f'<h3>What next</h3><ol class="next">{items}</ol>'
+
+
+def _header(report: RunReport) -> str:
+    """The verdict, what next, the facts: what an incident manager forwards."""
+    summary, holder = report.summary, report.facts.holder
+    state = state_of(summary, holder)
+    return (
+        f'<p class="verdict {state}">{_esc(verdict(summary, holder))}</p>'
+        f"{_next(report)}<h3>Facts</h3>{_facts(report)}"
+    )
 
 
 def _who(row: FailedRow) -> str:
@@ -232,52 +324,56 @@ def _targets(report: RunReport) -> str:
     )
 
 
-def _run_section(report: RunReport) -> str:
+def _run_section(report: RunReport, *, heading: bool) -> str:
+    """One run: the header first, then the numbers, the charts and the targets."""
     summary, counts, details = report.summary, report.counts, report.details
-    banner = ""
-    if not summary.finished or summary.not_attempted:
-        failed_before = bool(summary.outcomes.get("failed"))
-        command = resume_command(report.manifest.job, report.run, retry_failed=failed_before)
-        state = "did not finish" if not summary.finished else "stopped before the end"
-        banner = (
-            f'<p class="banner">This run {state}: {summary.not_attempted:,} targets were '
-            f"not attempted and are resumable. Continue it with <code>{_esc(command)}</code></p>"
-        )
+    shard = f" (shard {summary.shard})" if summary.shard else ""
+    title = f"<h2>Run {_esc(summary.run_id)}{_esc(shard)}</h2>" if heading else ""
     return (
-        f"<section><h2>{_esc(summary.job)}: run {_esc(summary.run_id)}</h2>{banner}"
-        f"{_pairs(_summary_pairs(report))}"
+        f"<section>{title}{_header(report)}"
         f"<h3>Outcomes</h3>{outcome_bar(summary)}{_codes(summary)}"
+        f"<h3>Numbers</h3>{_pairs(_summary_pairs(report))}"
         f"<h3>Throughput</h3>{throughput(summary)}"
         f"<h3>Latency</h3>{latency_histogram(counts)}"
         f"{_by('org', counts.by_org)}{_by('product key', counts.by_product)}"
         f"{_targets(report)}"
-        + f"<h3>Timeline</h3>{_table(['when', 'what'], [list(e) for e in details.events])}"
-        + "</section>"
+        f"<h3>Timeline</h3>{_table(['when', 'what'], [list(e) for e in details.events])}"
+        "</section>"
     )
 
 
+def _total(runs: list[RunReport]) -> str:
+    """The sum over several runs (shards, or segments run apart)."""
+    combined = combine([report.summary for report in runs])
+    pairs: list[tuple[str, object]] = [
+        ("runs", len(runs)),
+        ("targets", combined.targets),
+        *[(o.replace("_", " "), combined.outcomes[o]) for o in OUTCOMES],
+        ("not attempted (resumable)", combined.not_attempted),
+        ("effect unknown", combined.effect_unknown),
+        ("requests", combined.attempts),
+        ("worst exit code", combined.exit_code),
+    ]
+    return f"<section><h2>All runs</h2>{_pairs(pairs)}</section>"
+
+
 def render_html(runs: list[RunReport]) -> str:
-    """The whole page for one or several run directories."""
-    sections = "".join(_run_section(report) for report in runs)
-    total = ""
-    if len(runs) > 1:
-        combined = combine([report.summary for report in runs])
-        pairs: list[tuple[str, object]] = [
-            ("runs", len(runs)),
-            ("targets", combined.targets),
-            *[(o.replace("_", " "), combined.outcomes[o]) for o in OUTCOMES],
-            ("not attempted (resumable)", combined.not_attempted),
-            ("requests", combined.attempts),
-            ("worst exit code", combined.exit_code),
-        ]
-        total = f"<section><h2>All runs</h2>{_pairs(pairs)}</section>"
+    """The whole page for one or several run directories; the title is shown once (several
+    runs: each section is headed by its run id)."""
+    several = len(runs) > 1
+    sections = "".join(_run_section(report, heading=several) for report in runs)
     first = runs[0].summary
-    title = f"{first.job}: run {first.run_id}" if len(runs) == 1 else f"{len(runs)} runs"
+    if several:
+        jobs = ", ".join(dict.fromkeys(report.summary.job for report in runs))
+        title = f"{len(runs)} runs of {jobs}"
+    else:
+        title = f"{first.job}: run {first.run_id}"
     return (
         "<!doctype html><html lang=en><head><meta charset=utf-8>"
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{_esc(title)} - worker report</title><style>{_STYLE}</style></head><body>"
-        f"<h1>EnOS command cancellation report: {_esc(title)}</h1>{total}{sections}</body></html>\n"
+        f'<p class="kicker">EnOS command cancellation report</p><h1>{_esc(title)}</h1>'
+        f"{_total(runs) if several else ''}{sections}</body></html>\n"
     )
 
 
