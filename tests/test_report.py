@@ -115,7 +115,10 @@ def test_a_killed_run_is_reported_unfinished(tmp_path: Path) -> None:
     assert "summary.json" not in done.stdout.split("files")[1].splitlines()[0]
     requests = int(re.search(r"requests\s+([\d,]+)", done.stdout).group(1).replace(",", ""))  # type: ignore[union-attr]
     assert requests >= 500
-    assert "did not finish" in (run_dir / "report.html").read_text()
+    page = (run_dir / "report.html").read_text()
+    assert "did not finish" in page
+    assert '<p class="verdict died">Did not finish (the process died): ' in page
+    assert f"<code>worker run {job} --resume {run_dir}</code>" in page  # nothing failed: no flag
 
 
 def test_abandoned_requests_are_counted_and_listed(tmp_path: Path) -> None:
@@ -142,7 +145,9 @@ def test_abandoned_requests_are_counted_and_listed(tmp_path: Path) -> None:
     assert abandoned > 0
     assert summary["abandoned"] == abandoned
     assert summary["requests"] >= abandoned
-    assert "Requests abandoned in flight" in (run_dir / "report.html").read_text()
+    page = (run_dir / "report.html").read_text()
+    assert "Requests abandoned in flight" in page
+    assert '<p class="verdict stopped">Stopped early (SIGINT): ' in page
 
 
 def _read(path: Path) -> bytes:

@@ -181,8 +181,8 @@ def throughput(summary: Summary) -> str:
         'aria-label="achieved, allowed and asked requests per second over the whole run">'
         f"{''.join(lines)}{_time_labels(frame, bottom)}</svg>"
         '<p class="legend"><span class="item"><b style="color:#0969da">&#8212;</b> achieved '
-        'requests/s</span><span class="item"><b style="color:#57606a">- -</b> allowed by the '
-        'limiter</span><span class="item"><b style="color:#bf8700">&middot;&middot;&middot;</b>'
+        'requests/s</span> <span class="item"><b style="color:#57606a">- -</b> allowed by the '
+        'limiter</span> <span class="item"><b style="color:#bf8700">&middot;&middot;&middot;</b>'
         f" asked</span> (0 to {position:,.0f} s, every segment side by side; the average over "
         f"the run: {summary.rate.achieved or 0:,.1f}/s)</p>"
     )
@@ -253,7 +253,7 @@ def outcome_bar(summary: Summary) -> str:
                 f"<title>{_words(name)}: {count:,}</title></rect>"
             )
         x += width
-    items = "".join(
+    items = " ".join(
         f'<span class="item"><span class="sw" style="background:{COLOURS[name]}"></span>'
         f"{_words(name)} <b>{count:,}</b> ({_share(count, total)})</span>"
         for name, count in zip(SHOWN, counts, strict=True)

@@ -84,10 +84,10 @@ def next_steps(summary: Summary, manifest: Manifest, run: RunDir, holder: str | 
         return [Step("Running; check again later.", (f"worker report {run}",))]
     failed, steps = summary.outcomes.get("failed", 0), []
     if not summary.finished or summary.not_attempted:
-        left = f"{summary.not_attempted:,} targets were not attempted."
+        left = f"{_n(summary.not_attempted)} {_was(summary.not_attempted)} not attempted."
         if not summary.finished:
             left = f"the run did not finish (the process died); {left}"
-        again = f" It runs the {failed:,} failed targets again too." if failed else ""
+        again = f" It runs the {failed:,} failed again too." if failed else ""
         steps.append(
             Step(
                 f"Resume: {left}{again}",
@@ -99,7 +99,7 @@ def next_steps(summary: Summary, manifest: Manifest, run: RunDir, holder: str | 
     if failed and not steps_resume(steps):
         steps.append(
             Step(
-                f"{failed:,} targets failed: read why below and fix the cause; then validate "
+                f"{_n(failed)} failed: read why below and fix the cause; then validate "
                 "the follow-up job (those targets only) and run it.",
                 (
                     f"worker validate {run.followup}",
@@ -118,14 +118,25 @@ def steps_resume(steps: list[Step]) -> bool:
 def _unknown_words(summary: Summary) -> str:
     """The effect-unknown step, with the last verify sweep's answer when there was one."""
     words = (
-        f"{summary.effect_unknown:,} targets have an effect unknown (an answer was lost, or "
-        "a crash came while a call was out): search their devices for what is still pending."
+        f"{_n(summary.effect_unknown)} with an effect unknown (an answer was lost, or an "
+        "earlier segment stopped or crashed while a call may have been out): search their "
+        "devices for what is still pending."
     )
     verify = summary.verify
     if verify:
         words += (
-            f" The last sweep searched {verify.get('checked', 0):,} targets: "
+            f" The last sweep searched {_n(verify.get('checked', 0))}: "
             f"{verify.get('still_pending', 0):,} still pending, {verify.get('unverified', 0):,} "
             "could not be searched."
         )
     return words
+
+
+def _n(count: int) -> str:
+    """A count of targets in words: "1 target", "1,024 targets"."""
+    return f"{count:,} target" + ("" if count == 1 else "s")
+
+
+def _was(count: int) -> str:
+    """The verb agreeing with a count (a one-target resume reads "1 target was")."""
+    return "was" if count == 1 else "were"

@@ -35,13 +35,14 @@ _STYLE = (
     ".kicker{color:#57606a;margin:0}table{border-collapse:collapse;margin:.5em 0}"
     "th,td{border:1px solid #d0d7de;padding:.25em .6em;text-align:left;vertical-align:top;"
     "overflow-wrap:break-word}th{background:#f6f8fa;font-weight:600}td.n{text-align:right}"
-    "table.facts th{white-space:nowrap}code{background:#f6f8fa;padding:.1em .3em;"
-    "word-break:break-all}"
+    ".wide{overflow-x:auto}table.facts th{white-space:nowrap}"
+    "code{background:#f6f8fa;padding:.1em .3em;word-break:break-all}"
     ".verdict{font-size:1.2em;font-weight:600;padding:.6em 1em;border-left:.4em solid}"
     ".done{background:#dafbe1;border-color:#2da44e}.failed,.unknown{background:#ffebe9;"
     "border-color:#cf222e}.stopped,.died{background:#fff8c5;border-color:#d4a72c}"
     ".running{background:#ddf4ff;border-color:#0969da}ol.next li{margin:.3em 0}"
-    "section{margin-bottom:2.5em}" + CHART_STYLE
+    "section{margin-bottom:2.5em}@media (max-width:40em){table.facts th{white-space:normal}}"
+    + CHART_STYLE
 )
 
 
@@ -75,10 +76,13 @@ def combine(summaries: list[Summary]) -> Totals:
 
 
 def _esc(value: object) -> str:
+    """Text made safe for the page (every gateway or file string passes here); ints grouped."""
     return html.escape(f"{value:,}" if isinstance(value, int) else str(value))
 
 
 def _table(header: list[str], rows: list[list[object]]) -> str:
+    """A table of escaped cells (numbers right-aligned), scrolled sideways in its own box on
+    a narrow screen rather than widening the page."""
     head = "".join(f"<th>{_esc(h)}</th>" for h in header)
     body = "".join(
         "<tr>"
@@ -89,14 +93,15 @@ def _table(header: list[str], rows: list[list[object]]) -> str:
         + "</tr>"
         for row in rows
     )
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f'<div class="wide"><table><tr>{head}</tr>{body}</table></div>'
 
 
 def _pairs(pairs: list[tuple[str, object]]) -> str:
+    """A two-column table of names and values (escaped)."""
     return (
-        "<table>"
+        '<div class="wide"><table>'
         + "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in pairs)
-        + "</table>"
+        + "</table></div>"
     )
 
 
@@ -198,7 +203,7 @@ def _facts(report: RunReport) -> str:
         ("job", _esc(f"{manifest.job_name} ({manifest.job})")),
         ("job sha256", f"<code>{_esc(manifest.job_sha256)}</code>"),
         ("cancels", _esc(facts.cancels)),
-        ("targets", _esc(f"{manifest.targets:,} (targets sha256 {manifest.targets_sha256})")),
+        ("targets", f"{manifest.targets:,}, sha256 <code>{_esc(manifest.targets_sha256)}</code>"),
         ("gateway", _esc(manifest.gateway)),
         ("operator and host", _esc(_who_ran(facts))),
         ("started", _esc(summary.started_at or "-")),
@@ -207,7 +212,7 @@ def _facts(report: RunReport) -> str:
         ("audit head", head),
     ]
     body = "".join(f"<tr><th>{_esc(k)}</th><td>{v}</td></tr>" for k, v in rows)
-    return f'<table class="facts">{body}</table>'
+    return f'<div class="wide"><table class="facts">{body}</table></div>'
 
 
 def _next(report: RunReport) -> str:
@@ -233,6 +238,7 @@ def _header(report: RunReport) -> str:
 
 
 def _who(row: FailedRow) -> str:
+    """A target as people name it: the device (asset id, else product/device key), the org."""
     device = row["asset_id"] or f"{row['product_key']}/{row['device_key']}"
     command = f" command {row['command_id']}" if row["command_id"] else ""
     return f"{device} ({row['org_id']}){command}"
