@@ -356,7 +356,8 @@ def test_a_small_failed_share_stays_visible_in_the_outcome_bar() -> None:
 
 def test_the_throughput_chart_covers_every_segment_whole() -> None:
     """Samples start at +1 s and stop before a segment's end: the line starts at 0 s, reaches
-    each segment's end, and a segment that died unsampled shows its average."""
+    each segment's end (the last sample carried there), and a segment that died before its
+    first sample shows its average."""
     summary = _summary(
         rate={
             "requested": 100,
@@ -369,7 +370,7 @@ def test_the_throughput_chart_covers_every_segment_whole() -> None:
         }
     )
     first, second = spans(summary)
-    assert achieved_steps(first) == [(0.0, 1.0, 100.0), (1.0, 2.0, 100.0), (2.0, 2.5, 0.0)]
+    assert achieved_steps(first) == [(0.0, 1.0, 100.0), (1.0, 2.0, 100.0), (2.0, 2.5, 100.0)]
     ((start, end, average),) = achieved_steps(second)
     assert (start, end) == (0.0, 3.0)
     assert average == pytest.approx(100 / 3)

@@ -10,6 +10,7 @@ the gateway or a file but numbers and fixed words; the few texts are escaped all
 from __future__ import annotations
 
 import html
+import math
 from dataclasses import dataclass, field
 
 from worker.store.state import Summary
@@ -36,11 +37,15 @@ STYLE = (
 
 
 def _nice(value: float) -> float:
-    """A round upper bound for an axis."""
-    for step in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000):
-        if value <= step:
-            return float(step)
-    return value
+    """A round upper bound for an axis, close above the value (a 510/s run gets 600/s, not
+    1,000/s: the line stays in the upper part of the chart)."""
+    if value <= 0:
+        return 1.0
+    scale = 10.0 ** math.floor(math.log10(value))
+    for step in (1, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10):
+        if value <= step * scale:
+            return step * scale
+    return 10 * scale
 
 
 # -- throughput ----------------------------------------------------------------------------------
@@ -81,22 +86,20 @@ def spans(summary: Summary) -> list[Span]:
 
 def achieved_steps(span: Span) -> list[tuple[float, float, float]]:
     """(from s, to s, requests/s) over the whole segment: each sample covers the time since
-    the one before (the first: since the start); the tail after the last sample gets what the
-    segment's request count leaves for it (a died segment with no samples: its average)."""
-    steps, before, covered = [], 0.0, 0.0
+    the one before (the first: since the start), the last is carried to the segment's end
+    (what is left is shorter than a sample, and the segment's start-up before its first
+    request is counted in its duration too, so a rate made of it would dip falsely); a
+    segment that died before its first sample shows its average."""
+    if not span.points:
+        if span.requests and span.duration > 0:
+            return [(0.0, span.duration, span.requests / span.duration)]
+        return []
+    steps, before = [], 0.0
     for seconds, achieved, _ in span.points:
         steps.append((before, seconds, achieved))
-        covered += achieved * (seconds - before)
         before = seconds
-    tail = span.duration - before
-    if tail <= 0:
-        return steps
-    if span.requests is None or (steps and tail < 0.25):  # too short to estimate: carry on
-        if steps:
-            steps.append((before, span.duration, steps[-1][2]))
-        return steps
-    ceiling = max((s[2] for s in steps), default=float("inf"))
-    steps.append((before, span.duration, min(ceiling, max(0.0, span.requests - covered) / tail)))
+    if span.duration > before:
+        steps.append((before, span.duration, steps[-1][2]))
     return steps
 
 
@@ -197,9 +200,14 @@ def _grid(frame: _Frame) -> str:
         lines.append(
             f'<line x1="{frame.left:.0f}" x2="{WIDTH - 8}" y1="{y:.1f}" y2="{y:.1f}" '
             f'stroke="#d0d7de"/><text x="{frame.left - 6:.0f}" y="{y + 4:.1f}" '
-            f'text-anchor="end"{minor}>{frame.top * share:,.0f}/s</text>'
+            f'text-anchor="end"{minor}>{_rate(frame.top * share)}/s</text>'
         )
     return "".join(lines)
+
+
+def _rate(value: float) -> str:
+    """An axis label: whole numbers as such, a quarter of a small top with one decimal."""
+    return f"{value:,.0f}" if value == int(value) else f"{value:,.1f}"
 
 
 def _divider(frame: _Frame, span: Span) -> str:

@@ -331,16 +331,16 @@ def _targets(report: RunReport) -> str:
 
 
 def _run_section(report: RunReport, *, heading: bool) -> str:
-    """One run: the header first, then the numbers, the charts and the targets."""
+    """One run: the header first, then the charts, the numbers and the targets."""
     summary, counts, details = report.summary, report.counts, report.details
     shard = f" (shard {summary.shard})" if summary.shard else ""
     title = f"<h2>Run {_esc(summary.run_id)}{_esc(shard)}</h2>" if heading else ""
     return (
         f"<section>{title}{_header(report)}"
         f"<h3>Outcomes</h3>{outcome_bar(summary)}{_codes(summary)}"
-        f"<h3>Numbers</h3>{_pairs(_summary_pairs(report))}"
         f"<h3>Throughput</h3>{throughput(summary)}"
         f"<h3>Latency</h3>{latency_histogram(counts)}"
+        f"<h3>Numbers</h3>{_pairs(_summary_pairs(report))}"
         f"{_by('org', counts.by_org)}{_by('product key', counts.by_product)}"
         f"{_targets(report)}"
         f"<h3>Timeline</h3>{_table(['when', 'what'], [list(e) for e in details.events])}"
