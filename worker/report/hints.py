@@ -87,7 +87,7 @@ def next_steps(summary: Summary, manifest: Manifest, run: RunDir, holder: str | 
         left = f"{_n(summary.not_attempted)} {_was(summary.not_attempted)} not attempted."
         if not summary.finished:
             left = f"the run did not finish (the process died); {left}"
-        again = f" It runs the {failed:,} failed again too." if failed else ""
+        again = f" It also runs again the {_n(failed)} that failed." if failed else ""
         steps.append(
             Step(
                 f"Resume: {left}{again}",

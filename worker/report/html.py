@@ -171,9 +171,10 @@ def _who_ran(facts: RunFacts) -> str:
     first, last = facts.first, facts.last
     if first is None:
         return "not known (no audit log)"
-    said = f"{first['operator']} on {first['host']}"
-    if last is not None and (last["operator"], last["host"]) != (first["operator"], first["host"]):
-        said += f" (segment 1); {last['operator']} on {last['host']} (segment {last['segment']})"
+    said = f"{first.get('operator', '?')} on {first.get('host', '?')}"
+    then = f"{last.get('operator', '?')} on {last.get('host', '?')}" if last else said
+    if then != said and last is not None:
+        said += f" (segment 1); {then} (segment {last.get('segment', '?')})"
     return said
 
 
@@ -182,10 +183,18 @@ def _version(facts: RunFacts) -> str:
     first, last = facts.first, facts.last
     if last is None:
         return "not known (no audit log)"
-    said = last["worker_version"]
-    if first is not None and first["worker_version"] != said:
-        said += f" (segment 1: {first['worker_version']})"
-    return said
+    said = last.get("worker_version", "?")
+    before = first.get("worker_version", "?") if first is not None else said
+    return said if before == said else f"{said} (segment 1: {before})"
+
+
+def _ended(report: RunReport) -> str:
+    """When the last segment ended, or why no end is recorded."""
+    if report.summary.finished_at:
+        return report.summary.finished_at
+    if report.facts.holder is not None:
+        return "not yet (running)"
+    return "not recorded (the process died)"
 
 
 def _facts(report: RunReport) -> str:
@@ -207,7 +216,7 @@ def _facts(report: RunReport) -> str:
         ("gateway", _esc(manifest.gateway)),
         ("operator and host", _esc(_who_ran(facts))),
         ("started", _esc(summary.started_at or "-")),
-        ("finished", _esc(summary.finished_at or "not yet")),
+        ("ended", _esc(_ended(report))),
         ("worker version", _esc(_version(facts))),
         ("audit head", head),
     ]
