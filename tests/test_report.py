@@ -34,7 +34,7 @@ from worker.sim.simulator import Simulator
 from worker.store.layout import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
-SCREENSHOT = os.environ.get("WORKER_SCREENSHOT")  # where to keep the README's picture
+SCREENSHOT = os.environ.get("WORKER_SCREENSHOT")  # where to keep a copy of the screenshot
 
 
 async def finished_run(gateway: str, tmp_path: Path) -> Path:
@@ -158,7 +158,8 @@ def _read(path: Path) -> bytes:
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed")
 async def test_the_page_loads_in_headless_chromium(gateway: str, tmp_path: Path) -> None:
     """The report loads in a real browser with no console errors, its SVG charts in the DOM,
-    and a screenshot is written (the README's picture comes from here)."""
+    and a screenshot is written (WORKER_SCREENSHOT keeps a copy; the README's picture comes
+    from the incident walk-through instead, see docs/report.png's commit)."""
     run_dir = await finished_run(gateway, tmp_path)
     write_report([load_run(RunDir(run_dir))], run_dir / "report.html")
     url = (run_dir / "report.html").as_uri()
