@@ -34,7 +34,7 @@ from worker.sim.simulator import Simulator
 from worker.store.layout import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
-SCREENSHOT = os.environ.get("WORKER_SCREENSHOT")  # where to keep the README's picture
+SCREENSHOT = os.environ.get("WORKER_SCREENSHOT")  # where to keep a copy of the screenshot
 
 
 async def finished_run(gateway: str, tmp_path: Path) -> Path:
@@ -115,7 +115,10 @@ def test_a_killed_run_is_reported_unfinished(tmp_path: Path) -> None:
     assert "summary.json" not in done.stdout.split("files")[1].splitlines()[0]
     requests = int(re.search(r"requests\s+([\d,]+)", done.stdout).group(1).replace(",", ""))  # type: ignore[union-attr]
     assert requests >= 500
-    assert "did not finish" in (run_dir / "report.html").read_text()
+    page = (run_dir / "report.html").read_text()
+    assert "did not finish" in page
+    assert '<p class="verdict died">Did not finish (the process died): ' in page
+    assert f"<code>worker run {job} --resume {run_dir}</code>" in page  # nothing failed: no flag
 
 
 def test_abandoned_requests_are_counted_and_listed(tmp_path: Path) -> None:
@@ -142,7 +145,9 @@ def test_abandoned_requests_are_counted_and_listed(tmp_path: Path) -> None:
     assert abandoned > 0
     assert summary["abandoned"] == abandoned
     assert summary["requests"] >= abandoned
-    assert "Requests abandoned in flight" in (run_dir / "report.html").read_text()
+    page = (run_dir / "report.html").read_text()
+    assert "Requests abandoned in flight" in page
+    assert '<p class="verdict stopped">Stopped early (SIGINT): ' in page
 
 
 def _read(path: Path) -> bytes:
@@ -153,7 +158,8 @@ def _read(path: Path) -> bytes:
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed")
 async def test_the_page_loads_in_headless_chromium(gateway: str, tmp_path: Path) -> None:
     """The report loads in a real browser with no console errors, its SVG charts in the DOM,
-    and a screenshot is written (the README's picture comes from here)."""
+    and a screenshot is written (WORKER_SCREENSHOT keeps a copy; the README's picture comes
+    from the incident walk-through instead, see docs/report.png's commit)."""
     run_dir = await finished_run(gateway, tmp_path)
     write_report([load_run(RunDir(run_dir))], run_dir / "report.html")
     url = (run_dir / "report.html").as_uri()

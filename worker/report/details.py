@@ -1,20 +1,24 @@
 """A run directory read for a report: its manifest, the journal's counts (the fold of
 :mod:`worker.store.tally`, from the checkpoint when it matches), the summary built from them,
-and what only the audit log and run.json hold: requests abandoned in flight, the timeline
-(segments, stops, rate cuts), and per-segment request counts for a segment that died before it
-could record them. Memory stays bounded: counters and capped lists.
+the facts of its header (:mod:`worker.report.facts`), and what only the audit log and run.json
+hold: requests abandoned in flight, the timeline (segments, stops, rate cuts, a run of cuts
+folded into one row), and per-segment request counts for a segment that died before it could
+record them. Memory stays bounded: counters and capped lists.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 import orjson
 
 from worker.errors import ExitCode
 from worker.model import gc_paused
+from worker.report.facts import RunFacts, read_facts
 from worker.report.summary import build_summary
+from worker.store.appendlog import iso
 from worker.store.layout import RunDir, read_manifest, read_verify_counts
 from worker.store.records import AttemptRecord, AuditRecord, FailedRow
 from worker.store.resume import counts_of
@@ -41,6 +45,7 @@ class RunReport:
     summary: Summary
     counts: Counts
     details: Details
+    facts: RunFacts = field(default_factory=RunFacts)  # a page made without them says less
 
 
 def load_run(run: RunDir, counts: Counts | None = None) -> RunReport:
@@ -59,7 +64,7 @@ def load_run(run: RunDir, counts: Counts | None = None) -> RunReport:
         last_at = _seconds(details.segment_last_at[-1])
         last.duration_s = max(0.0, last_at - _seconds(last.started_at))
         summary = build_summary(manifest, counts, exit_code=int(ExitCode.ABORTED), verify=verify)
-    return RunReport(run, manifest, summary, counts, details)
+    return RunReport(run, manifest, summary, counts, details, read_facts(run, manifest))
 
 
 def _seconds(iso: str) -> float:
@@ -77,21 +82,66 @@ def _read_details(details: Details, run: RunDir, summary: Summary, manifest: Man
     if summary.abandoned or died:
         with gc_paused():
             _read_audit(details, run)
-    _segment_events(details, manifest)
-    _rate_cuts(details, summary)
+    details.events += timeline(manifest, summary.rate.timeline)
 
 
-def _segment_events(details: Details, manifest: Manifest) -> None:
-    """The timeline's segments, from run.json (the audit's run records hold the same facts)."""
+def timeline(manifest: Manifest, rates: list[list[Any]]) -> list[tuple[str, str]]:
+    """Each segment's start, where its allowed rate fell, and its end, in that order (from
+    run.json: the audit's run records hold the same facts); consecutive rate cuts of a segment
+    are one row (a fixed rate above the gateway's limit cut it 41 times in two minutes)."""
+    cuts = rate_cuts(rates)
+    events: list[tuple[str, str]] = []
     for number, segment in enumerate(manifest.segments, start=1):
         limits = segment.limits
         asked = "auto" if limits.adaptive else limits.rate or "unlimited"
         started = f"segment {number} started: {manifest.targets:,} targets, rate {asked}"
-        details.events.append((segment.started_at, started))
+        events.append((segment.started_at, started))
+        events += fold_cuts(number, segment.started_at, cuts.get(number, []))
         if segment.finished_at is not None:
             why = f": {segment.message}" if segment.message else ""
             ended = f"segment {number} ended ({segment.reason}, exit {segment.exit_code}){why}"
-            details.events.append((segment.finished_at, ended))
+            events.append((segment.finished_at, ended))
+    return events
+
+
+def rate_cuts(rates: list[list[Any]]) -> dict[int, list[tuple[float, float, float]]]:
+    """Per segment, (seconds, before, after) where the allowed rate fell by over 5 %, from
+    the summary's rate timeline ([segment, s, achieved, allowed])."""
+    cuts: dict[int, list[tuple[float, float, float]]] = {}
+    previous: dict[int, float] = {}
+    for segment, seconds, _, allowed in rates:
+        if allowed is None:
+            continue
+        before = previous.get(segment)
+        if before is not None and allowed < 0.95 * before:
+            cuts.setdefault(segment, []).append((float(seconds), before, float(allowed)))
+        previous[segment] = float(allowed)
+    return cuts
+
+
+def fold_cuts(
+    segment: int, started_at: str, cuts: list[tuple[float, float, float]]
+) -> list[tuple[str, str]]:
+    """One row for a lone cut, one row for a run of them: how many, between when, from what
+    rate, down to which lowest; dated from the segment's start (to a second or so: the rate
+    is sampled from when the first request could go)."""
+    if not cuts:
+        return []
+    first, last = cuts[0], cuts[-1]
+    start = _seconds(started_at)
+    when = iso(start + first[0]) if start else f"segment {segment} +{first[0]:.0f} s"
+    if len(cuts) == 1:
+        what = f"segment {segment} +{first[0]:.0f} s: allowed rate lowered {first[1]:,.0f} -> "
+        return [(when, f"{what}{first[2]:,.0f}/s")]
+    lowest = min(after for _, _, after in cuts)
+    return [
+        (
+            when,
+            f"segment {segment}: allowed rate lowered {len(cuts)} times between "
+            f"+{first[0]:.0f} s and +{last[0]:.0f} s, from {first[1]:,.0f}/s, "
+            f"lowest {lowest:,.0f}/s",
+        )
+    ]
 
 
 def _read_audit(details: Details, run: RunDir) -> None:
@@ -154,18 +204,24 @@ def _abandoned_row(record: AttemptRecord, at: str) -> FailedRow:
     }
 
 
-def _rate_cuts(details: Details, summary: Summary) -> None:
-    """Where the allowed rate fell, from the summary's timeline."""
-    previous: dict[int, float] = {}
-    for segment, seconds, _, allowed in summary.rate.timeline:
-        if allowed is None:
-            continue
-        before = previous.get(segment)
-        if before is not None and allowed < 0.95 * before:
-            details.events.append(
-                (
-                    f"segment {segment} +{seconds:.0f} s",
-                    f"allowed rate lowered {before:.0f} -> {allowed:.0f}/s",
-                )
-            )
-        previous[segment] = allowed
+SUCCESS_WORDS = frozenset({"", "ok", "success", "succeed", "succeeded", "successful"})
+
+
+def why_unknown(row: FailedRow, *, resumed: bool) -> str:
+    """Why a target's effect is unknown, in words. The row keeps the reply's message, else the
+    error; a success message says nothing, so the why follows from the attempts: a retry means
+    an earlier call's answer was lost; a single call after an earlier segment means that
+    segment may have sent it before it died."""
+    said = (row["msg"] or "").strip()
+    silent = said.lower() in SUCCESS_WORDS
+    if not silent and row["outcome"] != "failed":
+        return said  # the reply's own problem (a command it listed could not be read)
+    if (row["attempts"] or 0) > 1:
+        cause = "answer lost: no reply read after a call that may have taken effect"
+    elif resumed:
+        cause = "may have been sent before a crash or a stop (an earlier segment admitted it)"
+    elif row["outcome"] == "failed":
+        cause = "the call may have taken effect before its answer was lost"
+    else:
+        cause = "the reply could not be read in full (a command in it was unreadable)"
+    return f"{said or 'failed'}; {cause}" if row["outcome"] == "failed" else cause

@@ -1,11 +1,14 @@
 """`worker report`'s HTML page: one self-contained file people can read and attach to a ticket.
 
-No scripts and no external assets (no network, no CDN): tables and inline SVG charts. For each
-run directory: the summary (an unfinished run says so, with the command that resumes it), the
-throughput over time beside the asked and the allowed rate (segments side by side on one time
-line), the outcomes, a latency histogram, outcomes by org and by product key, the failed and
-the effect-unknown targets, the requests abandoned in flight, and the run's timeline; a total
-when there are several directories (shards, or segments run apart).
+No scripts and no external assets (no network, no CDN): tables and inline SVG charts that scale
+to the window (:mod:`worker.report.charts`). For each run directory, first what an incident
+manager asks: the verdict in one sentence, what to do next (with the commands to paste), and the
+facts (job and its sha256, what it cancelled, gateway, operator and host, times, version, the
+audit head); then the outcomes, the throughput over the whole run beside the asked and the
+allowed rate, a latency histogram, outcomes by org and by product key, the failed and the
+effect-unknown targets (each with why), the requests abandoned in flight, and the run's
+timeline; a total when there are several directories (shards, or segments run apart).
+Everything that came from the gateway or a file goes through :func:`_esc`.
 """
 
 from __future__ import annotations
@@ -16,21 +19,30 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from worker.enos.protocol import CODE_MEANINGS
-from worker.report.details import RunReport
+from worker.report.charts import OUTCOMES, latency_histogram, outcome_bar, throughput
+from worker.report.charts import STYLE as CHART_STYLE
+from worker.report.details import RunReport, why_unknown
+from worker.report.facts import RunFacts
 from worker.report.followup import write_followup
-from worker.report.hints import resume_command
+from worker.report.hints import next_steps, state_of, verdict
 from worker.store.records import FailedRow
 from worker.store.state import Summary
-from worker.store.tally import LATENCY_EDGES_MS, LISTED, Counts
+from worker.store.tally import LISTED
 
-OUTCOMES = ("cancelled", "nothing_to_cancel", "failed")
-COLOURS = {"cancelled": "#2da44e", "nothing_to_cancel": "#8c959f", "failed": "#cf222e"}
 _STYLE = (
-    "body{font-family:system-ui,sans-serif;margin:2em;max-width:64em;color:#1f2328}"
-    "table{border-collapse:collapse;margin:.5em 0}th,td{border:1px solid #d0d7de;"
-    "padding:.25em .6em;text-align:left;vertical-align:top}th{background:#f6f8fa;font-weight:600}"
-    "td.n{text-align:right}.banner{background:#fff8c5;border:1px solid #d4a72c;padding:.6em 1em}"
-    "code{background:#f6f8fa;padding:.1em .3em}svg text{font-size:11px;fill:#57606a}"
+    "body{font-family:system-ui,sans-serif;margin:1em auto;padding:0 1em;max-width:64em;"
+    "color:#1f2328;line-height:1.4}h1{font-size:1.6em;margin:.3em 0;overflow-wrap:anywhere}"
+    ".kicker{color:#57606a;margin:0}table{border-collapse:collapse;margin:.5em 0}"
+    "th,td{border:1px solid #d0d7de;padding:.25em .6em;text-align:left;vertical-align:top;"
+    "overflow-wrap:break-word}th{background:#f6f8fa;font-weight:600}td.n{text-align:right}"
+    ".wide{overflow-x:auto}table.facts th{white-space:nowrap}"
+    "code{background:#f6f8fa;padding:.1em .3em;word-break:break-all}"
+    ".verdict{font-size:1.2em;font-weight:600;padding:.6em 1em;border-left:.4em solid}"
+    ".done{background:#dafbe1;border-color:#2da44e}.failed,.unknown{background:#ffebe9;"
+    "border-color:#cf222e}.stopped,.died{background:#fff8c5;border-color:#d4a72c}"
+    ".running{background:#ddf4ff;border-color:#0969da}ol.next li{margin:.3em 0}"
+    "section{margin-bottom:2.5em}@media (max-width:40em){table.facts th{white-space:normal}}"
+    + CHART_STYLE
 )
 
 
@@ -64,10 +76,13 @@ def combine(summaries: list[Summary]) -> Totals:
 
 
 def _esc(value: object) -> str:
+    """Text made safe for the page (every gateway or file string passes here); ints grouped."""
     return html.escape(f"{value:,}" if isinstance(value, int) else str(value))
 
 
 def _table(header: list[str], rows: list[list[object]]) -> str:
+    """A table of escaped cells (numbers right-aligned), scrolled sideways in its own box on
+    a narrow screen rather than widening the page."""
     head = "".join(f"<th>{_esc(h)}</th>" for h in header)
     body = "".join(
         "<tr>"
@@ -78,138 +93,15 @@ def _table(header: list[str], rows: list[list[object]]) -> str:
         + "</tr>"
         for row in rows
     )
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f'<div class="wide"><table><tr>{head}</tr>{body}</table></div>'
 
 
 def _pairs(pairs: list[tuple[str, object]]) -> str:
+    """A two-column table of names and values (escaped)."""
     return (
-        "<table>"
+        '<div class="wide"><table>'
         + "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in pairs)
-        + "</table>"
-    )
-
-
-# -- charts (inline SVG) -------------------------------------------------------------------------
-
-
-def _throughput(summary: Summary, width: int = 640, height: int = 180) -> str:
-    """Achieved (solid), allowed (dashed) and asked (dotted) requests/s; segments side by side."""
-    points = summary.rate.timeline
-    if len(points) < 2:
-        return "<p>Too short a run for a throughput chart.</p>"
-    ends: dict[int, float] = {}
-    for segment, seconds, *_ in points:
-        ends[segment] = max(ends.get(segment, 0.0), float(seconds))
-    offsets, position = {}, 0.0
-    for segment in sorted(ends):
-        offsets[segment] = position
-        position += ends[segment]
-    span, left = position or 1.0, 48
-    asked = {n: s.get("asked") for n, s in enumerate(summary.rate.segments, start=1)}
-    numbers = [float(a) for a in asked.values() if isinstance(a, int | float)]
-    values = [float(p[2]) for p in points] + [float(p[3]) for p in points if p[3] is not None]
-    top = _nice(max(values + numbers) if values else 1.0)
-
-    def x(segment: int, seconds: float) -> float:
-        return left + (offsets[segment] + seconds) / span * (width - left)
-
-    def y(value: float) -> float:  # 12 px of room above the top line for its label
-        return 12 + (height - 12) * (1 - value / top)
-
-    def polyline(column: int, style: str) -> str:
-        lines = []
-        for segment in sorted(ends):
-            run = " ".join(
-                f"{x(segment, float(p[1])):.1f},{y(float(p[column])):.1f}"
-                for p in points
-                if p[0] == segment and p[column] is not None
-            )
-            if run:
-                lines.append(f'<polyline fill="none" {style} points="{run}"/>')
-        return "".join(lines)
-
-    asked_lines = "".join(
-        f'<line x1="{x(n, 0):.1f}" x2="{x(n, ends[n]):.1f}" y1="{y(float(a)):.1f}" '
-        f'y2="{y(float(a)):.1f}" stroke="#bf8700" stroke-dasharray="1 3" stroke-width="2"/>'
-        for n, a in asked.items()
-        if isinstance(a, int | float) and n in ends
-    )
-    grid = "".join(
-        f'<line x1="{left}" x2="{width}" y1="{y(top * f):.1f}" y2="{y(top * f):.1f}" '
-        f'stroke="#eaeef2"/><text x="0" y="{y(top * f) + 4:.1f}">{top * f:,.0f}/s</text>'
-        for f in (0.0, 0.25, 0.5, 0.75, 1.0)
-    )
-    dividers = "".join(
-        f'<line x1="{x(n, 0):.1f}" x2="{x(n, 0):.1f}" y1="0" y2="{height}" stroke="#57606a" '
-        f'stroke-dasharray="2 2"/><text x="{x(n, 0) + 3:.1f}" y="10">segment {n}</text>'
-        for n in sorted(ends)
-        if n > 1
-    )
-    allowed = polyline(3, 'stroke="#8c959f" stroke-dasharray="5 3"')
-    achieved = polyline(2, 'stroke="#0969da" stroke-width="2"')
-    return (
-        f'<svg width="{width}" height="{height + 20}" role="img" class="chart" '
-        'aria-label="achieved, allowed and asked requests per second over time">'
-        f"{grid}{dividers}{asked_lines}{allowed}{achieved}"
-        f'<text x="{left}" y="{height + 14}">0 s</text>'
-        f'<text x="{width - 50}" y="{height + 14}">{span:,.0f} s</text></svg>'
-        "<p>Solid blue: achieved requests/s. Dashed grey: the rate the limiter allowed. "
-        "Dotted: the rate asked for. Segments of a resumed run stand side by side.</p>"
-    )
-
-
-def _nice(value: float) -> float:
-    """A round upper bound for an axis."""
-    for step in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000):
-        if value <= step:
-            return float(step)
-    return value
-
-
-def _outcome_bar(summary: Summary, width: int = 640) -> str:
-    total = sum(summary.outcomes.values()) + summary.not_attempted or 1
-    parts, x = [], 0.0
-    shown = [
-        *((o, summary.outcomes[o]) for o in OUTCOMES),
-        ("not_attempted", summary.not_attempted),
-    ]
-    for name, count in shown:
-        w = count / total * width
-        colour = COLOURS.get(name, "#eaeef2")
-        parts.append(
-            f'<rect x="{x:.1f}" y="0" width="{w:.1f}" height="24" fill="{colour}">'
-            f"<title>{_esc(name)}: {count:,}</title></rect>"
-        )
-        x += w
-    legend = " &nbsp; ".join(
-        f'<span style="color:{COLOURS.get(n, "#57606a")}">&#9632;</span> '
-        f"{_esc(n.replace('_', ' '))} {c:,}"
-        for n, c in shown
-    )
-    return (
-        f'<svg width="{width}" height="24" role="img" class="chart" aria-label="outcomes">'
-        f"{''.join(parts)}</svg><p>{legend}</p>"
-    )
-
-
-def _latency_histogram(journal: Counts, width: int = 640, height: int = 120) -> str:
-    counts = journal.latency_histogram
-    if not any(counts):
-        return "<p>No latencies recorded.</p>"
-    labels = [f"<{e}" for e in LATENCY_EDGES_MS] + [f">={LATENCY_EDGES_MS[-1]}"]
-    top = max(counts)
-    bar = width / len(counts)
-    bars = "".join(
-        f'<rect x="{i * bar + 2:.1f}" y="{height - c / top * height:.1f}" width="{bar - 4:.1f}" '
-        f'height="{c / top * height:.1f}" fill="#0969da">'
-        f"<title>{labels[i]} ms: {c:,}</title></rect>"
-        f'<text x="{i * bar + 2:.1f}" y="{height + 14}">{labels[i]}</text>'
-        for i, c in enumerate(counts)
-    )
-    return (
-        f'<svg width="{width}" height="{height + 20}" role="img" class="chart" '
-        f'aria-label="latency histogram">{bars}</svg><p>Targets by the latency of their last '
-        f"attempt, in milliseconds (most: {top:,}).</p>"
+        + "</table></div>"
     )
 
 
@@ -217,6 +109,7 @@ def _latency_histogram(journal: Counts, width: int = 640, height: int = 120) -> 
 
 
 def _summary_pairs(report: RunReport) -> list[tuple[str, object]]:
+    """The run's numbers, below the outcomes (the header holds who, what and when)."""
     summary = report.summary
     latency, rate, commands = summary.latency_ms, summary.rate, summary.commands
     asked = ", ".join(str(s.get("asked")) for s in rate.segments) or str(rate.requested)
@@ -232,14 +125,21 @@ def _summary_pairs(report: RunReport) -> list[tuple[str, object]]:
         ("requests sent", summary.requests),
         ("abandoned in flight", summary.abandoned),
         ("segments", summary.segments),
-        ("started / finished", f"{summary.started_at} / {summary.finished_at or '-'}"),
         ("duration", f"{summary.duration_s:,.1f} s"),
         ("rate asked (per segment) / achieved", f"{asked} / {rate.achieved}"),
         ("latency p50 / p95 / p99 ms", f"{latency.p50} / {latency.p95} / {latency.p99}"),
     ]
+    if summary.shard:
+        pairs.insert(2, ("shard", summary.shard))
     if commands.get("matched") or commands.get("kept"):
         counts = [f"{commands.get(k, 0):,}" for k in ("matched", "cancelled", "missed", "kept")]
         pairs.append(("commands matched / cancelled / gone / kept", " / ".join(counts)))
+    return pairs + _later_pairs(summary)
+
+
+def _later_pairs(summary: Summary) -> list[tuple[str, object]]:
+    """The verify sweep's and the lists' lines, for the runs that had them."""
+    pairs: list[tuple[str, object]] = []
     verify = summary.verify
     if verify:
         pairs.append(
@@ -263,24 +163,121 @@ def _summary_pairs(report: RunReport) -> list[tuple[str, object]]:
     return pairs
 
 
+# -- the header: verdict, what next, facts -----------------------------------------------------
+
+
+def _who_ran(facts: RunFacts) -> str:
+    """Operator and host of the first segment, and of the last when someone else resumed."""
+    first, last = facts.first, facts.last
+    if first is None:
+        return "not known (no audit log)"
+    said = f"{first.get('operator', '?')} on {first.get('host', '?')}"
+    then = f"{last.get('operator', '?')} on {last.get('host', '?')}" if last else said
+    if then != said and last is not None:
+        said += f" (segment 1); {then} (segment {last.get('segment', '?')})"
+    return said
+
+
+def _version(facts: RunFacts) -> str:
+    """The worker version of the last segment, and of the first when it differs."""
+    first, last = facts.first, facts.last
+    if last is None:
+        return "not known (no audit log)"
+    said = last.get("worker_version", "?")
+    before = first.get("worker_version", "?") if first is not None else said
+    return said if before == said else f"{said} (segment 1: {before})"
+
+
+def _ended(report: RunReport) -> str:
+    """When the last segment ended, or why no end is recorded."""
+    if report.summary.finished_at:
+        return report.summary.finished_at
+    if report.facts.holder is not None:
+        return "not yet (running)"
+    return "not recorded (the process died)"
+
+
+def _facts(report: RunReport) -> str:
+    """The facts people ask first, as a table of escaped text (and the commands in code)."""
+    manifest, summary, facts = report.manifest, report.summary, report.facts
+    if facts.head is None:
+        head = "not known (no audit log)"
+    else:
+        check = f"worker audit verify {report.run} --head {facts.head}"
+        head = (
+            f"<code>{_esc(facts.head)}</code><br>keep it in the ticket; "
+            f"<code>{_esc(check)}</code> proves the log still ends there"
+        )
+    rows = [
+        ("job", _esc(f"{manifest.job_name} ({manifest.job})")),
+        ("job sha256", f"<code>{_esc(manifest.job_sha256)}</code>"),
+        ("cancels", _esc(facts.cancels)),
+        ("targets", f"{manifest.targets:,}, sha256 <code>{_esc(manifest.targets_sha256)}</code>"),
+        ("gateway", _esc(manifest.gateway)),
+        ("operator and host", _esc(_who_ran(facts))),
+        ("started", _esc(summary.started_at or "-")),
+        ("ended", _esc(_ended(report))),
+        ("worker version", _esc(_version(facts))),
+        ("audit head", head),
+    ]
+    body = "".join(f"<tr><th>{_esc(k)}</th><td>{v}</td></tr>" for k, v in rows)
+    return f'<div class="wide"><table class="facts">{body}</table></div>'
+
+
+def _next(report: RunReport) -> str:
+    """The what-next block: each step's words, then its commands to paste."""
+    steps = next_steps(report.summary, report.manifest, report.run, report.facts.holder)
+    items = "".join(
+        f"<li>{_esc(step.text)}"
+        + "".join(f"<br><code>{_esc(command)}</code>" for command in step.commands)
+        + "</li>"
+        for step in steps
+    )
+    return f'<h3>What next</h3><ol class="next">{items}</ol>'
+
+
+def _header(report: RunReport) -> str:
+    """The verdict, what next, the facts: what an incident manager forwards."""
+    summary, holder = report.summary, report.facts.holder
+    state = state_of(summary, holder)
+    return (
+        f'<p class="verdict {state}">{_esc(verdict(summary, holder))}</p>'
+        f"{_next(report)}<h3>Facts</h3>{_facts(report)}"
+    )
+
+
 def _who(row: FailedRow) -> str:
+    """A target as people name it: the device (asset id, else product/device key), the org."""
     device = row["asset_id"] or f"{row['product_key']}/{row['device_key']}"
     command = f" command {row['command_id']}" if row["command_id"] else ""
     return f"{device} ({row['org_id']}){command}"
 
 
 def _target_rows(rows: list[FailedRow], extra: str) -> list[list[object]]:
-    """A row per target: who, the code (or the `extra` column: outcome, at), message, attempts."""
+    """A row per target: who, the code (or the `extra` column: at), message, attempts."""
     shown: list[list[object]] = []
     for row in rows:
-        second = {"outcome": row["outcome"], "at": row.get("at")}.get(extra, row["code"])
+        second = row.get("at") if extra == "at" else row["code"]
         shown.append([_who(row), str(second), row["msg"], row["attempts"]])
     return shown
 
 
-def _listed(
-    title: str, rows: list[FailedRow], total: int, header: list[str], extra: str = ""
-) -> str:
+def _unknown_rows(report: RunReport) -> list[list[object]]:
+    """A row per effect-unknown target: who, its outcome, why it is unknown, attempts."""
+    resumed = len(report.manifest.segments) > 1
+    return [
+        [
+            _who(row),
+            row["outcome"].replace("_", " "),
+            why_unknown(row, resumed=resumed),
+            row["attempts"],
+        ]
+        for row in report.counts.unknown
+    ]
+
+
+def _listed(title: str, rows: list[list[object]], total: int, header: list[str]) -> str:
+    """A capped table of targets under its title and full count."""
     if not total:
         return ""
     more = (
@@ -288,7 +285,7 @@ def _listed(
         if total > len(rows)
         else ""
     )
-    return f"<h3>{_esc(title)} ({total:,})</h3>{_table(header, _target_rows(rows, extra))}{more}"
+    return f"<h3>{_esc(title)} ({total:,})</h3>{_table(header, rows)}{more}"
 
 
 def _by(title: str, counts: dict[str, Counter[str]]) -> str:
@@ -316,71 +313,82 @@ def _meaning(code: str) -> str:
     return "gateway error" if code.startswith("http_5") else "see the failed targets below"
 
 
-def _run_section(report: RunReport) -> str:
+def _targets(report: RunReport) -> str:
+    """The failed, the effect-unknown and the abandoned targets, each capped."""
     summary, counts, details = report.summary, report.counts, report.details
-    banner = ""
-    if not summary.finished or summary.not_attempted:
-        failed_before = bool(summary.outcomes.get("failed"))
-        command = resume_command(report.manifest.job, report.run, retry_failed=failed_before)
-        state = "did not finish" if not summary.finished else "stopped before the end"
-        banner = (
-            f'<p class="banner">This run {state}: {summary.not_attempted:,} targets were '
-            f"not attempted and are resumable. Continue it with <code>{_esc(command)}</code></p>"
-        )
     failed = list(counts.failed.values())
     return (
-        f"<section><h2>{_esc(summary.job)}: run {_esc(summary.run_id)}</h2>{banner}"
-        f"{_pairs(_summary_pairs(report))}"
-        f"<h3>Outcomes</h3>{_outcome_bar(summary)}{_codes(summary)}"
-        f"<h3>Throughput</h3>{_throughput(summary)}"
-        f"<h3>Latency</h3>{_latency_histogram(counts)}"
-        f"{_by('org', counts.by_org)}{_by('product key', counts.by_product)}"
-        + _listed(
+        _listed(
             "Failed targets",
-            failed[:LISTED],
+            _target_rows(failed[:LISTED], "code"),
             len(failed),
             ["target", "code", "EnOS message", "attempts"],
         )
         + _listed(
             "Effect unknown",
-            counts.unknown,
+            _unknown_rows(report),
             counts.unknown_total,
-            ["target", "outcome", "message", "attempts"],
-            extra="outcome",
+            ["target", "outcome", "why unknown", "attempts"],
         )
         + _listed(
             "Requests abandoned in flight (their targets may have been cancelled)",
-            details.abandoned,
+            _target_rows(details.abandoned, "at"),
             summary.abandoned,
             ["target", "at", "message", "attempt"],
-            extra="at",
         )
-        + f"<h3>Timeline</h3>{_table(['when', 'what'], [list(e) for e in details.events])}"
-        + "</section>"
     )
 
 
+def _run_section(report: RunReport, *, heading: bool) -> str:
+    """One run: the header first, then the charts, the numbers and the targets."""
+    summary, counts, details = report.summary, report.counts, report.details
+    shard = f" (shard {summary.shard})" if summary.shard else ""
+    title = f"<h2>Run {_esc(summary.run_id)}{_esc(shard)}</h2>" if heading else ""
+    return (
+        f"<section>{title}{_header(report)}"
+        f"<h3>Outcomes</h3>{outcome_bar(summary)}{_codes(summary)}"
+        f"<h3>Throughput</h3>{throughput(summary)}"
+        f"<h3>Latency</h3>{latency_histogram(counts)}"
+        f"<h3>Numbers</h3>{_pairs(_summary_pairs(report))}"
+        f"{_by('org', counts.by_org)}{_by('product key', counts.by_product)}"
+        f"{_targets(report)}"
+        f"<h3>Timeline</h3>{_table(['when', 'what'], [list(e) for e in details.events])}"
+        "</section>"
+    )
+
+
+def _total(runs: list[RunReport]) -> str:
+    """The sum over several runs (shards, or segments run apart)."""
+    combined = combine([report.summary for report in runs])
+    pairs: list[tuple[str, object]] = [
+        ("runs", len(runs)),
+        ("targets", combined.targets),
+        *[(o.replace("_", " "), combined.outcomes[o]) for o in OUTCOMES],
+        ("not attempted (resumable)", combined.not_attempted),
+        ("effect unknown", combined.effect_unknown),
+        ("requests", combined.attempts),
+        ("worst exit code", combined.exit_code),
+    ]
+    return f"<section><h2>All runs</h2>{_pairs(pairs)}</section>"
+
+
 def render_html(runs: list[RunReport]) -> str:
-    """The whole page for one or several run directories."""
-    sections = "".join(_run_section(report) for report in runs)
-    total = ""
-    if len(runs) > 1:
-        combined = combine([report.summary for report in runs])
-        pairs: list[tuple[str, object]] = [
-            ("runs", len(runs)),
-            ("targets", combined.targets),
-            *[(o.replace("_", " "), combined.outcomes[o]) for o in OUTCOMES],
-            ("not attempted (resumable)", combined.not_attempted),
-            ("requests", combined.attempts),
-            ("worst exit code", combined.exit_code),
-        ]
-        total = f"<section><h2>All runs</h2>{_pairs(pairs)}</section>"
+    """The whole page for one or several run directories; the title is shown once (several
+    runs: each section is headed by its run id)."""
+    several = len(runs) > 1
+    sections = "".join(_run_section(report, heading=several) for report in runs)
     first = runs[0].summary
-    title = f"{first.job}: run {first.run_id}" if len(runs) == 1 else f"{len(runs)} runs"
+    if several:
+        jobs = ", ".join(dict.fromkeys(report.summary.job for report in runs))
+        title = f"{len(runs)} runs of {jobs}"
+    else:
+        title = f"{first.job}: run {first.run_id}"
     return (
         "<!doctype html><html lang=en><head><meta charset=utf-8>"
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{_esc(title)} - worker report</title><style>{_STYLE}</style></head><body>"
-        f"<h1>EnOS command cancellation report: {_esc(title)}</h1>{total}{sections}</body></html>\n"
+        f'<p class="kicker">EnOS command cancellation report</p><h1>{_esc(title)}</h1>'
+        f"{_total(runs) if several else ''}{sections}</body></html>\n"
     )
 
 
