@@ -213,6 +213,9 @@ def why_unknown(row: FailedRow, *, resumed: bool) -> str:
     an earlier call's answer was lost; a single call after an earlier segment means that
     segment may have sent it before it died."""
     said = (row["msg"] or "").strip()
+    problem = (row.get("error") or "").strip()
+    if problem and row["outcome"] != "failed":
+        return problem  # the result says what of the reply could not be read
     silent = said.lower() in SUCCESS_WORDS
     if not silent and row["outcome"] != "failed":
         return said  # the reply's own problem (a command it listed could not be read)

@@ -158,3 +158,4 @@ class FailedRow(TypedDict):
     attempts: int | None
     outcome: str
     at: NotRequired[str]
+    error: NotRequired[str]  # the result's own problem (a reply only partly read), if any

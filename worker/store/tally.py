@@ -227,6 +227,7 @@ def failed_row(record: ResultRecord) -> FailedRow:
         "msg": (record.get("msg") or record.get("error") or "")[:200],
         "attempts": record.get("attempts"),
         "outcome": record.get("outcome") or "",
+        "error": (record.get("error") or "")[:200],
     }
 
 
