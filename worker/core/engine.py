@@ -14,6 +14,11 @@ Why parked retries: a target waiting out its backoff holds no worker, so the con
 the requests in flight, not the targets that are waiting. With one in five answers a 5xx, a
 worker asleep in each backoff would otherwise leave too few to keep the rate.
 
+The gateway's budget: what an answer's headers state goes to the limiter (which paces to it);
+a 429 met while the run waits for a spent quota is the run's wait, not the target's (it uses
+none of its throttles); a quota wait that does not fit the run (past the deadline, or over an
+hour) ends the segment with :attr:`StopReason.QUOTA` and :attr:`Engine.quota_reset_at`.
+
 Stopping: :meth:`Engine.stop` (a signal, a deadline, an abort rule, a fatal error) ends
 admission and wakes idle workers; requests in flight finish (each bounded by the attempt
 timeout); parked targets are left without a result. :meth:`Engine.cancel` also cancels the
@@ -54,10 +59,17 @@ from worker.core.ports import (
     Recorder,
     StopReason,
 )
+from worker.core.quota import QuotaPause, too_long
 from worker.core.ratelimit import RateLimiter
 from worker.core.stops import Stop, StopRules
 from worker.enos import protocol as p
-from worker.errors import EnOSError, RateLimitedError, RetryableError, UnreadableAnswerError
+from worker.errors import (
+    EnOSError,
+    QuotaPausedError,
+    RateLimitedError,
+    RetryableError,
+    UnreadableAnswerError,
+)
 from worker.model import (
     Attempt,
     CancelReply,
@@ -111,6 +123,7 @@ class Engine:
         self.progress = Progress()
         self.stop_reason = StopReason.FINISHED
         self.stop_message = ""
+        self.quota_reset_at: float | None = None  # epoch s, when the run stopped for its quota
         self._rules = StopRules(settings)
 
     @property
@@ -303,18 +316,21 @@ class Engine:
         latency, now = ms_since(began), self._clock()
         self._limiter.accepted()
         self._rules.answered()
-        status, code, request_id = 200, 0, None
+        status, code, request_id, stated = 200, 0, None, None
         batch = core.batch
         action: Action | Fanout
         if isinstance(answer, CancelReply):
             action = core.cancelled(answer, now, latency)
             status, code, request_id = answer.http_status, answer.code, answer.request_id
+            stated = answer.budget
         elif isinstance(answer, SearchPage):
             action = core.searched(answer, now, latency)
-            request_id = answer.request_id
+            request_id, stated = answer.request_id, answer.budget
         else:
             assert isinstance(core, TargetCore)
             action = core.got_command(answer, now, latency)
+        if stated is not None:  # the limiter paces to it, less what the answer could not count
+            self._limiter.budget(stated, self.progress.in_flight)
         self.recorder.attempt(
             Attempt(core.target, number, now, latency, status, code, request_id, Decided.DONE,
                     subject=subject_of(send), batch=batch),
@@ -327,7 +343,7 @@ class Engine:
     ) -> Action | Fanout:
         latency = ms_since(began)
         if isinstance(error, RateLimitedError):
-            self._limiter.throttle(error.retry_after)
+            error = self._throttled(error)
         elif isinstance(error, RetryableError):
             self._limiter.rejected()
             self._stop_if(self._rules.transient(error))
@@ -343,6 +359,33 @@ class Engine:
             action_name(send),
         )  # fmt: skip
         return action
+
+    # -- the gateway's budget -------------------------------------------------------------------
+
+    def _throttled(self, error: RateLimitedError) -> RateLimitedError:
+        """A 429: the limiter pauses everyone. Met while the run waits for a spent quota, it
+        becomes the run's wait: the target waits as long, and none of its throttles is used."""
+        stated = error.budget
+        wait = error.retry_after
+        if stated is not None and stated.retry_after_s is not None:
+            wait = stated.retry_after_s  # uncapped: a day's Retry-After says "quota", not 300 s
+        self._limiter.throttle(wait)
+        if stated is not None:
+            self._limiter.budget(stated, self.progress.in_flight)
+        pause = self._limiter.quota
+        if pause is None:
+            return error
+        self._check_quota(pause)
+        why = f"the run waits for the gateway's quota until {pause.resets_at()}"
+        return QuotaPausedError.during(error, max(0.0, pause.until - self._clock()), why)
+
+    def _check_quota(self, pause: QuotaPause) -> None:
+        """End the segment (resumable) when waiting for the quota does not fit the run."""
+        settings = self._settings
+        why = too_long(pause, settings.deadline_at, settings.attempt_timeout)
+        if why is not None and not self.stopping:
+            self.quota_reset_at = pause.until
+            self.stop(StopReason.QUOTA, why)
 
     def _settle(self, core: Core, action: Action | Fanout) -> None:
         """Carry out where a target's turn ended: a result, a wait, a stop, or nothing."""
@@ -387,7 +430,10 @@ class Engine:
         return False
 
     async def _slot(self) -> bool:
-        """Wait for the shared limiter's next slot; False if the run stopped meanwhile."""
+        """Wait for the shared limiter's next slot; False if the run stopped meanwhile (or
+        the quota it would wait for does not fit the run: checked only when a call waits)."""
+        if self._limiter.quota is not None:
+            self._check_quota(self._limiter.quota)
         while True:
             wait, held = self._limiter.reserve()
             if wait > 0 and not await self._sleep_unless_stopped(wait):
