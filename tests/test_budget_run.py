@@ -74,6 +74,29 @@ async def test_the_client_hands_the_stated_budget_along(
     assert stated.retry_after_s == pytest.approx(3600 - time.time() % 3600, abs=2)
 
 
+async def test_answers_lost_after_the_effect_end_known_or_unknown_never_wrong(
+    budgeted: tuple[Simulator, str], tmp_path: Path
+) -> None:
+    """A gateway answering 504 after a third of the cancels took effect: every target ends
+    without failing; those whose cancel was answered list its commands, the others (their
+    retry found nothing) are nothing_to_cancel with effect_unknown; nothing is still cached."""
+    sim, url = budgeted
+    sim.faults = Faults(late_504_rate=0.3)
+    targets = "targets:\n" + "".join(f"  - asset_id: as{i:06d}\n" for i in range(1, 41))
+    job = write_job(tmp_path, "limits: {rate: 400, attempts: 8}\n" + targets)
+    code, _ = await run_job(job, url, tmp_path / "run")
+    assert code == 0
+    lines = results(tmp_path / "run")
+    assert len(lines) == 40
+    unknown = [line for line in lines if line["effect_unknown"]]
+    assert unknown
+    assert all(line["outcome"] == "nothing_to_cancel" for line in unknown)
+    for index in range(1, 41):
+        device = sim.store.find(ORG, f"as{index:06d}", None, None)
+        assert device is not None
+        assert device.pending(sim.store.now_ms()) == []
+
+
 async def test_a_spent_day_ends_resumable_and_the_resume_finishes_when_it_turns(
     budgeted: tuple[Simulator, str], shifted: Shifted, tmp_path: Path
 ) -> None:

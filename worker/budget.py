@@ -30,8 +30,8 @@ from __future__ import annotations
 import email.utils
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 PERIODS_S = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
 CALENDAR = ("month", "year")
@@ -42,14 +42,15 @@ MAX_POLICY_TEXT = 256  # characters of a RateLimit-Policy value read at most
 MAX_POLICY_ITEMS = 8
 BOUNDARY_SLACK_S = 0.25  # how far our UTC clock and the gateway's may disagree (at most)
 _X_PREFIX = "x-ratelimit-"
+_REMAINING = _X_PREFIX + "remaining-"
 _IETF = ("ratelimit-limit", "ratelimit-remaining", "ratelimit-reset", "ratelimit-policy")
 
 
-@dataclass(frozen=True, slots=True)
-class Window:
+class Window(NamedTuple):
     """One window as stated: its name (the period, or "window" when its length is unknown),
     the requests left in it (None: only its quota is known) and its limit, the seconds from
-    the reading to its end, and its length when known."""
+    the reading to its end, and its length when known. (Tuples: one or two are made per
+    answer, on the hot path.)"""
 
     name: str
     remaining: int | None
@@ -74,8 +75,7 @@ class Window:
         return f"{self.name}: {self.remaining:,}{of} left, resets in {self.reset_s:.0f} s"
 
 
-@dataclass(frozen=True, slots=True)
-class Budget:
+class Budget(NamedTuple):
     """Everything one answer stated about the gateway's budget, at `at` (epoch seconds)."""
 
     windows: tuple[Window, ...]
@@ -135,14 +135,17 @@ def window_end(period: str, moment: float) -> float:
 def _x_ratelimit(found: Mapping[str, str], sent_at: float, now: float) -> tuple[Window, ...]:
     """The X-RateLimit-*-<Period> windows whose reading is unambiguous."""
     windows = []
-    for period in (*PERIODS_S, *CALENDAR):
-        remaining = _count(found.get(f"{_X_PREFIX}remaining-{period}"))
-        if remaining is None:
+    for name, text in found.items():
+        period = name[len(_REMAINING) :] if name.startswith(_REMAINING) else ""
+        if period not in PERIODS_S and period not in CALENDAR:
             continue
-        limit_text = found.get(f"{_X_PREFIX}limit-{period}")
+        remaining = _count(text)
+        limit_text = found.get(_X_PREFIX + "limit-" + period)
         limit = _count(limit_text)
-        if (limit_text is not None and limit is None) or (limit is not None and remaining > limit):
-            continue  # a limit that is not one, or less than what is left: not a budget
+        if remaining is None or (limit_text is not None and limit is None):
+            continue
+        if limit is not None and remaining > limit:
+            continue  # less than what is left: not a limit
         end = window_end(period, now)
         slack = min(BOUNDARY_SLACK_S, PERIODS_S.get(period, 86400.0) / 20)
         if window_end(period, sent_at - slack) != end or window_end(period, now + slack) != end:

@@ -41,7 +41,7 @@ class QuotaPause:
     def resets_at(self) -> str:
         """When the quota resets, as a UTC time (with the date unless it is the same day as
         the wait's start), e.g. "12:04:00 UTC" or "2027-01-16 00:00:00 UTC"."""
-        at = datetime.fromtimestamp(math.ceil(self.until), UTC)
+        at = datetime.fromtimestamp(round(self.until), UTC)
         same_day = at.date() == datetime.fromtimestamp(self.since, UTC).date()
         text = at.strftime("%H:%M:%S UTC" if same_day else "%Y-%m-%d %H:%M:%S UTC")
         return text if self.stated else f"{text} at the earliest (a guess: the gateway did not say)"
@@ -49,7 +49,7 @@ class QuotaPause:
     def describe(self, now: float) -> str:
         """The progress line's words: "quota: waiting 41 s (until 12:04:00 UTC)"."""
         wait = max(0.0, self.until - now)
-        at = datetime.fromtimestamp(math.ceil(self.until), UTC).strftime("%H:%M:%S UTC")
+        at = datetime.fromtimestamp(round(self.until), UTC).strftime("%H:%M:%S UTC")
         return f"quota: waiting {wait:.0f} s (until {at})"
 
     def extended(self, until: float, why: str, *, stated: bool) -> QuotaPause:

@@ -275,47 +275,56 @@ class RateLimiter:
         self.stated = stated
         spent = self._windows.read(stated, in_flight, now)
         if spent is not None:
-            self._wait_for(spent, now)
+            self._wait_for(spent, max(0.0, stated.at + spent.reset_s - self._wall()), now)
         self._recap(now)
 
-    def _wait_for(self, spent: Window, now: float) -> None:
+    def _wait_for(self, spent: Window, wait_s: float, now: float) -> None:
         """A spent window: every call waits for its end (a quota pause when that is long)."""
-        if spent.reset_s > QUOTA_PAUSE_S:
-            self._quota_pause(spent.reset_s, f"the gateway's {spent.describe()}")
+        if wait_s > QUOTA_PAUSE_S:
+            self._quota_pause(wait_s, f"the gateway's {spent.describe()}")
         else:
-            self._hold(now + spent.reset_s)
+            self._hold(now + wait_s)
 
     def _recap(self, now: float) -> None:
         """The rate under the budget's cap, the least any live window allows; said once when
-        it first binds (rate: auto starts at it; a fixed rate above it is warned of)."""
+        it first binds. rate: auto starts at it and follows it (unless a 429 came within
+        WINDOW_S: then its own knee rules); a fixed rate above it is warned of, once."""
         cap = self._windows.cap(now)
         if cap == self._budget_cap:
             return
         self._budget_cap = cap
-        said = self.stated.describe() if self.stated is not None else "none"
-        if cap is not None and self.adaptive and self._slow_start:
-            self._slow_start = False  # no probing for what the gateway states
-            self._base = cap if self.asked is None else min(self.asked, cap)
-            self._change("budget", f"rate: auto starts at the gateway's stated budget, {said}")
-            return
-        above = cap is not None and (self.asked is None or cap < self.asked)
-        if above and not self.adaptive and not self._budget_told:
+        if cap is not None and self.adaptive:
+            within = cap if self.asked is None else min(self.asked, cap)
+            if self._slow_start:
+                self._slow_start, self._base = False, within  # no probing for what is stated
+                said = self._said()
+                self._change("budget", f"rate: auto starts at the gateway's stated budget, {said}")
+                return
+            if now - self._last_cut >= WINDOW_S:
+                self._base = within
+        elif cap is not None and not self._budget_told and (self.asked is None or cap < self.asked):
             self._budget_told = True
             asked = "unlimited" if self.asked is None else f"{self.asked:g}/s"
             self._change(
                 "budget",
-                f"the gateway states a budget of {said}, below the asked rate ({asked}): paced "
-                "to the budget; pass --rate auto, or a --rate at or below it",
+                f"the gateway states a budget of {self._said()}, below the asked rate ({asked}): "
+                "paced to the budget; pass --rate auto, or a --rate at or below it",
             )
             return
         self._rate = self._effective()
         if self.cause in _QUIET_CAUSES:
             self.cause = self._steady_cause()
 
+    def _said(self) -> str:
+        """The stated budget in words, for a log line (its numbers were bounded when read)."""
+        return self.stated.describe() if self.stated is not None else "none"
+
     # -- a spent quota --------------------------------------------------------------------------
 
-    def _quota_pause(self, wait_s: float, why: str, *, stated: bool = True) -> None:
-        """Every call waits `wait_s` for the quota, then one probe goes first."""
+    def _quota_pause(
+        self, wait_s: float, why: str, *, stated: bool = True, margin_s: float = 0.0
+    ) -> None:
+        """Every call waits `wait_s` (and `margin_s` more) for the quota, then one probe."""
         wall = self._wall()
         until = wall + wait_s
         pause = self.quota
@@ -326,15 +335,15 @@ class RateLimiter:
         else:
             return  # the same pause, read again from another answer
         self.quota, self._probe = pause, _PROBE_DUE
-        self._hold(self._clock() + wait_s)
+        self._hold(self._clock() + wait_s + margin_s)
         self._change("quota", f"{why}: calls wait until {pause.resets_at()}, then one probe")
 
     def _quota_guess(self, why: str) -> None:
         """A quota pause whose end the gateway did not state: to the next UTC minute, then
         (the probe refused again) hour, then day."""
         wall = self._wall()
-        until = next_boundary(wall, self._guess) + BOUNDARY_MARGIN_S
-        self._quota_pause(until - wall, why, stated=False)
+        wait = next_boundary(wall, self._guess) - wall
+        self._quota_pause(wait, why, stated=False, margin_s=BOUNDARY_MARGIN_S)
 
     def _probe_refused(self, retry_after: float | None) -> None:
         """The probe met a 429 too: wait again, as stated, else to the next boundary."""
