@@ -17,7 +17,7 @@ Counts come from the run's audit log (every attempt with its time and HTTP statu
 simulator's own stats (`quota_refused`).
 
     python -m bench.budget                 # all three (about 10 minutes)
-    python -m bench.budget headers         # one of: headers, no-headers, day
+    python -m bench.budget headers         # any of: headers, no-headers, day, ietf
 """
 
 from __future__ import annotations
@@ -184,6 +184,8 @@ def main() -> None:
             rows += paced(tmp, "headers", "x-ratelimit", "400")
         if "no-headers" in chosen:
             rows += paced(tmp, "no-headers", "none", "auto")
+        if "ietf" in chosen:  # not in the default set: the IETF headers alone
+            rows += paced(tmp, "ietf", "ietf", "400")
         if rows:
             print(
                 table(

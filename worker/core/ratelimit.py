@@ -272,7 +272,8 @@ class RateLimiter:
         (what is left, less the `in_flight` calls the answer could not count yet, spread to
         the window's end); hold every call while a window is spent."""
         now = self._clock()
-        self.stated = stated
+        if stated.windows:
+            self.stated = stated
         spent = self._windows.read(stated, in_flight, now)
         if spent is not None:
             self._wait_for(spent, max(0.0, stated.at + spent.reset_s - self._wall()), now)
