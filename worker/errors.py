@@ -10,6 +10,7 @@
     └── EnOSError                  something the gateway (or the way to it) answered
         ├── RetryableError         worth another attempt: 5xx, timeout, dropped, malformed body
         │   └── RateLimitedError   HTTP 429: flow control, carries Retry-After
+        │       └── QuotaPausedError   a 429 while the run waits for the gateway's quota
         ├── TargetError            final for this one target: 99400, 99404, other codes
         │   └── UnreadableAnswerError  the client failed on an answer: final, effect unknown
         └── FatalError             stops the whole run (exit 3): nothing else will succeed
@@ -24,6 +25,10 @@ from __future__ import annotations
 
 import reprlib
 from enum import IntEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from worker.budget import Budget
 
 _SHOWN = reprlib.Repr()  # keyword arguments only from Python 3.12
 _SHOWN.maxlevel, _SHOWN.maxlist, _SHOWN.maxtuple, _SHOWN.maxdict = 2, 4, 4, 4
@@ -122,11 +127,29 @@ class RetryableError(EnOSError):
 
 
 class RateLimitedError(RetryableError):
-    """HTTP 429: the gateway asks everyone to slow down, for `retry_after` seconds if it said."""
+    """HTTP 429: the gateway asks everyone to slow down, for `retry_after` seconds if it said.
+
+    `budget` is what the answer's headers stated (the client fills it in; None: nothing).
+    """
+
+    budget: Budget | None = None
 
     def __init__(self, message: str, *, retry_after: float | None, request_id: str | None) -> None:
         super().__init__(message, maybe_applied=False, http_status=429, request_id=request_id)
         self.retry_after = retry_after
+
+
+class QuotaPausedError(RateLimitedError):
+    """A 429 met while the whole run waits for the gateway's quota (a spent window): the run's
+    wait, not this target's failure, so it uses none of the target's attempts or throttle
+    allowance. `retry_after` is the time left until the run tries again."""
+
+    @classmethod
+    def during(cls, error: RateLimitedError, wait_s: float, why: str) -> QuotaPausedError:
+        """`error` as met during a quota pause that ends in `wait_s` seconds, for `why`."""
+        paused = cls(f"{error.message}; {why}", retry_after=wait_s, request_id=error.request_id)
+        paused.budget = error.budget
+        return paused
 
 
 class TargetError(EnOSError):

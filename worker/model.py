@@ -15,6 +15,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, NamedTuple, TypedDict
 
+from worker.budget import Budget
 from worker.errors import InvalidTargetError
 
 JsonObject = dict[str, Any]  # JSON where it crosses a boundary (a file, the wire), checked there
@@ -191,6 +192,7 @@ class SearchPage(NamedTuple):
     unreadable: int  # listed commands without a readable id (cannot be matched: kept)
     page_size: int
     request_id: str | None = None  # the answer's requestId
+    budget: Budget | None = None  # what the answer's headers stated of the gateway's budget
 
     def more(self, page: int) -> bool:
         """Whether a page after `page` holds more (the answer says so, and this one was full)."""
@@ -271,6 +273,7 @@ class CancelReply:
     commands: tuple[Command, ...]
     unreadable: int = 0
     problem: str | None = None
+    budget: Budget | None = None  # what the answer's headers stated of the gateway's budget
 
 
 DEFAULT_RATE = 10.0  # requests per second: conservative, for a gateway we know nothing of

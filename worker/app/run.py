@@ -50,7 +50,7 @@ def exit_code_for(reason: StopReason, failed: int, not_attempted: int) -> int:
     """The contract's exit code for how a run ended."""
     if reason in (StopReason.FATAL, StopReason.ABORTED):
         return ExitCode.ABORTED
-    if reason in (StopReason.INTERRUPTED, StopReason.DEADLINE):
+    if reason in (StopReason.INTERRUPTED, StopReason.DEADLINE, StopReason.QUOTA):
         return ExitCode.INTERRUPTED
     return ExitCode.FAILED if failed or not_attempted else ExitCode.OK
 

@@ -95,3 +95,41 @@ def simulate_flags(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="2019 wire variants (numeric createTime, createLocalTime)",
     )
+    faults.add_argument(
+        "--quota",
+        default="",
+        metavar="SPEC",
+        help="the gateway's quota: windows aligned to the UTC second/minute/hour/day/month/year, "
+        "e.g. second=100,minute=5000,day=100000 (day=2000/120: a 120-s 'day'); 429 once one is "
+        "spent, refused calls do not count",
+    )
+    faults.add_argument(
+        "--quota-headers",
+        choices=("x-ratelimit", "ietf", "both", "none"),
+        default="x-ratelimit",
+        help="how every business answer states the quota: X-RateLimit-Limit/Remaining-<Period>, "
+        "the IETF draft's RateLimit-Limit/Remaining/Reset (the window with the fewest left), "
+        "both, or none",
+    )
+    faults.add_argument(
+        "--quota-retry-after",
+        choices=("exact", "absent", "capped"),
+        default="exact",
+        help="Retry-After on the quota's 429: the rest of the window, none, or at most 1 s",
+    )
+    faults.add_argument(
+        "--late-504-rate",
+        type=float,
+        default=0.0,
+        help="share of calls answered HTTP 504 after they took effect",
+    )
+    faults.add_argument(
+        "--search-lag",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="Search Command shows each command as it was S seconds ago (EnOS: about 2)",
+    )
+    faults.add_argument(
+        "--refresh-revokes", action="store_true", help="token/refresh revokes earlier tokens"
+    )

@@ -68,14 +68,23 @@ def _simulator(args: argparse.Namespace) -> Simulator:
         legacy_wire=args.legacy_wire,
         multi_asset=args.multi_asset,
         max_assets=args.max_assets,
+        quota=args.quota,
+        quota_headers=args.quota_headers,
+        quota_retry_after=args.quota_retry_after,
+        late_504_rate=args.late_504_rate,
+        search_lag_s=args.search_lag,
+        refresh_revokes=args.refresh_revokes,
     )
-    simulator = Simulator(
-        apps={key: secret},
-        devices=args.devices,
-        commands=args.commands,
-        seed=args.seed,
-        faults=faults,
-    )
+    try:
+        simulator = Simulator(
+            apps={key: secret},
+            devices=args.devices,
+            commands=args.commands,
+            seed=args.seed,
+            faults=faults,
+        )
+    except ValueError as exc:  # a --quota that names no window
+        raise UsageError(str(exc)) from None
     if args.job:
         seeded = simulator.store.seed_targets(all_targets(load_job(Path(args.job))))
         log.info("worker.simulator_seeded", job=args.job, targets=seeded)

@@ -14,6 +14,11 @@ Why parked retries: a target waiting out its backoff holds no worker, so the con
 the requests in flight, not the targets that are waiting. With one in five answers a 5xx, a
 worker asleep in each backoff would otherwise leave too few to keep the rate.
 
+The gateway's budget: what an answer's headers state goes to the limiter (which paces to it);
+a 429 met while the run waits for a spent quota is the run's wait, not the target's (it uses
+none of its throttles); a quota wait that does not fit the run (past the deadline, or over an
+hour) ends the segment with :attr:`StopReason.QUOTA` and :attr:`Engine.quota_reset_at`.
+
 Stopping: :meth:`Engine.stop` (a signal, a deadline, an abort rule, a fatal error) ends
 admission and wakes idle workers; requests in flight finish (each bounded by the attempt
 timeout); parked targets are left without a result. :meth:`Engine.cancel` also cancels the
@@ -62,7 +67,7 @@ from worker.core.ports import (
     StopReason,
 )
 from worker.core.ratelimit import RateLimiter
-from worker.core.stops import Stop, StopRules
+from worker.core.stops import QuotaWatch, Stop, StopRules
 from worker.errors import (
     EnOSError,
     RateLimitedError,
@@ -123,12 +128,18 @@ class Engine:
         self.progress = Progress()
         self.stop_reason = StopReason.FINISHED
         self.stop_message = ""
+        self._quota = QuotaWatch(limiter, settings, self._clock, self.stop)
         self._rules = StopRules(settings)
 
     @property
     def limiter(self) -> RateLimiter:
         """The shared limiter (its rate moves with 429s, overload, and rate: auto)."""
         return self._limiter
+
+    @property
+    def quota_reset_at(self) -> float | None:
+        """When the gateway's quota resets (epoch s), if the run stopped for it."""
+        return self._quota.reset_at
 
     @property
     def stopping(self) -> bool:
@@ -264,7 +275,7 @@ class Engine:
         self._busy += 1
         try:
             while isinstance(action, Send):
-                if not (self._pacer.slot_now() or await self._pacer.slot()):
+                if not (self._pacer.slot_now() or await self._pacer.slot(self._quota.check)):
                     action = core.stopped()
                     break
                 action = await self._call(core, action)
@@ -322,18 +333,21 @@ class Engine:
         latency, now = ms_since(began), self._clock()
         self._limiter.accepted()
         self._rules.answered()
-        status, code, request_id = 200, 0, None
+        status, code, request_id, stated = 200, 0, None, None
         batch = core.batch  # as the call named it (a list's verification changes it)
         action: Action | Fanout
         if isinstance(answer, CancelReply):
             action = core.cancelled(answer, now, latency)
             status, code, request_id = answer.http_status, answer.code, answer.request_id
+            stated = answer.budget
         elif isinstance(answer, SearchPage):
             action = core.searched(answer, now, latency)
-            request_id = answer.request_id
+            request_id, stated = answer.request_id, answer.budget
         else:
             assert isinstance(core, TargetCore)
             action = core.got_command(answer, now, latency)
+        if stated is not None:  # the limiter paces to it, less what the answer could not count
+            self._limiter.budget(stated, self.progress.in_flight)
         record = attempt_of(
             core.target,
             batch,
@@ -354,7 +368,7 @@ class Engine:
     ) -> Action | Fanout:
         latency = ms_since(began)
         if isinstance(error, RateLimitedError):
-            self._limiter.throttle(error.retry_after)
+            error = self._quota.throttled(error, self.progress.in_flight)
         elif isinstance(error, RetryableError):
             self._limiter.rejected()
             self._stop_if(self._rules.transient(error))

@@ -34,8 +34,11 @@ class Pacer:
             self._limiter.release()  # give it back; slot() reserves it again and waits
         return False
 
-    async def slot(self) -> bool:
-        """Wait for the shared limiter's next slot; False if the run stopped meanwhile."""
+    async def slot(self, before_waiting: Callable[[], None] | None = None) -> bool:
+        """Wait for the shared limiter's next slot; False if the run stopped meanwhile.
+        `before_waiting` may stop the run first (a quota wait that does not fit it)."""
+        if before_waiting is not None:
+            before_waiting()
         while True:
             wait, held = self._limiter.reserve()
             if wait > 0 and not await self._sleep_unless_stopped(wait):

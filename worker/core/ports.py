@@ -72,6 +72,7 @@ class StopReason(StrEnum):
     ABORTED = "aborted"  # the failure-ratio rule: exit 3
     INTERRUPTED = "interrupted"  # SIGINT/SIGTERM: exit 4
     DEADLINE = "deadline"  # limits.deadline reached: exit 4
+    QUOTA = "quota"  # the gateway's quota is spent past the deadline or for over an hour: exit 4
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,16 @@ What moves the rate, and nothing else:
   rate; the cap lifts as soon as accepted answers are back above 1/K of the requests.
 - ``rate: auto`` starts at a floor and grows by 70 % of itself per second (slow start) until
   the first 429.
+- **The gateway's stated budget** (:mod:`worker.budget`, given by the engine after each answer
+  through :meth:`RateLimiter.budget`): the rate never exceeds, for any window, what is left in
+  it (less the calls still in flight, which the answer could not count) spread to its end.
+  ``rate: auto`` starts at it at once; a fixed rate above it is paced to it, with one warning.
+  A window spent until a few seconds from now holds every call to its end.
+- **A spent quota** (:mod:`worker.core.quota`): a spent window or a Retry-After longer than
+  QUOTA_PAUSE_S, or SIGNALS_IN_A_ROW bursts of 429s with nothing answered between, pause the
+  whole run until the window ends (stated, else the next UTC minute, then hour, then day);
+  then one probe goes first and the rest wait for its answer. :attr:`RateLimiter.quota` says
+  so while it lasts; the engine ends the segment when the wait does not fit the run.
 
 Every change of cause is reported through `on_change` (the runner logs it) and shown by
 :attr:`RateLimiter.cause`; the ramp and the probe themselves are not logged step by step.
@@ -32,6 +42,16 @@ from dataclasses import dataclass
 
 import anyio
 
+from worker.budget import Budget, Window
+from worker.core.quota import (
+    PROBE_LOST_S,
+    QUOTA_PAUSE_S,
+    SIGNALS_IN_A_ROW,
+    QuotaPause,
+    StatedWindows,
+    next_boundary,
+)
+
 HORIZON_S = 0.2  # the furthest ahead a slot is reserved
 TICK_S = 0.25  # accounting buckets
 WINDOW_S = 5.0  # the overload window (SRE: requests vs accepts)
@@ -43,8 +63,12 @@ THROTTLE_CUT = 0.5  # a fixed rate's share right after a 429 pause
 AUTO_SETTLE = 0.9  # rate: auto settles at this share of the knee
 PROBE_SHARE = 0.01  # per second, as a share of the knee
 SLOW_START_GAIN = 0.7  # per accepted answer: the rate grows by 70 % of itself per second
+PROBE_POLL_S = 0.05  # while a quota probe is out, the others ask again this often
+BOUNDARY_MARGIN_S = 1.0  # a guessed quota end: this long after the UTC boundary
 _BUCKETS = int(WINDOW_S / TICK_S)
 _KNEE_BUCKETS = int(KNEE_S / TICK_S)
+_QUIET_CAUSES = frozenset({"asked", "budget", "probing", "slow start"})  # moved per answer
+_NO_PROBE, _PROBE_DUE, _PROBE_OUT = 0, 1, 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +94,7 @@ class RateLimiter:
         clock: Callable[[], float] = time.monotonic,  # what anyio's asyncio clock reads
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
         on_change: Callable[[RateChange], None] | None = None,
+        wall: Callable[[], float] = time.time,  # UTC: quota windows and their reset times
     ) -> None:
         self.adaptive = adaptive
         self.asked = ceiling if adaptive else rate  # the most this run may send (None: no bound)
@@ -80,6 +105,16 @@ class RateLimiter:
         self._clock = clock
         self._sleep = sleep
         self._on_change = on_change
+        self._wall = wall
+        self._windows = StatedWindows()  # the stated budget, window by window
+        self._budget_cap: float | None = None
+        self._budget_told = False
+        self.stated: Budget | None = None  # the last budget the gateway stated (read-only)
+        self.quota: QuotaPause | None = None  # the run waits for the gateway's quota
+        self._probe = _NO_PROBE
+        self._probe_at = 0.0
+        self._guess = 0  # the UTC boundary an unstated quota wait goes to next
+        self._in_a_row = 0  # 429 bursts with nothing answered between them
         now = clock()
         self._next = now  # the earliest instant the next slot may be used
         self._idle = True  # no slot reserved yet
@@ -101,6 +136,11 @@ class RateLimiter:
         """The rate allowed now, in requests per second (None: unlimited)."""
         return self._rate
 
+    @property
+    def budget_rate(self) -> float | None:
+        """The most the gateway's stated budget allows now (None: no budget stated)."""
+        return self._budget_cap
+
     # -- the hot path ---------------------------------------------------------------------------
 
     def _burst_window(self, rate: float) -> float:
@@ -116,22 +156,39 @@ class RateLimiter:
         now = self._clock()
         if self._ramp_from is not None:
             self._ramp(now)
+        if self._probe and not self._may_probe(now):
+            return PROBE_POLL_S, False  # a quota probe is out: wait for its answer
         rate = self._rate
         if rate is None:
             wait = self._paused_until - now
-            return (wait, False) if wait > 0 else (0.0, True)
+            if wait > 0:
+                return wait, False
+            if self._probe:
+                self._probe, self._probe_at = _PROBE_OUT, now
+            return 0.0, True
         if self._idle:  # the first slot: no catching up on a schedule that never ran
             self._idle, self._next = False, max(self._next, now)
         slot = max(self._next, now - self._burst_window(rate), self._paused_until)
         if slot - now > HORIZON_S:
             return max(0.001, slot - now - HORIZON_S), False
+        if self._probe:  # this slot is the quota probe
+            self._probe, self._probe_at = _PROBE_OUT, now
         self._next = slot + 1.0 / rate
         return max(0.0, slot - now), True
 
     def release(self) -> None:
         """Give back the slot just reserved (its caller will not use it now)."""
+        if self._probe == _PROBE_OUT:  # while a probe is out no other slot is handed out
+            self._probe = _PROBE_DUE
         if self._rate is not None:
             self._next -= 1.0 / self._rate
+
+    def _may_probe(self, now: float) -> bool:
+        """During a quota pause: whether a slot may be handed out (the probe is still due, or
+        the one handed out was never answered: its caller stopped)."""
+        if self._probe == _PROBE_OUT and now - self._probe_at > PROBE_LOST_S:
+            self._probe = _PROBE_DUE
+        return self._probe == _PROBE_DUE
 
     def paused(self) -> bool:
         """Whether a throttle pause is in force now."""
@@ -153,26 +210,45 @@ class RateLimiter:
         index = self._count()
         self._answered[index] += 1
         self._accepted[index] += 1
+        self._in_a_row = 0
+        if self._probe == _PROBE_OUT:
+            self._quota_over()
         if self.adaptive and self._base is not None:
-            self._probe()
+            self._probe_up()
 
     def rejected(self) -> None:
         """A 5xx, a timeout, a dropped connection, a garbled answer: retried, and counted
-        against the rate only when such answers dominate."""
+        against the rate only when such answers dominate. (It passed the gateway's quota.)"""
         self._answered[self._count()] += 1
+        self._in_a_row = 0
+        if self._probe == _PROBE_OUT:
+            self._quota_over()
 
     def throttle(self, retry_after: float | None) -> None:
-        """The gateway said 429: pause everyone (Retry-After, else 1 s) and cut the rate."""
+        """The gateway said 429: pause everyone (Retry-After, else 1 s) and cut the rate; or,
+        when it is a spent quota (a long Retry-After, bursts in a row), a quota pause."""
         self.throttles += 1
         now = self._clock()
         if int(now / TICK_S) != self._tick:
             self._roll(int(now / TICK_S))  # a 429 is not a request for the overload rule
+        if self.quota is not None:
+            if self._probe == _PROBE_OUT:
+                self._probe_refused(retry_after)
+            return  # else a call sent before the pause: nothing new
+        if retry_after is not None and retry_after > QUOTA_PAUSE_S:
+            self._quota_pause(retry_after, f"HTTP 429 with Retry-After {retry_after:g} s")
+            return
         pause = retry_after if retry_after is not None else 1.0
-        self._paused_until = max(self._paused_until, now + pause)
-        self._next = max(self._next, self._paused_until)
+        self._hold(now + pause)
         if now - self._last_cut < max(pause, 1.0):
             return  # a burst of 429s from one window is one signal, not fifty
         self._last_cut = now
+        self._in_a_row += 1
+        if self._in_a_row >= SIGNALS_IN_A_ROW:
+            self._quota_guess(f"{self._in_a_row} bursts of HTTP 429 with nothing answered between")
+            return
+        if self._in_a_row > 1:
+            return  # nothing answered since the last cut: no new measure of the rate
         detail = f"HTTP 429, Retry-After {pause:g} s"
         if self.adaptive:
             self._slow_start = False
@@ -186,6 +262,105 @@ class RateLimiter:
             self._change("throttled", f"{detail}; back to {self.asked:g}/s in {RECOVERY_S:g} s")
         else:
             self._change("throttled", detail)
+
+    def _hold(self, until: float) -> None:
+        """No slot before `until` (limiter clock)."""
+        self._paused_until = max(self._paused_until, until)
+        self._next = max(self._next, self._paused_until)
+
+    # -- the gateway's stated budget ------------------------------------------------------------
+
+    def budget(self, stated: Budget, in_flight: int = 0) -> None:
+        """The gateway stated its budget on an answer: pace so that no window is overspent
+        (what is left, less the `in_flight` calls the answer could not count yet, spread to
+        the window's end); hold every call while a window is spent."""
+        now = self._clock()
+        if stated.windows:
+            self.stated = stated
+        spent = self._windows.read(stated, in_flight, now)
+        if spent is not None:
+            self._wait_for(spent, max(0.0, stated.at + spent.reset_s - self._wall()), now)
+        self._recap(now)
+
+    def _wait_for(self, spent: Window, wait_s: float, now: float) -> None:
+        """A spent window: every call waits for its end (a quota pause when that is long)."""
+        if wait_s > QUOTA_PAUSE_S:
+            self._quota_pause(wait_s, f"the gateway's {spent.describe()}")
+        else:
+            self._hold(now + wait_s)
+
+    def _recap(self, now: float) -> None:
+        """The rate under the budget's cap, the least any live window allows; said once when
+        it first binds. rate: auto starts at it and follows it (unless a 429 came within
+        WINDOW_S: then its own knee rules); a fixed rate above it is warned of, once."""
+        cap = self._windows.cap(now)
+        if cap == self._budget_cap:
+            return
+        self._budget_cap = cap
+        if cap is not None and self.adaptive:
+            within = cap if self.asked is None else min(self.asked, cap)
+            if self._slow_start:
+                self._slow_start, self._base = False, within  # no probing for what is stated
+                said = self._said()
+                self._change("budget", f"rate: auto starts at the gateway's stated budget, {said}")
+                return
+            if now - self._last_cut >= WINDOW_S:
+                self._base = within
+        elif cap is not None and not self._budget_told and (self.asked is None or cap < self.asked):
+            self._budget_told = True
+            asked = "unlimited" if self.asked is None else f"{self.asked:g}/s"
+            self._change(
+                "budget",
+                f"the gateway states a budget of {self._said()}, below the asked rate ({asked}): "
+                "paced to the budget; pass --rate auto, or a --rate at or below it",
+            )
+            return
+        self._rate = self._effective()
+        if self.cause in _QUIET_CAUSES:
+            self.cause = self._steady_cause()
+
+    def _said(self) -> str:
+        """The stated budget in words, for a log line (its numbers were bounded when read)."""
+        return self.stated.describe() if self.stated is not None else "none"
+
+    # -- a spent quota --------------------------------------------------------------------------
+
+    def _quota_pause(
+        self, wait_s: float, why: str, *, stated: bool = True, margin_s: float = 0.0
+    ) -> None:
+        """Every call waits `wait_s` (and `margin_s` more) for the quota, then one probe."""
+        wall = self._wall()
+        until = wall + wait_s
+        pause = self.quota
+        if pause is None:
+            pause = QuotaPause(until, wall, why, stated)
+        elif self._probe == _PROBE_OUT or until > pause.until + 1.0:
+            pause = pause.extended(until, why, stated=stated)
+        else:
+            return  # the same pause, read again from another answer
+        self.quota, self._probe = pause, _PROBE_DUE
+        self._hold(self._clock() + wait_s + margin_s)
+        self._change("quota", f"{why}: calls wait until {pause.resets_at()}, then one probe")
+
+    def _quota_guess(self, why: str) -> None:
+        """A quota pause whose end the gateway did not state: to the next UTC minute, then
+        (the probe refused again) hour, then day."""
+        wall = self._wall()
+        wait = next_boundary(wall, self._guess) - wall
+        self._quota_pause(wait, why, stated=False, margin_s=BOUNDARY_MARGIN_S)
+
+    def _probe_refused(self, retry_after: float | None) -> None:
+        """The probe met a 429 too: wait again, as stated, else to the next boundary."""
+        if retry_after is not None and retry_after > QUOTA_PAUSE_S:
+            self._quota_pause(retry_after, f"the probe was refused, Retry-After {retry_after:g} s")
+            return
+        self._guess += 1
+        self._quota_guess("the probe was refused too, without a long Retry-After")
+
+    def _quota_over(self) -> None:
+        """The probe was let through: the quota pause is over."""
+        self.quota, self._probe, self._guess, self._in_a_row = None, _NO_PROBE, 0, 0
+        self._change(self._steady_cause(), "the quota probe was let through: calls go again")
 
     # -- accounting -----------------------------------------------------------------------------
 
@@ -206,6 +381,8 @@ class RateLimiter:
             self._requests[index] = self._answered[index] = self._accepted[index] = 0
         self._tick = tick
         self._judge_overload()
+        if self._windows.live:
+            self._recap(tick * TICK_S)  # windows that turned unread say nothing any more
 
     def _recent(self, buckets: list[int], count: int) -> list[int]:
         """The last `count` full buckets before the current one."""
@@ -246,29 +423,38 @@ class RateLimiter:
             self._base = max(self.floor, cut + (self.asked - cut) * share)
             self._rate = self._effective()
 
-    def _probe(self) -> None:
-        """rate: auto, per accepted answer: slow start, else probe 1 % of the knee a second."""
+    def _probe_up(self) -> None:
+        """rate: auto, per accepted answer: slow start, else probe 1 % of the knee a second
+        (never past the asked ceiling or the stated budget)."""
         rate = self._base
         assert rate is not None
         if self.asked is not None and rate >= self.asked:
             return
+        if self._budget_cap is not None and rate >= self._budget_cap:
+            return
         rate += SLOW_START_GAIN if self._slow_start else max(1.0, self._knee * PROBE_SHARE) / rate
         self._base = rate if self.asked is None else min(self.asked, rate)
-        if self._overload_cap is None:
+        if self._overload_cap is None and self._budget_cap is None:
             self._rate = self._base
         else:
             self._rate = self._effective()
 
     def _effective(self) -> float | None:
-        if self._overload_cap is None:
-            return self._base
-        if self._base is None:
-            return self._overload_cap
-        return min(self._base, self._overload_cap)
+        """The base rate under the overload cap and the stated budget (None: unlimited)."""
+        rate = self._base
+        for cap in (self._overload_cap, self._budget_cap):
+            if cap is not None and (rate is None or cap < rate):
+                rate = cap
+        return rate
 
     def _steady_cause(self) -> str:
+        if self.quota is not None:
+            return "quota"
         if self._ramp_from is not None:
             return "throttled"
+        cap = self._budget_cap
+        if cap is not None and (self._base is None or cap < self._base):
+            return "budget"
         if self.adaptive:
             return "slow start" if self._slow_start else "probing"
         return "asked"

@@ -10,7 +10,13 @@ import random
 from dataclasses import dataclass
 from enum import StrEnum
 
-from worker.errors import EnOSError, FatalError, RateLimitedError, RetryableError
+from worker.errors import (
+    EnOSError,
+    FatalError,
+    QuotaPausedError,
+    RateLimitedError,
+    RetryableError,
+)
 
 
 class Verdict(StrEnum):
@@ -49,6 +55,8 @@ class RetryPolicy:
         """The decision after `error`; `failures` counts attempts used, `throttles` the 429s."""
         if isinstance(error, FatalError):
             return Decision(Verdict.FATAL)
+        if isinstance(error, QuotaPausedError):  # the run's wait for its quota, not the target's
+            return Decision(Verdict.THROTTLED, error.retry_after)
         if isinstance(error, RateLimitedError):
             if throttles >= self.max_throttles:
                 return Decision(Verdict.FAILED)
@@ -74,6 +82,8 @@ class Retrying:
 
     def failed(self, error: EnOSError, rng: random.Random) -> Decision:
         """Count `error` and return the policy's decision for it."""
+        if isinstance(error, QuotaPausedError):  # the run waits for its quota: not counted
+            return self.policy.decide(error, failures=self.failures, throttles=0, rng=rng)
         if isinstance(error, RateLimitedError):
             self.throttles += 1
             return self.policy.decide(

@@ -6,8 +6,12 @@ result, and carries out the stop they return (None: go on).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from worker.core.ports import EngineSettings, Progress, StopReason
-from worker.errors import EnOSError, RetryableError, TargetError
+from worker.core.quota import too_long
+from worker.core.ratelimit import RateLimiter
+from worker.errors import EnOSError, QuotaPausedError, RateLimitedError, RetryableError, TargetError
 from worker.model import Outcome
 
 Stop = tuple[StopReason, str]
@@ -108,3 +112,49 @@ def _gateway_refusal(error: EnOSError) -> bool:
     if type(error) is not TargetError or error.code is not None or status is None:
         return False
     return 400 <= status < 500
+
+
+class QuotaWatch:
+    """The engine's side of a spent quota: a 429 met while the run waits for it becomes the
+    run's wait (the target waits as long, none of its throttles used), and a wait that does
+    not fit the run (past the deadline, or over an hour) ends the segment: StopReason.QUOTA,
+    with the time the quota resets."""
+
+    def __init__(
+        self,
+        limiter: RateLimiter,
+        settings: EngineSettings,
+        clock: Callable[[], float],
+        stop: Callable[[StopReason, str], None],
+    ) -> None:
+        self._limiter = limiter
+        self._settings = settings
+        self._clock = clock
+        self._stop = stop
+        self.reset_at: float | None = None  # epoch s, when the run stopped for its quota
+
+    def throttled(self, error: RateLimitedError, in_flight: int) -> RateLimitedError:
+        """A 429: the limiter pauses everyone; met during a quota wait, it is the run's."""
+        stated, wait = error.budget, error.retry_after
+        if stated is not None and stated.retry_after_s is not None:
+            wait = stated.retry_after_s  # uncapped: a day's Retry-After says "quota", not 300 s
+        self._limiter.throttle(wait)
+        if stated is not None:
+            self._limiter.budget(stated, in_flight)
+        pause = self._limiter.quota
+        if pause is None:
+            return error
+        self.check()
+        why = f"the run waits for the gateway's quota until {pause.resets_at()}"
+        return QuotaPausedError.during(error, max(0.0, pause.until - self._clock()), why)
+
+    def check(self) -> None:
+        """End the segment (resumable) when waiting for the quota does not fit the run."""
+        pause = self._limiter.quota
+        if pause is None:
+            return
+        settings = self._settings
+        why = too_long(pause, settings.deadline_at, settings.attempt_timeout)
+        if why is not None and self.reset_at is None:
+            self.reset_at = pause.until
+            self._stop(StopReason.QUOTA, why)

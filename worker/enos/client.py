@@ -11,7 +11,7 @@ import asyncio
 import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import quote
 
@@ -22,6 +22,7 @@ from aiohttp import hdrs
 from yarl import URL
 
 from worker import redact
+from worker.budget import Budget, read_budget
 from worker.enos import answers as a
 from worker.enos import commands
 from worker.enos import protocol as p
@@ -29,6 +30,7 @@ from worker.enos.signing import request_signature, token_encryption
 from worker.errors import (
     AuthError,
     FatalError,
+    RateLimitedError,
     RetryableError,
 )
 from worker.model import CancelReply, Command, Credentials, JsonObject, SearchPage, Target
@@ -140,13 +142,14 @@ class EnOSClient:
 
     async def _cancel(self, params: Params, read: Callable[[object], Command | str]) -> CancelReply:
         """One cancel call and its code-0 answer, each listed command read by `read`."""
-        status, payload = await self._business("POST", p.ACTION_CANCEL, params, b"")
-        return a.cancel_reply(status, payload, read)
+        status, payload, stated = await self._business("POST", p.ACTION_CANCEL, params, b"")
+        reply = a.cancel_reply(status, payload, read)
+        return reply if stated is None else replace(reply, budget=stated)
 
     async def get_command(self, target: Target, command_id: str) -> Command:
         """The current state of one command of the target's device."""
         params = [*device_params(target), ("commandId", command_id)]
-        _, payload = await self._business("GET", p.ACTION_GET, params, b"")
+        _, payload, _ = await self._business("GET", p.ACTION_GET, params, b"")
         return a.got_command(payload)
 
     async def search_page(
@@ -162,8 +165,10 @@ class EnOSClient:
         if expression is not None:
             query["expression"] = expression
         params = device_params(target)
-        _, payload = await self._business("POST", p.ACTION_SEARCH, params, orjson.dumps(query))
-        return a.search_page(payload, page_size, page)
+        body = orjson.dumps(query)
+        _, payload, stated = await self._business("POST", p.ACTION_SEARCH, params, body)
+        found = a.search_page(payload, page_size, page)
+        return found if stated is None else found._replace(budget=stated)
 
     async def search_commands(
         self, target: Target, expression: str | None = None, *, page_size: int = p.SEARCH_PAGE_SIZE
@@ -183,7 +188,7 @@ class EnOSClient:
 
     async def _business(
         self, method: str, action: str, params: Params, body: bytes
-    ) -> tuple[int, JsonObject]:
+    ) -> tuple[int, JsonObject, Budget | None]:
         """Send one signed business call; renew a rejected token once and send it again."""
         token = await self._access_token()
         try:
@@ -201,7 +206,7 @@ class EnOSClient:
 
     async def _send(
         self, method: str, action: str, params: Params, body: bytes, token: str
-    ) -> tuple[int, JsonObject]:
+    ) -> tuple[int, JsonObject, Budget | None]:
         query = [("action", action), *params]
         timestamp = str(int(self._clock() * 1000))
         headers = {
@@ -215,9 +220,15 @@ class EnOSClient:
             headers["Content-Type"] = p.JSON_CONTENT_TYPE
         url = URL(self._commands_prefix + _query_string(query), encoded=True)
         status, headers_in, raw = await self._exchange(method, url, headers, body)
+        # The gateway's budget, as its headers state it (worker.budget bounds every value).
+        stated = read_budget(headers_in, sent_at=int(timestamp) / 1000, now=self._clock())
         # The gateway's text is never trusted: what is kept of it is masked once decoded
         # (a.gateway_text, commands.command_id_only), whatever it echoes of this request.
-        return status, a.interpret(status, headers_in, raw, self._max_retry_after)
+        try:
+            return status, a.interpret(status, headers_in, raw, self._max_retry_after), stated
+        except RateLimitedError as limited:
+            limited.budget = stated
+            raise
 
     async def _exchange(
         self, method: str, url: URL, headers: Mapping[str, str], body: bytes

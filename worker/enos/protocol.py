@@ -75,6 +75,7 @@ GATEWAY_MESSAGES: Final = {
     500: "An unexpected error occurred",
     502: "An invalid response was received from the upstream server",
     503: "Service unavailable",
+    504: "The upstream server is timing out",  # the same gateway's stock text
 }
 
 

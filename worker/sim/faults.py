@@ -42,6 +42,16 @@ class Faults:
     # self-verification must catch).
     multi_asset: str = "off"
     max_assets: int = 100  # a longer list is refused with 99400
+    # The gateway's quota (worker.sim.quota): windows such as "second=100,minute=5000,day=100000"
+    # (a period may be shortened: "day=2000/120" is a 120-s day), counted on the simulator's
+    # clock; "" is none. The headers announcing it: x-ratelimit | ietf | both | none; Retry-After
+    # on its 429: exact (the rest of the window) | absent | capped (at most retry_after_s).
+    quota: str = ""
+    quota_headers: str = "x-ratelimit"
+    quota_retry_after: str = "exact"
+    late_504_rate: float = 0.0  # HTTP 504 after the call took effect (lost after the fact)
+    search_lag_s: float = 0.0  # Search Command sees each command as it was this long ago
+    refresh_revokes: bool = False  # token/refresh revokes the app's earlier tokens
 
 
 @dataclass

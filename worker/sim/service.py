@@ -121,8 +121,9 @@ class CommandService:
         chosen = [c for c in pending if command_id is None or c.command_id == command_id]
         echo_state = self.faults.cancel_echo_state
         shown = [self._render(device, c, state=echo_state) for c in chosen]
+        now_ms = self.store.now_ms()
         for command in chosen:
-            command.state = p.CommandState.CANCELED
+            command.set_state(p.CommandState.CANCELED, now_ms)
         return shown, {}
 
     def _get(self, device: SimDevice, query: Mapping[str, str], _: bytes) -> Result:
@@ -151,8 +152,13 @@ class CommandService:
         ):
             raise Refused(p.CODE_INVALID_PARAM, "Invalid Argument pagination")
         commands = list(device.commands.values())
+        now_ms = self.store.now_ms()
         for command in commands:
-            command.expire_if_due(self.store.now_ms())
+            command.expire_if_due(now_ms)
+        lag_ms = int(self.faults.search_lag_s * 1000)
+        if lag_ms > 0:  # the search index trails the service (EnOS documents about 2 s)
+            seen_ms = now_ms - lag_ms
+            commands = [c.as_of(seen_ms) for c in commands if c.create_time_ms <= seen_ms]
         expression = request.get("expression")
         if expression:
             try:

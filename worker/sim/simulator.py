@@ -4,7 +4,9 @@ It is a real aiohttp.web server, used by `worker simulate`, `worker demo`, the t
 benchmarks. It implements enos-api.md §7: token get/refresh with the encryption check and replay
 rejection; a signature check on every business call; cancel (one/all), get, search; command
 creation (invokeService / setMeasurepoint, at most 50 cached per device). Faults are switched on
-through :class:`Faults`, in process or over ``POST /_sim/faults``, and drawn from a seeded RNG.
+through :class:`Faults`, in process or over ``POST /_sim/faults``, and drawn from a seeded RNG;
+among them the gateway's budget: quota windows with their headers (:mod:`worker.sim.quota`), a
+504 after the effect, a search that lags state changes, a refresh that revokes earlier tokens.
 
 Inspection (no auth; the simulator binds loopback by default): ``GET /_sim/stats``,
 ``GET /_sim/devices`` (touched devices, their command states and cancel calls),
@@ -29,6 +31,7 @@ from worker.enos import protocol as p
 from worker.enos.signing import request_signature, token_encryption
 from worker.model import JsonObject
 from worker.sim.faults import Faults, SimStats
+from worker.sim.quota import Quota, quota_for
 from worker.sim.service import CommandService, Refused, json_body
 from worker.sim.state import DeviceStore, SimDevice
 
@@ -80,6 +83,8 @@ class Simulator:
         self._current: dict[str, str] = {}
         self._seen_encryptions: set[str] = set()
         self._window = (0, 0)
+        self._quota: tuple[tuple[object, ...], Quota | None] = ((), None)  # (settings, quota)
+        self._quota_now()  # a bad quota setting fails here, not at the first call
 
     def app(self) -> web.Application:
         """The aiohttp application serving this simulator."""
@@ -141,6 +146,9 @@ class Simulator:
         current = self._current.get(app_key)
         issued = self._tokens.get(current) if current else None
         if fresh or issued is None or issued.expires_at <= now:
+            if self.faults.refresh_revokes:  # one valid token per application
+                for value in [v for v, i in self._tokens.items() if i.app_key == app_key]:
+                    del self._tokens[value]
             current = f"{self._rng.getrandbits(128):032x}"
             issued = _Issued(app_key, now + self.faults.token_ttl_s)
             self._tokens[current] = issued
@@ -173,6 +181,16 @@ class Simulator:
             return denied
         if self._over_rate_cap() or self._throttle_next():
             return _gateway_error(429, {"Retry-After": str(self.faults.retry_after_s)})
+        admitted, stated = self._admit()
+        if not admitted:
+            return _gateway_error(429, stated)
+        response = await self._handle(request, body)
+        if stated and not response.prepared:  # a body cut short went out before this
+            response.headers.update(stated)
+        return response
+
+    async def _handle(self, request: web.Request, body: bytes) -> web.StreamResponse:
+        """A call the gateway let through: upstream faults, the service, the delivery."""
         if self.faults.error_rate and self._rng.random() < self.faults.error_rate:
             return _gateway_error(self._rng.choice((500, 502, 503)))
         burst = self.faults.burst_from
@@ -196,6 +214,8 @@ class Simulator:
                 "requestId": self._request_id(),
                 "data": None,
             }
+        if self.faults.late_504_rate and self._rng.random() < self.faults.late_504_rate:
+            return _gateway_error(504)  # the call took effect; its answer is lost
         return await self._deliver(request, payload)
 
     def _authenticate(self, request: web.Request, body: bytes) -> web.Response | None:
@@ -227,6 +247,19 @@ class Simulator:
     def _fresh(self, timestamp: str) -> bool:
         skew = self.faults.max_skew_s or 0.0
         return timestamp.isdigit() and abs(int(timestamp) / 1000 - self._clock()) <= skew
+
+    def _admit(self) -> tuple[bool, dict[str, str]]:
+        """The quota's verdict on one more call, and the headers stating it."""
+        quota = self._quota_now()
+        return (True, {}) if quota is None else quota.admit(self._clock())
+
+    def _quota_now(self) -> Quota | None:
+        """The quota the faults set; its counts restart when its settings change."""
+        faults = self.faults
+        key = (faults.quota, faults.quota_headers, faults.quota_retry_after, faults.retry_after_s)
+        if self._quota[0] != key:
+            self._quota = (key, quota_for(faults))
+        return self._quota[1]
 
     def _over_rate_cap(self) -> bool:
         cap = self.faults.rate_cap
@@ -298,6 +331,7 @@ class Simulator:
             "by_status": {str(k): v for k, v in self.stats.by_status.items()},
             "token_requests": self.stats.token_requests,
             "rejected_auth": self.stats.rejected_auth,
+            "quota_refused": self._quota[1].refused if self._quota[1] is not None else 0,
         }
 
     async def _inspect_arrivals(self, _: web.Request) -> web.Response:
@@ -318,7 +352,12 @@ class Simulator:
             return _json({"error": f"unknown fault settings: {unknown}"}, 400)
         if "denied_orgs" in changes:
             changes["denied_orgs"] = frozenset(changes["denied_orgs"])
-        self.faults = dataclasses.replace(self.faults, **changes)
+        faults = dataclasses.replace(self.faults, **changes)
+        try:
+            quota_for(faults)
+        except (TypeError, ValueError) as exc:
+            return _json({"error": str(exc)}, 400)
+        self.faults = faults
         return _json(dataclasses.asdict(self.faults), 200)
 
 

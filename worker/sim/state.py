@@ -9,6 +9,7 @@ one device in eight (chosen by the seed) that has none, and one finished (state 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import re
@@ -45,14 +46,26 @@ class SimCommand:
     command_type: int = 2
     identifier: str = "restart"
     input_data: Any = field(default_factory=dict)
+    # The last change of state: when (epoch ms) and from what; what a lagging search shows.
+    changed_ms: int = 0
+    before: int = 0
 
     def expire_if_due(self, now_ms: int) -> None:
         """A cached command whose pendingTtl has passed becomes Expired (3)."""
-        if (
-            self.state == CommandState.CREATED
-            and now_ms > self.create_time_ms + self.pending_ttl * 1000
-        ):
-            self.state = CommandState.EXPIRED
+        due = self.create_time_ms + self.pending_ttl * 1000
+        if self.state == CommandState.CREATED and now_ms > due:
+            self.set_state(CommandState.EXPIRED, due)
+
+    def set_state(self, state: int, at_ms: int) -> None:
+        """Change the state at `at_ms`, remembering the one before (two ints, not a history:
+        a cached command changes state once, and a search lags by seconds)."""
+        self.changed_ms, self.before, self.state = at_ms, self.state, state
+
+    def as_of(self, at_ms: int) -> SimCommand:
+        """The command as it was at `at_ms` (itself when nothing changed since)."""
+        if at_ms >= self.changed_ms or self.changed_ms == 0:
+            return self
+        return dataclasses.replace(self, state=self.before, changed_ms=0)
 
 
 @dataclass(slots=True)
