@@ -45,7 +45,8 @@ from worker.core.actions import (
     StopRun,
     Wait,
 )
-from worker.core.batching import LIST_CANCEL, BatchCore, BatchPlan, Fanout, groupable, take_list
+from worker.core.admission import Admission
+from worker.core.batching import LIST_CANCEL, BatchCore, Fanout
 from worker.core.calls import (
     action_name,
     ask,
@@ -110,8 +111,6 @@ class Engine:
         self.recorder = recorder
         self._limiter = limiter
         self._settings = settings
-        self._admissions = admissions
-        self._sent_before = sent_before
         self._clock = clock
         self._rng = rng or random.Random()
         self._max_waiting = settings.max_waiting or max(4096, 64 * settings.concurrency)
@@ -120,10 +119,15 @@ class Engine:
         self._parked: list[tuple[float, int, Core]] = []
         self._parked_seq = 0
         self._busy = 0
-        self._admitting = True
-        self._targets: Iterator[tuple[int, Target]] = iter(())
-        self._held: tuple[int, Target] | None = None  # read ahead while grouping a list
         self.batching = batch_plan(settings)
+        self._admission = Admission(
+            settings,
+            self.batching,
+            admissions=admissions,
+            sent_before=sent_before,
+            clock=clock,
+            stop=self.stop,
+        )
         self._wake: anyio.Event | None = None
         self.progress = Progress()
         self.stop_reason = StopReason.FINISHED
@@ -162,7 +166,7 @@ class Engine:
 
     async def run(self, targets: Iterator[tuple[int, Target]]) -> StopReason:
         """Process every (ordinal, target) (or until stopped); returns why the run ended."""
-        self._targets = targets
+        self._admission.start(targets)
         self._wake = anyio.Event()
         async with anyio.create_task_group() as group:
             self._group_scope = group.cancel_scope
@@ -190,12 +194,12 @@ class Engine:
                 due = heapq.heappop(parked)[2]
                 self.progress.waiting -= 1
                 return due, due.waited(self._situation())
-            if self._admitting and len(parked) < self._max_waiting and not self._verifying():
+            if self._admission.open and len(parked) < self._max_waiting and not self._verifying():
                 admitted = self._admit()
                 if admitted is not None:
                     return admitted, admitted.start()
                 continue
-            if not parked and not self._busy and not self._admitting:
+            if not parked and not self._busy and not self._admission.open:
                 self._notify()  # the other idle workers end too
                 return None
             await self._idle(parked[0][0] - time.monotonic() if parked else math.inf)
@@ -208,52 +212,11 @@ class Engine:
         return plan is not None and plan.searching > 0
 
     def _admit(self) -> Core | None:
-        """The next target (or list of targets) from the shared iterator, told to the
-        admission mark first."""
+        """The next target (or list), unless the deadline leaves no time for it."""
         if self._settings.deadline_at is not None and self._deadline_near():
             self.stop(StopReason.DEADLINE, "the deadline was reached; the rest is resumable")
             return None
-        item, self._held = self._held or next(self._targets, None), None
-        if item is None:
-            self._admitting = False
-            return None
-        plan = self.batching
-        if plan is not None and groupable(item[1]) and (size := plan.per_call()) > 1:
-            return self._admit_list(item, size, plan)
-        ordinal, target = item
-        return self._core(ordinal, target) if self._admitted(ordinal) else None
-
-    def _admitted(self, ordinal: int) -> bool:
-        """Tell the admission mark before the first call; a mark that cannot be written stops
-        the run (the target is not sent: crash truth could not cover it)."""
-        if self._admissions is not None:
-            try:
-                self._admissions.admit(ordinal)
-            except StoreError as error:
-                self.stop(StopReason.FATAL, str(error))
-                return False
-        return True
-
-    def _admit_list(
-        self, first: tuple[int, Target], size: int, plan: BatchPlan
-    ) -> BatchCore | None:
-        """`first` and the next targets that may share its call (one held back for later)."""
-        items, self._held = take_list(first, self._targets, size)
-        if not self._admitted(items[-1][0]):
-            return None
-        members = [self._core(ordinal, target) for ordinal, target in items]
-        return plan.group(members, self._settings.policy)
-
-    def _core(self, ordinal: int, target: Target) -> TargetCore:
-        settings, sent_before = self._settings, self._sent_before
-        return TargetCore(
-            target,
-            settings.policy,
-            started=self._clock(),
-            probe=settings.dry_run,
-            sent_before=sent_before is not None and sent_before(ordinal, target),
-            verify=settings.verify,
-        )
+        return self._admission.next()
 
     async def _idle(self, seconds: float) -> None:
         """Wait until work may be there: a parked target is due, or something changed."""
@@ -282,7 +245,7 @@ class Engine:
             self._settle(core, action)
         finally:
             self._busy -= 1
-            if not self._busy and not self._admitting and not self._parked:
+            if not self._busy and not self._admission.open and not self._parked:
                 self._notify()
 
     async def _call(self, core: Core, send: Send) -> Action | Fanout:

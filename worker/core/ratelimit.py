@@ -51,11 +51,9 @@ from worker.core.quota import (
     StatedWindows,
     next_boundary,
 )
+from worker.core.recent import TICK_S, WINDOW_S, RecentAnswers
 
 HORIZON_S = 0.2  # the furthest ahead a slot is reserved
-TICK_S = 0.25  # accounting buckets
-WINDOW_S = 5.0  # the overload window (SRE: requests vs accepts)
-KNEE_S = 1.0  # the knee: answers in the last second before a 429
 OVERLOAD_K = 2.0
 OVERLOAD_MIN_REQUESTS = 20  # fewer requests in the window say nothing
 RECOVERY_S = 2.0  # a fixed rate's ramp back after a 429 pause
@@ -65,8 +63,6 @@ PROBE_SHARE = 0.01  # per second, as a share of the knee
 SLOW_START_GAIN = 0.7  # per accepted answer: the rate grows by 70 % of itself per second
 PROBE_POLL_S = 0.05  # while a quota probe is out, the others ask again this often
 BOUNDARY_MARGIN_S = 1.0  # a guessed quota end: this long after the UTC boundary
-_BUCKETS = int(WINDOW_S / TICK_S)
-_KNEE_BUCKETS = int(KNEE_S / TICK_S)
 _QUIET_CAUSES = frozenset({"asked", "budget", "probing", "slow start"})  # moved per answer
 _NO_PROBE, _PROBE_DUE, _PROBE_OUT = 0, 1, 2
 
@@ -122,11 +118,7 @@ class RateLimiter:
         self._last_cut = float("-inf")
         self._ramp_from: float | None = None  # fixed rate: the ramp back starts here
         self._overload_cap: float | None = None
-        # Accounting buckets of TICK_S: requests answered (not 429) and accepted (not failed).
-        self._tick = int(now / TICK_S)
-        self._answered = [0] * _BUCKETS
-        self._accepted = [0] * _BUCKETS
-        self._requests = [0] * _BUCKETS
+        self._recent = RecentAnswers(now)  # requests, answers, accepts of the last WINDOW_S
         self.cause = "slow start" if adaptive else "asked"
         self._rate = self._effective()
         self.throttles = 0
@@ -207,9 +199,7 @@ class RateLimiter:
 
     def accepted(self) -> None:
         """A usable answer: a success, or a target's own error (the gateway is fine)."""
-        index = self._count()
-        self._answered[index] += 1
-        self._accepted[index] += 1
+        self._count(accepted=True)
         self._in_a_row = 0
         if self._probe == _PROBE_OUT:
             self._quota_over()
@@ -219,7 +209,7 @@ class RateLimiter:
     def rejected(self) -> None:
         """A 5xx, a timeout, a dropped connection, a garbled answer: retried, and counted
         against the rate only when such answers dominate. (It passed the gateway's quota.)"""
-        self._answered[self._count()] += 1
+        self._count(accepted=False)
         self._in_a_row = 0
         if self._probe == _PROBE_OUT:
             self._quota_over()
@@ -229,8 +219,7 @@ class RateLimiter:
         when it is a spent quota (a long Retry-After, bursts in a row), a quota pause."""
         self.throttles += 1
         now = self._clock()
-        if int(now / TICK_S) != self._tick:
-            self._roll(int(now / TICK_S))  # a 429 is not a request for the overload rule
+        self._roll(now)  # a 429 is not a request for the overload rule
         if self.quota is not None:
             if self._probe == _PROBE_OUT:
                 self._probe_refused(retry_after)
@@ -252,7 +241,7 @@ class RateLimiter:
         detail = f"HTTP 429, Retry-After {pause:g} s"
         if self.adaptive:
             self._slow_start = False
-            self._knee = max(self.floor, float(sum(self._recent(self._answered, _KNEE_BUCKETS))))
+            self._knee = max(self.floor, self._recent.knee())
             base = self._base if self._base is not None else self._knee
             self._base = max(self.floor, AUTO_SETTLE * min(base, self._knee))
             self._change("throttled", f"{detail}; knee {self._knee:.0f}/s")
@@ -364,34 +353,22 @@ class RateLimiter:
 
     # -- accounting -----------------------------------------------------------------------------
 
-    def _count(self) -> int:
-        """Count one request in the current bucket (rolling buckets over); returns its index."""
-        now = self._clock()
-        tick = int(now / TICK_S)
-        if tick != self._tick:
-            self._roll(tick)
-        index = tick % _BUCKETS
-        self._requests[index] += 1
-        return index
+    def _count(self, *, accepted: bool) -> None:
+        """Count one answered request (rolling the buckets over first)."""
+        self._roll(self._clock())
+        self._recent.count(accepted=accepted)
 
-    def _roll(self, tick: int) -> None:
-        """New buckets: clear those passed over, then judge the last window for overload."""
-        for passed in range(self._tick + 1, min(tick, self._tick + _BUCKETS) + 1):
-            index = passed % _BUCKETS
-            self._requests[index] = self._answered[index] = self._accepted[index] = 0
-        self._tick = tick
-        self._judge_overload()
-        if self._windows.live:
-            self._recap(tick * TICK_S)  # windows that turned unread say nothing any more
-
-    def _recent(self, buckets: list[int], count: int) -> list[int]:
-        """The last `count` full buckets before the current one."""
-        return [buckets[(self._tick - back) % _BUCKETS] for back in range(1, count + 1)]
+    def _roll(self, now: float) -> None:
+        """A new bucket: judge the last window for overload; windows that turned unread say
+        nothing any more."""
+        if self._recent.roll(now):
+            self._judge_overload()
+            if self._windows.live:
+                self._recap(self._recent.tick * TICK_S)
 
     def _judge_overload(self) -> None:
         """SRE client-side throttling: cap at K x accepts while requests > K x accepts."""
-        requests = sum(self._requests)
-        accepts = sum(self._accepted)
+        requests, accepts = self._recent.window()
         window = WINDOW_S - TICK_S  # the current bucket has only begun
         if requests >= OVERLOAD_MIN_REQUESTS and requests > OVERLOAD_K * accepts:
             cap = max(self.floor, OVERLOAD_K * accepts / window)
