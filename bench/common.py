@@ -2,7 +2,7 @@
 
 Every benchmark runs the real `worker` program and the real simulator as separate processes on
 127.0.0.1; the simulator is pinned to the last core and the client to the first, as in
-shared/measurements.md, so they do not steal each other's CPU.
+the project's measurements (docs/performance.md), so they do not steal each other's CPU.
 """
 
 from __future__ import annotations

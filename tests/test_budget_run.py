@@ -116,6 +116,10 @@ async def test_a_spent_day_ends_resumable_and_the_resume_finishes_when_it_turns(
     assert first["resumable"] is True
     assert "quota" in report
     assert "resets at" in first["stop_message"]
+    assert first["stopped"] == "quota"
+    assert first["quota_reset_at"] is not None  # when it resets, for scripts and the spool
+    assert first["budget"] is not None  # what the gateway last stated, in words
+    assert "once the gateway's quota resets" in report  # the resume hint says when
     assert "--resume" in report
     shifted.shift += 3600.0
     code, _ = await resume_job(job, url, run_dir)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -345,3 +346,24 @@ def test_one_rate_warning_for_a_rate_the_gateway_refuses(tmp_path: Path) -> None
     assert "--rate auto" in throttled[0]["fix"]
     (finished,) = [e for e in events if e["event"] == "worker.run_finished"]
     assert finished["throttled"] > 1
+
+
+def test_simulate_stops_cleanly_on_sigterm() -> None:
+    """`worker simulate` stops with exit 0 on SIGTERM as on Ctrl-C (its --help says so), and
+    says the credentials it accepts with a line a shell can take."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "worker", "simulate", "--port", "0", "--devices", "5"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={k: v for k, v in worker_env().items() if not k.startswith("ENOS_")},
+    )
+    assert process.stdout is not None
+    lines = [process.stdout.readline() for _ in range(3)]
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=20)
+    assert process.returncode == 0, err
+    assert lines[0].startswith("worker simulate: serving http://127.0.0.1:")
+    assert "ENOS_APP_KEY=sim-app-key ENOS_APP_SECRET=sim-app-secret" in lines[1]
+    assert lines[2].strip().startswith("export ENOS_GATEWAY=http://127.0.0.1:")
+    assert "Traceback" not in out + err

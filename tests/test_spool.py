@@ -32,6 +32,7 @@ from worker.app.spool import SPOOL_DIRS, open_spool, waiting
 from worker.app.watch import Watcher, WatchOptions
 from worker.jobs.plan import run_targets
 from worker.model import Credentials, Limits, Target, TargetResult
+from worker.sim.faults import Faults
 from worker.sim.simulator import Simulator, serve
 from worker.store.journal import ResultJournal
 from worker.store.layout import RunDir
@@ -497,3 +498,26 @@ def test_watch_help_shows_the_watchers_own_exit_codes() -> None:
     assert "2 bad usage: no gateway (--gateway or ENOS_GATEWAY), no spool" in text
     assert "4 drained by SIGINT/SIGTERM with jobs left in running/" in text
     assert "some targets failed" not in text
+
+
+async def test_a_job_that_spends_the_quota_waits_in_running_not_failed(tmp_path: Path) -> None:
+    """A spooled job whose run spends the gateway's day quota (exit 4, "quota") is neither
+    filed under failed/ nor resumed at once: it stays in running/ and --once ends with exit 4
+    (resumable: try again after the reset). A watcher started later learns it from the run
+    directory and claims no new job before the reset."""
+    spool = tmp_path / "spool"
+    drop(spool, "first", 0, 60)
+    sim = Simulator(apps={APP_KEY: APP_SECRET}, devices=200, seed=7)
+    sim.faults = Faults(quota="second=100,day=30/3600")  # a one-hour "day" of 30 calls
+    async with serve(sim) as url:
+        assert await watcher(spool, url).run() == 4
+        drop(spool, "second", 100, 10)
+        assert await watcher(spool, url).run() == 4  # a new watcher: the quota is still spent
+    assert not settled(spool, "failed")
+    assert not settled(spool, "done")
+    assert [p.name.split(".")[0] for p in (spool / "running").glob("*.yaml")] == ["first"]
+    assert [p.name for p in (spool / "incoming").iterdir()] == ["second.yaml"]  # not claimed
+    run = next(p for p in (spool / "runs").iterdir() if p.name.startswith("first"))
+    summary = orjson.loads((run / "summary.json").read_bytes())
+    assert (summary["stopped"], summary["outcomes"]["failed"]) == ("quota", 0)
+    assert summary["quota_reset_at"]

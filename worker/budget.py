@@ -1,7 +1,8 @@
 """What a gateway states about its budget, read from one answer's headers: pure, bounded, and
 believed only as far as it is consistent.
 
-Two header families may come (shared/enos-api.md §5.4; names are matched case-insensitively):
+Two header families may come (the common API gateways' rate-limit headers; names are matched
+case-insensitively):
 
 - ``X-RateLimit-Limit-<Period>`` / ``X-RateLimit-Remaining-<Period>``, Period one of Second,
   Minute, Hour, Day, Month, Year: requests counted in windows aligned to the UTC second, minute,

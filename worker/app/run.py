@@ -197,7 +197,10 @@ def _tell(
         failed = summary.outcomes["failed"] > 0
         stream = out or sys.stdout
         command = resume_command(str(start.job.path), run, retry_failed=failed)
-        stream.write(f"\nTo continue this run:\n  {command}\n")
+        when = ""
+        if summary.quota_reset_at:  # the gateway's quota: nothing goes before it resets
+            when = f" once the gateway's quota resets ({summary.quota_reset_at})"
+        stream.write(f"\nTo continue this run{when}:\n  {command}\n")
         stream.flush()
 
 
@@ -290,6 +293,9 @@ def _close_segment(
     progress = engine.progress
     segment.requests, segment.abandoned = progress.requests, progress.abandoned
     segment.batching = _batching_record(engine, segment.limits.assets_per_call)
+    stated, reset = engine.limiter.stated, engine.quota_reset_at
+    segment.budget = stated.describe() if stated is not None else None
+    segment.quota_reset_at = iso(reset) if reset is not None else None
     recorder.journal.log.close()
     recorder.mark.close()
     run, guard = recorder.audit.run, recorder.audit.log.guard

@@ -35,6 +35,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass, replace
+from datetime import datetime
 from pathlib import Path
 
 import anyio
@@ -51,6 +52,7 @@ from worker.app.spool import (
     claimed_files,
     make_run_dir,
     open_spool,
+    run_dir_of,
     settle,
     unfinished,
     waiting,
@@ -62,7 +64,7 @@ from worker.errors import ExitCode, UsageError
 from worker.jobs.parse import load_job
 from worker.model import Credentials, Job, Limits
 from worker.report.hints import resume_command
-from worker.store.layout import RunDir
+from worker.store.layout import RunDir, read_summary
 from worker.store.lock import RunDirBusy, run_dir_lock
 
 log = structlog.get_logger("worker.watch")
@@ -99,6 +101,7 @@ class Watcher:
         self._slots = anyio.Semaphore(options.jobs)
         self._mine: set[str] = set()  # claimed names this watcher has a task for
         self._broken: set[str] = set()  # could not even be settled here: not retried
+        self._quota_until = 0.0  # epoch s: the application's quota is spent until then
         self._wake = anyio.Event()
         self._spool = options.spool  # resolved once the spool is opened
         self.metrics = RunMetrics() if options.metrics is not None else None
@@ -153,8 +156,8 @@ class Watcher:
         when a job could not be settled, or with once when one went to failed/ (a cron entry
         must see it); else 0."""
         left = any(True for _ in claimed_files(self.options.spool))
-        if self.draining and left:
-            return ExitCode.INTERRUPTED
+        if (self.draining or self._quota_spent()) and left:
+            return ExitCode.INTERRUPTED  # drained, or waiting for the gateway's quota
         failed = any(not settled.finished for settled in self.settled)
         if self._broken or (self.options.once and failed):
             return ExitCode.FAILED
@@ -164,10 +167,10 @@ class Watcher:
         spool = self.options.spool
         while not self._stopping():
             for job_file in claimed_files(spool):  # left by a dead watcher, or just claimed
-                if job_file.name not in self._mine | self._broken and not self._stopping():
+                if self._adoptable(job_file):
                     await self._start(jobs, job_file)
             for name in waiting(spool, self.options.quiet_s):
-                if self._stopping():
+                if self._stopping() or self._quota_spent():
                     break
                 await self._slots.acquire()
                 claimed = claim(spool, name)
@@ -179,16 +182,42 @@ class Watcher:
             with anyio.move_on_after(self.options.poll_s):
                 await self._wake.wait()
 
+    def _waits_for_quota(self, run: RunDir) -> bool:
+        """Whether the job's run stopped for the gateway's spent quota, which has not reset
+        yet: then it is neither settled nor resumed, and no other job is started, until the
+        reset (every job of this watcher shares the application's quota)."""
+        summary = read_summary(run) if run.summary.exists() else None
+        if summary is None or summary.stopped != "quota" or not summary.quota_reset_at:
+            return False
+        reset = datetime.fromisoformat(summary.quota_reset_at.replace("Z", "+00:00")).timestamp()
+        self._quota_until = max(self._quota_until, reset)
+        return time.time() < reset
+
+    def _quota_spent(self) -> bool:
+        """The application's quota is spent until a reset a job reported."""
+        return time.time() < self._quota_until
+
     def _stopping(self) -> bool:
         """A drain was asked for (a method: the flag changes while this task awaits)."""
         return self.draining
 
-    def _idle(self) -> bool:
-        """Nothing to claim, nothing running here, nothing left in running/ to adopt."""
-        spool = self.options.spool
-        if self._mine or waiting(spool):
+    def _adoptable(self, job_file: Path) -> bool:
+        """A job in running/ this watcher may start now: not its own already, not broken, not
+        waiting for the gateway's quota (also as its run directory says, after a restart)."""
+        if job_file.name in self._mine | self._broken or self._stopping():
             return False
-        return all(f.name in self._broken for f in claimed_files(spool))
+        return not (self._quota_spent() or self._waits_for_quota(run_dir_of(job_file)))
+
+    def _idle(self) -> bool:
+        """Nothing to claim, nothing running here, nothing left in running/ to adopt (with
+        --once, a job waiting for the gateway's quota counts as left, not as work)."""
+        spool = self.options.spool
+        if self._mine or (waiting(spool) and not self._quota_spent()):
+            return False
+        return all(
+            f.name in self._broken or self._waits_for_quota(run_dir_of(f))
+            for f in claimed_files(spool)
+        )
 
     async def _start(self, jobs: TaskGroup, job_file: Path) -> None:
         await self._slots.acquire()
@@ -248,6 +277,9 @@ class Watcher:
             if code == ExitCode.INTERRUPTED and self._stopping():
                 log.info("worker.job_left_resumable", job=job_file.name)
                 return  # stays in running/: the next watcher resumes it
+            if code == ExitCode.INTERRUPTED and self._waits_for_quota(run):
+                log.info("worker.job_waits_for_quota", job=job_file.name)
+                return  # stays in running/: resumed once the gateway's quota has reset
             self._settle_run(job_file, run, code)
         finally:
             del self.controls[job_file.name]

@@ -111,8 +111,8 @@ class RateLog:
             self.throttle_cycles += 1
         if self.throttle_cycles > 1 and (cycling or change.detail == "recovered from the 429"):
             return  # a repeat: counted, not logged
-        lowered = change.after is not None and (
-            change.before is None or change.after < change.before
+        lowered = change.cause in ("quota", "budget") or (
+            change.after is not None and (change.before is None or change.after < change.before)
         )
         fix = (
             "the gateway refuses this rate: pass --rate auto, or a lower --rate"

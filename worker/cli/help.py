@@ -12,8 +12,9 @@ EXIT_CODES = """exit codes:
      nothing was sent
   3  aborted (credentials, permission, wrong gateway, abort rule, outage, a disk that can
      no longer be written, internal error); resumable
-  4  interrupted (SIGINT/SIGTERM), the deadline was reached, or the run directory is busy
-     with another live worker; resumable: try again later"""
+  4  interrupted (SIGINT/SIGTERM), the deadline was reached, the gateway's quota is spent
+     (the summary says when it resets), or the run directory is busy with another live
+     worker; resumable: try again later"""
 
 VALIDATE_EXIT_CODES = """exit codes:
   0  the job is valid and has targets to run

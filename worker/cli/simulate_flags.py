@@ -39,7 +39,9 @@ def simulate_flags(parser: argparse.ArgumentParser) -> None:
         "firmwareCheck, setPoint7)",
     )
     parser.add_argument("--seed", type=int, default=7, help="seed of the data and the faults")
-    faults = parser.add_argument_group("faults (more over POST /_sim/faults; see the README)")
+    faults = parser.add_argument_group(
+        "faults (more over POST /_sim/faults; see docs/simulator.md)"
+    )
     faults.add_argument("--latency-ms", type=float, default=0.0, help="added to every call")
     faults.add_argument(
         "--error-rate", type=float, default=0.0, help="share of calls answered HTTP 500/502/503"

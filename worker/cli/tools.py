@@ -10,6 +10,7 @@ import importlib.resources
 import os
 import re
 import secrets
+import signal
 import sys
 from pathlib import Path
 
@@ -117,29 +118,40 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     _check_simulate(args)
     simulator = _simulator(args)
     ((app_key, secret),) = simulator.apps.items()
-    # The built-in default is public; a secret the operator gave is never printed.
-    shown_secret = secret if secret == SIM_APP_SECRET else "(yours; not printed)"
 
-    async def serve_forever() -> None:
-        async with serve(simulator, args.host, args.port) as url:
-            sys.stdout.write(
-                f"worker simulate: serving {url}\n"
-                f"  it accepts ENOS_APP_KEY={app_key} ENOS_APP_SECRET={shown_secret}\n"
-                f"  export ENOS_GATEWAY={url} ENOS_APP_KEY={app_key} "
-                f"ENOS_APP_SECRET={shown_secret}\n"
-            )
-            sys.stdout.flush()
-            await anyio.sleep_forever()
+    async def serve_until_stopped() -> None:
+        # The signals are taken before the URL is said: whoever reads it may stop us at once.
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with serve(simulator, args.host, args.port) as url:
+                said = _credentials_said(url, app_key, secret)
+                sys.stdout.write(f"worker simulate: serving {url}\n{said}")
+                sys.stdout.flush()
+                async for _ in signals:  # Ctrl-C or SIGTERM: a clean stop, exit 0
+                    return
 
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            run_async(serve_forever)
+            run_async(serve_until_stopped)
     except OSError as exc:  # the address is taken, or not this machine's
         raise UsageError(
             f"cannot listen on {args.host}:{args.port}: {exc.strerror}; pick another --port "
             "(0 picks a free one)"
         ) from None
     return 0
+
+
+def _credentials_said(url: str, app_key: str, secret: str) -> str:
+    """What the simulator accepts, and the line that points a shell at it. The built-in default
+    secret is public; a secret the operator gave is never printed."""
+    if secret == SIM_APP_SECRET:
+        return (
+            f"  it accepts ENOS_APP_KEY={app_key} ENOS_APP_SECRET={secret}\n"
+            f"  export ENOS_GATEWAY={url} ENOS_APP_KEY={app_key} ENOS_APP_SECRET={secret}\n"
+        )
+    return (
+        f"  it accepts ENOS_APP_KEY={app_key} and the secret you gave (not printed)\n"
+        f"  export ENOS_GATEWAY={url} ENOS_APP_KEY={app_key}   # and ENOS_APP_SECRET, yours\n"
+    )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -1,6 +1,7 @@
 """The EnOS API's facts in one place, shared by the client and the simulator.
 
-Everything here comes from ``shared/enos-api.md``; when a fact changes, it changes here only.
+Everything here comes from EnOS's public API documentation (the Connection Service and APIM
+token pages); when a fact changes, it changes here only.
 """
 
 from __future__ import annotations

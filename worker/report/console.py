@@ -13,6 +13,7 @@ import anyio
 import structlog
 
 from worker.core.ports import Progress
+from worker.core.quota import QuotaPause
 from worker.model import Outcome
 from worker.redact import printable
 from worker.store.layout import RunDir
@@ -84,8 +85,12 @@ def _notes(summary: Summary) -> list[str]:
     if summary.errors:
         top = ", ".join(f"{label} x{n}" for label, n in list(summary.errors.items())[:5])
         lines.append(f"  failures by code   {top}")
+    if summary.budget:
+        lines.append(f"  gateway budget     {summary.budget}   (as the gateway last stated it)")
     if summary.stop_message:
         lines.append(f"  why it stopped     {summary.stop_message}")
+    if summary.quota_reset_at:
+        lines.append(f"  quota resets       {summary.quota_reset_at}   (resume after that)")
     verify = summary.verify
     if verify:
         partial = "" if verify.get("complete") else " (stopped early: resume with worker verify)"
@@ -133,7 +138,17 @@ class RateView(Protocol):
 
     @property
     def cause(self) -> str:
-        """Why it is what it is (asked, throttled, overload, slow start, probing)."""
+        """Why it is what it is (asked, throttled, overload, slow start, probing, budget)."""
+        ...
+
+    @property
+    def quota(self) -> QuotaPause | None:
+        """The run's wait for the gateway's spent quota, if it waits."""
+        ...
+
+    @property
+    def budget_rate(self) -> float | None:
+        """What the gateway's stated budget allows now (None: it stated none)."""
         ...
 
 
@@ -222,10 +237,7 @@ class ProgressLine:
         progress, outcomes = self.progress, self.progress.outcomes
         done = self.already + progress.finished
         finishing, requesting = self._recent()
-        allowed = self.limiter.rate
-        rate = f"{requesting:,.0f} of {'unlimited' if allowed is None else f'{allowed:,.0f}'}/s"
-        if self.limiter.cause != "asked":
-            rate += f" ({self.limiter.cause})"
+        rate = self._rate_text(requesting)
         left = self.total - done
         eta = f"~{_minutes(left / finishing)} left" if finishing > 0 and left > 0 else ""
         if self.searching:
@@ -248,6 +260,20 @@ class ProgressLine:
             f"{progress.waiting:,} waiting to retry",
         ]
 
+    def _rate_text(self, requesting: float) -> str:
+        """The achieved and allowed rate, and why the allowed one is what it is; while the run
+        waits for the gateway's quota, that wait instead ("quota: waiting 41 s (until ...)")."""
+        limiter = self.limiter
+        if limiter.quota is not None:
+            return limiter.quota.describe(time.time())
+        allowed = limiter.rate
+        rate = f"{requesting:,.0f} of {'unlimited' if allowed is None else f'{allowed:,.0f}'}/s"
+        if limiter.cause != "asked":
+            rate += f" ({limiter.cause})"
+        if limiter.budget_rate is not None and limiter.cause != "budget":
+            rate += f", budget {limiter.budget_rate:,.0f}/s"
+        return rate
+
     def _run(self, outcome: Outcome) -> int:
         """Targets of the whole run with this outcome (earlier segments and this one), as
         `done` counts them."""
@@ -267,7 +293,13 @@ class ProgressLine:
             finished_per_s=round(finishing, 1),
             allowed_per_s=None if allowed is None else round(allowed, 1),
             rate_cause=self.limiter.cause,
+            budget_per_s=_rounded(self.limiter.budget_rate),
+            quota=None if self.limiter.quota is None else self.limiter.quota.describe(time.time()),
         )
+
+
+def _rounded(rate: float | None) -> float | None:
+    return None if rate is None else round(rate, 1)
 
 
 def _earlier_outcomes(already: int, earlier: Counter[str] | None) -> Counter[str]:

@@ -75,6 +75,8 @@ def build_summary(
         batching=_batching(segments),
         shard=manifest.shard,
         verify=verify or {},
+        budget=segments[-1].budget if segments else None,
+        quota_reset_at=segments[-1].quota_reset_at if segments else None,
     )
 
 

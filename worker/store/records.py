@@ -15,7 +15,7 @@ from worker.model import Selector
 
 
 class ResultRecord(TypedDict):
-    """One line of results.jsonl: a target's final outcome (README, "What a run leaves")."""
+    """One line of results.jsonl: a target's final outcome (docs/outputs.md)."""
 
     target: Selector
     org_id: str

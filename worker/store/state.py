@@ -42,6 +42,8 @@ class Segment:
     duration_s: float = 0.0
     rate_timeline: list[list[float | None]] = field(default_factory=list)  # [s, achieved, allowed]
     batching: BatchingRecord | None = None  # assets_per_call > 1: lists sent, trust, changes
+    budget: str | None = None  # the gateway's stated budget, as last read (in words)
+    quota_reset_at: str | None = None  # stopped for the gateway's quota: when it resets (UTC)
 
     def to_json(self) -> JsonObject:
         """As written in run.json."""
@@ -166,6 +168,8 @@ class Summary:
     batching: BatchingSummary = field(default_factory=BatchingSummary)
     shard: str | None = None  # "K/N" when the run covers one shard of the job
     verify: VerifyCountsRecord = field(default_factory=VerifyCountsRecord)
+    budget: str | None = None  # the gateway's stated budget, as the last segment read it
+    quota_reset_at: str | None = None  # stopped for the gateway's quota: when it resets (UTC)
 
     def to_json(self) -> JsonObject:
         """summary.json's content (design.md's keys)."""
