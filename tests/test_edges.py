@@ -367,3 +367,34 @@ def test_simulate_stops_cleanly_on_sigterm() -> None:
     assert "ENOS_APP_KEY=sim-app-key ENOS_APP_SECRET=sim-app-secret" in lines[1]
     assert lines[2].strip().startswith("export ENOS_GATEWAY=http://127.0.0.1:")
     assert "Traceback" not in out + err
+
+
+def test_validate_probe_reads_the_budget_and_says_whether_the_job_fits(tmp_path: Path) -> None:
+    """`validate --probe`: one token and one read-only call (no cancel), the budget the
+    gateway states, and whether the job's calls fit in what is left: 0 fits, 1 does not, 3
+    could not probe."""
+    job = tmp_path / "job.yaml"
+    job.write_text(TARGETS)  # 20 targets, 20 calls
+    with simulator_process("--devices", "50", "--quota", "minute=1000,day=15") as url:
+        short = run_worker("validate", str(job), "--probe", "--gateway", url)
+        stats = sim_get(url, "/_sim/stats")
+    assert short.returncode == 1, short.stdout + short.stderr
+    assert "day: 14 of 15 left" in short.stdout
+    assert "fits              NO: 20 calls do not fit" in short.stdout
+    assert stats["by_action"] == {"search": 1}  # one read-only call, never a cancel
+    with simulator_process("--devices", "50", "--quota", "minute=1000,day=500") as url:
+        ample = run_worker("validate", str(job), "--probe", "--gateway", url, "--json")
+        wrong = run_worker(
+            "validate",
+            str(job),
+            "--probe",
+            "--gateway",
+            url,
+            env=worker_env(ENOS_APP_SECRET="not-the-secret"),
+        )
+    assert ample.returncode == 0
+    facts = orjson.loads(ample.stdout)
+    assert facts["probe"]["fits"] is True
+    assert any(w.startswith("day: 499 of 500 left") for w in facts["probe"]["windows"])
+    assert wrong.returncode == 3
+    assert "could not probe" in wrong.stdout

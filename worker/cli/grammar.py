@@ -110,6 +110,13 @@ def build_parser(handlers: Mapping[str, Handler]) -> argparse.ArgumentParser:
     validate.add_argument("job", type=Path, help="the job file (YAML)")
     validate.add_argument("--gateway", help="shown in the plan (else ENOS_GATEWAY, else the job's)")
     validate.add_argument("--json", action="store_true", help="print the plan as JSON")
+    validate.add_argument(
+        "--probe",
+        action="store_true",
+        help="also ask the gateway (a token and one read-only search; never a cancel) what "
+        "budget it states, and whether the job's calls fit in what is left",
+    )
+    _connection_flags(validate)
     _limit_flags(validate)
     simulate_flags(
         _command(

@@ -17,8 +17,11 @@ EXIT_CODES = """exit codes:
      worker; resumable: try again later"""
 
 VALIDATE_EXIT_CODES = """exit codes:
-  0  the job is valid and has targets to run
-  2  the job file (or a flag) cannot be used, or it lists no targets; the message says why"""
+  0  the job is valid and has targets to run (with --probe: and its calls fit in what the
+     gateway says is left, or it states no budget)
+  1  with --probe: the job's calls do not fit in what the gateway says is left
+  2  the job file (or a flag) cannot be used, or it lists no targets; the message says why
+  3  with --probe: the gateway could not be probed (credentials, gateway, an error)"""
 
 REPORT_EXIT_CODES = """exit codes:
   0  the summaries were printed and the report written
@@ -62,7 +65,8 @@ EXAMPLES = {
   worker run JOB.yaml --resume DIR --retry-failed""",
     "validate": """examples:
   worker validate jobs/incident.yaml
-  worker validate JOB.yaml --rate 200 --json""",
+  worker validate JOB.yaml --rate 200 --json
+  worker validate JOB.yaml --probe --gateway https://apim.example.com""",
     "simulate": """examples:
   worker simulate --devices 10000 --commands 4
   worker simulate --port 0 --error-rate 0.2 --rate-cap 300

@@ -7,16 +7,21 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import TextIO, TypedDict
+from typing import NotRequired, TextIO, TypedDict
 
 import orjson
 
 from worker.app.prepare import runnable_plan
-from worker.cli.run import limits_of, shard_of
+from worker.app.probe import Fit, Probed, fit, probe_budget
+from worker.app.settings import ca_bundle, resolve_gateway
+from worker.app.wiring import RunOptions
+from worker.cli.run import credentials_of, limits_of, run_async, shard_of
 from worker.core.batching import planned_calls
 from worker.jobs.parse import load_job
 from worker.jobs.plan import Plan, run_targets
 from worker.model import Job, Limits
+from worker.redact import printable
+from worker.store.layout import RunDir
 
 
 class Calls(TypedDict):
@@ -61,18 +66,56 @@ class PlanFacts(TypedDict):
     abort: Abort
     estimated_s: float | None
     targets_sha256: str
+    probe: NotRequired[ProbeFacts]
+
+
+class ProbeFacts(TypedDict):
+    """What --probe found: the budget the gateway states, and whether the job fits."""
+
+    budget: str | None
+    windows: list[str]
+    problem: str | None
+    fits: bool | None
+    said: str | None
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    """Check a job file and print the plan; sends nothing."""
+    """Check a job file and print the plan; sends nothing (with --probe, a token and one
+    read-only call)."""
     job = load_job(Path(args.job))
     plan_ = runnable_plan(job, shard_of(args))
-    facts = _plan_facts(job, plan_, limits_of(job.limits, args), args.gateway)
+    limits = limits_of(job.limits, args)
+    facts = _plan_facts(job, plan_, limits, args.gateway)
+    code = 0
+    if args.probe:
+        probed, verdict = _probe(args, job, plan_, limits, facts["calls"]["estimated"])
+        facts["probe"] = {
+            "budget": probed.budget.describe() if probed.budget else None,
+            "windows": [w.describe() for w in probed.budget.windows] if probed.budget else [],
+            "problem": probed.problem,
+            "fits": verdict.fits if verdict else None,
+            "said": verdict.said if verdict else None,
+        }
+        code = 3 if verdict is None else 0 if verdict.fits else 1
     if args.json:
         sys.stdout.write(orjson.dumps(facts, option=orjson.OPT_INDENT_2).decode() + "\n")
-        return 0
+        return code
     _write_plan(sys.stdout, job, facts)
-    return 0
+    return code
+
+
+def _probe(
+    args: argparse.Namespace, job: Job, plan_: Plan, limits: Limits, calls: int
+) -> tuple[Probed, Fit | None]:
+    """One token call and one read-only call against the gateway (as `run` would reach it)."""
+    credentials = credentials_of(args)
+    gateway = resolve_gateway(args.gateway, job, insecure=args.insecure)
+    options = RunOptions(
+        gateway, credentials, limits, RunDir(Path()), ca_bundle=ca_bundle(args.ca_bundle)
+    )
+    _, first = next(run_targets(job, plan_))
+    probed = run_async(lambda: probe_budget(options, first))
+    return probed, None if probed.problem is not None else fit(probed, calls)
 
 
 def _plan_facts(job: Job, plan_: Plan, limits: Limits, gateway: str | None) -> PlanFacts:
@@ -169,6 +212,22 @@ def _write_plan(out: TextIO, job: Job, facts: PlanFacts) -> None:
         )
     _write_estimate(out, facts)
     out.write(f"  targets sha256    {facts['targets_sha256']}\n")
+    if "probe" in facts:
+        _write_probe(out, facts["probe"])
+
+
+def _write_probe(out: TextIO, probe: ProbeFacts) -> None:
+    """What the gateway said of its budget (--probe), window by window, and the verdict."""
+    if probe["problem"] is not None:
+        out.write(
+            f"  probe             could not probe the gateway: {printable(probe['problem'])}\n"
+        )
+        return
+    windows = probe["windows"] or ["no budget stated in its answer headers"]
+    out.write(f"  gateway budget    {windows[0]}\n")
+    for window in windows[1:]:
+        out.write(f"                    {window}\n")
+    out.write(f"  fits              {'yes' if probe['fits'] else 'NO'}: {probe['said']}\n")
 
 
 def _write_estimate(out: TextIO, facts: PlanFacts) -> None:

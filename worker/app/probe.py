@@ -1,0 +1,82 @@
+"""``worker validate --probe``: what the gateway says of its budget, before a run spends it. One
+token call and one read-only call (a Search Command of one command on the job's first target);
+no cancel is sent. The calls a job needs are set against what the gateway says is left."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from worker.app.wiring import RunOptions, client_for, proven
+from worker.budget import Budget, Window
+from worker.enos import protocol as p
+from worker.errors import EnOSError, RateLimitedError
+from worker.model import Target
+
+LONG_WINDOW_S = 3600.0  # windows this long or longer are budgets to spend, not paces
+
+
+@dataclass(frozen=True)
+class Probed:
+    """What one read-only call showed: the stated budget (None: nothing stated), or why the
+    gateway could not be probed."""
+
+    budget: Budget | None
+    problem: str | None = None
+    refused: bool = False  # the read-only call itself was refused with 429: nothing is left
+
+
+async def probe_budget(options: RunOptions, target: Target) -> Probed:
+    """Prove the gateway (a token), then one search of one command on `target`: its answer's
+    budget headers. A 429 is an answer too (the budget is spent)."""
+    client = client_for(options)
+    async with proven(client, options) as problem:
+        if problem is not None:
+            return Probed(None, problem)
+        try:
+            page = await client.search_page(target, p.PENDING_EXPRESSION, 1, page_size=1)
+        except RateLimitedError as refused:
+            return Probed(refused.budget, refused=True)
+        except EnOSError as exc:
+            return Probed(None, f"the read-only call failed: {exc}")
+        return Probed(page.budget)
+
+
+@dataclass(frozen=True)
+class Fit:
+    """Whether a job's calls fit in what the gateway says is left."""
+
+    fits: bool
+    said: str  # the verdict in words
+
+
+def fit(probed: Probed, calls: int) -> Fit:
+    """The job's `calls` against the longest windows stated (an hour or more: what is left of
+    them is spent, not paced); without such a window, the pace alone says how long it takes."""
+    budget = probed.budget
+    if probed.refused and budget is None:
+        return Fit(False, "the gateway refused the probe (HTTP 429): nothing is left now")
+    if budget is None or not budget.windows:
+        return Fit(True, "the gateway states no budget: nothing to compare (it may still 429)")
+    for window in sorted((w for w in budget.windows if _long(w)), key=lambda w: w.reset_s):
+        if window.remaining is not None and window.remaining < calls:
+            return Fit(
+                False,
+                f"{calls:,} calls do not fit: {window.describe()}; split the job, or run it "
+                "after the reset",
+            )
+    pace = budget.rate()
+    took = f"; about {_duration(calls / pace)} at {pace:,.1f}/s" if pace else ""
+    return Fit(True, f"{calls:,} calls fit in what is left{took}")
+
+
+def _long(window: Window) -> bool:
+    """A window long enough to be a budget to spend (an hour, a day, a calendar month)."""
+    if window.length_s is None:
+        return window.name in ("month", "year")
+    return window.length_s >= LONG_WINDOW_S
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
