@@ -24,56 +24,27 @@ from __future__ import annotations
 
 import bisect
 import math
-import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import orjson
 
 from bench.common import (
-    CLIENT_CORE,
     machine,
-    pinned,
+    run_worker,
     sim_json,
     simulator,
     table,
-    worker_env,
     write_targets,
 )
 
 WINDOWS = "second=100,minute=5000"
 BINDING = 5000 / 60  # requests/s: the minute binds
 MINUTES = 3
-
-
-def run_worker(job: Path, url: str, out: Path, *flags: str) -> tuple[int, dict[str, Any]]:
-    """`worker run` pinned to the client core; (exit code, summary.json)."""
-    command = pinned(
-        CLIENT_CORE,
-        [
-            sys.executable,
-            "-m",
-            "worker",
-            "run",
-            str(job),
-            "--gateway",
-            url,
-            "--out",
-            str(out),
-            "--yes",
-            "--no-progress",
-            *flags,
-        ],
-    )
-    done = subprocess.run(command, env=worker_env(), capture_output=True, text=True, check=False)
-    if done.returncode not in (0, 4):
-        raise RuntimeError(f"worker exited {done.returncode}: {done.stderr[-2000:]}")
-    return done.returncode, orjson.loads((out / "summary.json").read_bytes())
 
 
 def attempts(run_dir: Path) -> list[tuple[float, int | None]]:
@@ -119,7 +90,9 @@ def paced(tmp: Path, name: str, headers: str, rate: str) -> list[list[str]]:
     ) as (url, _):
         job = write_targets(tmp / name, count, "{concurrency: 16}", name=name)
         start = wait_for_boundary(60.0)
-        code, summary = run_worker(job, url, tmp / name / "run", "--rate", rate)
+        code, summary = run_worker(
+            job, url, tmp / name / "run", "--no-progress", "--rate", rate, ok=(0, 4)
+        )
         stats = sim_json(url, "/_sim/stats")
     seen = attempts(tmp / name / "run")
     admitted = sum(1 for at, s in seen if s != 429 and start <= at < start + 60 * MINUTES)
@@ -148,10 +121,12 @@ def day_quota(tmp: Path) -> list[list[str]]:
         run_dir = tmp / "day" / "run"
         wait_for_boundary(length)
         began = time.time()
-        first, summary = run_worker(job, url, run_dir, "--rate", "400")
+        first, summary = run_worker(job, url, run_dir, "--no-progress", "--rate", "400", ok=(0, 4))
         stopped = time.time() - began
         turned = wait_for_boundary(length, within=length)
-        second, resumed = run_worker(job, url, run_dir, "--resume", str(run_dir))
+        second, resumed = run_worker(
+            job, url, run_dir, "--no-progress", "--resume", str(run_dir), ok=(0, 4)
+        )
         stats = sim_json(url, "/_sim/stats")
     lines = (run_dir / "results.jsonl").read_bytes().splitlines()
     outcomes = Counter(orjson.loads(line)["outcome"] for line in lines)

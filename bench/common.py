@@ -85,35 +85,34 @@ def worker_env() -> dict[str, str]:
     return env
 
 
+def run_args(job: Path, url: str, out: Path, *flags: str) -> list[str]:
+    """The arguments of `worker run` for a bench: the job against `url`, into `out`, unasked."""
+    return ["run", str(job), "--gateway", url, "--out", str(out), "--yes", *flags]
+
+
+def run_worker(
+    job: Path, url: str, out: Path, *flags: str, ok: tuple[int, ...] = (0,)
+) -> tuple[int, dict[str, Any]]:
+    """`worker run` pinned to the client core; (exit code, summary.json). RuntimeError (with the
+    end of its stderr) when it exits with a code not in `ok`."""
+    arguments = run_args(job, url, out, *flags)
+    command = pinned(CLIENT_CORE, [sys.executable, "-m", "worker", *arguments])
+    done = subprocess.run(command, env=worker_env(), capture_output=True, text=True, check=False)
+    if done.returncode not in ok:
+        raise RuntimeError(f"worker exited {done.returncode}: {done.stderr[-2000:]}")
+    return done.returncode, orjson.loads((out / "summary.json").read_bytes())
+
+
 def run_worker_timed(
     job: Path, url: str, out: Path, *flags: str
 ) -> tuple[float, float, dict[str, Any]]:
     """Run `worker run` pinned to the client core; returns (wall s, CPU s, summary)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     began = time.perf_counter()
-    command = pinned(
-        CLIENT_CORE,
-        [
-            sys.executable,
-            "-m",
-            "worker",
-            "run",
-            str(job),
-            "--gateway",
-            url,
-            "--out",
-            str(out),
-            "--yes",
-            *flags,
-        ],
-    )
-    done = subprocess.run(command, env=worker_env(), capture_output=True, text=True, check=False)
+    _, summary = run_worker(job, url, out, *flags)
     wall = time.perf_counter() - began
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if done.returncode != 0:
-        raise RuntimeError(f"worker exited {done.returncode}: {done.stderr[-2000:]}")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    summary = orjson.loads((out / "summary.json").read_bytes())
     return wall, cpu, summary
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import orjson
 
-from bench.common import CLIENT_CORE, pinned, simulator, table, worker_env, write_targets
+from bench.common import CLIENT_CORE, pinned, run_args, simulator, table, worker_env, write_targets
 
 LAYERS = (  # (layer, what a function's file or name contains), first match wins
     ("event loop (uvloop, asyncio, anyio)", ("uvloop", "asyncio", "anyio", "selectors")),
@@ -69,20 +69,8 @@ def main() -> None:
             CLIENT_CORE,
             [
                 sys.executable,
-                "-m",
-                "cProfile",
-                "-o",
-                str(profile),
-                "-m",
-                "worker",
-                "run",
-                str(job),
-                "--gateway",
-                url,
-                "--out",
-                str(out),
-                "--yes",
-                "--no-progress",
+                *("-m", "cProfile", "-o", str(profile), "-m", "worker"),
+                *run_args(job, url, out, "--no-progress"),
             ],
         )
         subprocess.run(command, env=worker_env(), capture_output=True, check=True)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -129,8 +130,25 @@ class RunDir:
 
 def write_atomically(path: Path, data: bytes) -> None:
     """Replace `path` with `data` so that a reader (or a crash) sees the old or the new file,
-    never half of one: write beside it (never through a planted link), fsync, rename.
-    StoreError when it cannot be written (the old file, if any, stays as it was)."""
+    never half of one. StoreError when it cannot be written (the old file stays as it was)."""
+    _replace(path, lambda fd: _write_all(fd, data))
+
+
+def copy_in(source: BinaryIO, dest: Path, digest: hashlib._Hash) -> None:
+    """Copy an open file into the run directory, feeding every byte to `digest` as it goes
+    (so the hash is of what was copied). StoreError when it cannot be written."""
+
+    def fill(fd: int) -> None:
+        while chunk := source.read(1 << 20):
+            digest.update(chunk)
+            _write_all(fd, chunk)
+
+    _replace(dest, fill)
+
+
+def _replace(path: Path, fill: Callable[[int], None]) -> None:
+    """Write a new `path` beside it (never through a planted link) with `fill`, fsync, rename;
+    the half-written file is removed when anything fails."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with contextlib.suppress(FileNotFoundError):
@@ -138,9 +156,7 @@ def write_atomically(path: Path, data: bytes) -> None:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         fd = os.open(tmp, flags, 0o640)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            fill(fd)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -151,29 +167,11 @@ def write_atomically(path: Path, data: bytes) -> None:
         raise StoreError(path, os_cause(exc)) from None
 
 
-def copy_in(source: BinaryIO, dest: Path, digest: hashlib._Hash) -> None:
-    """Copy an open file into the run directory (beside, fsync, rename; never through a planted
-    link), feeding every byte to `digest` as it goes. StoreError when it cannot be written."""
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    try:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(tmp, flags, 0o640)
-        try:
-            while chunk := source.read(1 << 20):
-                digest.update(chunk)
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, dest)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise StoreError(dest, os_cause(exc)) from None
+def _write_all(fd: int, data: bytes) -> None:
+    """os.write until every byte is written (a regular file may take fewer at once)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def read_manifest(run: RunDir) -> Manifest:
