@@ -9,7 +9,8 @@
     ├── StoreError                 a run directory's file cannot be written (disk full, permission)
     └── EnOSError                  something the gateway (or the way to it) answered
         ├── RetryableError         worth another attempt: 5xx, timeout, dropped, malformed body
-        │   └── RateLimitedError   HTTP 429: flow control, carries Retry-After
+        │   ├── RateLimitedError   HTTP 429: flow control, carries Retry-After
+        │   └── OversizedAnswerError  an answer past the cap (a search asks for smaller pages)
         ├── TargetError            final for this one target: 99400, 99404, other codes
         │   └── UnreadableAnswerError  the client failed on an answer: final, effect unknown
         └── FatalError             stops the whole run (exit 3): nothing else will succeed
@@ -127,6 +128,11 @@ class RateLimitedError(RetryableError):
     def __init__(self, message: str, *, retry_after: float | None, request_id: str | None) -> None:
         super().__init__(message, maybe_applied=False, http_status=429, request_id=request_id)
         self.retry_after = retry_after
+
+
+class OversizedAnswerError(RetryableError):
+    """An answer larger than the client reads (after decompression): not read; it may have
+    taken effect. A device search answers it with smaller pages."""
 
 
 class TargetError(EnOSError):

@@ -42,6 +42,13 @@ class Faults:
     # self-verification must catch).
     multi_asset: str = "off"
     max_assets: int = 100  # a longer list is refused with 99400
+    # Search Device (sim/devices.py): the largest page it serves (above: 99400); every K calls
+    # the order is reshuffled (0: stable); every K calls a matching device goes and a new one
+    # comes (0: no drift); device secrets sent whatever the projection asks.
+    device_page_max: int = 1000
+    device_reshuffle_every: int = 0
+    device_drift_every: int = 0
+    leak_secrets: bool = False
 
 
 @dataclass

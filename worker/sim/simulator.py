@@ -28,6 +28,7 @@ from aiohttp import web
 from worker.enos import protocol as p
 from worker.enos.signing import request_signature, token_encryption
 from worker.model import JsonObject
+from worker.sim.devices import DeviceService
 from worker.sim.faults import Faults, SimStats
 from worker.sim.service import CommandService, Refused, json_body
 from worker.sim.state import DeviceStore, SimDevice
@@ -66,13 +67,15 @@ class Simulator:
         seed: int = 7,
         faults: Faults | None = None,
         clock: Callable[[], float] = time.time,
+        products: int = 4,
     ) -> None:
         self.apps = dict(apps)
         self.store = DeviceStore(
-            devices=devices, commands_per_device=commands, seed=seed, clock=clock
+            devices=devices, commands_per_device=commands, seed=seed, clock=clock, products=products
         )
         self.faults = faults or Faults()
         self.service = CommandService(self.store, lambda: self.faults)
+        self.devices = DeviceService(self.store, lambda: self.faults, seed)
         self.stats = SimStats()
         self._rng = random.Random(seed)
         self._clock = clock
@@ -87,6 +90,7 @@ class Simulator:
         application.router.add_post(p.TOKEN_GET_PATH, self._token_get)
         application.router.add_post(p.TOKEN_REFRESH_PATH, self._token_refresh)
         application.router.add_route("*", p.COMMANDS_PATH, self._commands)
+        application.router.add_route("*", p.DEVICES_PATH, self._commands)
         application.router.add_get("/_sim/stats", self._inspect_stats)
         application.router.add_get("/_sim/devices", self._inspect_devices)
         application.router.add_get("/_sim/arrivals", self._inspect_arrivals)
@@ -163,7 +167,8 @@ class Simulator:
     async def _command_call(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         self.stats.arrivals.append(time.monotonic())
-        self.stats.by_action[request.query.get("action", "")] += 1
+        devices = request.path == p.DEVICES_PATH  # Search Device, counted as search_devices
+        self.stats.by_action[request.query.get("action", "") + ("_devices" if devices else "")] += 1
         unhandled = self._before_handling(request)
         if unhandled is not None:
             return unhandled
@@ -181,7 +186,8 @@ class Simulator:
         if self.faults.latency_ms:
             await asyncio.sleep(self.faults.latency_ms / 1000)
         try:
-            data, extra = self.service.dispatch(request.method, request.query, body)
+            service = self.devices if devices else self.service
+            data, extra = service.dispatch(request.method, request.query, body)
             payload = {
                 "code": p.CODE_OK,
                 "msg": "OK",
