@@ -48,6 +48,11 @@ class RunOptions:
     metrics: MetricsAddress | None = None  # --metrics-port: serve Prometheus metrics there
     verify_settle_s: float = SETTLE_S  # before a verify sweep searches
     ca_bundle: Path | None = None
+    # A targets_query: run what was found when the query stays incomplete (else: stop, exit 3);
+    # and, once it is resolved, the operator's confirmation of the count (None: go on; else
+    # why not). None: no confirmation asked (a script's --yes, the spool watcher).
+    accept_incomplete: bool = False
+    confirm: Callable[[int], str | None] | None = None
 
     def policy(self) -> RetryPolicy:
         """The retry policy of this run."""

@@ -15,6 +15,7 @@ import structlog
 from worker.core.ports import Progress
 from worker.model import Outcome
 from worker.redact import printable
+from worker.report.query import query_lines
 from worker.store.layout import RunDir
 from worker.store.state import Summary
 
@@ -84,6 +85,7 @@ def _notes(summary: Summary) -> list[str]:
     if summary.errors:
         top = ", ".join(f"{label} x{n}" for label, n in list(summary.errors.items())[:5])
         lines.append(f"  failures by code   {top}")
+    lines += [f"  {label:<18} {text}" for label, text in query_lines(summary.query)]
     if summary.stop_message:
         lines.append(f"  why it stopped     {summary.stop_message}")
     verify = summary.verify

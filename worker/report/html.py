@@ -19,6 +19,7 @@ from worker.enos.protocol import CODE_MEANINGS
 from worker.report.details import RunReport
 from worker.report.followup import write_followup
 from worker.report.hints import resume_command
+from worker.report.query import differing_totals, query_lines
 from worker.store.records import FailedRow
 from worker.store.state import Summary
 from worker.store.tally import LATENCY_EDGES_MS, LISTED, Counts
@@ -260,7 +261,7 @@ def _summary_pairs(report: RunReport) -> list[tuple[str, object]]:
         )
         pairs.append(("assets per call", lists))
         pairs += [("lists", note) for note in batching["notes"]]
-    return pairs
+    return pairs + query_lines(summary.query)
 
 
 def _who(row: FailedRow) -> str:
@@ -374,6 +375,9 @@ def render_html(runs: list[RunReport]) -> str:
             ("requests", combined.attempts),
             ("worst exit code", combined.exit_code),
         ]
+        differing = differing_totals([report.summary for report in runs])
+        if differing is not None:
+            pairs.append(("WARNING", differing))
         total = f"<section><h2>All runs</h2>{_pairs(pairs)}</section>"
     first = runs[0].summary
     title = f"{first.job}: run {first.run_id}" if len(runs) == 1 else f"{len(runs)} runs"

@@ -75,6 +75,7 @@ def build_summary(
         batching=_batching(segments),
         shard=manifest.shard,
         verify=verify or {},
+        query=manifest.query or {},
     )
 
 
