@@ -197,11 +197,13 @@ async def test_search_devices_is_signed_and_asks_only_for_what_it_uses() -> None
         apps={APP_KEY: APP_SECRET}, devices=40, seed=3, faults=Faults(leak_secrets=True)
     )
     seen: list[bytes] = []
+    sent_back: list[Any] = []
     original = sim.devices.dispatch
 
     def spy(method: str, query: Any, body: bytes) -> Any:
         seen.append(body)
-        return original(method, query, body)
+        sent_back.append(original(method, query, body))
+        return sent_back[-1]
 
     sim.devices.dispatch = spy  # type: ignore[method-assign]
     async with (
@@ -219,4 +221,5 @@ async def test_search_devices_is_signed_and_asks_only_for_what_it_uses() -> None
     }
     assert [d.asset_id for d in page.devices] == ["as000000", "as000004", "as000008", "as000012"]
     assert page.total == 10
+    assert sent_back[0][0][0]["deviceSecret"] == device_secret(3, 0)  # sent, whatever asked
     assert device_secret(3, 0) not in repr(page)
