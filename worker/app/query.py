@@ -128,7 +128,7 @@ async def _stoppable(
         group.cancel_scope.cancel()
     result = resolver.result
     if engine.stopping and result.stopped is None:
-        result.stopped, result.found = engine.stop_message, resolver.found
+        result.stopped = engine.stop_message
     return result
 
 

@@ -159,13 +159,9 @@ class Resolver:
                 await self._search_all(expression, own)
         except ResolveStopped as stop:
             result.stopped, result.fatal = str(stop), stop.fatal
-        result.found = len(self._seen)
+        finally:  # also when cut short: the digests (16 bytes a device) are not needed after
+            result.found, self._seen = len(self._seen), set()
         return result
-
-    @property
-    def found(self) -> int:
-        """Distinct devices found so far."""
-        return len(self._seen)
 
     async def _search_all(self, expression: str, found: set[int]) -> None:
         """One search, paged until complete, stuck, or out of passes (its part of the result

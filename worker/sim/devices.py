@@ -177,35 +177,44 @@ class DeviceService:
 
     def _render(self, index: int, fields: set[str] | None) -> JsonObject:
         """A Device struct (only `fields`, when a projection names them)."""
-        names = device_names(index)
-        product = self.store.product_of(index)
-        full: dict[str, Callable[[], Any]] = {
-            "orgId": lambda: DEFAULT_ORG,
-            "assetId": lambda: f"as{index:06d}",
-            "modelId": lambda: f"model_{product}",
-            "modelIdPath": lambda: f"/model_{product}",
-            "productKey": lambda: product,
-            "productName": lambda: {"defaultValue": f"product {product}", "i18nValue": {}},
-            "productType": lambda: product_type(index),
-            "dataFormat": lambda: "Json",
-            "deviceKey": lambda: f"dev_{index:06d}",
-            "deviceName": lambda: {
-                "defaultValue": names[None],
-                "i18nValue": {"en_US": names["en_US"], "zh_CN": names["zh_CN"]},
-            },
-            "deviceSecret": lambda: device_secret(self.seed, index),
-            "deviceDesc": lambda: None,
-            "timezone": lambda: "+08:00",
-            "deviceAttributes": dict,
-            "deviceTags": dict,
-            "createTime": lambda: 1_558_421_750_575 + index,
-            "status": lambda: device_status(self.seed, index),
-            "activeTime": lambda: 1_558_482_329_972 + index,
-            "lastOnlineTime": lambda: 1_560_743_915_454 + index,
-            "lastOfflineTime": lambda: 1_560_744_095_454 + index,
-        }
-        wanted = full if fields is None else [name for name in full if name in fields]
-        return {name: full[name]() for name in wanted}
+        wanted = _ORDER if fields is None else [name for name in _ORDER if name in fields]
+        return {name: _FIELDS[name](self, index) for name in wanted}
+
+    def product_of(self, index: int) -> str:
+        """The product key of device `index`."""
+        return self.store.product_of(index)
+
+
+def _names_struct(index: int) -> JsonObject:
+    names = device_names(index)
+    i18n = {"en_US": names["en_US"], "zh_CN": names["zh_CN"]}
+    return {"defaultValue": names[None], "i18nValue": i18n}
+
+
+# The Device struct's fields (enos-api.md §2.3a), each from (service, index), in the docs' order.
+_FIELDS: dict[str, Callable[[DeviceService, int], Any]] = {
+    "orgId": lambda _, i: DEFAULT_ORG,
+    "assetId": lambda _, i: f"as{i:06d}",
+    "modelId": lambda s, i: f"model_{s.product_of(i)}",
+    "modelIdPath": lambda s, i: f"/model_{s.product_of(i)}",
+    "productKey": lambda s, i: s.product_of(i),
+    "productName": lambda s, i: {"defaultValue": f"product {s.product_of(i)}", "i18nValue": {}},
+    "productType": lambda _, i: product_type(i),
+    "dataFormat": lambda _, i: "Json",
+    "deviceKey": lambda _, i: f"dev_{i:06d}",
+    "deviceName": lambda _, i: _names_struct(i),
+    "deviceSecret": lambda s, i: device_secret(s.seed, i),
+    "deviceDesc": lambda _, i: None,
+    "timezone": lambda _, i: "+08:00",
+    "deviceAttributes": lambda _, i: {},
+    "deviceTags": lambda _, i: {},
+    "createTime": lambda _, i: 1_558_421_750_575 + i,
+    "status": lambda s, i: device_status(s.seed, i),
+    "activeTime": lambda _, i: 1_558_482_329_972 + i,
+    "lastOnlineTime": lambda _, i: 1_560_743_915_454 + i,
+    "lastOfflineTime": lambda _, i: 1_560_744_095_454 + i,
+}
+_ORDER = list(_FIELDS)
 
 
 def _pagination(value: object, most: int) -> tuple[int, int]:
