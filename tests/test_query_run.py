@@ -17,9 +17,13 @@ import pytest
 from tests.conftest import APP_KEY, APP_SECRET
 from tests.runs import results, summary
 from worker.app.prepare import check_recorded, snapshot_targets, start_new, start_resumed
+from worker.app.resolve import Resolver
 from worker.app.run import execute
 from worker.app.wiring import RunOptions
-from worker.errors import ExitCode, UsageError
+from worker.core.ratelimit import RateLimiter
+from worker.core.retry import RetryPolicy
+from worker.enos.devices import DevicePage, FoundDevice
+from worker.errors import ExitCode, OversizedAnswerError, TargetError, UsageError
 from worker.jobs.parse import load_job
 from worker.model import Credentials, Shard
 from worker.report import auditverify
@@ -30,6 +34,7 @@ from worker.sim.faults import Faults
 from worker.sim.simulator import Simulator, serve
 from worker.sim.state import DEFAULT_ORG
 from worker.store.layout import RunDir, read_manifest
+from worker.store.snapshot import SnapshotWriter
 
 pytestmark = pytest.mark.anyio
 HEAD = "version: 1\nname: q\norg_id: o15541858646501\n"
@@ -349,3 +354,76 @@ async def test_an_edited_snapshot_is_found(tmp_path: Path) -> None:
         auditverify.verify(RunDir(run_dir))
     with pytest.raises(UsageError, match="no longer hashes"):
         start_resumed(load_job(job), RunDir(run_dir), None, retry_failed=False, force=False)
+
+
+async def test_a_refused_search_stops_the_run_and_transient_errors_are_retried(
+    tmp_path: Path,
+) -> None:
+    """5xx answers to searches are retried (audited as retries) through the run's policy; a
+    99403 stops the run at once (exit 3), keeping no snapshot and cancelling nothing."""
+    sim = simulator(devices=2000, error_rate=0.3, device_page_max=100)
+    run_dir = tmp_path / "run"
+    async with serve(sim) as url:
+        code, _ = await run_query(query_job(tmp_path, f"{{product_key: {PRODUCT}}}"), url, run_dir)
+    assert code in (ExitCode.OK, ExitCode.FAILED)  # a cancel may fail after its 5 attempts
+    searches = [r for r in audit_records(run_dir) if r.get("action") == "search_devices"]
+    assert "retry" in {r["decision"] for r in searches}
+    assert summary(run_dir)["query"]["complete"]
+    denied = simulator(denied_orgs=frozenset({"o15541858646501"}))
+    run_dir = tmp_path / "denied"
+    async with serve(denied) as url:
+        code, text = await run_query(query_job(tmp_path, "{status: online}"), url, run_dir)
+    assert code == ExitCode.ABORTED
+    assert "no permission" in text
+    assert "cancel" not in denied.stats.by_action
+    assert read_manifest(RunDir(run_dir)).targets_file is None
+
+
+class _Gateway:
+    """A Search Device stand-in: `devices` in order, pages above `largest` too large to read,
+    and a 99400 for page `refuse`."""
+
+    def __init__(self, devices: int, largest: int, refuse: int | None = None) -> None:
+        self.devices = [f"a{i:05d}" for i in range(devices)]
+        self.largest = largest
+        self.refuse = refuse
+        self.asked: list[tuple[int, int]] = []
+
+    async def search_devices(
+        self, org_id: str, expression: str, page: int, page_size: int
+    ) -> DevicePage:
+        self.asked.append((page, page_size))
+        if page_size > self.largest:
+            raise OversizedAnswerError("too large", maybe_applied=True, http_status=200)
+        if page == self.refuse:
+            raise TargetError("Invalid Argument", code=99400, http_status=200)
+        chosen = self.devices[(page - 1) * page_size : page * page_size]
+        found = tuple(FoundDevice(asset, "P", "online") for asset in chosen)
+        return DevicePage(found, len(self.devices), page_size, "r")
+
+
+async def test_pages_too_large_to_read_are_halved_and_a_later_refusal_stops(
+    tmp_path: Path,
+) -> None:
+    """An answer past the cap halves the page (on any page); a 99400 on a later page is not
+    about its size (the size was taken): the search stops and says which page."""
+    writer = SnapshotWriter(tmp_path / "p", tmp_path / "f")
+    gateway = _Gateway(900, largest=300)
+    resolver = Resolver(gateway, RateLimiter(None), RetryPolicy(), writer, org_id="o1")
+    result = await resolver.resolve(["x"])
+    assert result.complete(1)
+    assert result.page_size == 250
+    assert gateway.asked[:3] == [(1, 1000), (1, 500), (1, 250)]
+    writer.finish()
+    assert (tmp_path / "f").read_text().count("\n") == 901
+    writer = SnapshotWriter(tmp_path / "p2", tmp_path / "f2")
+    gateway = _Gateway(900, largest=1000, refuse=2)
+    resolver = Resolver(
+        gateway, RateLimiter(None), RetryPolicy(), writer, org_id="o1", page_size=250
+    )
+    result = await resolver.resolve(["x"])
+    assert not result.complete(1)
+    assert result.stopped is not None
+    assert "page 2 of the search 'x' could not be had" in result.stopped
+    assert gateway.asked == [(1, 250), (2, 250)]
+    writer.abandon()

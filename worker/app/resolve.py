@@ -286,7 +286,7 @@ class Resolver:
         """What a failed page call leads to: halve the pages (_Smaller), wait (the seconds
         returned), or stop (ResolveStopped). The limiter hears it as the engine's calls do."""
         size = call.size
-        if _too_large(error) and size > p.DEVICE_PAGE_SIZE_MIN:
+        if _too_large(error, call.page) and size > p.DEVICE_PAGE_SIZE_MIN:
             self._limiter.accepted()
             self._record(call, Decided.RETRY, failure=error)
             self.result.page_size = max(p.DEVICE_PAGE_SIZE_MIN, size // 2)
@@ -356,8 +356,10 @@ class _Call:
     began: float = 0.0
 
 
-def _too_large(error: EnOSError) -> bool:
-    """The gateway refuses the page size (99400), or its answer outgrew the cap."""
+def _too_large(error: EnOSError, page: int) -> bool:
+    """The answer outgrew the cap, or the gateway refuses the first page (99400): the page
+    size is what it refuses. A later page refused is not about its size (that size was taken):
+    it stops the search like any refusal."""
     if isinstance(error, OversizedAnswerError):
         return True
-    return isinstance(error, TargetError) and error.code == p.CODE_INVALID_PARAM
+    return page == 1 and isinstance(error, TargetError) and error.code == p.CODE_INVALID_PARAM
