@@ -23,7 +23,8 @@ RESOLVE_EXIT_CODES = """exit codes:
   0  every device the query selects was found; the file is written
   2  bad usage: no targets_query in the job, an --out file that exists or cannot be written
   3  incomplete (FILE.partial holds what was found) or refused (credentials, permission,
-     the gateway); with --accept-incomplete an incomplete query is written and exits 0"""
+     the gateway); with --accept-incomplete an incomplete query is written and exits 0
+  4  interrupted (Ctrl-C): nothing written"""
 
 REPORT_EXIT_CODES = """exit codes:
   0  the summaries were printed and the report written

@@ -48,7 +48,11 @@ def cmd_resolve(args: argparse.Namespace) -> int:
         ca_bundle=ca_bundle(args.ca_bundle),
         accept_incomplete=args.accept_incomplete,
     )
-    record, result = run_async(lambda: resolve_to_file(job, options, out))
+    try:
+        record, result = run_async(lambda: resolve_to_file(job, options, out))
+    except KeyboardInterrupt:
+        sys.stderr.write(f"worker: interrupted; {out} was not written (read-only calls only)\n")
+        return ExitCode.INTERRUPTED
     _write(sys.stdout, record, result.by_label, out)
     if record.get("targets_file") is None:
         return ExitCode.ABORTED
