@@ -25,7 +25,7 @@ from worker.core.retry import RetryPolicy
 from worker.enos.devices import DevicePage, FoundDevice
 from worker.errors import ExitCode, OversizedAnswerError, TargetError, UsageError
 from worker.jobs.parse import load_job
-from worker.model import Credentials, Shard
+from worker.model import Credentials, Shard, identity_key, key_digest
 from worker.report import auditverify
 from worker.report.details import load_run
 from worker.report.html import render_html
@@ -427,3 +427,18 @@ async def test_pages_too_large_to_read_are_halved_and_a_later_refusal_stops(
     assert "page 2 of the search 'x' could not be had" in result.stopped
     assert gateway.asked == [(1, 250), (2, 250)]
     writer.abandon()
+
+
+async def test_a_shard_the_query_leaves_empty_ends_with_exit_0(tmp_path: Path) -> None:
+    """A device found, but in the other shard: this shard has nothing to cancel, and says so."""
+    sim = simulator()
+    digest = key_digest(identity_key(DEFAULT_ORG, "as000000", None, None, None))
+    other = Shard(1 - digest % 2, 2)
+    run_dir = tmp_path / "run"
+    async with serve(sim) as url:
+        job = query_job(tmp_path, "{asset_id: [as000000]}")
+        code, text = await run_query(job, url, run_dir, shard=other)
+    assert code == ExitCode.OK
+    assert f"no device the query found falls in shard {other}; nothing to cancel" in text
+    query = summary(run_dir)["query"]
+    assert (query["found"], query["kept"], query["shard"]) == (1, 0, str(other))
