@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,7 @@ async def run_job(
     credentials: Credentials | None = None,
     ca_bundle: Path | None = None,
     metrics: MetricsAddress | None = None,
+    wall: Callable[[], float] = time.time,
     **limits: Any,
 ) -> tuple[int, str]:
     """Run a job as `worker run` would (fast backoff); returns (exit code, printed report)."""
@@ -50,6 +53,7 @@ async def run_job(
         ca_bundle=ca_bundle,
         batch_settle_s=0.01,
         metrics=metrics,
+        wall=wall,
     )
     run_dir.mkdir(parents=True, exist_ok=True)
     out = io.StringIO()
@@ -71,7 +75,13 @@ def summary(run_dir: Path) -> dict[str, Any]:
 
 
 async def resume_job(
-    job_path: Path, gateway: str, run_dir: Path, *, retry_failed: bool = False, **limits: Any
+    job_path: Path,
+    gateway: str,
+    run_dir: Path,
+    *,
+    retry_failed: bool = False,
+    wall: Callable[[], float] = time.time,
+    **limits: Any,
 ) -> tuple[int, str]:
     """Continue a run as `worker run JOB --resume DIR` would."""
     job = load_job(job_path)
@@ -88,6 +98,7 @@ async def resume_job(
         backoff_base_s=0.01,
         backoff_cap_s=0.1,
         batch_settle_s=0.01,
+        wall=wall,
     )
     out = io.StringIO()
     start = start_resumed(job, run, None, retry_failed=retry_failed, force=False)

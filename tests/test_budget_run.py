@@ -24,10 +24,13 @@ pytestmark = pytest.mark.anyio
 
 
 class Shifted:
-    """Real time, moved on by the test: the simulator's day turns at once."""
+    """Real time, moved to 10:00 UTC of today (whatever the hour the suite runs at, a day's
+    quota is then 14 h from its reset) and moved on by the test: the simulator's day turns at
+    once. The worker reads the same clock."""
 
     def __init__(self) -> None:
-        self.shift = 0.0
+        now = time.time()
+        self.shift = now - now % 86400 + 10 * 3600 - now
 
     def __call__(self) -> float:
         return time.time() + self.shift
@@ -48,7 +51,7 @@ async def budgeted(shifted: Shifted) -> AsyncIterator[tuple[Simulator, str]]:
 
 
 async def test_the_client_hands_the_stated_budget_along(
-    budgeted: tuple[Simulator, str],
+    budgeted: tuple[Simulator, str], shifted: Shifted
 ) -> None:
     """Cancel and search answers carry the budget their headers stated; a 429 carries it too,
     with its Retry-After uncapped (the error's own is capped at max_retry_after)."""
@@ -71,7 +74,7 @@ async def test_the_client_hands_the_stated_budget_along(
     stated = refused.value.budget
     assert stated is not None
     assert stated.retry_after_s is not None
-    assert stated.retry_after_s == pytest.approx(3600 - time.time() % 3600, abs=2)
+    assert stated.retry_after_s == pytest.approx(3600 - shifted() % 3600, abs=2)
 
 
 async def test_answers_lost_after_the_effect_end_known_or_unknown_never_wrong(
@@ -108,7 +111,7 @@ async def test_a_spent_day_ends_resumable_and_the_resume_finishes_when_it_turns(
     targets = "targets:\n" + "".join(f"  - asset_id: as{i:06d}\n" for i in range(1, 61))
     job = write_job(tmp_path, "limits: {rate: 400, concurrency: 4}\n" + targets)
     run_dir = tmp_path / "run"
-    code, report = await run_job(job, url, run_dir)
+    code, report = await run_job(job, url, run_dir, wall=shifted)
     assert code == 4
     first = summary(run_dir)
     assert first["outcomes"]["failed"] == 0
@@ -122,7 +125,7 @@ async def test_a_spent_day_ends_resumable_and_the_resume_finishes_when_it_turns(
     assert "once the gateway's quota resets" in report  # the resume hint says when
     assert "--resume" in report
     shifted.shift += 3600.0
-    code, _ = await resume_job(job, url, run_dir)
+    code, _ = await resume_job(job, url, run_dir, wall=shifted)
     assert code == 0
     lines = results(run_dir)
     assert len(lines) == 60

@@ -206,11 +206,12 @@ def test_durations(text: str | int, seconds: float) -> None:
 
 
 def test_every_shipped_job_loads() -> None:
-    """Every job in jobs/ is valid."""
+    """Every job in jobs/ is valid (a query job's targets are found when it runs)."""
     jobs = sorted(Path(__file__).resolve().parent.parent.joinpath("jobs").glob("*.yaml"))
     assert jobs, "jobs/ should hold example jobs"
     for path in jobs:
-        assert plan(load_job(path)).total > 0, path
+        job = load_job(path)
+        assert plan(job).total > 0 or job.query is not None, path
 
 
 def test_a_resume_plan_builds_only_what_is_still_pending(tmp_path: Path) -> None:

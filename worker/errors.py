@@ -9,8 +9,9 @@
     ├── StoreError                 a run directory's file cannot be written (disk full, permission)
     └── EnOSError                  something the gateway (or the way to it) answered
         ├── RetryableError         worth another attempt: 5xx, timeout, dropped, malformed body
-        │   └── RateLimitedError   HTTP 429: flow control, carries Retry-After
-        │       └── QuotaPausedError   a 429 while the run waits for the gateway's quota
+        │   ├── RateLimitedError   HTTP 429: flow control, carries Retry-After
+        │   │   └── QuotaPausedError   a 429 while the run waits for the gateway's quota
+        │   └── OversizedAnswerError  an answer past the cap (a search asks for smaller pages)
         ├── TargetError            final for this one target: 99400, 99404, other codes
         │   └── UnreadableAnswerError  the client failed on an answer: final, effect unknown
         └── FatalError             stops the whole run (exit 3): nothing else will succeed
@@ -150,6 +151,11 @@ class QuotaPausedError(RateLimitedError):
         paused = cls(f"{error.message}; {why}", retry_after=wait_s, request_id=error.request_id)
         paused.budget = error.budget
         return paused
+
+
+class OversizedAnswerError(RetryableError):
+    """An answer larger than the client reads (after decompression): not read; it may have
+    taken effect. A device search answers it with smaller pages."""
 
 
 class TargetError(EnOSError):

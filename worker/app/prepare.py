@@ -123,8 +123,9 @@ def new_manifest(
 
 
 def start_new(job: Job, shard: Shard | None, *, gateway: str, limits: Limits) -> SegmentStart:
-    """The first segment of a new run."""
-    made = runnable_plan(job, shard)
+    """The first segment of a new run (a targets_query's plan is empty until it is resolved,
+    at the start of the segment)."""
+    made = checked_plan(job, shard) if job.query is not None else runnable_plan(job, shard)
     manifest = new_manifest(job, made, gateway=gateway, limits=limits)
     return SegmentStart(job, made, manifest, Finished(), JournalFold())
 
@@ -160,9 +161,11 @@ def start_resumed(
     targets it started with)."""
     manifest = read_manifest(run)
     fold, finished = read_for_resume(run, retry_failed=retry_failed)
-    listed = targets_sha256(job)
+    # A query's targets are the run's snapshot (or none yet): the job file's hash covers the query.
+    listed = manifest.targets_sha256 if job.query is not None else targets_sha256(job)
     own = _with_own_targets(job, run, manifest)
-    made = runnable_plan(own, shard, finished.done)
+    planned = checked_plan if job.query is not None else runnable_plan
+    made = planned(own, shard, finished.done)
     if own is not job and made.targets_sha256 != manifest.targets_sha256:
         raise UsageError(
             f"{manifest.targets_file} in {run}, the copy of the targets this run goes over, no "
@@ -175,11 +178,12 @@ def start_resumed(
 
 def _with_own_targets(job: Job, run: RunDir, manifest: Manifest) -> Job:
     """The job reading the run's copy of its targets file (runs started before copies were
-    made read the job's own file, as they did)."""
-    if manifest.targets_file is None or job.targets_file is None:
+    made read the job's own file, as they did); a targets_query's, its snapshot."""
+    if manifest.targets_file is None or (job.targets_file is None and job.query is None):
         return job
-    copy = TargetsFile(run.path / manifest.targets_file, job.targets_file.fmt)
-    return replace(job, targets_file=copy)
+    copy = run.path / manifest.targets_file
+    fmt = "jsonl" if copy.suffix == ".jsonl" else "csv"
+    return replace(job, targets_file=TargetsFile(copy, fmt))
 
 
 def check_same_run(

@@ -1,6 +1,7 @@
 """``worker validate --probe``: what the gateway says of its budget, before a run spends it. One
-token call and one read-only call (a Search Command of one command on the job's first target);
-no cancel is sent. The calls a job needs are set against what the gateway says is left."""
+token call and one read-only call (a Search Command of one command on the job's first target, or
+for a targets_query one Search Device page of one device); no cancel is sent. The calls a job
+needs are set against what the gateway says is left."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from worker.app.wiring import RunOptions, client_for, proven
 from worker.budget import Budget, Window
 from worker.enos import protocol as p
 from worker.errors import EnOSError, RateLimitedError
-from worker.model import Target
+from worker.jobs.query import expressions
+from worker.model import Target, TargetsQuery
 
 LONG_WINDOW_S = 3600.0  # windows this long or longer are budgets to spend, not paces
 
@@ -25,20 +27,24 @@ class Probed:
     refused: bool = False  # the read-only call itself was refused with 429: nothing is left
 
 
-async def probe_budget(options: RunOptions, target: Target) -> Probed:
-    """Prove the gateway (a token), then one search of one command on `target`: its answer's
-    budget headers. A 429 is an answer too (the budget is spent)."""
+async def probe_budget(options: RunOptions, first: Target | TargetsQuery) -> Probed:
+    """Prove the gateway (a token), then one read-only call: a search of one command on the
+    `first` target, or one device of the query's first search. Its answer's budget headers;
+    a 429 is an answer too (the budget is spent)."""
     client = client_for(options)
     async with proven(client, options) as problem:
         if problem is not None:
             return Probed(None, problem)
         try:
-            page = await client.search_page(target, p.PENDING_EXPRESSION, 1, page_size=1)
+            if isinstance(first, TargetsQuery):
+                found = await client.search_devices(first.org_id, expressions(first)[0], 1, 1)
+                return Probed(found.budget)
+            page = await client.search_page(first, p.PENDING_EXPRESSION, 1, page_size=1)
+            return Probed(page.budget)
         except RateLimitedError as refused:
             return Probed(refused.budget, refused=True)
         except EnOSError as exc:
             return Probed(None, f"the read-only call failed: {exc}")
-        return Probed(page.budget)
 
 
 @dataclass(frozen=True)
@@ -49,14 +55,20 @@ class Fit:
     said: str  # the verdict in words
 
 
-def fit(probed: Probed, calls: int) -> Fit:
+def fit(probed: Probed, calls: int | None) -> Fit:
     """The job's `calls` against the longest windows stated (an hour or more: what is left of
-    them is spent, not paced); without such a window, the pace alone says how long it takes."""
+    them is spent, not paced); without such a window, the pace alone says how long it takes.
+    `calls` None: not known before the run (a targets_query): only a spent window is said."""
     budget = probed.budget
     if probed.refused and budget is None:
         return Fit(False, "the gateway refused the probe (HTTP 429): nothing is left now")
     if budget is None or not budget.windows:
         return Fit(True, "the gateway states no budget: nothing to compare (it may still 429)")
+    if calls is None:
+        spent = [w for w in budget.windows if _long(w) and w.remaining == 0]
+        if spent:
+            return Fit(False, f"nothing is left: {spent[0].describe()}; run it after the reset")
+        return Fit(True, "the job's calls are known once its query is resolved (worker resolve)")
     for window in sorted((w for w in budget.windows if _long(w)), key=lambda w: w.reset_s):
         if window.remaining is not None and window.remaining < calls:
             return Fit(

@@ -19,11 +19,13 @@ import structlog
 from worker import __version__
 from worker.app.beside import drive
 from worker.app.metrics import RunMetrics
+from worker.app.query import needs_resolving, resolve_for_run
 from worker.app.recorder import RunRecorder
 from worker.app.wiring import RunOptions, build_engine, client_for, proven
 from worker.core.engine import Engine
 from worker.core.ports import StopReason
 from worker.core.ratelimit import RateLimiter
+from worker.enos.client import EnOSClient
 from worker.errors import ExitCode, StoreError
 from worker.jobs.plan import Plan, run_targets
 from worker.model import Job, Target
@@ -135,8 +137,10 @@ async def execute(
         async with proven(client, options) as refused:
             if problem or refused:
                 engine.stop(StopReason.FATAL, problem or refused or "")
-            else:
-                await _drive_segment(engine, start, options, out, segment, control=control)
+            elif ready := await _targets_ready(
+                start, client, engine, recorder, options, out=out, signals=control is None
+            ):
+                await _drive_segment(engine, ready, options, out, segment, control=control)
     except Exception as exc:  # a bug or an OS failure: end as a resumable stop, say why
         log.exception("worker.internal_error")
         engine.stop(StopReason.FATAL, f"internal error: {exc!r}; the run is resumable")
@@ -204,6 +208,41 @@ def _tell(
         stream.flush()
 
 
+async def _targets_ready(
+    start: SegmentStart,
+    client: EnOSClient,
+    engine: Engine,
+    recorder: RunRecorder,
+    options: RunOptions,
+    *,
+    out: TextIO | None,
+    signals: bool,
+) -> SegmentStart | None:
+    """The segment over its targets: a targets_query is resolved first (into the run's
+    snapshot); None when nothing is to be sent (the engine says why)."""
+    if not needs_resolving(start.job, start.manifest):
+        return start
+    try:
+        resolved = await resolve_for_run(
+            start.job,
+            start.plan,
+            start.manifest,
+            client=client,
+            engine=engine,
+            audit=recorder.audit,
+            options=options,
+            signals=signals,
+            out=out,
+        )
+    except StoreError as error:
+        engine.stop(StopReason.FATAL, str(error))
+        return None
+    if resolved is None:
+        return None
+    job, made = resolved
+    return replace(start, job=job, plan=made)
+
+
 async def _drive_segment(
     engine: Engine,
     start: SegmentStart,
@@ -233,8 +272,7 @@ def _serve_metrics(
     """The gauges read from the engine, then the server; what stops it (a port taken)."""
     address = options.metrics
     assert address is not None
-    progress = engine.progress
-    pending = start.plan.total - len(start.finished.done)
+    progress, manifest, done = engine.progress, start.manifest, len(start.finished.done)
     metrics.gauge(
         "worker_requests_in_flight",
         "requests sent and not answered yet",
@@ -248,7 +286,7 @@ def _serve_metrics(
     metrics.gauge(
         "worker_targets_pending",
         "targets of this segment without a final result",
-        lambda: pending - progress.finished,
+        lambda: manifest.targets - done - progress.finished,  # a query's, once resolved
     )
     problem = metrics.serve(address, engine.limiter)
     return None if problem is None else f"{problem}; nothing was sent"

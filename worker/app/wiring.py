@@ -48,6 +48,13 @@ class RunOptions:
     metrics: MetricsAddress | None = None  # --metrics-port: serve Prometheus metrics there
     verify_settle_s: float = SETTLE_S  # before a verify sweep searches
     ca_bundle: Path | None = None
+    # A targets_query: run what was found when the query stays incomplete (else: stop, exit 3);
+    # and, once it is resolved, the operator's confirmation of the count (None: go on; else
+    # why not). None: no confirmation asked (a script's --yes, the spool watcher).
+    accept_incomplete: bool = False
+    confirm: Callable[[int], str | None] | None = None
+    # UTC now, for signing and for the gateway's budget windows (a test moves it to a known hour)
+    wall: Callable[[], float] = time.time
 
     def policy(self) -> RetryPolicy:
         """The retry policy of this run."""
@@ -73,6 +80,7 @@ def client_for(options: RunOptions) -> EnOSClient:
         timeout=limits.timeout,
         max_retry_after=limits.max_retry_after,
         ca_bundle=options.ca_bundle,
+        clock=options.wall,
     )
 
 
@@ -84,7 +92,7 @@ async def proven(client: EnOSClient, options: RunOptions) -> AsyncIterator[str |
         yield await prove_gateway(client, options.policy(), options.rng())
 
 
-def limiter_for(limits: Limits) -> RateLimiter:
+def limiter_for(limits: Limits, wall: Callable[[], float] = time.time) -> RateLimiter:
     """A shared limiter for the limits; every rate decision is logged with its cause."""
     return RateLimiter(
         limits.rate,
@@ -92,6 +100,7 @@ def limiter_for(limits: Limits) -> RateLimiter:
         ceiling=limits.rate_max,
         floor=min(limits.rate_floor, limits.rate or limits.rate_floor),
         on_change=RateLog(adaptive=limits.adaptive),
+        wall=wall,
     )
 
 
@@ -160,7 +169,7 @@ def build_engine(
     return Engine(
         client,
         recorder,
-        limiter or limiter_for(limits),
+        limiter or limiter_for(limits, options.wall),
         settings,
         admissions=admissions,
         sent_before=sent_before,

@@ -18,6 +18,7 @@ from worker.cli.help import (
     EXAMPLES,
     EXIT_CODES,
     REPORT_EXIT_CODES,
+    RESOLVE_EXIT_CODES,
     SIMULATE_EXIT_CODES,
     SWEEP_EXIT_CODES,
     VALIDATE_EXIT_CODES,
@@ -106,6 +107,17 @@ def build_parser(handlers: Mapping[str, Handler]) -> argparse.ArgumentParser:
         "check a job file and print the plan; sends nothing",
         EXAMPLES["validate"],
         exit_codes=VALIDATE_EXIT_CODES,
+    )
+    _resolve_command(
+        _command(
+            commands,
+            "resolve",
+            handlers["resolve"],
+            "page a job's targets_query through Search Device into a targets file to review "
+            "(and run as a targets_file); read-only calls",
+            EXAMPLES["resolve"],
+            exit_codes=RESOLVE_EXIT_CODES,
+        )
     )
     validate.add_argument("job", type=Path, help="the job file (YAML)")
     validate.add_argument("--gateway", help="shown in the plan (else ENOS_GATEWAY, else the job's)")
@@ -248,6 +260,7 @@ def _run_command(run: argparse.ArgumentParser) -> None:
         action="store_true",
         help=f"do not ask for confirmation above {CONFIRM_ABOVE:,} targets",
     )
+    _accept_incomplete_flag(run)
     run.add_argument(
         "--verify",
         action="store_true",
@@ -265,6 +278,37 @@ def _run_command(run: argparse.ArgumentParser) -> None:
         action="store_true",
         help="no live progress line (logs and the summary still come)",
     )
+
+
+def _accept_incomplete_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--accept-incomplete",
+        action="store_true",
+        help="a targets_query whose devices were not all found (the count falls short of the "
+        "gateway's totalSize): go on with those found, recording the shortfall (default: stop, "
+        "exit 3, nothing cancelled)",
+    )
+
+
+def _resolve_command(resolve: argparse.ArgumentParser) -> None:
+    resolve.add_argument("job", type=Path, help="a job file with a targets_query (YAML)")
+    resolve.add_argument(
+        "--out",
+        type=Path,
+        metavar="FILE",
+        help="the targets file to write (CSV: asset_id,org_id); never overwritten (default: "
+        "<job name>-targets.csv)",
+    )
+    resolve.add_argument(
+        "--rate", metavar="N|unlimited", help="searches per second (default: the job's, else 10)"
+    )
+    resolve.add_argument(
+        "--gateway",
+        metavar="URL",
+        help="API gateway base URL (default: ENOS_GATEWAY, else the job's gateway:)",
+    )
+    _connection_flags(resolve)
+    _accept_incomplete_flag(resolve)
 
 
 def _connection_flags(parser: argparse.ArgumentParser) -> None:

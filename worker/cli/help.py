@@ -10,8 +10,8 @@ EXIT_CODES = """exit codes:
   1  the run finished; some targets failed
   2  bad usage, an invalid job file, or a run directory that cannot be made or written:
      nothing was sent
-  3  aborted (credentials, permission, wrong gateway, abort rule, outage, a disk that can
-     no longer be written, internal error); resumable
+  3  aborted (credentials, permission, wrong gateway, abort rule, outage, an incomplete
+     targets_query, a disk that can no longer be written, internal error); resumable
   4  interrupted (SIGINT/SIGTERM), the deadline was reached, the gateway's quota is spent
      (the summary says when it resets), or the run directory is busy with another live
      worker; resumable: try again later"""
@@ -22,6 +22,13 @@ VALIDATE_EXIT_CODES = """exit codes:
   1  with --probe: the job's calls do not fit in what the gateway says is left
   2  the job file (or a flag) cannot be used, or it lists no targets; the message says why
   3  with --probe: the gateway could not be probed (credentials, gateway, an error)"""
+
+RESOLVE_EXIT_CODES = """exit codes:
+  0  every device the query selects was found; the file is written
+  2  bad usage: no targets_query in the job, an --out file that exists or cannot be written
+  3  incomplete (FILE.partial holds what was found) or refused (credentials, permission,
+     the gateway); with --accept-incomplete an incomplete query is written and exits 0
+  4  interrupted (Ctrl-C): nothing written"""
 
 REPORT_EXIT_CODES = """exit codes:
   0  the summaries were printed and the report written
@@ -63,6 +70,9 @@ EXAMPLES = {
   worker run JOB.yaml --rate auto --concurrency 64 --deadline 1h --yes
   worker run JOB.yaml --dry-run --sample 20      token + 20 sampled searches; no cancel
   worker run JOB.yaml --resume DIR --retry-failed""",
+    "resolve": """examples:
+  worker resolve jobs/incident-query.yaml --out incident-devices.csv
+  worker resolve JOB.yaml --rate 20 --accept-incomplete""",
     "validate": """examples:
   worker validate jobs/incident.yaml
   worker validate JOB.yaml --rate 200 --json

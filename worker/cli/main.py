@@ -17,6 +17,7 @@ import structlog
 
 from worker import logs
 from worker.cli.grammar import build_parser
+from worker.cli.resolve import cmd_resolve
 from worker.cli.run import cmd_run, cmd_verify, cmd_watch
 from worker.cli.tools import cmd_audit_verify, cmd_demo, cmd_report, cmd_simulate
 from worker.cli.validate import cmd_validate
@@ -27,6 +28,7 @@ from worker.store.lock import RunDirBusy
 HANDLERS = {
     "run": cmd_run,
     "validate": cmd_validate,
+    "resolve": cmd_resolve,
     "simulate": cmd_simulate,
     "demo": cmd_demo,
     "report": cmd_report,

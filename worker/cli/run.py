@@ -12,6 +12,7 @@ import importlib.util
 import random
 import sys
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -145,7 +146,22 @@ def _options(
         ca_bundle=bundle,
         progress=not (args.no_progress or args.quiet),
         metrics=metrics,
+        accept_incomplete=args.accept_incomplete,
+        confirm=None if args.yes else partial(_confirm_resolved, gateway),
     )
+
+
+def _confirm_resolved(gateway: str, count: int) -> str | None:
+    """A targets_query's count, once resolved, confirmed as any run's (None: go on; else why
+    not). Searches were sent by then, no cancel: the run stays resumable."""
+    try:
+        _confirm(count, gateway, assume_yes=False)
+    except UsageError as refused:
+        return (
+            f"{refused} (the query found {count:,} targets; nothing was cancelled; they are kept "
+            "in the run directory: resume it with --yes, or confirm, to run them)"
+        )
+    return None
 
 
 def _start(args: argparse.Namespace, start: SegmentStart, options: RunOptions) -> int:
@@ -175,6 +191,12 @@ def _dry_run(
 ) -> int:
     """Token + optional sampled searches (with a run's gateway and limits, for --resume);
     never a cancel."""
+    if job.query is not None:
+        raise UsageError(
+            f"{job.path} takes its targets from a query, found only when a run starts: list "
+            "them with 'worker resolve JOB --out FILE' (read-only), and dry-run a job with "
+            "that file as its targets_file"
+        )
     made = runnable_plan(job, shard)
     if args.resume is not None:
         run = RunDir(Path(args.resume))

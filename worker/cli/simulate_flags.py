@@ -38,6 +38,13 @@ def simulate_flags(parser: argparse.ArgumentParser) -> None:
         help="cached commands per device (names cycle setPoint42, restart, "
         "firmwareCheck, setPoint7)",
     )
+    parser.add_argument(
+        "--products",
+        type=int,
+        default=4,
+        help="products the generated devices belong to, in turn (4: bXuuAiku, pQ7sLk2d, "
+        "Zt9wN4ha, mK3vR8ce; else simP0000, simP0001, ...)",
+    )
     parser.add_argument("--seed", type=int, default=7, help="seed of the data and the faults")
     faults = parser.add_argument_group(
         "faults (more over POST /_sim/faults; see docs/simulator.md)"
@@ -134,4 +141,31 @@ def simulate_flags(parser: argparse.ArgumentParser) -> None:
     )
     faults.add_argument(
         "--refresh-revokes", action="store_true", help="token/refresh revokes earlier tokens"
+    )
+    faults.add_argument(
+        "--device-page-max",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="Search Device: a larger pageSize is refused with 99400",
+    )
+    faults.add_argument(
+        "--reshuffle-every",
+        type=int,
+        default=0,
+        metavar="K",
+        help="Search Device: reshuffle the order of the devices every K calls (seeded; 0: a "
+        "stable order)",
+    )
+    faults.add_argument(
+        "--drift-every",
+        type=int,
+        default=0,
+        metavar="K",
+        help="Search Device: every K calls a matching device disappears and a new one appears",
+    )
+    faults.add_argument(
+        "--leak-secrets",
+        action="store_true",
+        help="Search Device: send each device's secret whatever the projection asks",
     )

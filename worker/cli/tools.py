@@ -39,6 +39,7 @@ from worker.report.console import render
 from worker.report.details import RunReport, load_run
 from worker.report.hints import resume_command
 from worker.report.html import Totals, combine, write_report
+from worker.report.query import differing_totals
 from worker.sim.faults import Faults
 from worker.sim.simulator import Simulator, serve
 from worker.store.done import Finished
@@ -75,6 +76,10 @@ def _simulator(args: argparse.Namespace) -> Simulator:
         late_504_rate=args.late_504_rate,
         search_lag_s=args.search_lag,
         refresh_revokes=args.refresh_revokes,
+        device_page_max=args.device_page_max,
+        device_reshuffle_every=args.reshuffle_every,
+        device_drift_every=args.drift_every,
+        leak_secrets=args.leak_secrets,
     )
     try:
         simulator = Simulator(
@@ -83,6 +88,7 @@ def _simulator(args: argparse.Namespace) -> Simulator:
             commands=args.commands,
             seed=args.seed,
             faults=faults,
+            products=args.products,
         )
     except ValueError as exc:  # a --quota that names no window
         raise UsageError(str(exc)) from None
@@ -99,6 +105,10 @@ def _check_simulate(args: argparse.Namespace) -> None:
         problems.append(f"--port {args.port} is not 0 to 65535 (0 picks a free one)")
     if args.devices < 0 or args.commands < 0:
         problems.append("--devices and --commands must be 0 or more")
+    if args.products < 1 or args.device_page_max < 1:
+        problems.append("--products and --device-page-max must be 1 or more")
+    if args.reshuffle_every < 0 or args.drift_every < 0:
+        problems.append("--reshuffle-every and --drift-every must be 0 (off) or more")
     for flag in ("error_rate", "drop_rate", "malformed_rate"):
         share = getattr(args, flag)
         if not 0.0 <= share <= 1.0:
@@ -195,6 +205,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         data: JsonObject = {"runs": [r.summary.to_json() for r in reports]}
         if len(reports) > 1:
             data["total"] = dataclasses.asdict(combine([r.summary for r in reports]))
+            data["query_totals_differ"] = differing_totals([r.summary for r in reports])
         sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
         for report in reports:
@@ -202,6 +213,9 @@ def cmd_report(args: argparse.Namespace) -> int:
             _print_what_next(report)
         if len(reports) > 1:
             _print_total(combine([r.summary for r in reports]), len(reports))
+            differing = differing_totals([r.summary for r in reports])
+            if differing is not None:
+                sys.stdout.write(f"WARNING: {differing}\n")
     try:
         followups = write_report(reports, page)
     except OSError as exc:

@@ -11,7 +11,7 @@ from typing import NotRequired, TextIO, TypedDict
 
 import orjson
 
-from worker.app.prepare import runnable_plan
+from worker.app.prepare import checked_plan, runnable_plan
 from worker.app.probe import Fit, Probed, fit, probe_budget
 from worker.app.settings import ca_bundle, resolve_gateway
 from worker.app.wiring import RunOptions
@@ -19,6 +19,7 @@ from worker.cli.run import credentials_of, limits_of, run_async, shard_of
 from worker.core.batching import planned_calls
 from worker.jobs.parse import load_job
 from worker.jobs.plan import Plan, run_targets
+from worker.jobs.query import describe, expressions
 from worker.model import Job, Limits
 from worker.redact import printable
 from worker.store.layout import RunDir
@@ -37,6 +38,14 @@ class Abort(TypedDict):
 
     failure_ratio: float | None
     min_finished: int
+
+
+class QueryFacts(TypedDict):
+    """A targets_query as validate says it: in words, and the searches it sends."""
+
+    query: str
+    org_id: str
+    expressions: list[str]
 
 
 class PlanFacts(TypedDict):
@@ -66,6 +75,7 @@ class PlanFacts(TypedDict):
     abort: Abort
     estimated_s: float | None
     targets_sha256: str
+    targets_query: NotRequired[QueryFacts]  # targets from a query: found when a run starts
     probe: NotRequired[ProbeFacts]
 
 
@@ -83,12 +93,23 @@ def cmd_validate(args: argparse.Namespace) -> int:
     """Check a job file and print the plan; sends nothing (with --probe, a token and one
     read-only call)."""
     job = load_job(Path(args.job))
-    plan_ = runnable_plan(job, shard_of(args))
+    if job.query is not None:  # nothing to count before the run resolves it; nothing is sent
+        plan_ = checked_plan(job, shard_of(args))
+    else:
+        plan_ = runnable_plan(job, shard_of(args))
     limits = limits_of(job.limits, args)
     facts = _plan_facts(job, plan_, limits, args.gateway)
+    if job.query is not None:
+        facts["estimated_s"] = None  # the count is known when the run has resolved it
+        facts["targets_query"] = {
+            "query": describe(job.query),
+            "org_id": job.query.org_id,
+            "expressions": expressions(job.query),
+        }
     code = 0
     if args.probe:
-        probed, verdict = _probe(args, job, plan_, limits, facts["calls"]["estimated"])
+        calls = None if job.query is not None else facts["calls"]["estimated"]
+        probed, verdict = _probe(args, job, plan_, limits, calls)
         facts["probe"] = {
             "budget": probed.budget.describe() if probed.budget else None,
             "windows": [w.describe() for w in probed.budget.windows] if probed.budget else [],
@@ -105,7 +126,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _probe(
-    args: argparse.Namespace, job: Job, plan_: Plan, limits: Limits, calls: int
+    args: argparse.Namespace, job: Job, plan_: Plan, limits: Limits, calls: int | None
 ) -> tuple[Probed, Fit | None]:
     """One token call and one read-only call against the gateway (as `run` would reach it)."""
     credentials = credentials_of(args)
@@ -113,7 +134,7 @@ def _probe(
     options = RunOptions(
         gateway, credentials, limits, RunDir(Path()), ca_bundle=ca_bundle(args.ca_bundle)
     )
-    _, first = next(run_targets(job, plan_))
+    first = job.query if job.query is not None else next(run_targets(job, plan_))[1]
     probed = run_async(lambda: probe_budget(options, first))
     return probed, None if probed.problem is not None else fit(probed, calls)
 
@@ -168,19 +189,10 @@ def _plan_facts(job: Job, plan_: Plan, limits: Limits, gateway: str | None) -> P
 
 def _write_plan(out: TextIO, job: Job, facts: PlanFacts) -> None:
     out.write(f"Job {job.name} ({job.path}) is valid.\n")
-    out.write(
-        f"  targets           {_count(facts['targets'], 'target')} "
-        f"({_count(facts['duplicates_dropped'], 'duplicate')} dropped)"
-        f"{' in shard ' + facts['shard'] if facts['shard'] else ''}\n"
-    )
-    out.write(
-        f"  cancel            all cached on {_count(facts['cancel_all'], 'device')}; one "
-        f"command on {facts['one_command']:,}; selective (match) on "
-        f"{facts['selective']:,}\n"
-    )
-    orgs = ", ".join(f"{org} ({n:,})" for org, n in facts["orgs"].items())
-    more = f" and {facts['more_orgs']:,} more" if facts["more_orgs"] else ""
-    out.write(f"  orgs              {orgs}{more}\n")
+    if "targets_query" in facts:
+        _write_query(out, job, facts)
+    else:
+        _write_targets(out, facts)
     out.write(f"  gateway           {facts['gateway'] or '(not set)'}\n")
     out.write(
         f"  limits            rate {_rate_text(facts)}, concurrency {facts['concurrency']}, "
@@ -210,8 +222,9 @@ def _write_plan(out: TextIO, job: Job, facts: PlanFacts) -> None:
             f"{facts['targets']:,} targets if the gateway accepts lists, "
             f"{facts['targets']:,} if not\n"
         )
-    _write_estimate(out, facts)
-    out.write(f"  targets sha256    {facts['targets_sha256']}\n")
+    if "targets_query" not in facts:
+        _write_estimate(out, facts)
+        out.write(f"  targets sha256    {facts['targets_sha256']}\n")
     if "probe" in facts:
         _write_probe(out, facts["probe"])
 
@@ -228,6 +241,43 @@ def _write_probe(out: TextIO, probe: ProbeFacts) -> None:
     for window in windows[1:]:
         out.write(f"                    {window}\n")
     out.write(f"  fits              {'yes' if probe['fits'] else 'NO'}: {probe['said']}\n")
+
+
+def _write_targets(out: TextIO, facts: PlanFacts) -> None:
+    out.write(
+        f"  targets           {_count(facts['targets'], 'target')} "
+        f"({_count(facts['duplicates_dropped'], 'duplicate')} dropped)"
+        f"{' in shard ' + facts['shard'] if facts['shard'] else ''}\n"
+    )
+    out.write(
+        f"  cancel            all cached on {_count(facts['cancel_all'], 'device')}; one "
+        f"command on {facts['one_command']:,}; selective (match) on "
+        f"{facts['selective']:,}\n"
+    )
+    orgs = ", ".join(f"{org} ({n:,})" for org, n in facts["orgs"].items())
+    more = f" and {facts['more_orgs']:,} more" if facts["more_orgs"] else ""
+    out.write(f"  orgs              {orgs}{more}\n")
+
+
+def _write_query(out: TextIO, job: Job, facts: PlanFacts) -> None:
+    """The targets of a query job: what it asks for, in words and as sent; none counted yet."""
+    query = facts["targets_query"]
+    shard = f"; this process keeps shard {facts['shard']}" if facts["shard"] else ""
+    out.write(
+        "  targets           from a query (Search Device), found when the run starts: "
+        f"{query['query']}{shard}\n"
+    )
+    for expression in query["expressions"]:
+        out.write(f"  search            {expression}\n")
+    if job.match is not None:
+        cancel = f"the cached commands that match ({job.match.describe()})"
+    else:
+        cancel = f"command {job.command_id}" if job.command_id else "all cached commands"
+    out.write(f"  cancel            {cancel} of each device found\n")
+    out.write(
+        "  nothing sent      'worker resolve JOB --out FILE' lists the devices it finds "
+        "(read-only)\n"
+    )
 
 
 def _write_estimate(out: TextIO, facts: PlanFacts) -> None:

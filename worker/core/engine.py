@@ -150,6 +150,17 @@ class Engine:
         """True once a stop was asked for: no new target is admitted."""
         return self.stop_reason is not StopReason.FINISHED
 
+    def must_stop(self) -> bool:
+        """For calls made beside the engine's own (a query's searches): whether to send nothing
+        more. A quota wait that does not fit the run stops it here, as it stops the engine's."""
+        self._quota.check()
+        return self.stopping
+
+    def throttled(self, error: RateLimitedError) -> RateLimitedError:
+        """A 429 met beside the engine's own calls, handled as theirs (a quota pause is the
+        run's wait)."""
+        return self._quota.throttled(error, self.progress.in_flight)
+
     def stop(self, reason: StopReason, message: str) -> None:
         """Admit nothing more; wake idle workers; let requests in flight finish. First wins."""
         if self.stopping:

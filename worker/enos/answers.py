@@ -24,6 +24,7 @@ from worker.enos.commands import command_full, command_of, read_commands
 from worker.errors import (
     AuthError,
     FatalError,
+    OversizedAnswerError,
     PermissionDeniedError,
     RateLimitedError,
     RetryableError,
@@ -339,7 +340,7 @@ def _zlib_header(raw: bytes) -> bool:
 
 def oversized(cap: int, status: int) -> RetryableError:
     """An answer past the cap: not read further; it may have taken effect."""
-    return RetryableError(
+    return OversizedAnswerError(
         f"the answer is larger than {cap:,} bytes; not read", maybe_applied=True, http_status=status
     )
 

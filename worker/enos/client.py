@@ -26,6 +26,7 @@ from worker.budget import Budget, read_budget
 from worker.enos import answers as a
 from worker.enos import commands
 from worker.enos import protocol as p
+from worker.enos.devices import DevicePage, device_page
 from worker.enos.signing import request_signature, token_encryption
 from worker.errors import (
     AuthError,
@@ -76,6 +77,7 @@ class EnOSClient:
     ) -> None:
         self._base = URL(gateway.rstrip("/"))
         self._commands_prefix = str(self._api_url(p.COMMANDS_PATH)) + "?"
+        self._devices_prefix = str(self._api_url(p.DEVICES_PATH)) + "?"
         self._credentials = credentials
         self._concurrency = concurrency
         self._timeout = timeout
@@ -184,19 +186,37 @@ class EnOSClient:
                 return found
             page += 1
 
+    async def search_devices(
+        self, org_id: str, expression: str, page: int, page_size: int
+    ) -> DevicePage:
+        """One page of Search Device (POST .../devices?action=search&orgId=..., signed like
+        every call): the devices matching `expression`, only the fields of
+        ``p.DEVICE_PROJECTION`` asked for (never the device secret)."""
+        query: JsonObject = {
+            "expression": expression,
+            "pagination": {"pageNo": page, "pageSize": page_size},
+            "projection": list(p.DEVICE_PROJECTION),
+        }
+        params = [("orgId", org_id)]
+        _, payload, stated = await self._business(
+            "POST", p.ACTION_SEARCH, params, orjson.dumps(query), prefix=self._devices_prefix
+        )
+        return device_page(payload, page_size, org_id)._replace(budget=stated)
+
     # -- signing and sending --------------------------------------------------------------
 
     async def _business(
-        self, method: str, action: str, params: Params, body: bytes
+        self, method: str, action: str, params: Params, body: bytes, *, prefix: str | None = None
     ) -> tuple[int, JsonObject, Budget | None]:
-        """Send one signed business call; renew a rejected token once and send it again."""
+        """Send one signed business call (to the command API unless `prefix` names another);
+        renew a rejected token once and send it again."""
         token = await self._access_token()
         try:
-            return await self._send(method, action, params, body, token)
+            return await self._send(method, action, params, body, token, prefix=prefix)
         except a.TokenRejected:
             token = await self._renew_rejected(token)
         try:
-            return await self._send(method, action, params, body, token)
+            return await self._send(method, action, params, body, token, prefix=prefix)
         except a.TokenRejected:
             raise AuthError(
                 "the gateway rejected a freshly issued access token; check that the application "
@@ -205,7 +225,14 @@ class EnOSClient:
             ) from None
 
     async def _send(
-        self, method: str, action: str, params: Params, body: bytes, token: str
+        self,
+        method: str,
+        action: str,
+        params: Params,
+        body: bytes,
+        token: str,
+        *,
+        prefix: str | None = None,
     ) -> tuple[int, JsonObject, Budget | None]:
         query = [("action", action), *params]
         timestamp = str(int(self._clock() * 1000))
@@ -218,7 +245,7 @@ class EnOSClient:
         }
         if body:
             headers["Content-Type"] = p.JSON_CONTENT_TYPE
-        url = URL(self._commands_prefix + _query_string(query), encoded=True)
+        url = URL((prefix or self._commands_prefix) + _query_string(query), encoded=True)
         status, headers_in, raw = await self._exchange(method, url, headers, body)
         # The gateway's budget, as its headers state it (worker.budget bounds every value).
         stated = read_budget(headers_in, sent_at=int(timestamp) / 1000, now=self._clock())

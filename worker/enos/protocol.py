@@ -12,6 +12,7 @@ from typing import Final
 TOKEN_GET_PATH: Final = "/apim-token-service/v2.0/token/get"
 TOKEN_REFRESH_PATH: Final = "/apim-token-service/v2.0/token/refresh"
 COMMANDS_PATH: Final = "/connect-service/v2.1/commands"
+DEVICES_PATH: Final = "/connect-service/v2.1/devices"  # Search Device (enos-api.md §2.3a)
 
 ACTION_CANCEL: Final = "cancel"
 ACTION_GET: Final = "get"
@@ -47,6 +48,16 @@ TOKEN_REFRESH_FAILED: Final = 1204
 # name: a device caches at most 50 commands (one page of 50 either way), and the full list tells
 # the operator which commands were kept; the exact filter is Match.matches.
 PENDING_EXPRESSION: Final = "state = 1"
+
+# Search Device (targets_query:). Only these fields are asked for: never `deviceSecret`, the
+# device's connection key, which the gateway returns unless a projection leaves it out. The
+# order is random ("random pagination"); the default page size is 10, and no maximum is
+# documented: a search starts with large pages and halves them while the gateway refuses
+# (99400) or the answer outgrows the cap. A product holds at most 10,000 devices.
+DEVICE_PROJECTION: Final = ("assetId", "orgId", "productKey", "status")
+DEVICE_PAGE_SIZE_START: Final = 1000
+DEVICE_PAGE_SIZE_MIN: Final = 10
+MAX_DEVICES_PER_PRODUCT: Final = 10_000
 
 TOKEN_LIFETIME_S: Final = 7200
 MAX_CACHED_COMMANDS: Final = 50

@@ -19,6 +19,7 @@ import yaml
 
 from worker.errors import JobFileError, shown
 from worker.jobs.nodes import Problems, id_text, is_null, mapping, scalar_value
+from worker.jobs.query import read_query
 from worker.jobs.rules import read_abort, read_limits, read_match
 from worker.jobs.targets import (
     BOTH_MATCH_AND_ID,
@@ -37,6 +38,7 @@ JOB_KEYS = (
     "match",
     "targets",
     "targets_file",
+    "targets_query",
     "limits",
     "abort",
 )
@@ -63,8 +65,18 @@ def load_job(path: Path) -> Job:
         problems.add(fields["match"], "match", *BOTH_MATCH_AND_ID.split("; ", 1))
     inline = _inline_targets(fields.get("targets"), org_id, job_command, job_match, problems)
     targets_file = _targets_file(fields.get("targets_file"), path, problems)
-    if not inline and targets_file is None and "targets" not in fields:
-        problems.add(root, "targets", "no targets", "add 'targets:' and/or 'targets_file:'")
+    query = read_query(fields.get("targets_query"), org_id, problems)
+    if "targets_query" in fields and ("targets" in fields or "targets_file" in fields):
+        problems.add(
+            fields["targets_query"],
+            "targets_query",
+            "given with targets or targets_file",
+            "a run's targets come from one place: keep the query, or the list",
+        )
+    elif not inline and targets_file is None and not ({"targets", "targets_query"} & set(fields)):
+        problems.add(
+            root, "targets", "no targets", "add 'targets:', 'targets_file:' or 'targets_query:'"
+        )
     job = Job(
         path=path,
         name=_name(fields.get("name"), path, problems),
@@ -77,6 +89,7 @@ def load_job(path: Path) -> Job:
         abort=read_abort(fields.get("abort"), problems),
         inline_targets=tuple(inline),
         targets_file=targets_file,
+        query=query,
     )
     problems.raise_if_any()
     return job

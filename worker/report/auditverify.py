@@ -34,7 +34,13 @@ from worker.model import JsonObject, Outcome, gc_paused, key_digest
 from worker.report.summary import build_summary
 from worker.store.journal import record_key
 from worker.store.layout import RunDir, read_manifest
-from worker.store.records import AttemptRecord, AuditRecord, ResultRecord, RunStartedRecord
+from worker.store.records import (
+    AttemptRecord,
+    AuditRecord,
+    ResultRecord,
+    RunStartedRecord,
+    TargetsResolvedRecord,
+)
 from worker.store.state import Manifest
 from worker.store.tally import count_journal
 
@@ -113,6 +119,22 @@ def _check_manifest(run: RunDir, manifest: Manifest, found: Verified) -> None:
                 f"its {key} is {value!r:.80}, the audit's last run_started says "
                 f"{started.get(key)!r:.80}: run.json was changed outside worker",
             )
+    if manifest.query is not None and manifest.targets_file is not None:
+        _check_snapshot(run.path / manifest.targets_file, manifest.targets_sha256)
+
+
+def _check_snapshot(path: Path, expected: str) -> None:
+    """A targets_query's snapshot still hashes as run.json and the audit say."""
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as stream:
+            while chunk := stream.read(1 << 20):
+                digest.update(chunk)
+    except OSError as exc:
+        why = f"the targets snapshot cannot be read: {exc.strerror}"
+        raise AuditBroken(path, None, why) from None
+    if digest.hexdigest() != expected:
+        raise AuditBroken(path, None, "the targets snapshot no longer hashes as recorded: edited")
 
 
 def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
@@ -159,13 +181,8 @@ def _check_chain(path: Path, run_id: str, found: Verified) -> _Attempts:
             )
         elif kind == "run_finished":
             in_segment = False
-        elif kind == "attempt":
-            for digest in _attempt_digests(cast("AttemptRecord", record)):
-                attempts.counts[digest] += 1
-                attempts.request_ids.add(hash((digest, record.get("request_id"))))
-            found.attempts += 1
         else:
-            raise AuditBroken(path, number, f"an unknown record type {kind!r:.40}")
+            _in_segment(record, found, attempts, path, number)
         found.records += 1
     if not found.records:
         raise AuditBroken(path, None, "empty")
@@ -174,6 +191,34 @@ def _check_chain(path: Path, run_id: str, found: Verified) -> _Attempts:
         found.notes.append("the last segment has no run_finished: it died (kill -9, OOM, power)")
     found.head = prev
     return attempts
+
+
+def _in_segment(
+    record: AuditRecord, found: Verified, attempts: _Attempts, path: Path, number: int
+) -> None:
+    """A record inside a segment: an attempt (counted by target), or a targets_query's
+    resolution; anything else is unknown."""
+    kind: object = record.get("type")
+    if kind == "attempt":
+        for digest in _attempt_digests(cast("AttemptRecord", record)):
+            attempts.counts[digest] += 1
+            attempts.request_ids.add(hash((digest, record.get("request_id"))))
+        found.attempts += 1
+    elif kind == "targets_resolved":
+        _resolved(cast("TargetsResolvedRecord", record), found, path, number)
+    else:
+        raise AuditBroken(path, number, f"an unknown record type {kind!r:.40}")
+
+
+def _resolved(record: TargetsResolvedRecord, found: Verified, path: Path, number: int) -> None:
+    """A targets_query resolved in this segment: its snapshot's hash stands for the segment's
+    targets from here on (run.json then says it)."""
+    started = found.last_started
+    if started is None or record.get("segment") != found.segments:
+        raise AuditBroken(path, number, "a targets_resolved record of another segment")
+    digest = record.get("targets_sha256")
+    if isinstance(digest, str):
+        found.last_started = cast("RunStartedRecord", {**started, "targets_sha256": digest})
 
 
 def _attempt_digests(record: AttemptRecord) -> list[int]:

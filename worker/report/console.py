@@ -16,6 +16,7 @@ from worker.core.ports import Progress
 from worker.core.quota import QuotaPause
 from worker.model import Outcome
 from worker.redact import printable
+from worker.report.query import query_lines
 from worker.store.layout import RunDir
 from worker.store.state import Summary
 
@@ -87,6 +88,7 @@ def _notes(summary: Summary) -> list[str]:
         lines.append(f"  failures by code   {top}")
     if summary.budget:
         lines.append(f"  gateway budget     {summary.budget}   (as the gateway last stated it)")
+    lines += [f"  {label:<18} {text}" for label, text in query_lines(summary.query)]
     if summary.stop_message:
         lines.append(f"  why it stopped     {summary.stop_message}")
     if summary.quota_reset_at:

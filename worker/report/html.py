@@ -25,6 +25,7 @@ from worker.report.details import RunReport, why_unknown
 from worker.report.facts import RunFacts
 from worker.report.followup import write_followup
 from worker.report.hints import next_steps, state_of, verdict
+from worker.report.query import differing_totals, query_lines
 from worker.store.records import FailedRow
 from worker.store.state import Summary
 from worker.store.tally import LISTED
@@ -160,7 +161,7 @@ def _later_pairs(summary: Summary) -> list[tuple[str, object]]:
         )
         pairs.append(("assets per call", lists))
         pairs += [("lists", note) for note in batching["notes"]]
-    return pairs
+    return pairs + query_lines(summary.query)
 
 
 # -- the header: verdict, what next, facts -----------------------------------------------------
@@ -369,6 +370,9 @@ def _total(runs: list[RunReport]) -> str:
         ("requests", combined.attempts),
         ("worst exit code", combined.exit_code),
     ]
+    differing = differing_totals([report.summary for report in runs])
+    if differing is not None:
+        pairs.append(("WARNING", differing))
     return f"<section><h2>All runs</h2>{_pairs(pairs)}</section>"
 
 

@@ -77,6 +77,7 @@ def build_summary(
         verify=verify or {},
         budget=segments[-1].budget if segments else None,
         quota_reset_at=segments[-1].quota_reset_at if segments else None,
+        query=manifest.query or {},
     )
 
 

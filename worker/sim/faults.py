@@ -52,6 +52,13 @@ class Faults:
     late_504_rate: float = 0.0  # HTTP 504 after the call took effect (lost after the fact)
     search_lag_s: float = 0.0  # Search Command sees each command as it was this long ago
     refresh_revokes: bool = False  # token/refresh revokes the app's earlier tokens
+    # Search Device (sim/devices.py): the largest page it serves (above: 99400); every K calls
+    # the order is reshuffled (0: stable); every K calls a matching device goes and a new one
+    # comes (0: no drift); device secrets sent whatever the projection asks.
+    device_page_max: int = 1000
+    device_reshuffle_every: int = 0
+    device_drift_every: int = 0
+    leak_secrets: bool = False
 
 
 @dataclass

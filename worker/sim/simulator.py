@@ -30,6 +30,7 @@ from aiohttp import web
 from worker.enos import protocol as p
 from worker.enos.signing import request_signature, token_encryption
 from worker.model import JsonObject
+from worker.sim.devices import DeviceService
 from worker.sim.faults import Faults, SimStats
 from worker.sim.quota import Quota, quota_for
 from worker.sim.service import CommandService, Refused, json_body
@@ -69,13 +70,15 @@ class Simulator:
         seed: int = 7,
         faults: Faults | None = None,
         clock: Callable[[], float] = time.time,
+        products: int = 4,
     ) -> None:
         self.apps = dict(apps)
         self.store = DeviceStore(
-            devices=devices, commands_per_device=commands, seed=seed, clock=clock
+            devices=devices, commands_per_device=commands, seed=seed, clock=clock, products=products
         )
         self.faults = faults or Faults()
         self.service = CommandService(self.store, lambda: self.faults)
+        self.devices = DeviceService(self.store, lambda: self.faults, seed)
         self.stats = SimStats()
         self._rng = random.Random(seed)
         self._clock = clock
@@ -92,6 +95,7 @@ class Simulator:
         application.router.add_post(p.TOKEN_GET_PATH, self._token_get)
         application.router.add_post(p.TOKEN_REFRESH_PATH, self._token_refresh)
         application.router.add_route("*", p.COMMANDS_PATH, self._commands)
+        application.router.add_route("*", p.DEVICES_PATH, self._commands)
         application.router.add_get("/_sim/stats", self._inspect_stats)
         application.router.add_get("/_sim/devices", self._inspect_devices)
         application.router.add_get("/_sim/arrivals", self._inspect_arrivals)
@@ -171,7 +175,8 @@ class Simulator:
     async def _command_call(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         self.stats.arrivals.append(time.monotonic())
-        self.stats.by_action[request.query.get("action", "")] += 1
+        devices = request.path == p.DEVICES_PATH  # Search Device, counted as search_devices
+        self.stats.by_action[request.query.get("action", "") + ("_devices" if devices else "")] += 1
         unhandled = self._before_handling(request)
         if unhandled is not None:
             return unhandled
@@ -184,13 +189,16 @@ class Simulator:
         admitted, stated = self._admit()
         if not admitted:
             return _gateway_error(429, stated)
-        response = await self._handle(request, body)
+        response = await self._handle(request, body, devices=devices)
         if stated and not response.prepared:  # a body cut short went out before this
             response.headers.update(stated)
         return response
 
-    async def _handle(self, request: web.Request, body: bytes) -> web.StreamResponse:
-        """A call the gateway let through: upstream faults, the service, the delivery."""
+    async def _handle(
+        self, request: web.Request, body: bytes, *, devices: bool
+    ) -> web.StreamResponse:
+        """A call the gateway let through (`devices`: Search Device): upstream faults, the
+        service, the delivery."""
         if self.faults.error_rate and self._rng.random() < self.faults.error_rate:
             return _gateway_error(self._rng.choice((500, 502, 503)))
         burst = self.faults.burst_from
@@ -199,7 +207,8 @@ class Simulator:
         if self.faults.latency_ms:
             await asyncio.sleep(self.faults.latency_ms / 1000)
         try:
-            data, extra = self.service.dispatch(request.method, request.query, body)
+            service = self.devices if devices else self.service
+            data, extra = service.dispatch(request.method, request.query, body)
             payload = {
                 "code": p.CODE_OK,
                 "msg": "OK",

@@ -3,8 +3,9 @@
 Generated devices are derived from their index (no random state), so a fleet of a million costs
 nothing until a device is first touched, and a job file can name them (jobs/example.yaml does).
 Device i of org ``DEFAULT_ORG`` has asset id ``as{i:06d}``, product key ``PRODUCT_KEYS[i % 4]``
-and device key ``dev_{i:06d}``; it has `commands_per_device` cached (state 1) commands, except
-one device in eight (chosen by the seed) that has none, and one finished (state 5) command.
+(with another number of `products` P: ``simP{i % P:04d}``) and device key ``dev_{i:06d}``; it
+has `commands_per_device` cached (state 1) commands, except one device in eight (chosen by the
+seed) that has none, and one finished (state 5) command.
 """
 
 from __future__ import annotations
@@ -93,6 +94,14 @@ def _mix(seed: int, index: int) -> int:
     )
 
 
+def product_keys_for(products: int) -> tuple[str, ...]:
+    """The product keys of a generated fleet of `products` products (the four classic ones
+    when it has four, the default)."""
+    if products == len(PRODUCT_KEYS):
+        return PRODUCT_KEYS
+    return tuple(f"simP{k:04d}" for k in range(products))
+
+
 def generated_command_id(index: int, k: int) -> str:
     """The id of the k-th command of generated device `index` (19 digits)."""
     return str(_GENERATED_ID_BASE + index * 64 + k)
@@ -108,8 +117,11 @@ class DeviceStore:
         commands_per_device: int,
         seed: int,
         clock: Callable[[], float] = time.time,
+        products: int = len(PRODUCT_KEYS),
     ) -> None:
         self.generated = devices
+        self.product_keys = product_keys_for(products)
+        self.deleted: set[int] = set()  # generated devices removed since (Search Device drift)
         self.commands_per_device = commands_per_device
         self.seed = seed
         self._clock = clock
@@ -132,11 +144,29 @@ class DeviceStore:
         else:
             found = self._by_keys.get((org_id, product_key or "", device_key or ""))
             index = _generated_index(_DEVICE_RE, device_key or "")
-            if index is not None and PRODUCT_KEYS[index % len(PRODUCT_KEYS)] != product_key:
+            if index is not None and self.product_of(index) != product_key:
                 index = None
         if found is not None or org_id != DEFAULT_ORG or index is None or index >= self.generated:
             return found
+        if index in self.deleted:
+            return None
         return self._materialize(index)
+
+    def product_of(self, index: int) -> str:
+        """The product key of generated device `index`."""
+        return self.product_keys[index % len(self.product_keys)]
+
+    def add_generated(self) -> int:
+        """One more generated device (a device that appears in the fleet); its index."""
+        self.generated += 1
+        return self.generated - 1
+
+    def remove(self, index: int) -> None:
+        """Generated device `index` disappears from the fleet (a cancel then finds nothing)."""
+        self.deleted.add(index)
+        device = self._by_asset.pop((DEFAULT_ORG, f"as{index:06d}"), None)
+        if device is not None:
+            self._by_keys.pop((DEFAULT_ORG, device.product_key, device.device_key), None)
 
     def devices(self) -> Iterator[SimDevice]:
         """Every device touched or created so far (untouched generated ones are not listed)."""
@@ -150,7 +180,7 @@ class DeviceStore:
         device = SimDevice(
             org_id=DEFAULT_ORG,
             asset_id=f"as{index:06d}",
-            product_key=PRODUCT_KEYS[index % len(PRODUCT_KEYS)],
+            product_key=self.product_of(index),
             device_key=f"dev_{index:06d}",
         )
         pending = 0 if self.is_pending_free(index) else self.commands_per_device

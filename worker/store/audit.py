@@ -103,14 +103,29 @@ def attempt_record(attempt: Attempt, action: str) -> AttemptRecord:
 
 
 _STARTED = b'{"type":"run_started"'
+_RESOLVED = b'{"type":"targets_resolved"'
+_SEARCH = b'"action":"search_devices"'
 _CHUNK = 1 << 20
 
 
 def last_run_started(run: RunDir) -> RunStartedRecord | None:
     """The last segment's run_started record: what the audit says the run last ran as (its
     run id, job and targets hashes, gateway), read backwards from the end, a megabyte at a
-    time. None when the audit holds none."""
-    path = run.audit
+    time; a targets_query resolved in that segment (a targets_resolved record right after its
+    searches) stands for its targets hash. None when the audit holds none."""
+    found = _last_started(run.audit)
+    if found is None:
+        return None
+    offset, line = found
+    loaded: RunStartedRecord = orjson.loads(line)  # a line of the run's own audit
+    resolved = _resolved_after(run.audit, offset + len(line) + 1)
+    if resolved is not None:
+        loaded["targets_sha256"] = resolved
+    return loaded
+
+
+def _last_started(path: Path) -> tuple[int, bytes] | None:
+    """(offset, line) of the last run_started record."""
     if not path.exists():
         return None
     with path.open("rb") as stream:
@@ -122,21 +137,35 @@ def last_run_started(run: RunDir) -> RunStartedRecord | None:
             tail = stream.read(end - start) + tail
             found = _started_line(tail, at_file_start=start == 0)
             if found is not None:
-                loaded: RunStartedRecord = orjson.loads(found)  # a line of the run's own audit
-                return loaded
+                return start + found[0], found[1]
             end = start
             cut = tail.find(b"\n")  # the chunk's first line may go on in the chunk before
             tail = tail if cut < 0 else tail[: cut + 1]
     return None
 
 
-def _started_line(data: bytes, *, at_file_start: bool) -> bytes | None:
-    """The last complete run_started line in `data` (which may begin mid-line)."""
+def _resolved_after(path: Path, offset: int) -> str | None:
+    """The targets hash of a targets_resolved record that follows the searches after
+    `offset` (a segment's start), if one does and kept a snapshot."""
+    with path.open("rb") as stream:
+        stream.seek(offset)
+        for line in stream:
+            if line.startswith(_RESOLVED):
+                digest = orjson.loads(line).get("targets_sha256")
+                return digest if isinstance(digest, str) else None
+            if _SEARCH not in line:
+                return None  # past the searches: the segment resolved nothing
+    return None
+
+
+def _started_line(data: bytes, *, at_file_start: bool) -> tuple[int, bytes] | None:
+    """(index, line) of the last complete run_started line in `data` (which may begin
+    mid-line)."""
     index = data.rfind(b"\n" + _STARTED)
     if index >= 0:
         line_end = data.find(b"\n", index + 1)
-        return data[index + 1 : line_end] if line_end > 0 else None
+        return (index + 1, data[index + 1 : line_end]) if line_end > 0 else None
     if at_file_start and data.startswith(_STARTED):
         line_end = data.find(b"\n")
-        return data[:line_end] if line_end > 0 else None
+        return (0, data[:line_end]) if line_end > 0 else None
     return None

@@ -14,7 +14,9 @@ Nothing else in the code spells a run directory's file names: a new file is a ne
     verify.jsonl      the last verify sweep, a line per searched target ...
     verify.json       ... and its counts
     targets.csv       the targets file copied in at the start (or targets.jsonl): what the run
-                      and every resume read
+                      and every resume read; for a targets_query, its snapshot
+    targets.csv.partial  a targets_query's rows while it resolves (kept when it stays
+                      incomplete, for a look; a resume resolves again)
     report.html       the report page (report.html)
     failed.csv        the failed targets as a targets file ...
     followup.yaml     ... and a job that runs them again
@@ -116,6 +118,12 @@ class RunDir:
         """targets.csv / targets.jsonl: the targets file as the run planned it, copied in at its
         start; the run and every resume read only this copy."""
         return self.path / f"targets.{fmt}"
+
+    @property
+    def resolving(self) -> Path:
+        """targets.csv.partial: a targets_query's snapshot while its pages arrive; renamed to
+        targets.csv once complete (or accepted incomplete)."""
+        return self.path / "targets.csv.partial"
 
     def holds_run(self) -> bool:
         """Whether the directory holds a run (its manifest exists)."""

@@ -59,6 +59,7 @@ class AttemptRecord(TypedDict):
     wait_s: float | None
     error: str | None
     subject: NotRequired[str]
+    expression: NotRequired[str]  # a Search Device call (action search_devices): as sent
     prev: NotRequired[str]  # set by the audit log as it chains the record
 
 
@@ -100,7 +101,55 @@ class RunFinishedRecord(TypedDict):
     prev: NotRequired[str]
 
 
-AuditRecord = AttemptRecord | RunStartedRecord | RunFinishedRecord
+class QueryPart(TypedDict):
+    """One Search Device expression of a targets_query, paged through (run.json, summary,
+    audit)."""
+
+    expression: str  # as sent
+    total: int | None  # the last totalSize the gateway said
+    totals: list[int]  # every totalSize it said (more than one: the fleet changed meanwhile)
+    found: int  # distinct devices this search found
+    passes: int  # times it was paged through
+    pages: int  # pages answered
+    complete: bool
+
+
+class QueryRecord(TypedDict, total=False):
+    """A targets_query's resolution: what was asked, what came back, what was kept (run.json
+    ``query``, summary.json ``query``, the audit's targets_resolved)."""
+
+    query: str  # in words
+    org_id: str
+    expressions: list[str]  # as sent, one search each
+    parts: list[QueryPart]
+    total: int  # the totalSize of every search, added up (the last each said)
+    found: int  # distinct devices found
+    kept: int  # rows written to the snapshot (the shard's, with --shard)
+    shard: str | None
+    passes: int  # the most passes a search needed
+    pages: int  # search pages answered
+    calls: int  # search calls sent, retries included
+    page_size: int  # the page size the gateway accepted
+    complete: bool  # every search's devices were found
+    accepted_incomplete: bool  # --accept-incomplete ran what was found
+    stopped: str | None  # why the resolution ended before it was complete
+    targets_file: str | None  # the snapshot's name in the run directory (None: none kept)
+    targets_sha256: str | None
+    resolved_at: str
+
+
+class TargetsResolvedRecord(TypedDict):
+    """A targets_query resolved (or not) at a segment's start, before any cancel."""
+
+    type: Literal["targets_resolved"]
+    at: str
+    segment: int
+    targets_sha256: str | None  # the snapshot the run goes over (None: none was kept)
+    query: QueryRecord
+    prev: NotRequired[str]
+
+
+AuditRecord = AttemptRecord | RunStartedRecord | RunFinishedRecord | TargetsResolvedRecord
 
 
 class BatchingRecord(TypedDict):

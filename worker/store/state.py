@@ -15,6 +15,7 @@ from worker.model import JsonObject, Limits, Match
 from worker.store.records import (
     BatchingRecord,
     BatchingSummary,
+    QueryRecord,
     SegmentRate,
     VerifyCountsRecord,
 )
@@ -79,6 +80,7 @@ class Manifest:
     match: Match | None = None  # the job's match rule, for follow-ups
     shard: str | None = None  # "K/N": this run covers one shard of the job's targets
     targets_file: str | None = None  # the targets file's copy in the run directory (its name)
+    query: QueryRecord | None = None  # targets_query: its resolution ("complete": a snapshot)
 
     def to_json(self) -> JsonObject:
         """As written in run.json."""
@@ -103,6 +105,7 @@ class Manifest:
             match=Match(**data["match"]) if data.get("match") else None,
             shard=data.get("shard"),
             targets_file=data.get("targets_file"),
+            query=data.get("query"),
         )
 
     def changes(self, job_sha256: str, targets_sha256: str) -> list[tuple[str, str, str]]:
@@ -170,6 +173,7 @@ class Summary:
     verify: VerifyCountsRecord = field(default_factory=VerifyCountsRecord)
     budget: str | None = None  # the gateway's stated budget, as the last segment read it
     quota_reset_at: str | None = None  # stopped for the gateway's quota: when it resets (UTC)
+    query: QueryRecord = field(default_factory=QueryRecord)  # targets_query: its resolution
 
     def to_json(self) -> JsonObject:
         """summary.json's content (design.md's keys)."""
