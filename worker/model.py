@@ -313,6 +313,41 @@ class TargetsFile:
     fmt: str  # "csv" | "jsonl"
 
 
+DAY_NAMES = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")  # as datetime.weekday() counts
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """When a job may send (``window:``): between two instants, or at the same wall-clock hours
+    on chosen days in a time zone, or both (those hours, between those instants). Pure data:
+    :mod:`worker.jobs.window` computes openings and closings from it."""
+
+    not_before: float | None = None  # epoch seconds
+    not_after: float | None = None
+    daily: tuple[int, int] | None = None  # minutes after midnight: opens, closes (> opens)
+    days: tuple[int, ...] = tuple(range(7))  # the weekdays it opens on (Monday 0)
+    timezone: str = "UTC"  # an IANA zone (zoneinfo) the daily hours are read in
+
+
+@dataclass(frozen=True, slots=True)
+class Stage:
+    """One step of a staged rollout (``stages:``): how far the run goes, counted from its
+    start, in targets or in percent of the whole job; the gate after it lets the run go on
+    when at most `max_failed_percent` of the stage's targets failed (and nothing is pending or
+    cancelled that should not be); with `wait_for_promotion`, only after ``worker ctl promote``."""
+
+    targets: int | None = None
+    percent: float | None = None
+    wait_for_promotion: bool = False
+    max_failed_percent: float = 1.0
+
+    def describe(self) -> str:
+        """How far it goes, in words: "50 targets", "5 % of the job"."""
+        if self.targets is not None:
+            return f"{self.targets:,} target{'' if self.targets == 1 else 's'}"
+        return f"{self.percent:g} % of the job"
+
+
 @dataclass(frozen=True, slots=True)
 class Job:
     """A validated job file. Targets are not held here: they are streamed by `worker.jobs.plan`."""
@@ -328,6 +363,8 @@ class Job:
     inline_targets: tuple[Target, ...]
     targets_file: TargetsFile | None
     match: Match | None = None  # selective: the job's rule for every target without its own
+    window: Window | None = None  # when it may send (None: any time)
+    stages: tuple[Stage, ...] = ()  # a staged rollout behind verify gates (): all at once
 
 
 class Outcome(StrEnum):
