@@ -18,9 +18,10 @@ import structlog
 
 from worker import __version__
 from worker.app.beside import drive
+from worker.app.conduct import Conductor
 from worker.app.metrics import RunMetrics
 from worker.app.recorder import RunRecorder
-from worker.app.wiring import RunOptions, build_engine, client_for, proven
+from worker.app.wiring import RunOptions, build_engine, client_for
 from worker.core.engine import Engine
 from worker.core.ports import StopReason
 from worker.core.ratelimit import RateLimiter
@@ -50,7 +51,7 @@ def exit_code_for(reason: StopReason, failed: int, not_attempted: int) -> int:
     """The contract's exit code for how a run ended."""
     if reason in (StopReason.FATAL, StopReason.ABORTED):
         return ExitCode.ABORTED
-    if reason in (StopReason.INTERRUPTED, StopReason.DEADLINE):
+    if reason in (StopReason.INTERRUPTED, StopReason.DEADLINE, StopReason.WINDOW):
         return ExitCode.INTERRUPTED
     return ExitCode.FAILED if failed or not_attempted else ExitCode.OK
 
@@ -102,9 +103,11 @@ async def execute(
     *,
     out: TextIO | None = None,
     control: RunControl | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> int:
     """Run the job's pending targets as one segment; returns the exit code. With `control`,
-    the caller stops the run (no signal handling here) and may share its limiter."""
+    the caller stops the run (no signal handling here) and may share its limiter. `clock`
+    is what the job's window is read on (a test's own)."""
     manifest = start.manifest
     resuming = bool(manifest.segments)
     try:
@@ -130,20 +133,35 @@ async def execute(
     if control is not None:
         control.attach(engine)
     began = time.monotonic()
+    conductor: Conductor | None = None
     try:
+        segment_of = (start.job, start.plan, manifest, start.finished, start.fold)
+        conductor = Conductor(
+            segment_of,
+            options,
+            engine,
+            client,
+            recorder.audit,
+            out=out,
+            spooled=control is not None,
+            clock=clock,
+        )
         problem = _serve_metrics(metrics, options, engine, start) if metrics else None
-        async with proven(client, options) as refused:
-            if problem or refused:
-                engine.stop(StopReason.FATAL, problem or refused or "")
-            else:
-                await _drive_segment(engine, start, options, out, segment, control=control)
+        if problem is not None:
+            engine.stop(StopReason.FATAL, problem)
+        else:
+            await _drive_segment(engine, start, out, segment, conductor, control=control)
     except Exception as exc:  # a bug or an OS failure: end as a resumable stop, say why
         log.exception("worker.internal_error")
         engine.stop(StopReason.FATAL, f"internal error: {exc!r}; the run is resumable")
     finally:
-        # Synchronous on purpose: no cancellation can interrupt closing the files.
-        segment.duration_s = round(time.monotonic() - began, 3)
+        # Synchronous on purpose: no cancellation can interrupt closing the files. Time held
+        # for a window, a promotion or a pause is not working time: not in the duration.
+        held = conductor.held_s if conductor is not None else 0.0
+        segment.duration_s = round(time.monotonic() - began - held, 3)
         summary, counts = _close_segment(engine, manifest, segment, recorder, start.fold)
+        if conductor is not None:
+            conductor.ended(summary)
         if metrics is not None:
             metrics.close()
     _tell(summary, start, options, out, audit_head=recorder.audit.head, counts=counts)
@@ -204,9 +222,9 @@ def _tell(
 async def _drive_segment(
     engine: Engine,
     start: SegmentStart,
-    options: RunOptions,
     out: TextIO | None,
     segment: Segment,
+    conductor: Conductor,
     *,
     control: RunControl | None,
 ) -> None:
@@ -219,8 +237,10 @@ async def _drive_segment(
         segment=segment,
         already=already,
         signals=control is None,
-        progress=options.progress,
+        progress=conductor.options.progress,
         earlier=start.fold.counts.outcomes,
+        body=conductor.body,
+        beside=conductor.helpers(),
     )
 
 

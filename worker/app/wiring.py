@@ -48,6 +48,7 @@ class RunOptions:
     metrics: MetricsAddress | None = None  # --metrics-port: serve Prometheus metrics there
     verify_settle_s: float = SETTLE_S  # before a verify sweep searches
     ca_bundle: Path | None = None
+    force: bool = False  # a resume with --force: a changed job, or a failed stage gate looked at
 
     def policy(self) -> RetryPolicy:
         """The retry policy of this run."""

@@ -31,15 +31,7 @@ from collections.abc import Callable, Iterator
 import anyio
 import structlog
 
-from worker.core.actions import (
-    PLAIN_CANCEL,
-    Action,
-    Finish,
-    Send,
-    Situation,
-    StopRun,
-    Wait,
-)
+from worker.core.actions import PLAIN_CANCEL, Action, Finish, Send, Situation, StopRun, Wait
 from worker.core.batching import LIST_CANCEL, BatchCore, BatchPlan, Fanout, groupable, take_list
 from worker.core.calls import (
     action_name,
@@ -70,14 +62,7 @@ from worker.errors import (
     StoreError,
     UnreadableAnswerError,
 )
-from worker.model import (
-    Attempt,
-    CancelReply,
-    Decided,
-    SearchPage,
-    Target,
-    TargetResult,
-)
+from worker.model import Attempt, CancelReply, Decided, SearchPage, Target, TargetResult
 
 log = structlog.get_logger("worker.engine")
 
@@ -115,6 +100,7 @@ class Engine:
         self._parked: list[tuple[float, int, Core]] = []
         self._parked_seq = 0
         self._busy = 0
+        self._allowed = settings.concurrency  # workers that may drive at once (worker ctl)
         self._admitting = True
         self._targets: Iterator[tuple[int, Target]] = iter(())
         self._held: tuple[int, Target] | None = None  # read ahead while grouping a list
@@ -144,6 +130,13 @@ class Engine:
         self._pacer.wake()
         self._notify()
 
+    def set_concurrency(self, workers: int) -> int:
+        """At most `workers` targets driven at once from now on, up to the workers this run
+        started (0: none is admitted, a pause); returns the number in force (worker ctl)."""
+        self._allowed = max(0, min(workers, self._settings.concurrency))
+        self._notify()
+        return self._allowed
+
     def cancel(self) -> None:
         """Stop at once: requests in flight are abandoned (their targets stay resumable)."""
         if self._group_scope is not None:
@@ -152,6 +145,7 @@ class Engine:
     async def run(self, targets: Iterator[tuple[int, Target]]) -> StopReason:
         """Process every (ordinal, target) (or until stopped); returns why the run ended."""
         self._targets = targets
+        self._admitting = True  # a staged run runs the engine again for each stage
         self._wake = anyio.Event()
         async with anyio.create_task_group() as group:
             self._group_scope = group.cancel_scope
@@ -174,6 +168,9 @@ class Engine:
     async def _next_work(self) -> Work | None:
         """A parked target whose wait is over, else a new one; None when all is done."""
         while not self.stopping:
+            if self._busy >= self._allowed:  # an operator lowered the concurrency
+                await self._idle(math.inf)
+                continue
             parked = self._parked
             if parked and parked[0][0] <= time.monotonic():
                 due = heapq.heappop(parked)[2]
@@ -271,7 +268,8 @@ class Engine:
             self._settle(core, action)
         finally:
             self._busy -= 1
-            if not self._busy and not self._admitting and not self._parked:
+            lowered = self._allowed < self._settings.concurrency
+            if lowered or (not self._busy and not self._admitting and not self._parked):
                 self._notify()
 
     async def _call(self, core: Core, send: Send) -> Action | Fanout:

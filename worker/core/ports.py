@@ -72,6 +72,7 @@ class StopReason(StrEnum):
     ABORTED = "aborted"  # the failure-ratio rule: exit 3
     INTERRUPTED = "interrupted"  # SIGINT/SIGTERM: exit 4
     DEADLINE = "deadline"  # limits.deadline reached: exit 4
+    WINDOW = "window closed"  # the job's window closed: exit 4, resumed in the next one
 
 
 @dataclass(frozen=True, slots=True)

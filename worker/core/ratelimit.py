@@ -43,6 +43,8 @@ THROTTLE_CUT = 0.5  # a fixed rate's share right after a 429 pause
 AUTO_SETTLE = 0.9  # rate: auto settles at this share of the knee
 PROBE_SHARE = 0.01  # per second, as a share of the knee
 SLOW_START_GAIN = 0.7  # per accepted answer: the rate grows by 70 % of itself per second
+HELD_POLL_S = 0.25  # while paused by an operator, callers ask again this often
+PAUSED = "paused by operator"
 _BUCKETS = int(WINDOW_S / TICK_S)
 _KNEE_BUCKETS = int(KNEE_S / TICK_S)
 
@@ -95,6 +97,8 @@ class RateLimiter:
         self.cause = "slow start" if adaptive else "asked"
         self._rate = self._effective()
         self.throttles = 0
+        self.held = False  # paused by an operator (worker ctl): no slot is handed out
+        self.budget: float | None = None  # the gateway's stated budget (requests/s), if known
 
     @property
     def rate(self) -> float | None:
@@ -113,6 +117,8 @@ class RateLimiter:
         No coroutine, no lock. With a slot held, wait and go, unless :meth:`paused` says a
         throttle began meanwhile (then ask again). Without one, wait and ask again.
         """
+        if self.held:
+            return HELD_POLL_S, False
         now = self._clock()
         if self._ramp_from is not None:
             self._ramp(now)
@@ -186,6 +192,28 @@ class RateLimiter:
             self._change("throttled", f"{detail}; back to {self.asked:g}/s in {RECOVERY_S:g} s")
         else:
             self._change("throttled", detail)
+
+    # -- an operator's hand (worker ctl) --------------------------------------------------------
+
+    def hold(self, held: bool) -> None:
+        """Pause (True) or resume every caller: while held no slot is handed out (requests in
+        flight finish); on resuming the schedule starts afresh, without a catch-up burst."""
+        self.held = held
+        self._idle = True
+        self.cause = PAUSED if held else self._steady_cause()
+
+    def set_rate(self, rate: float | None) -> float | None:
+        """An operator's rate (None: unlimited), fixed from now on (rate: auto stops probing),
+        capped at the gateway's stated budget when known; returns the rate set."""
+        if rate is not None and self.budget is not None:
+            rate = min(rate, self.budget)
+        self.adaptive = self._slow_start = False
+        self.asked = self._base = rate
+        if rate is not None:
+            self.floor = min(self.floor, rate)
+        self._ramp_from = None
+        self._change("asked", f"set to {_per_s(rate)} by an operator")
+        return rate
 
     # -- accounting -----------------------------------------------------------------------------
 
@@ -277,6 +305,10 @@ class RateLimiter:
         before, self._rate = self._rate, self._effective()
         if self._overload_cap is not None and cause != "overload":
             cause = "overload"
-        self.cause = cause
+        self.cause = PAUSED if self.held else cause
         if self._on_change is not None:
             self._on_change(RateChange(before, self._rate, cause, detail))
+
+
+def _per_s(rate: float | None) -> str:
+    return "unlimited" if rate is None else f"{rate:g}/s"

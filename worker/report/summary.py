@@ -75,6 +75,8 @@ def build_summary(
         batching=_batching(segments),
         shard=manifest.shard,
         verify=verify or {},
+        stages=manifest.stages or {},
+        window=manifest.window or {},
     )
 
 

@@ -15,8 +15,11 @@ from worker.model import JsonObject, Limits, Match
 from worker.store.records import (
     BatchingRecord,
     BatchingSummary,
+    PausedState,
     SegmentRate,
+    StagesRecord,
     VerifyCountsRecord,
+    WindowState,
 )
 
 
@@ -77,6 +80,9 @@ class Manifest:
     match: Match | None = None  # the job's match rule, for follow-ups
     shard: str | None = None  # "K/N": this run covers one shard of the job's targets
     targets_file: str | None = None  # the targets file's copy in the run directory (its name)
+    stages: StagesRecord | None = None  # a staged rollout: its sample, stages and gates
+    window: WindowState | None = None  # the job's window as the run last saw it
+    paused: PausedState | None = None  # paused by an operator (worker ctl): a resume waits
 
     def to_json(self) -> JsonObject:
         """As written in run.json."""
@@ -101,6 +107,9 @@ class Manifest:
             match=Match(**data["match"]) if data.get("match") else None,
             shard=data.get("shard"),
             targets_file=data.get("targets_file"),
+            stages=data.get("stages"),
+            window=data.get("window"),
+            paused=data.get("paused"),
         )
 
     def changes(self, job_sha256: str, targets_sha256: str) -> list[tuple[str, str, str]]:
@@ -166,6 +175,8 @@ class Summary:
     batching: BatchingSummary = field(default_factory=BatchingSummary)
     shard: str | None = None  # "K/N" when the run covers one shard of the job
     verify: VerifyCountsRecord = field(default_factory=VerifyCountsRecord)
+    stages: StagesRecord = field(default_factory=StagesRecord)  # a staged run's stages, gates
+    window: WindowState = field(default_factory=WindowState)  # and its window, when it has one
 
     def to_json(self) -> JsonObject:
         """summary.json's content (design.md's keys)."""

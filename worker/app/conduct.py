@@ -1,0 +1,106 @@
+"""A segment run like a change: its window, an operator's live hand, and its stages.
+
+The conductor wraps what the engine does in a segment. Its body (in place of one
+``engine.run``) waits for the job's window to open, proves the gateway, and runs the targets,
+all at once or stage by stage behind verify gates (:mod:`worker.app.staged`). Beside the
+engine it keeps three tasks: the control loop (``worker ctl`` requests, within a second:
+:mod:`worker.app.controls`), the status file (every second: :mod:`worker.app.status`) and
+the window's closing (:mod:`worker.app.windowed`).
+
+Every decision it takes is an audit record (``control``, ``window``, ``stage``, ``gate``),
+and what a resume must know is in run.json (the pause, the stages, the window), written
+before the segment goes on: a ``kill -9`` in any wait loses nothing and claims nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from functools import partial
+from typing import Any, TextIO
+
+from worker.app.conducting import Conduct
+from worker.app.controls import control_loop
+from worker.app.staged import StagedRun
+from worker.app.status import status_loop, write_last_status
+from worker.app.windowed import WindowWatch
+from worker.app.wiring import RunOptions, proven
+from worker.core.engine import Engine
+from worker.core.ports import StopReason
+from worker.enos.client import EnOSClient
+from worker.jobs.plan import Plan
+from worker.model import Job, Target
+from worker.store.audit import AuditLog
+from worker.store.done import Finished
+from worker.store.state import Manifest, Summary
+from worker.store.tally import JournalFold
+
+Helper = Callable[[], Coroutine[Any, Any, None]]
+
+
+class Conductor(Conduct):
+    """One segment's change control: the window, the operator's requests, the stages."""
+
+    def __init__(
+        self,
+        segment: tuple[Job, Plan, Manifest, Finished, JournalFold],
+        options: RunOptions,
+        engine: Engine,
+        client: EnOSClient,
+        audit: AuditLog,
+        *,
+        out: TextIO | None = None,
+        spooled: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        job, plan, manifest, finished, fold = segment
+        super().__init__(
+            options,
+            engine,
+            client,
+            audit,
+            job=job,
+            plan=plan,
+            manifest=manifest,
+            done=finished.done,
+            earlier=fold.counts.outcomes,
+            out=out,
+            spooled=spooled,
+            clock=clock,
+        )
+        self.watch = WindowWatch(self) if job.window is not None else None
+        self.staged = StagedRun(self) if job.stages or manifest.stages else None
+        self.window, self.stages = self.watch, self.staged
+        if manifest.paused is not None:  # paused before: a resumed run waits for resume
+            self.hold(paused=True)
+
+    def helpers(self) -> list[Helper]:
+        """The tasks beside the engine: requests, the status file, the window's closing."""
+        found: list[Helper] = [partial(control_loop, self), partial(status_loop, self)]
+        if self.watch is not None:
+            found.append(self.watch.close_loop)
+        return found
+
+    async def body(self, targets: Iterator[tuple[int, Target]]) -> StopReason:
+        """The segment's work in place of one engine.run: the window, the gateway proof, then
+        the targets (stage by stage for a staged job); returns why it ended."""
+        engine = self.engine
+        if self.staged is not None and not self.staged.ready():
+            return engine.stop_reason
+        if self.watch is not None and not await self.watch.wait_open():
+            return engine.stop_reason
+        if not await self.unpaused():
+            return engine.stop_reason
+        async with proven(self.client, self.options) as refused:
+            if refused is not None:
+                engine.stop(StopReason.FATAL, refused)
+                return engine.stop_reason
+            self.phase = "running"
+            if self.staged is not None:
+                return await self.staged.run()
+            return await engine.run(targets)
+
+    def ended(self, summary: Summary) -> None:
+        """The status file's last word: the segment ended, how, and its exit code."""
+        self.phase = "ended"
+        write_last_status(self, summary)
