@@ -93,7 +93,8 @@ class Conduct:
         self.concurrency = options.limits.concurrency  # allowed now (worker ctl concurrency)
         self.results: deque[RequestResult] = deque(maxlen=32)  # requests carried out
         self.gate_engine: Engine | None = None  # a gate's searches, while they run
-        self.held_s = 0.0  # waited for a window, a promotion or a resume: not working time
+        self._held_s = 0.0  # waited for a window, a promotion or a resume: not working time
+        self._paused_at: float | None = None  # monotonic time of the pause in force
         self.paused = False
         self.stages: StagesView | None = None
         self.window: WindowView | None = None
@@ -111,7 +112,7 @@ class Conduct:
             return not self.engine.stopping
         finally:
             if held:
-                self.held_s += time.monotonic() - began
+                self._held_s += time.monotonic() - began
             if self.phase == phase:
                 self.phase = before
 
@@ -120,6 +121,12 @@ class Conduct:
         pause leaves none in doubt), and the run's own limiter hands out no slot (a target
         mid-way, a gate's search, waits too; the progress line says "paused by operator"). A
         spooled job shares the watcher's limiter: its pause is its own engines' alone."""
+        now = time.monotonic()
+        if paused and self._paused_at is None:
+            self._paused_at = now
+        elif not paused and self._paused_at is not None:
+            self._held_s += now - self._paused_at
+            self._paused_at = None
         self.paused = paused
         self.engine.set_concurrency(0 if paused else self.concurrency)
         if self.gate_engine is not None:
@@ -132,7 +139,14 @@ class Conduct:
         if not self.paused:
             return not self.engine.stopping
         self.say(f"paused by operator: worker ctl {self.run} resume to go on")
-        return await self.hold_until(lambda: not self.paused, "paused by operator")
+        return await self.hold_until(lambda: not self.paused, "paused by operator", held=False)
+
+    @property
+    def held_s(self) -> float:
+        """Seconds the segment was held (a window, a promotion, a pause, one in force now):
+        not working time, so not in its duration (the achieved rate is the rate sent at)."""
+        ongoing = 0.0 if self._paused_at is None else time.monotonic() - self._paused_at
+        return self._held_s + ongoing
 
     def record(self, record: AuditRecord) -> bool:
         """Append an audit record; one that cannot be written stops the run (False)."""

@@ -15,6 +15,7 @@ from typing import Any
 from worker import __version__
 from worker.cli.help import (
     AUDIT_EXIT_CODES,
+    CTL_EXIT_CODES,
     EXAMPLES,
     EXIT_CODES,
     REPORT_EXIT_CODES,
@@ -168,6 +169,17 @@ def build_parser(handlers: Mapping[str, Handler]) -> argparse.ArgumentParser:
             exit_codes=SWEEP_EXIT_CODES,
         )
     )
+    _ctl_command(
+        _command(
+            commands,
+            "ctl",
+            handlers["ctl"],
+            "act on running runs through their run directories: pause, resume, rate N, "
+            "concurrency N, stop, promote, status",
+            EXAMPLES["ctl"],
+            exit_codes=CTL_EXIT_CODES,
+        )
+    )
     audit = commands.add_parser(
         "audit", help="check a run's audit log", formatter_class=_HelpFormatter
     )
@@ -222,7 +234,15 @@ def _run_command(run: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--force",
         action="store_true",
-        help="with --resume: even though the job file or its targets changed",
+        help="with --resume: even though the job file or its targets changed, or a stage "
+        "gate failed (after looking at its evidence: the run goes on at that stage and checks "
+        "its gate again)",
+    )
+    run.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="when the job's window: is closed, exit 4 saying when it opens (default: wait "
+        "for it, showing when it opens)",
     )
     run.add_argument(
         "--dry-run",
@@ -314,6 +334,27 @@ def _watch_command(watch: argparse.ArgumentParser) -> None:
         metavar="[HOST:]PORT",
         help="serve Prometheus metrics of every job and of the watcher at /metrics",
     )
+
+
+def _ctl_command(ctl: argparse.ArgumentParser) -> None:
+    ctl.usage = "worker ctl [--timeout SECONDS] [--json] DIR [DIR ...] ACTION [N]"
+    ctl.add_argument(
+        "words",
+        nargs="+",
+        metavar="DIR ... ACTION [N]",
+        help="run directories (or a spool, for rate), then pause | resume | rate N | "
+        "concurrency N | stop | promote | status; a rate for several directories is split "
+        "evenly between them",
+    )
+    ctl.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="how long to wait for the run to acknowledge (then a request nobody took is "
+        "taken back)",
+    )
+    ctl.add_argument("--json", action="store_true", help="status: print the status file(s)")
 
 
 def _verify_command(verify: argparse.ArgumentParser) -> None:

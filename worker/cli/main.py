@@ -16,6 +16,7 @@ from typing import TextIO, cast
 import structlog
 
 from worker import logs
+from worker.cli.ctl import cmd_ctl
 from worker.cli.grammar import build_parser
 from worker.cli.run import cmd_run, cmd_verify, cmd_watch
 from worker.cli.tools import cmd_audit_verify, cmd_demo, cmd_report, cmd_simulate
@@ -33,6 +34,7 @@ HANDLERS = {
     "audit verify": cmd_audit_verify,
     "verify": cmd_verify,
     "watch": cmd_watch,
+    "ctl": cmd_ctl,
 }
 log = structlog.get_logger("worker")
 

@@ -12,6 +12,7 @@ from typing import TextIO, TypedDict
 import orjson
 
 from worker.app.prepare import runnable_plan
+from worker.cli.change_facts import StageFacts, WindowFacts, stage_facts, window_facts, write_change
 from worker.cli.run import limits_of, shard_of
 from worker.core.batching import planned_calls
 from worker.jobs.parse import load_job
@@ -61,6 +62,8 @@ class PlanFacts(TypedDict):
     abort: Abort
     estimated_s: float | None
     targets_sha256: str
+    window: WindowFacts | None  # the job's window: the next opening, openings needed
+    stages: list[StageFacts]  # a staged rollout: each stage's targets and gate
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -120,6 +123,8 @@ def _plan_facts(job: Job, plan_: Plan, limits: Limits, gateway: str | None) -> P
         "abort": {"failure_ratio": job.abort.failure_ratio, "min_finished": job.abort.min_finished},
         "estimated_s": estimate,
         "targets_sha256": plan_.targets_sha256,
+        "window": window_facts(job, estimate),
+        "stages": stage_facts(job, plan_),
     }
 
 
@@ -168,6 +173,7 @@ def _write_plan(out: TextIO, job: Job, facts: PlanFacts) -> None:
             f"{facts['targets']:,} if not\n"
         )
     _write_estimate(out, facts)
+    write_change(out, job, facts["window"], facts["stages"])
     out.write(f"  targets sha256    {facts['targets_sha256']}\n")
 
 

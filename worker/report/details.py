@@ -140,6 +140,14 @@ def _audit_record(details: Details, record: AuditRecord) -> None:
         details.events.append((at, event))
 
 
+def _change_text(before: object, after: object) -> str:
+    """ "; paused False -> True" for what a request changed ("" when nothing did)."""
+    if not isinstance(after, dict) or before == after:
+        return ""
+    was = before if isinstance(before, dict) else {}
+    return "; " + ", ".join(f"{key} {was.get(key)} -> {value}" for key, value in after.items())
+
+
 def change_event(record: AuditRecord) -> str | None:
     """The timeline's line for a change record: an operator's request (worker ctl), the
     window, a stage, a gate's decision; None for any other record."""
@@ -147,7 +155,7 @@ def change_event(record: AuditRecord) -> str | None:
         note = f" ({record['note']})" if record.get("note") else ""
         return (
             f"worker ctl {record['action']} by {record['by']}@{record['host']}: "
-            f"{record['result']}{note}; before {record['before']}, after {record['after']}"
+            f"{record['result']}{_change_text(record['before'], record['after'])}{note}"
         )
     if record["type"] == "window":
         if record["event"] in ("open", "opened"):

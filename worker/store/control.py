@@ -14,6 +14,7 @@ The status file is replaced (written beside, renamed) every second by the runnin
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import secrets
 import stat
@@ -212,3 +213,22 @@ def read_status(path: Path) -> JsonObject | None:
     except (OSError, orjson.JSONDecodeError):
         return None
     return loaded if isinstance(loaded, dict) else None
+
+
+WATCH_LOCK = "watch.lock"
+
+
+def watcher_holds(spool: Path) -> bool:
+    """Whether a watcher runs the spool: each holds SPOOL/watch.lock (flock, shared) while it
+    runs, and the kernel lets go of it when the watcher dies."""
+    try:
+        fd = os.open(spool / WATCH_LOCK, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
