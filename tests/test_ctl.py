@@ -19,18 +19,36 @@ from typing import Any
 import anyio
 import pytest
 
-from tests.changes import each_once, job_file, lines, records, run_new, run_resumed, status, summary
+from tests.changes import (
+    each_once,
+    job_file,
+    lines,
+    options,
+    records,
+    run_new,
+    run_resumed,
+    status,
+    summary,
+)
 from tests.conftest import APP_KEY, APP_SECRET
+from tests.fakes import FakeCanceller, MemoryRecorder, assets
 from tests.simproc import run_worker, sim_get, simulator_process, worker_env
 from worker.app import wiring
 from worker.app.ctl import control, parse_words
+from worker.app.prepare import snapshot_targets, start_new
+from worker.app.run import RunControl, execute
+from worker.core.engine import Engine
+from worker.core.ports import EngineSettings, Progress
 from worker.core.ratelimit import RateLimiter
 from worker.errors import UsageError
+from worker.jobs.parse import load_job
 from worker.model import Limits
 from worker.report.auditverify import verify
+from worker.report.console import ProgressLine
 from worker.sim.simulator import Simulator, serve
 from worker.store.control import ControlRequest, send_request, take_requests
 from worker.store.layout import RunDir, read_manifest
+from worker.store.lock import run_dir_lock
 
 pytestmark = pytest.mark.anyio
 
@@ -298,3 +316,93 @@ def test_requests_are_taken_in_order_and_a_taken_one_survives_a_crash(tmp_path: 
     taken[0].done()
     again = take_requests(directory)  # the rate was taken, not done: a crash, say
     assert [t.id for t in again] == [taken[1].id]
+
+
+async def test_the_engine_takes_a_new_concurrency_and_a_pause_admits_nothing() -> None:
+    """Lowered to 1, no more than one call is in flight; 0 (a pause) admits no target until
+    raised again; never above the workers the run started with."""
+    fake = FakeCanceller(gate=anyio.Event())
+    recorder = MemoryRecorder()
+    engine = Engine(fake, recorder, RateLimiter(None), EngineSettings(concurrency=4))
+    async with anyio.create_task_group() as group:
+        group.start_soon(engine.run, iter(assets(30)))
+        await wait_for(lambda: fake.in_flight == 4)
+        assert engine.set_concurrency(1) == 1
+        assert fake.gate is not None
+        fake.gate.set()
+        fake.gate = anyio.Event()
+        fake.most_in_flight = 0
+        await wait_for(lambda: fake.in_flight == 1)
+        assert engine.set_concurrency(0) == 0
+        fake.gate.set()
+        fake.gate = None
+        await anyio.sleep(0.1)
+        finished = len(recorder.results)
+        await anyio.sleep(0.2)
+        assert len(recorder.results) == finished < 30  # paused: nothing new
+        assert fake.most_in_flight <= 1  # while it was 1
+        assert engine.set_concurrency(99) == 4
+    assert len(recorder.results) == 30
+
+
+def test_the_limiter_holds_and_takes_a_rate_capped_at_its_budget() -> None:
+    """Held: no slot (the progress line says why); released: slots again, without a burst;
+    a rate above a known budget is capped; rate: auto stops probing at an operator's rate."""
+    clock = [100.0]
+    limiter = RateLimiter(10, clock=lambda: clock[0])
+    limiter.hold(True)
+    assert limiter.reserve() == (0.25, False)
+    assert limiter.cause == "paused by operator"
+    line = ProgressLine(Progress(), limiter, 10, 0, tty=True, started=0.0)
+    assert "0 of 10/s (paused by operator)" in line.parts()
+    clock[0] += 60  # a long pause does not turn into a burst of 600 slots
+    limiter.hold(False)
+    assert limiter.cause == "asked"
+    assert limiter.reserve() == (0.0, True)
+    assert limiter.reserve()[0] > 0
+    limiter.budget = 25.0
+    assert limiter.set_rate(100) == 25.0
+    assert limiter.rate == 25.0
+    auto = RateLimiter(10, adaptive=True, ceiling=None, clock=lambda: clock[0])
+    assert auto.set_rate(40) == 40
+    assert not auto.adaptive
+    assert auto.rate == 40
+
+
+async def test_a_spooled_jobs_pause_is_its_own(tmp_path: Path) -> None:
+    """A job run for the spool watcher shares the watcher's limiter: pausing it stops that
+    job alone (its engine admits nothing), not the limiter the other jobs use; its rate is
+    the watcher's (refused here)."""
+    sim = simulator()
+    job = job_file(tmp_path, "limits: {rate: 50}\n", assets=300)
+    run_dir = tmp_path / "run"
+    shared = RateLimiter(50)
+    async with serve(sim) as url, anyio.create_task_group() as group:
+        ended: list[int] = []
+
+        async def run() -> None:
+            loaded = load_job(job)
+            opts = options(url, run_dir, loaded.limits)
+            run_dir.mkdir()
+            with run_dir_lock(opts.run):
+                start = snapshot_targets(
+                    start_new(loaded, None, gateway=url, limits=opts.limits), opts.run
+                )
+                ended.append(
+                    await execute(start, opts, out=io.StringIO(), control=RunControl(shared))
+                )
+
+        group.start_soon(run)
+        await wait_for(lambda: len(lines(run_dir / "results.jsonl")) >= 10)
+        assert (await ctl(str(run_dir), "pause"))[0] == 0
+        assert not shared.held  # the other jobs go on
+        await anyio.sleep(0.3)
+        count = len(lines(run_dir / "results.jsonl"))
+        await anyio.sleep(0.5)
+        assert len(lines(run_dir / "results.jsonl")) == count
+        code, said = await ctl(str(run_dir), "rate", value=5)
+        assert code == 2
+        assert "the rate of a spooled job is the watcher's" in said
+        assert (await ctl(str(run_dir), "resume"))[0] == 0
+        await wait_for(lambda: bool(ended))
+    assert ended == [0]

@@ -96,6 +96,7 @@ class Conduct:
         self._held_s = 0.0  # waited for a window, a promotion or a resume: not working time
         self._paused_at: float | None = None  # monotonic time of the pause in force
         self.paused = False
+        self.status_failing = False  # the status file could not be written (said once)
         self.stages: StagesView | None = None
         self.window: WindowView | None = None
 

@@ -47,7 +47,11 @@ def write_status_now(conductor: Conduct, last: JsonObject | None = None) -> None
     try:
         write_status(conductor.run.status, status)
     except Exception as exc:  # a full disk: the journal and the audit say what happened
-        log.warning("worker.status_not_written", why=str(exc))
+        if not conductor.status_failing:  # said once, not every second
+            log.warning("worker.status_not_written", why=str(exc))
+        conductor.status_failing = True
+    else:
+        conductor.status_failing = False
 
 
 def write_last_status(conductor: Conduct, summary: Summary) -> None:
