@@ -163,10 +163,16 @@ async def test_a_gate_fails_on_a_collateral_cancel_and_a_forced_resume_goes_on(
         assert len(lines(run_dir / "results.jsonl")) == 10  # nothing of stage 2
         assert "collateral" in (run_dir / "report.html").read_text(encoding="utf-8")
         problem = stage_problem(
-            load_job(job), read_manifest(RunDir(run_dir)), resumed=True, force=False
+            load_job(job), read_manifest(RunDir(run_dir)), begun=True, force=False
         )
         assert problem is not None
         assert "resume with --force" in problem
+        refused = run_worker(
+            "run", str(job), "--resume", str(run_dir), env=worker_env(ENOS_GATEWAY=url)
+        )
+        assert refused.returncode == 2
+        assert "stage 1's gate failed" in refused.stderr
+        assert "nothing was sent" in refused.stderr
         code, _ = await run_resumed(job, url, run_dir, force=True)
     assert code == 0
     each_once(run_dir, 100)

@@ -63,12 +63,13 @@ def plan_stages(job: Job, made: Plan) -> StagesRecord:
     return {"seed": seed, "current": 1, "items": items}
 
 
-def stage_problem(job: Job, manifest: Manifest, *, resumed: bool, force: bool) -> str | None:
+def stage_problem(job: Job, manifest: Manifest, *, begun: bool, force: bool) -> str | None:
     """Why the run in `manifest` cannot go on with `job` as it now is (None: it can): its
-    stages changed (a run keeps its sample), or a gate failed and the resume is not forced."""
+    stages changed (a run keeps its sample), or a gate failed and the resume is not forced.
+    `begun`: targets of the run are final already (before that, stages may still be added)."""
     record = manifest.stages
     if record is None:
-        if job.stages and resumed:
+        if job.stages and begun:
             return "the job now has stages: but its run started without; start a new run"
         return None
     written = [stage.describe() for stage in job.stages]
@@ -98,8 +99,8 @@ class StagedRun:
     def __init__(self, conductor: Conduct) -> None:
         self.conductor = conductor
         manifest, job = conductor.manifest, conductor.job
-        if manifest.stages is None and job.stages and len(manifest.segments) <= 1:
-            manifest.stages = plan_stages(job, conductor.plan)
+        if manifest.stages is None and job.stages and not conductor.done:
+            manifest.stages = plan_stages(job, conductor.plan)  # nothing final yet: a new run
         self.record: StagesRecord = manifest.stages or {}
         self.items = self.record.get("items", [])
         seed = self.record.get("seed", job.name)
@@ -110,9 +111,8 @@ class StagedRun:
         """Whether the run may go on with the job as it is (else it stops, saying why); the
         thresholds and promotions follow the job file as now written."""
         conductor = self.conductor
-        resumed = len(conductor.manifest.segments) > 1
-        force = conductor.options.force
-        problem = stage_problem(conductor.job, conductor.manifest, resumed=resumed, force=force)
+        begun, force = bool(conductor.done), conductor.options.force
+        problem = stage_problem(conductor.job, conductor.manifest, begun=begun, force=force)
         if problem is not None:
             conductor.engine.stop(StopReason.FATAL, problem)
             return False

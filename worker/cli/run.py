@@ -97,7 +97,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         read_manifest(run)  # a clear error before the lock for a directory that is no run
         with run_dir_lock(run):
             start = start_resumed(job, run, shard, retry_failed=args.retry_failed, force=args.force)
-            problem = stage_problem(job, start.manifest, resumed=True, force=args.force)
+            begun = bool(start.finished.done)
+            problem = stage_problem(job, start.manifest, begun=begun, force=args.force)
             if problem is not None:
                 raise UsageError(f"{problem}; nothing was sent")
             gateway = resolve_gateway(
