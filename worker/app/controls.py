@@ -157,8 +157,10 @@ def _concurrency(conductor: Conduct, request: ControlRequest) -> Done:
     asked = int(request.get("value", 0))
     before = {"concurrency": conductor.concurrency}
     conductor.concurrency = min(asked, conductor.options.limits.concurrency)
-    if not conductor.paused:
-        conductor.hold(paused=False)  # the engines take the new number
+    if not conductor.paused:  # a paused run takes it when resumed
+        conductor.engine.set_concurrency(conductor.concurrency)
+        if conductor.gate_engine is not None:
+            conductor.gate_engine.set_concurrency(conductor.concurrency)
     note = None
     if asked > conductor.concurrency:
         note = (

@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 import orjson
 
 from worker.app.conducting import Conduct
@@ -223,6 +224,8 @@ async def _judge(
     verdict = _Verdict()
     rng = random.Random(conductor.options.seed)
     for line in lines.final():
+        if verdict.targets % 1000 == 999:
+            await anyio.lowlevel.checkpoint()  # the status file and worker ctl meanwhile
         verdict.targets += 1
         verdict.failed += line.get("outcome") == Outcome.FAILED
         if not _to_check(line):

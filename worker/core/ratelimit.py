@@ -200,7 +200,8 @@ class RateLimiter:
         flight finish); on resuming the schedule starts afresh, without a catch-up burst."""
         self.held = held
         self._idle = True
-        self.cause = PAUSED if held else self._steady_cause()
+        steady = "overload" if self._overload_cap is not None else self._steady_cause()
+        self.cause = PAUSED if held else steady
 
     def set_rate(self, rate: float | None) -> float | None:
         """An operator's rate (None: unlimited), fixed from now on (rate: auto stops probing),
