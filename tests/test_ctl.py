@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from worker.app import wiring
 from worker.app.ctl import control, parse_words
 from worker.app.prepare import snapshot_targets, start_new
 from worker.app.run import RunControl, execute
+from worker.app.spoolctl import carry_out_spool_requests, watching
 from worker.core.engine import Engine
 from worker.core.ports import EngineSettings, Progress
 from worker.core.ratelimit import RateLimiter
@@ -46,7 +48,7 @@ from worker.model import Limits
 from worker.report.auditverify import verify
 from worker.report.console import ProgressLine
 from worker.sim.simulator import Simulator, serve
-from worker.store.control import ControlRequest, send_request, take_requests
+from worker.store.control import ControlRequest, RequestResult, send_request, take_requests
 from worker.store.layout import RunDir, read_manifest
 from worker.store.lock import run_dir_lock
 
@@ -228,6 +230,37 @@ async def test_a_spools_rate_is_its_watchers(tmp_path: Path) -> None:
         assert not list((spool / "control").iterdir())
     finally:
         os.close(fd)
+
+
+async def test_a_watcher_that_serves_its_control_directory_acknowledges_a_rate(
+    tmp_path: Path,
+) -> None:
+    """What the spool watcher has to do for worker ctl SPOOL rate N (app/spoolctl.py): hold
+    SPOOL/watch.lock, carry out SPOOL/control/ twice a second; then ctl is acknowledged and
+    the shared limiter has the rate; anything but a rate is refused there."""
+    spool = tmp_path / "spool"
+    for name in ("incoming", "running", "runs", "done", "failed"):
+        (spool / name).mkdir(parents=True)
+    limiter, results = RateLimiter(10), deque[RequestResult](maxlen=32)
+    with watching(spool):
+        async with anyio.create_task_group() as group:
+
+            async def watcher() -> None:
+                while True:
+                    carry_out_spool_requests(spool, limiter, results)
+                    await anyio.sleep(0.5)
+
+            group.start_soon(watcher)
+            assert await ctl(str(spool), "rate", value=40) == (
+                0,
+                f"{spool}: rate done; now rate 40.0\n",
+            )
+            send_request(spool / "control", request("pause"))
+            await wait_for(lambda: len(results) == 2)
+            group.cancel_scope.cancel()
+    assert limiter.rate == 40
+    assert results[1]["result"] == "refused: pause acts on a job's run directory (SPOOL/runs/NAME)"
+    assert status(spool)["rate"]["allowed"] == 40
 
 
 def request(action: str, **extra: Any) -> ControlRequest:

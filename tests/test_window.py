@@ -10,9 +10,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+import orjson
 import pytest
 
 from tests.runs import write_job
+from tests.simproc import run_worker
 from worker.errors import JobFileError
 from worker.jobs.parse import load_job
 from worker.jobs.window import describe, next_open, span_at, spans, wall_instant, windows_needed
@@ -207,3 +209,29 @@ def test_window_keys_are_read_and_checked(tmp_path: Path) -> None:
     )
     with pytest.raises(JobFileError, match=r"window\.daily: has no timezone"):
         load_job(no_zone)
+
+
+def test_validate_shows_the_window_and_the_stages(tmp_path: Path) -> None:
+    """worker validate: the window in words, its next opening, how many openings the job
+    needs at its rate; each stage's share of the sample and its gate."""
+    path = write_job(
+        tmp_path,
+        "limits: {rate: 0.01}\nwindow: {daily: '02:00-04:00', days: [sat], timezone: UTC}\n"
+        "stages: [{targets: 3}, {percent: 100, max_failed_percent: 2}]\n"
+        "targets:\n" + "".join(f"  - asset_id: a{i}\n" for i in range(100)),
+    )
+    result = run_worker("validate", str(path), "--json")
+    assert result.returncode == 0, result.stderr
+    facts = orjson.loads(result.stdout)
+    window = facts["window"]
+    assert window["window"] == "daily 02:00-04:00 UTC, sat"
+    assert window["next_s"] == 7200
+    assert window["fits"] is True
+    assert window["windows_needed"] in (2, 3)  # 10,000 s at 0.01/s (3 when one is open now)
+    assert [(s["goes_to"], s["targets"]) for s in facts["stages"]] == [
+        ("3 targets", 3),
+        ("100 % of the job", 97),
+    ]
+    text = run_worker("validate", str(path)).stdout
+    assert f"the job needs about {window['windows_needed']} opening(s) at its rate" in text
+    assert "2: up to 100 % of the job (97 targets here); its gate lets at most 2 % fail" in text
