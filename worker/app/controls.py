@@ -65,21 +65,8 @@ def carry_out(conductor: Conduct, taken: Taken) -> None:
         }
     else:
         done = _ACTIONS[request["action"]](conductor, request)
-    record: ControlRecord = {
-        "type": "control",
-        "at": iso(time.time()),
-        "request": request["id"],
-        "action": request["action"],
-        "by": request["by"],
-        "host": request["host"],
-        "asked_at": request["at"],
-        "before": done.before,
-        "after": done.after,
-        "result": done.result,
-    }
-    note = "; ".join(n for n in (request.get("note"), done.note) if n)
-    if note:
-        record["note"] = note
+    record = _record(request, done)
+    note = record.get("note")
     if not conductor.record(record):
         return  # the run stops: the request stays, for the next process to carry out
     conductor.results.append(
@@ -103,7 +90,29 @@ def carry_out(conductor: Conduct, taken: Taken) -> None:
     taken.done()
 
 
+def _record(request: ControlRequest, done: Done) -> ControlRecord:
+    """The audit record of a request carried out: who (from the request), what, the state
+    before and after, the result, and the notes of both sides."""
+    record: ControlRecord = {
+        "type": "control",
+        "at": iso(time.time()),
+        "request": request["id"],
+        "action": request["action"],
+        "by": request["by"],
+        "host": request["host"],
+        "asked_at": request["at"],
+        "before": done.before,
+        "after": done.after,
+        "result": done.result,
+    }
+    note = "; ".join(n for n in (request.get("note"), done.note) if n)
+    if note:
+        record["note"] = note
+    return record
+
+
 def _who(request: ControlRequest) -> str:
+    """user@host of the worker ctl that sent the request (the audit's and the log's who)."""
     return f"{request['by']}@{request['host']}"
 
 
@@ -119,6 +128,7 @@ def _pause(conductor: Conduct, request: ControlRequest) -> Done:
 
 
 def _resume(conductor: Conduct, request: ControlRequest) -> Done:
+    """Sending goes on (run.json first: a crash now no longer starts paused)."""
     if not conductor.paused:
         return Done({"paused": False}, {"paused": False}, note="not paused")
     conductor.manifest.paused = None

@@ -54,10 +54,12 @@ class Place:
 
     @property
     def control(self) -> Path:
+        """Where its requests go (RUN/control or SPOOL/control)."""
         return self.path / "control"
 
     @property
     def status(self) -> Path:
+        """Where its live state (and the results of its requests) is read."""
         return self.path / "status.json"
 
     def live(self) -> str | None:
@@ -201,6 +203,7 @@ def _await_results(sent: list[Sent], timeout: float) -> None:
 
 
 def _result_in(item: Sent) -> tuple[str, object] | None:
+    """The request's result as the status file shows it (None: not yet)."""
     status = read_status(item.place.status) or {}
     for result in status.get("requests") or []:
         if isinstance(result, dict) and result.get("id") == item.request["id"]:
@@ -231,6 +234,7 @@ def _tell(item: Sent, stream: TextIO) -> int:
 
 
 def _shown(after: object) -> str:
+    """What a request left, in words: "paused True", "rate 40.0"."""
     if isinstance(after, dict):
         return ", ".join(f"{key} {value}" for key, value in after.items())
     return str(after)

@@ -62,6 +62,7 @@ class _Searches:
         """Searches change nothing: outside the chain (their lines carry request ids)."""
 
     def result(self, result: TargetResult) -> None:
+        """A device searched: its line of evidence; what is pending, or why not searched."""
         target, digest = result.target, result.target.digest()
         self.searched += 1
         failed = result.outcome is Outcome.FAILED
@@ -108,6 +109,7 @@ def device_of(line: ResultRecord) -> Target:
 
 
 def _device_text(line: ResultRecord) -> str:
+    """How the gate's record names a device: its asset id, or product key/device key."""
     selector = line["target"]
     asset = selector.get("asset_id")
     return (
@@ -137,6 +139,7 @@ class _StageLines:
             seen.add(digest)
 
     def _mine(self) -> Iterator[ResultRecord]:
+        """The journal's lines of this stage's targets, in journal order."""
         for line in read_journal(self.path):
             if self.sample.stage_of(record_key(line)) == self.index:
                 yield line

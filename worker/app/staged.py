@@ -216,6 +216,7 @@ class StagedRun:
         return self._event(item, "promoted")
 
     def _event(self, item: StageState, event: str, note: str | None = None) -> bool:
+        """A stage audit record (False: it could not be written, and the run stops)."""
         record: StageEventRecord = {
             "type": "stage",
             "at": iso(time.time()),

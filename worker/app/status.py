@@ -122,6 +122,7 @@ def _state(conductor: Conduct) -> str:
 
 
 def _deadline(conductor: Conduct) -> str | None:
+    """When the segment's deadline stops it (as the engine counts it from its start)."""
     deadline = conductor.options.limits.deadline
     if deadline is None or conductor.started_at is None:
         return None

@@ -102,9 +102,11 @@ class WindowWatch:
         conductor.engine.stop(StopReason.WINDOW, message)
 
     def _event(self, event: str, span: Span) -> bool:
+        """A window audit record (False: it could not be written, and the run stops)."""
         return self.conductor.record(self._record(event, span))
 
     def _record(self, event: str, span: Span) -> WindowEventRecord:
+        """The window's audit record: the event and the span it is about."""
         return {
             "type": "window",
             "at": iso(time.time()),
@@ -143,10 +145,12 @@ class WindowWatch:
 
 
 def _reached(clock: Callable[[], float], instant: float) -> bool:
+    """Whether the (injected) clock has reached `instant`: what a wait for an opening asks."""
     return clock() >= instant
 
 
 def _utc(instant: float | None) -> str | None:
+    """An instant as ISO 8601 UTC for records (None for no bound)."""
     if instant is None or math.isinf(instant):
         return None
     return utc_text(instant)

@@ -109,6 +109,7 @@ def write_change(
 
 
 def _next_text(job: Job, window: WindowFacts) -> str:
+    """Whether the window is open now, and until when; else when it next opens."""
     assert job.window is not None
     if window["opens_at"] is None:
         return "it has ended: it does not open again"

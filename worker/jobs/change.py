@@ -211,24 +211,28 @@ def _stage(node: yaml.Node, where: str, problems: Problems) -> Stage | None:
 
 
 def _count(value: object) -> int:
+    """A stage's count of targets: a whole number (YAML's 50, not 50.0 or true)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{shown(value)} is not a whole number above zero")
     return value
 
 
 def _share(value: object) -> float:
+    """How far a stage goes in percent of the job: above 0 (an empty stage runs nothing)."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 100:
         raise ValueError(f"{shown(value)} is not a percentage above 0 and at most 100")
     return float(value)
 
 
 def _threshold(value: object) -> float:
+    """A gate's failure threshold in percent: 0 (none may fail) to 100."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 100:
         raise ValueError(f"{shown(value)} is not a percentage from 0 to 100")
     return float(value)
 
 
 def _flag(value: object) -> bool:
+    """true or false as YAML reads them (not "yes please")."""
     if not isinstance(value, bool):
         raise ValueError(f"{shown(value)} is not true or false")
     return value
