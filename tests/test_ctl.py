@@ -165,6 +165,7 @@ async def test_a_rate_above_the_gateways_budget_is_capped_and_one_for_runs_is_sp
         await wait_for(lambda: bool(status(a).get("state") == status(b).get("state") == "running"))
         code, said = await ctl(str(a), "rate", value=100)
         assert code == 0
+        assert "(warning: capped at the gateway's stated budget, 25/s (asked 100/s))" in said
         assert status(a)["budget"] == 25
         assert status(a)["rate"]["allowed"] == 25
         (capped,) = records(a, "control")

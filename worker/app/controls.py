@@ -25,7 +25,7 @@ from worker.app.conducting import Conduct
 from worker.app.status import write_status_now
 from worker.core.ports import StopReason
 from worker.store.appendlog import iso
-from worker.store.control import ControlRequest, Taken, take_requests
+from worker.store.control import ControlRequest, RequestResult, Taken, take_requests
 from worker.store.records import ControlRecord
 
 log = structlog.get_logger("worker.ctl")
@@ -69,15 +69,16 @@ def carry_out(conductor: Conduct, taken: Taken) -> None:
     note = record.get("note")
     if not conductor.record(record):
         return  # the run stops: the request stays, for the next process to carry out
-    conductor.results.append(
-        {
-            "id": request["id"],
-            "action": request["action"],
-            "result": done.result,
-            "at": record["at"],
-            "after": done.after,
-        }
-    )
+    shown: RequestResult = {
+        "id": request["id"],
+        "action": request["action"],
+        "result": done.result,
+        "at": record["at"],
+        "after": done.after,
+    }
+    if done.note:
+        shown["note"] = done.note
+    conductor.results.append(shown)
     (log.info if done.result == "done" else log.warning)(
         "worker.control",
         action=request["action"],

@@ -78,6 +78,7 @@ class Sent:
     path: Path
     result: str | None = None  # "done", "refused: ..."; None while unknown
     after: object = None
+    note: str | None = None  # what the run said of it (a rate capped at the budget)
 
 
 def parse_words(words: list[str]) -> tuple[list[Path], str, float | None]:
@@ -193,7 +194,7 @@ def _await_results(sent: list[Sent], timeout: float) -> None:
                 continue
             found = _result_in(item)
             if found is not None:
-                item.result, item.after = found
+                item.result, item.after, item.note = found
                 waiting.remove(item)
         if waiting:
             time.sleep(POLL_S)
@@ -202,12 +203,13 @@ def _await_results(sent: list[Sent], timeout: float) -> None:
             item.result = None  # never taken: nothing happened
 
 
-def _result_in(item: Sent) -> tuple[str, object] | None:
+def _result_in(item: Sent) -> tuple[str, object, str | None] | None:
     """The request's result as the status file shows it (None: not yet)."""
     status = read_status(item.place.status) or {}
     for result in status.get("requests") or []:
         if isinstance(result, dict) and result.get("id") == item.request["id"]:
-            return str(result.get("result")), result.get("after")
+            note = result.get("note")
+            return str(result.get("result")), result.get("after"), note and str(note)
     return None
 
 
@@ -229,7 +231,8 @@ def _tell(item: Sent, stream: TextIO) -> int:
     if item.result != "done":
         stream.write(f"{where}: {action} {item.result}\n")
         return ExitCode.USAGE
-    stream.write(f"{where}: {action} done; now {_shown(item.after)}\n")
+    note = f" (warning: {item.note})" if item.note else ""
+    stream.write(f"{where}: {action} done; now {_shown(item.after)}{note}\n")
     return ExitCode.OK
 
 

@@ -55,6 +55,7 @@ class RequestResult(TypedDict):
     result: str  # "done", or why it was refused
     at: str
     after: object
+    note: NotRequired[str]  # e.g. a rate capped at the gateway's budget: said to the sender
 
 
 class Taken:
