@@ -86,6 +86,10 @@ def _notes(summary: Summary) -> list[str]:
         lines.append(f"  failures by code   {top}")
     if summary.stop_message:
         lines.append(f"  why it stopped     {summary.stop_message}")
+    items = summary.stages.get("items", [])
+    if items:
+        states = ", ".join(f"{item['stage']} {item['state']}" for item in items)
+        lines.append(f"  stages             {states}")
     verify = summary.verify
     if verify:
         partial = "" if verify.get("complete") else " (stopped early: resume with worker verify)"
