@@ -160,6 +160,13 @@ async def test_the_deadline_and_the_window_the_earlier_wins(tmp_path: Path) -> N
             job, url, tmp_path / "b", clock=Clock(berlin(2026, 6, 10, 3, 59, 59)), deadline=60
         )
         assert (code, summary(tmp_path / "b")["stopped"]) == (4, "window closed")
+        began = time.monotonic()  # a deadline that comes before the window opens ends the wait
+        code, _ = await run_new(
+            job, url, tmp_path / "c", clock=Clock(berlin(2026, 6, 10, 12)), deadline=1
+        )
+        assert (code, summary(tmp_path / "c")["stopped"]) == (4, "deadline")
+        assert time.monotonic() - began < 5
+        assert not lines(tmp_path / "c" / "results.jsonl")
 
 
 def test_no_wait_says_when_the_window_opens(tmp_path: Path) -> None:

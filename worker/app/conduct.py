@@ -19,6 +19,8 @@ from collections.abc import Callable, Coroutine, Iterator
 from functools import partial
 from typing import Any, TextIO
 
+import anyio
+
 from worker.app.conducting import Conduct
 from worker.app.controls import control_loop
 from worker.app.staged import StagedRun
@@ -79,7 +81,17 @@ class Conductor(Conduct):
         found: list[Helper] = [partial(control_loop, self), partial(status_loop, self)]
         if self.watch is not None:
             found.append(self.watch.close_loop)
+        if self.options.limits.deadline is not None:
+            found.append(self._deadline_loop)
         return found
+
+    async def _deadline_loop(self) -> None:
+        """The deadline holds in every wait too (for the window, a gate, a promotion), not
+        only while the engine sends (its own timer stops it an attempt's time earlier)."""
+        deadline = self.options.limits.deadline
+        assert deadline is not None
+        await anyio.sleep(max(0.0, self.started_at + deadline - time.time()))
+        self.engine.stop(StopReason.DEADLINE, "the deadline was reached; the rest is resumable")
 
     async def body(self, targets: Iterator[tuple[int, Target]]) -> StopReason:
         """The segment's work in place of one engine.run: the window, the gateway proof, then
