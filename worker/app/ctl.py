@@ -191,6 +191,8 @@ def _await_results(sent: list[Sent], timeout: float) -> None:
     while waiting and time.monotonic() < deadline:
         for item in list(waiting):
             if pending(item.path):
+                if item.place.live() is None and withdraw(item.path):
+                    waiting.remove(item)  # the run ended without taking it: nothing happened
                 continue
             found = _result_in(item)
             if found is not None:
