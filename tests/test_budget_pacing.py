@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 import pytest
 
 from worker.budget import Budget, Window, read_budget
+from worker.core.ports import RateChange
 from worker.core.quota import QUOTA_STOP_S, QuotaPause, too_long
-from worker.core.ratelimit import PROBE_POLL_S, RateChange, RateLimiter
+from worker.core.ratelimit import PROBE_POLL_S, RateLimiter
 from worker.sim.quota import Quota, parse_quota
 
 T0 = 1_800_000_000.0  # 2027-01-15 08:00:00 UTC

@@ -27,7 +27,7 @@ KUBERNETES = DEPLOY / "kubernetes"
 DASHBOARD = DEPLOY / "grafana" / "worker-dashboard.json"
 WORKLOADS = ("indexed-job.yaml", "cronjob.yaml", "spool-watcher.yaml")
 DISRUPTED = frozenset({("DisruptionTarget", "True")})
-SAMPLE_ENV = {"SHARD_INDEX": "2", "JOB_NAME": "worker-maintenance-29412570"}
+SAMPLE_ENV = {"SHARD_INDEX": "2", "JOB_NAME": "worker-maintenance-29412570", "CAMPAIGN": "c-1"}
 
 
 def documents() -> Iterator[tuple[str, dict[str, Any]]]:
@@ -216,17 +216,45 @@ def test_the_maintenance_cronjob_fails_on_1_2_3_and_retries_4_into_the_same_run(
     assert action(policy, 137) == "Count"
     assert spec["backoffLimit"] >= 1
     assert doc["spec"]["concurrencyPolicy"] == "Forbid"
-    # A retried pod resumes its Job's run: one directory per Job, named by the Job.
+    # Every Job and every retried pod resumes the campaign's run: one directory, named in the
+    # job's ConfigMap, across as many windows as the run needs.
     container = the_container(doc)
     args = parsed_args(container)
     assert args.resume_existing is True
-    assert str(args.out) == f"/results/maintenance/{SAMPLE_ENV['JOB_NAME']}"
+    assert str(args.out) == f"/results/maintenance/{SAMPLE_ENV['CAMPAIGN']}"
     env = {item["name"]: item for item in container["env"]}
-    field = env["JOB_NAME"]["valueFrom"]["fieldRef"]["fieldPath"]
-    assert field == "metadata.labels['batch.kubernetes.io/job-name']"
-    # The window spans the retries: no per-pod deadline that would start again with each.
+    volumes = {v["name"]: v for v in pod_spec(doc)["volumes"]}
+    reference = env["CAMPAIGN"]["valueFrom"]["configMapKeyRef"]
+    assert reference == {"name": volumes["job"]["configMap"]["name"], "key": "campaign"}
+    # The job's window drives it: no per-pod deadline, and the worker waits for the opening.
     assert args.deadline is None
+    assert args.no_wait is False
     assert spec["activeDeadlineSeconds"] <= 4 * 3600
+
+
+def test_the_maintenance_cronjob_starts_before_its_jobs_window_and_outlasts_it(
+    tmp_path: Path,
+) -> None:
+    """The schedule's zone is the window's; each Job starts a few minutes before an opening,
+    on the window's days; the active deadline covers the window, also on the night the
+    clocks go back (the opening an hour later by the start's clock)."""
+    doc = manifest("cronjob.yaml")
+    (data,) = (
+        d["data"] for _, d in documents() if d["metadata"]["name"] == "worker-maintenance-job"
+    )
+    for file, text in data.items():
+        (tmp_path / file).write_text(text)
+    window = load_job(tmp_path / "job.yaml").window
+    assert window is not None
+    assert window.daily is not None
+    minute, hour, _, _, days = doc["spec"]["schedule"].split()
+    start = int(hour) * 60 + int(minute)
+    opens, closes = window.daily
+    assert doc["spec"]["timeZone"] == window.timezone
+    assert 0 <= opens - start <= 15
+    assert {(int(d) - 1) % 7 for d in days.split(",")} == set(window.days)  # cron: 0 = Sunday
+    deadline = job_spec(doc)["activeDeadlineSeconds"]
+    assert deadline >= ((opens - start) + (closes - opens) + 60) * 60
 
 
 def test_the_maintenance_cronjob_has_its_own_valid_job(tmp_path: Path) -> None:

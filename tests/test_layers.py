@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent / "worker"
-SHARED = {"errors", "model", "logs", "redact", "budget", "__init__", "__main__"}
+SHARED = {"errors", "model", "jobparts", "logs", "redact", "budget", "__init__", "__main__"}
 # Each layer and the layers it may import (besides the shared ground and itself).
 MAY_IMPORT = {
     "jobs": set(),

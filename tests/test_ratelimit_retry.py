@@ -6,7 +6,9 @@ import random
 
 import pytest
 
-from worker.core.ratelimit import OVERLOAD_K, RECOVERY_S, RateChange, RateLimiter
+from worker.core.ports import RateChange
+from worker.core.ratelimit import RECOVERY_S, RateLimiter
+from worker.core.recent import OVERLOAD_K
 from worker.core.retry import RetryPolicy, Verdict
 from worker.errors import AuthError, RateLimitedError, RetryableError, TargetError
 

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple, TypedDict
 
 from worker.budget import Budget
 from worker.errors import InvalidTargetError
+from worker.jobparts import Stage, TargetsQuery, Window
 
 JsonObject = dict[str, Any]  # JSON where it crosses a boundary (a file, the wire), checked there
 
@@ -317,22 +318,6 @@ class TargetsFile:
 
 
 @dataclass(frozen=True, slots=True)
-class TargetsQuery:
-    """Targets chosen by the fleet itself (``targets_query:``): every device of one org that
-    Search Device finds for these criteria, all of which must hold. Resolved into a targets
-    file at the start of a run (worker.jobs.query says it in words and as sent)."""
-
-    org_id: str
-    product_keys: tuple[str, ...] = ()  # any of them (one search per product key)
-    asset_ids: tuple[str, ...] = ()  # any of them
-    status: str | None = None  # inactive | online | offline | disable
-    product_type: str | None = None  # Device | Gateway
-    device_name: str | None = None  # fuzzy (the gateway's `like`)
-    device_name_locale: str | None = None  # None: every name; default, en_US, zh_CN, ...
-    source: str = field(default="", compare=False)  # where it was written ("job.yaml:7")
-
-
-@dataclass(frozen=True, slots=True)
 class Job:
     """A validated job file. Targets are not held here: they are streamed by `worker.jobs.plan`."""
 
@@ -348,6 +333,8 @@ class Job:
     targets_file: TargetsFile | None
     match: Match | None = None  # selective: the job's rule for every target without its own
     query: TargetsQuery | None = None  # targets from Search Device, resolved at the run's start
+    window: Window | None = None  # when it may send (None: any time)
+    stages: tuple[Stage, ...] = ()  # a staged rollout behind verify gates (): all at once
 
 
 class Outcome(StrEnum):

@@ -8,7 +8,7 @@ import signal
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from functools import partial
 from typing import Any, TextIO
 
@@ -36,10 +36,14 @@ async def drive(
     progress: bool = True,
     searching: bool = False,
     earlier: Counter[str] | None = None,
+    body: Callable[[Iterator[tuple[int, Target]]], Awaitable[StopReason]] | None = None,
+    beside: Sequence[Callable[[], Coroutine[Any, Any, None]]] = (),
 ) -> StopReason:
     """Run the engine over the targets with its helpers: syncing the records (a run's), the
-    rate timeline (a run's `segment`), signals (unless the caller stops it) and progress."""
-    helpers: list[Callable[[], Coroutine[Any, Any, None]]] = []
+    rate timeline (a run's `segment`), signals (unless the caller stops it) and progress;
+    `body` runs in place of engine.run (a run's conductor: window, stages) with its own
+    helpers `beside`."""
+    helpers: list[Callable[[], Coroutine[Any, Any, None]]] = list(beside)
     if isinstance(engine.recorder, RunRecorder):
         helpers.append(partial(_sync_loop, engine.recorder))
     if segment is not None:
@@ -52,7 +56,7 @@ async def drive(
     async with anyio.create_task_group() as group:
         for helper in helpers:
             group.start_soon(helper)
-        reason = await engine.run(targets)
+        reason = await (body(targets) if body is not None else engine.run(targets))
         group.cancel_scope.cancel()
     return reason
 

@@ -11,8 +11,9 @@ from worker.app.wiring import RunOptions, client_for, proven
 from worker.budget import Budget, Window
 from worker.enos import protocol as p
 from worker.errors import EnOSError, RateLimitedError
+from worker.jobparts import TargetsQuery
 from worker.jobs.query import expressions
-from worker.model import Target, TargetsQuery
+from worker.model import Target
 
 LONG_WINDOW_S = 3600.0  # windows this long or longer are budgets to spend, not paces
 

@@ -12,10 +12,9 @@ resolves again.
 
 from __future__ import annotations
 
-import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
@@ -30,9 +29,10 @@ from worker.core.ports import StopReason
 from worker.core.ratelimit import RateLimiter
 from worker.enos.client import EnOSClient
 from worker.errors import StoreError
+from worker.jobparts import TargetsQuery
 from worker.jobs.plan import Plan, plan
 from worker.jobs.query import describe, expressions
-from worker.model import Job, Shard, TargetsFile, TargetsQuery
+from worker.model import Job, Shard, TargetsFile
 from worker.store.appendlog import iso
 from worker.store.audit import AuditLog
 from worker.store.layout import RunDir, write_manifest
@@ -42,11 +42,49 @@ from worker.store.state import Manifest
 
 log = structlog.get_logger("worker.query")
 
+STOP_POLL_S = 0.1  # how soon a resolution notices that the run stops
+
 
 def needs_resolving(job: Job, manifest: Manifest) -> bool:
     """A query job whose run has no targets copy yet (new, or its resolution never completed;
     a run that has one goes over it, whatever the job says now)."""
     return job.query is not None and manifest.targets_file is None
+
+
+def run_resolver(
+    job: Job,
+    plan_: Plan,
+    manifest: Manifest,
+    *,
+    client: EnOSClient,
+    engine: Engine,
+    audit: AuditLog,
+    options: RunOptions,
+    out: TextIO | None,
+) -> Callable[[], Awaitable[tuple[Job, Plan] | None]] | None:
+    """For a targets_query not yet resolved: what resolves it into the run's snapshot once the
+    window is open and the gateway proven (the job and plan over it; None: nothing to send,
+    the engine says why). None when the run goes over a snapshot it has."""
+    if not needs_resolving(job, manifest):
+        return None
+
+    async def resolve() -> tuple[Job, Plan] | None:
+        try:
+            return await resolve_for_run(
+                job,
+                plan_,
+                manifest,
+                client=client,
+                engine=engine,
+                audit=audit,
+                options=options,
+                out=out,
+            )
+        except StoreError as error:
+            engine.stop(StopReason.FATAL, str(error))
+            return None
+
+    return resolve
 
 
 async def resolve_for_run(
@@ -58,7 +96,6 @@ async def resolve_for_run(
     engine: Engine,
     audit: AuditLog,
     options: RunOptions,
-    signals: bool,
     out: TextIO | None,
 ) -> tuple[Job, Plan] | None:
     """Resolve the job's query into the run directory; the job and plan over the snapshot, or
@@ -82,7 +119,7 @@ async def resolve_for_run(
         stopping=engine.must_stop,
         throttled=engine.throttled,
     )
-    result = await _stoppable(resolver, sent, engine, signals=signals, out=out)
+    result = await _stoppable(resolver, sent, engine)
     engine.progress.requests += result.calls  # the searches were requests of this segment
     complete = result.complete(len(sent))
     usable = not result.fatal and not engine.stopping  # not a refusal, not a signal
@@ -117,14 +154,11 @@ async def resolve_for_run(
     return await _go_on(own, made, record, engine, options)
 
 
-async def _stoppable(
-    resolver: Resolver, sent: list[str], engine: Engine, *, signals: bool, out: TextIO | None
-) -> Resolution:
-    """The resolution, cut short at once when the run stops (a signal, the watcher): searches
-    change nothing, so nothing in flight needs to finish."""
+async def _stoppable(resolver: Resolver, sent: list[str], engine: Engine) -> Resolution:
+    """The resolution, cut short at once when the run stops (a signal, worker ctl stop, the
+    deadline, the watcher): searches change nothing, so nothing in flight needs to finish."""
     async with anyio.create_task_group() as group:
-        if signals:
-            group.start_soon(_signal_loop, engine, group.cancel_scope, out)
+        group.start_soon(_cut_when_stopping, engine, group.cancel_scope)
         await resolver.resolve(sent)
         group.cancel_scope.cancel()
     result = resolver.result
@@ -133,15 +167,14 @@ async def _stoppable(
     return result
 
 
-async def _signal_loop(engine: Engine, scope: anyio.CancelScope, out: TextIO | None) -> None:
-    """SIGINT/SIGTERM while resolving: stop the run at once (nothing was cancelled; a resume
-    resolves again)."""
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as received:
-        async for signum in received:
-            name = signal.Signals(signum).name
-            (out or sys.stderr).write(f"\n{name}: the query's resolution stops; nothing sent.\n")
-            engine.stop(StopReason.INTERRUPTED, f"{name} received while the query was resolved")
+async def _cut_when_stopping(engine: Engine, scope: anyio.CancelScope) -> None:
+    """Cancel the resolution once the run stops (nothing was cancelled; a resume resolves
+    again)."""
+    while True:
+        if engine.stopping:
             scope.cancel()
+            return
+        await anyio.sleep(STOP_POLL_S)
 
 
 def _auditing(audit: AuditLog) -> Callable[[AttemptRecord], None]:

@@ -18,14 +18,14 @@ import structlog
 
 from worker import __version__
 from worker.app.beside import drive
+from worker.app.conduct import Conductor
 from worker.app.metrics import RunMetrics
-from worker.app.query import needs_resolving, resolve_for_run
+from worker.app.query import run_resolver
 from worker.app.recorder import RunRecorder
-from worker.app.wiring import RunOptions, build_engine, client_for, proven
+from worker.app.wiring import RunOptions, build_engine, client_for
 from worker.core.engine import Engine
 from worker.core.ports import StopReason
 from worker.core.ratelimit import RateLimiter
-from worker.enos.client import EnOSClient
 from worker.errors import ExitCode, StoreError
 from worker.jobs.plan import Plan, run_targets
 from worker.model import Job, Target
@@ -52,7 +52,7 @@ def exit_code_for(reason: StopReason, failed: int, not_attempted: int) -> int:
     """The contract's exit code for how a run ended."""
     if reason in (StopReason.FATAL, StopReason.ABORTED):
         return ExitCode.ABORTED
-    if reason in (StopReason.INTERRUPTED, StopReason.DEADLINE, StopReason.QUOTA):
+    if reason in (StopReason.INTERRUPTED, StopReason.DEADLINE, StopReason.QUOTA, StopReason.WINDOW):
         return ExitCode.INTERRUPTED
     return ExitCode.FAILED if failed or not_attempted else ExitCode.OK
 
@@ -104,9 +104,11 @@ async def execute(
     *,
     out: TextIO | None = None,
     control: RunControl | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> int:
     """Run the job's pending targets as one segment; returns the exit code. With `control`,
-    the caller stops the run (no signal handling here) and may share its limiter."""
+    the caller stops the run (no signal handling here) and may share its limiter. `clock`
+    is what the job's window is read on (a test's own)."""
     manifest = start.manifest
     resuming = bool(manifest.segments)
     try:
@@ -132,22 +134,45 @@ async def execute(
     if control is not None:
         control.attach(engine)
     began = time.monotonic()
+    conductor: Conductor | None = None
     try:
+        segment_of = (start.job, start.plan, manifest, start.finished, start.fold)
+        conductor = Conductor(
+            segment_of,
+            options,
+            engine,
+            client,
+            recorder.audit,
+            out=out,
+            spooled=control is not None,
+            clock=clock,
+            resolve=run_resolver(
+                start.job,
+                start.plan,
+                start.manifest,
+                client=client,
+                engine=engine,
+                audit=recorder.audit,
+                options=options,
+                out=out,
+            ),
+        )
         problem = _serve_metrics(metrics, options, engine, start) if metrics else None
-        async with proven(client, options) as refused:
-            if problem or refused:
-                engine.stop(StopReason.FATAL, problem or refused or "")
-            elif ready := await _targets_ready(
-                start, client, engine, recorder, options, out=out, signals=control is None
-            ):
-                await _drive_segment(engine, ready, options, out, segment, control=control)
+        if problem is not None:
+            engine.stop(StopReason.FATAL, problem)
+        else:
+            await _drive_segment(engine, start, out, segment, conductor, control=control)
     except Exception as exc:  # a bug or an OS failure: end as a resumable stop, say why
         log.exception("worker.internal_error")
         engine.stop(StopReason.FATAL, f"internal error: {exc!r}; the run is resumable")
     finally:
-        # Synchronous on purpose: no cancellation can interrupt closing the files.
-        segment.duration_s = round(time.monotonic() - began, 3)
+        # Synchronous on purpose: no cancellation can interrupt closing the files. Time held
+        # for a window, a promotion or a pause is not working time: not in the duration.
+        held = conductor.held_s if conductor is not None else 0.0
+        segment.duration_s = round(time.monotonic() - began - held, 3)
         summary, counts = _close_segment(engine, manifest, segment, recorder, start.fold)
+        if conductor is not None:
+            conductor.ended(summary)
         if metrics is not None:
             metrics.close()
     _tell(summary, start, options, out, audit_head=recorder.audit.head, counts=counts)
@@ -208,47 +233,12 @@ def _tell(
         stream.flush()
 
 
-async def _targets_ready(
-    start: SegmentStart,
-    client: EnOSClient,
-    engine: Engine,
-    recorder: RunRecorder,
-    options: RunOptions,
-    *,
-    out: TextIO | None,
-    signals: bool,
-) -> SegmentStart | None:
-    """The segment over its targets: a targets_query is resolved first (into the run's
-    snapshot); None when nothing is to be sent (the engine says why)."""
-    if not needs_resolving(start.job, start.manifest):
-        return start
-    try:
-        resolved = await resolve_for_run(
-            start.job,
-            start.plan,
-            start.manifest,
-            client=client,
-            engine=engine,
-            audit=recorder.audit,
-            options=options,
-            signals=signals,
-            out=out,
-        )
-    except StoreError as error:
-        engine.stop(StopReason.FATAL, str(error))
-        return None
-    if resolved is None:
-        return None
-    job, made = resolved
-    return replace(start, job=job, plan=made)
-
-
 async def _drive_segment(
     engine: Engine,
     start: SegmentStart,
-    options: RunOptions,
     out: TextIO | None,
     segment: Segment,
+    conductor: Conductor,
     *,
     control: RunControl | None,
 ) -> None:
@@ -261,8 +251,10 @@ async def _drive_segment(
         segment=segment,
         already=already,
         signals=control is None,
-        progress=options.progress,
+        progress=conductor.options.progress,
         earlier=start.fold.counts.outcomes,
+        body=conductor.body,
+        beside=conductor.helpers(),
     )
 
 

@@ -18,8 +18,8 @@ import structlog
 
 from worker.app.metrics import MetricsAddress
 from worker.core.engine import Engine
-from worker.core.ports import Admissions, EngineSettings, Recorder
-from worker.core.ratelimit import RateChange, RateLimiter
+from worker.core.ports import Admissions, EngineSettings, RateChange, Recorder
+from worker.core.ratelimit import RateLimiter
 from worker.core.retry import Retrying, RetryPolicy, Verdict
 from worker.enos.client import EnOSClient
 from worker.errors import EnOSError
@@ -55,6 +55,7 @@ class RunOptions:
     confirm: Callable[[int], str | None] | None = None
     # UTC now, for signing and for the gateway's budget windows (a test moves it to a known hour)
     wall: Callable[[], float] = time.time
+    force: bool = False  # a resume with --force: a changed job, or a failed stage gate looked at
 
     def policy(self) -> RetryPolicy:
         """The retry policy of this run."""

@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from worker import __version__
+from worker.cli.flags import accept_incomplete_flag, connection_flags, limit_flags
 from worker.cli.help import (
     AUDIT_EXIT_CODES,
+    CTL_EXIT_CODES,
     EXAMPLES,
     EXIT_CODES,
     REPORT_EXIT_CODES,
@@ -128,8 +130,8 @@ def build_parser(handlers: Mapping[str, Handler]) -> argparse.ArgumentParser:
         help="also ask the gateway (a token and one read-only search; never a cancel) what "
         "budget it states, and whether the job's calls fit in what is left",
     )
-    _connection_flags(validate)
-    _limit_flags(validate)
+    connection_flags(validate)
+    limit_flags(validate)
     simulate_flags(
         _command(
             commands,
@@ -187,6 +189,17 @@ def build_parser(handlers: Mapping[str, Handler]) -> argparse.ArgumentParser:
             exit_codes=SWEEP_EXIT_CODES,
         )
     )
+    _ctl_command(
+        _command(
+            commands,
+            "ctl",
+            handlers["ctl"],
+            "act on running runs through their run directories: pause, resume, rate N, "
+            "concurrency N, stop, promote, status",
+            EXAMPLES["ctl"],
+            exit_codes=CTL_EXIT_CODES,
+        )
+    )
     audit = commands.add_parser(
         "audit", help="check a run's audit log", formatter_class=_HelpFormatter
     )
@@ -209,7 +222,7 @@ def build_parser(handlers: Mapping[str, Handler]) -> argparse.ArgumentParser:
 
 def _run_command(run: argparse.ArgumentParser) -> None:
     run.add_argument("job", type=Path, help="the job file (YAML)")
-    _limit_flags(run)
+    limit_flags(run)
     run.add_argument(
         "--out",
         type=Path,
@@ -222,7 +235,7 @@ def _run_command(run: argparse.ArgumentParser) -> None:
         metavar="URL",
         help="API gateway base URL (default: ENOS_GATEWAY, else the job's gateway:)",
     )
-    _connection_flags(run)
+    connection_flags(run)
     run.add_argument(
         "--resume",
         type=Path,
@@ -241,7 +254,15 @@ def _run_command(run: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--force",
         action="store_true",
-        help="with --resume: even though the job file or its targets changed",
+        help="with --resume: even though the job file or its targets changed, or a stage "
+        "gate failed (after looking at its evidence: the run goes on at that stage and checks "
+        "its gate again)",
+    )
+    run.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="when the job's window: is closed, exit 4 saying when it opens (default: wait "
+        "for it, showing when it opens)",
     )
     run.add_argument(
         "--dry-run",
@@ -260,7 +281,7 @@ def _run_command(run: argparse.ArgumentParser) -> None:
         action="store_true",
         help=f"do not ask for confirmation above {CONFIRM_ABOVE:,} targets",
     )
-    _accept_incomplete_flag(run)
+    accept_incomplete_flag(run)
     run.add_argument(
         "--verify",
         action="store_true",
@@ -277,16 +298,6 @@ def _run_command(run: argparse.ArgumentParser) -> None:
         "--no-progress",
         action="store_true",
         help="no live progress line (logs and the summary still come)",
-    )
-
-
-def _accept_incomplete_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--accept-incomplete",
-        action="store_true",
-        help="a targets_query whose devices were not all found (the count falls short of the "
-        "gateway's totalSize): go on with those found, recording the shortfall (default: stop, "
-        "exit 3, nothing cancelled)",
     )
 
 
@@ -307,30 +318,8 @@ def _resolve_command(resolve: argparse.ArgumentParser) -> None:
         metavar="URL",
         help="API gateway base URL (default: ENOS_GATEWAY, else the job's gateway:)",
     )
-    _connection_flags(resolve)
-    _accept_incomplete_flag(resolve)
-
-
-def _connection_flags(parser: argparse.ArgumentParser) -> None:
-    """How a command that talks to the gateway authenticates and trusts it (run, verify,
-    watch: one text for the three)."""
-    parser.add_argument(
-        "--credentials",
-        type=Path,
-        metavar="FILE",
-        help="a chmod-600 file with ENOS_APP_KEY=... and ENOS_APP_SECRET=... lines "
-        "(default: the environment)",
-    )
-    parser.add_argument(
-        "--ca-bundle",
-        type=Path,
-        metavar="FILE",
-        help="PEM file of CA certificates to verify the gateway with (default: the "
-        "system store, which honours SSL_CERT_FILE)",
-    )
-    parser.add_argument(
-        "--insecure", action="store_true", help="allow plain http to a host that is not loopback"
-    )
+    connection_flags(resolve)
+    accept_incomplete_flag(resolve)
 
 
 def _watch_command(watch: argparse.ArgumentParser) -> None:
@@ -360,7 +349,7 @@ def _watch_command(watch: argparse.ArgumentParser) -> None:
         "--gateway", metavar="URL", help="every job's gateway (required: this or ENOS_GATEWAY)"
     )
     watch.add_argument("--create", action="store_true", help="make SPOOL if it does not exist")
-    _connection_flags(watch)
+    connection_flags(watch)
     watch.add_argument(
         "--metrics-port",
         metavar="[HOST:]PORT",
@@ -368,10 +357,31 @@ def _watch_command(watch: argparse.ArgumentParser) -> None:
     )
 
 
+def _ctl_command(ctl: argparse.ArgumentParser) -> None:
+    ctl.usage = "worker ctl [--timeout SECONDS] [--json] DIR [DIR ...] ACTION [N]"
+    ctl.add_argument(
+        "words",
+        nargs="+",
+        metavar="DIR ... ACTION [N]",
+        help="run directories (or a spool, for rate), then pause | resume | rate N | "
+        "concurrency N | stop | promote | status; a rate for several directories is split "
+        "evenly between them",
+    )
+    ctl.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="how long to wait for the run to acknowledge (then a request nobody took is "
+        "taken back)",
+    )
+    ctl.add_argument("--json", action="store_true", help="status: print the status file(s)")
+
+
 def _verify_command(verify: argparse.ArgumentParser) -> None:
     verify.add_argument("dir", type=Path, metavar="DIR", help="a run directory")
     verify.add_argument("--gateway", metavar="URL", help="(default: the run's gateway)")
-    _connection_flags(verify)
+    connection_flags(verify)
     verify.add_argument(
         "--rate", metavar="N|auto|unlimited", help="searches per second (default: the run's)"
     )
@@ -391,39 +401,4 @@ def _report_command(report: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="where to write the HTML report (default: DIR/report.html, or "
         "./report.html for several directories)",
-    )
-
-
-def _limit_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--rate",
-        metavar="N|auto|unlimited",
-        help="requests per second for the whole run; 'auto' finds the "
-        "gateway's limit (default: the job's limits.rate, else 10)",
-    )
-    parser.add_argument(
-        "--concurrency",
-        type=int,
-        metavar="N",
-        help="requests in flight (default: the job's, else 16)",
-    )
-    parser.add_argument(
-        "--shard",
-        metavar="K/N",
-        help="only shard K of N (K from 0, as JOB_COMPLETION_INDEX): a stable split by a hash "
-        "of each target, so N processes cover every target exactly once",
-    )
-    parser.add_argument(
-        "--assets-per-call",
-        type=int,
-        metavar="N",
-        help="cancel up to N assets (by asset_id, all their commands) in one call as "
-        "assetId=a1,a2,...; opt-in, verified on the gateway, falls back to 1 (default: the "
-        "job's limits.assets_per_call, else 1; at most 100)",
-    )
-    parser.add_argument(
-        "--deadline",
-        metavar="DURATION",
-        help="stop cleanly after this long, e.g. 90s, 45m, 2h, 1h30m (default: "
-        "the job's, else none)",
     )

@@ -11,10 +11,18 @@ EXIT_CODES = """exit codes:
   2  bad usage, an invalid job file, or a run directory that cannot be made or written:
      nothing was sent
   3  aborted (credentials, permission, wrong gateway, abort rule, outage, an incomplete
-     targets_query, a disk that can no longer be written, internal error); resumable
-  4  interrupted (SIGINT/SIGTERM), the deadline was reached, the gateway's quota is spent
-     (the summary says when it resets), or the run directory is busy with another live
-     worker; resumable: try again later"""
+     targets_query, a failed stage gate, a disk that can no longer be written, internal
+     error); resumable
+  4  interrupted (SIGINT/SIGTERM, worker ctl stop), the deadline was reached, the job's
+     window closed (or, with --no-wait, is closed), the gateway's quota is spent (the
+     summary says when it resets), or the run directory is busy with another live worker;
+     resumable: try again later"""
+
+CTL_EXIT_CODES = """exit codes:
+  0  every run acknowledged the request (it consumed it and its status file shows it)
+  1  no live run holds a directory, or a run did not acknowledge in time
+  2  bad usage, or a run refused the request (promote with no stage waiting, the rate of a
+     spooled job, which is the watcher's)"""
 
 VALIDATE_EXIT_CODES = """exit codes:
   0  the job is valid and has targets to run (with --probe: and its calls fit in what the
@@ -94,6 +102,14 @@ EXAMPLES = {
   worker verify runs/JOB-20261201T120000Z        search each target: is anything still pending?
   worker verify DIR --rate 50
   worker run JOB.yaml --verify                   the run, then the sweep""",
+    "ctl": """examples:
+  worker ctl runs/JOB-20261201T120000Z status    the live state (status.json)
+  worker ctl DIR pause                           nothing new is sent; in flight finish
+  worker ctl DIR rate 5                          a new rate, now (capped at a known budget)
+  worker ctl shard-0 shard-1 shard-2 rate 300    100/s each
+  worker ctl DIR promote                         a stage waiting for promotion goes on
+  worker ctl DIR stop                            as a first Ctrl-C: exit 4, resumable
+  worker ctl /srv/spool rate 50                  a watcher's rate, shared by its jobs""",
     "verify": """examples:
   worker audit verify runs/JOB-20261201T120000Z
   worker audit verify DIR --head SHA256            (the audit head the run printed)""",

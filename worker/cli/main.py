@@ -16,6 +16,7 @@ from typing import TextIO, cast
 import structlog
 
 from worker import logs
+from worker.cli.ctl import cmd_ctl
 from worker.cli.grammar import build_parser
 from worker.cli.resolve import cmd_resolve
 from worker.cli.run import cmd_run, cmd_verify, cmd_watch
@@ -35,6 +36,7 @@ HANDLERS = {
     "audit verify": cmd_audit_verify,
     "verify": cmd_verify,
     "watch": cmd_watch,
+    "ctl": cmd_ctl,
 }
 log = structlog.get_logger("worker")
 

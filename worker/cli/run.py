@@ -11,6 +11,7 @@ import gc
 import importlib.util
 import random
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
@@ -41,6 +42,7 @@ from worker.app.settings import (
     resolve_gateway,
     watcher_gateway,
 )
+from worker.app.staged import stage_problem
 from worker.app.sweep import verify_run
 from worker.app.watch import Watcher, WatchOptions
 from worker.app.wiring import RunOptions
@@ -49,6 +51,7 @@ from worker.errors import ExitCode, UsageError
 from worker.jobs.parse import load_job
 from worker.jobs.plan import Plan, run_targets
 from worker.jobs.units import parse_shard
+from worker.jobs.window import describe, local_text, next_open, utc_text
 from worker.model import Credentials, Job, Limits, Shard
 from worker.store.layout import RunDir, read_manifest
 from worker.store.lock import run_dir_lock
@@ -87,11 +90,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         args.resume = args.out
     if args.dry_run:
         return _dry_run(args, job, shard, credentials, bundle)
+    closed = window_closed(job, no_wait=args.no_wait)
+    if closed is not None:
+        sys.stderr.write(f"worker: {closed}\n")
+        return ExitCode.INTERRUPTED
     if args.resume is not None:
         run = RunDir(Path(args.resume))
         read_manifest(run)  # a clear error before the lock for a directory that is no run
         with run_dir_lock(run):
             start = start_resumed(job, run, shard, retry_failed=args.retry_failed, force=args.force)
+            begun = bool(start.finished.done)
+            problem = stage_problem(job, start.manifest, begun=begun, force=args.force)
+            if problem is not None:
+                raise UsageError(f"{problem}; nothing was sent")
             gateway = resolve_gateway(
                 args.gateway or start.manifest.gateway, job, insecure=args.insecure
             )
@@ -148,6 +159,7 @@ def _options(
         metrics=metrics,
         accept_incomplete=args.accept_incomplete,
         confirm=None if args.yes else partial(_confirm_resolved, gateway),
+        force=args.force,
     )
 
 
@@ -271,6 +283,28 @@ def cmd_verify(args: argparse.Namespace) -> int:
             gateway, credentials, limits, run, ca_bundle=bundle, progress=not args.quiet
         )
         return run_async(lambda: verify_run(options))
+
+
+def window_closed(job: Job, *, no_wait: bool, now: float | None = None) -> str | None:
+    """With --no-wait, when the job's window is closed: when it opens (the run exits 4,
+    nothing made or sent). A window that never opens again is bad input (exit 2) either way;
+    without --no-wait the run waits for it, showing when it opens."""
+    if job.window is None:
+        return None
+    moment = time.time() if now is None else now
+    opens = next_open(job, moment)
+    if opens is None:
+        raise UsageError(
+            f"the job's window ({describe(job.window)}) has ended and does not open again; "
+            "change window: in the job file. Nothing was sent"
+        )
+    if opens <= moment or not no_wait:
+        return None
+    return (
+        f"the job's window ({describe(job.window)}) is closed; it opens "
+        f"{local_text(opens, job.window)} ({utc_text(opens)}). Nothing was sent (--no-wait); "
+        "run again then, or without --no-wait to wait for it"
+    )
 
 
 def metrics_address(text: str | None) -> MetricsAddress | None:

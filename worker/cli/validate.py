@@ -15,6 +15,7 @@ from worker.app.prepare import checked_plan, runnable_plan
 from worker.app.probe import Fit, Probed, fit, probe_budget
 from worker.app.settings import ca_bundle, resolve_gateway
 from worker.app.wiring import RunOptions
+from worker.cli.change_facts import StageFacts, WindowFacts, stage_facts, window_facts, write_change
 from worker.cli.run import credentials_of, limits_of, run_async, shard_of
 from worker.core.batching import planned_calls
 from worker.jobs.parse import load_job
@@ -75,6 +76,8 @@ class PlanFacts(TypedDict):
     abort: Abort
     estimated_s: float | None
     targets_sha256: str
+    window: WindowFacts | None  # the job's window: the next opening, openings needed
+    stages: list[StageFacts]  # a staged rollout: each stage's targets and gate
     targets_query: NotRequired[QueryFacts]  # targets from a query: found when a run starts
     probe: NotRequired[ProbeFacts]
 
@@ -184,6 +187,8 @@ def _plan_facts(job: Job, plan_: Plan, limits: Limits, gateway: str | None) -> P
         "abort": {"failure_ratio": job.abort.failure_ratio, "min_finished": job.abort.min_finished},
         "estimated_s": estimate,
         "targets_sha256": plan_.targets_sha256,
+        "window": window_facts(job, estimate),
+        "stages": stage_facts(job, plan_),
     }
 
 
@@ -224,6 +229,8 @@ def _write_plan(out: TextIO, job: Job, facts: PlanFacts) -> None:
         )
     if "targets_query" not in facts:
         _write_estimate(out, facts)
+    write_change(out, job, facts["window"], facts["stages"])
+    if "targets_query" not in facts:
         out.write(f"  targets sha256    {facts['targets_sha256']}\n")
     if "probe" in facts:
         _write_probe(out, facts["probe"])

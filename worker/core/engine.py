@@ -76,14 +76,7 @@ from worker.errors import (
     StoreError,
     UnreadableAnswerError,
 )
-from worker.model import (
-    Attempt,
-    CancelReply,
-    Decided,
-    SearchPage,
-    Target,
-    TargetResult,
-)
+from worker.model import Attempt, CancelReply, Decided, SearchPage, Target, TargetResult
 
 log = structlog.get_logger("worker.engine")
 
@@ -119,6 +112,7 @@ class Engine:
         self._parked: list[tuple[float, int, Core]] = []
         self._parked_seq = 0
         self._busy = 0
+        self._allowed = settings.concurrency  # workers that may drive at once (worker ctl)
         self.batching = batch_plan(settings)
         self._admission = Admission(
             settings,
@@ -170,6 +164,13 @@ class Engine:
         self._pacer.wake()
         self._notify()
 
+    def set_concurrency(self, workers: int) -> int:
+        """At most `workers` targets driven at once from now on, up to the workers this run
+        started (0: none is admitted, a pause); returns the number in force (worker ctl)."""
+        self._allowed = max(0, min(workers, self._settings.concurrency))
+        self._notify()
+        return self._allowed
+
     def cancel(self) -> None:
         """Stop at once: requests in flight are abandoned (their targets stay resumable)."""
         if self._group_scope is not None:
@@ -177,7 +178,7 @@ class Engine:
 
     async def run(self, targets: Iterator[tuple[int, Target]]) -> StopReason:
         """Process every (ordinal, target) (or until stopped); returns why the run ended."""
-        self._admission.start(targets)
+        self._admission.start(targets)  # a staged run runs the engine again for each stage
         self._wake = anyio.Event()
         async with anyio.create_task_group() as group:
             self._group_scope = group.cancel_scope
@@ -200,6 +201,9 @@ class Engine:
     async def _next_work(self) -> Work | None:
         """A parked target whose wait is over, else a new one; None when all is done."""
         while not self.stopping:
+            if self._busy >= self._allowed:  # an operator lowered the concurrency
+                await self._idle(math.inf)
+                continue
             parked = self._parked
             if parked and parked[0][0] <= time.monotonic():
                 due = heapq.heappop(parked)[2]
@@ -256,7 +260,8 @@ class Engine:
             self._settle(core, action)
         finally:
             self._busy -= 1
-            if not self._busy and not self._admission.open and not self._parked:
+            lowered = self._allowed < self._settings.concurrency
+            if lowered or (not self._busy and not self._admission.open and not self._parked):
                 self._notify()
 
     async def _call(self, core: Core, send: Send) -> Action | Fanout:

@@ -73,6 +73,7 @@ class StopReason(StrEnum):
     INTERRUPTED = "interrupted"  # SIGINT/SIGTERM: exit 4
     DEADLINE = "deadline"  # limits.deadline reached: exit 4
     QUOTA = "quota"  # the gateway's quota is spent past the deadline or for over an hour: exit 4
+    WINDOW = "window closed"  # the job's window closed: exit 4, resumed in the next one
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,8 +102,19 @@ class Progress:
     requests: int = 0
     waiting: int = 0  # targets parked until their retry is due
     abandoned: int = 0  # requests cut off in flight by a second stop signal
+    targets: int | None = None  # the segment's targets when found in it (a targets_query)
 
     @property
     def finished(self) -> int:
         """Targets with a final result in this segment."""
         return sum(self.outcomes.values())
+
+
+@dataclass(frozen=True, slots=True)
+class RateChange:
+    """A decision about the rate: from, to (requests/s, None = unlimited), and why."""
+
+    before: float | None
+    after: float | None
+    cause: str
+    detail: str

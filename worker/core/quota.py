@@ -1,8 +1,17 @@
 """The gateway's budget as the limiter keeps it: the stated windows it paces to
 (:class:`StatedWindows`), and the run's wait for a spent quota (:class:`QuotaPause`): when a
 refusal is a spent quota rather than a window's edge, how long the run waits, and how it says
-so. Pure values and functions; the limiter (:mod:`worker.core.ratelimit`) holds them, the
+so; and the one call that goes first when the wait should be over (:class:`QuotaProbe`).
+Pure values and functions; the limiter (:mod:`worker.core.ratelimit`) holds them, the
 engine decides whether a wait still fits the run (:func:`too_long`).
+
+Pacing: for any window the rate never exceeds what is left in it (less the calls still in
+flight, which the answer could not count) spread to its end. ``rate: auto`` starts at it at
+once; a fixed rate above it is paced to it, with one warning. A window spent until a few
+seconds from now holds every call to its end. A spent window or a Retry-After longer than
+QUOTA_PAUSE_S, or SIGNALS_IN_A_ROW bursts of 429s with nothing answered between, pause the whole
+run until the window ends (stated, else the next UTC minute, then hour, then day); then one
+probe goes first and the rest wait for its answer.
 
 Why a quota pause is the run's and not the targets': a gateway counting a minute, day or month
 refuses every call until the window ends. Retried target by target, each 429 would use one of
@@ -25,6 +34,7 @@ SIGNALS_IN_A_ROW = 3  # 429 bursts with no answer between them (and no long Retr
 GUESSES = (60.0, 3600.0, 86400.0)  # without a stated end: the next UTC minute, hour, day
 PROBE_LOST_S = 60.0  # a probe unanswered this long (its caller stopped) is given to another
 SPREAD_S = 60.0  # windows up to this long are spread to their end; longer ones are not
+_NO_PROBE, _PROBE_DUE, _PROBE_OUT = 0, 1, 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,3 +140,42 @@ class StatedWindows:
             for key in [k for k, (_, end) in windows.items() if end <= now]:
                 del windows[key]
         return min((rate for rate, _ in windows.values()), default=None)
+
+
+class QuotaProbe:
+    """After a quota pause, one call goes first and the rest wait for its answer: let through,
+    the pause is over; refused, it goes on. A probe unanswered for PROBE_LOST_S (its caller
+    stopped) is handed to another caller."""
+
+    def __init__(self) -> None:
+        self._state = _NO_PROBE
+        self._at = 0.0
+
+    def arm(self) -> None:
+        """A pause began (or went on): the next slot handed out is the probe."""
+        self._state = _PROBE_DUE
+
+    def clear(self) -> None:
+        """The pause is over: slots go out as usual."""
+        self._state = _NO_PROBE
+
+    @property
+    def out(self) -> bool:
+        """The probe was handed out and not answered yet."""
+        return self._state == _PROBE_OUT
+
+    def holds(self, now: float) -> bool:
+        """Whether no slot may go out now: the probe is out (and not lost)."""
+        if self._state == _PROBE_OUT and now - self._at > PROBE_LOST_S:
+            self._state = _PROBE_DUE
+        return self._state == _PROBE_OUT
+
+    def took(self, now: float) -> None:
+        """A slot was handed out: if a probe was due, this is it."""
+        if self._state == _PROBE_DUE:
+            self._state, self._at = _PROBE_OUT, now
+
+    def given_back(self) -> None:
+        """The slot just handed out was given back unused: the probe is due again."""
+        if self._state == _PROBE_OUT:
+            self._state = _PROBE_DUE

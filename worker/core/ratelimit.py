@@ -19,16 +19,10 @@ What moves the rate, and nothing else:
   rate; the cap lifts as soon as accepted answers are back above 1/K of the requests.
 - ``rate: auto`` starts at a floor and grows by 70 % of itself per second (slow start) until
   the first 429.
-- **The gateway's stated budget** (:mod:`worker.budget`, given by the engine after each answer
-  through :meth:`RateLimiter.budget`): the rate never exceeds, for any window, what is left in
-  it (less the calls still in flight, which the answer could not count) spread to its end.
-  ``rate: auto`` starts at it at once; a fixed rate above it is paced to it, with one warning.
-  A window spent until a few seconds from now holds every call to its end.
-- **A spent quota** (:mod:`worker.core.quota`): a spent window or a Retry-After longer than
-  QUOTA_PAUSE_S, or SIGNALS_IN_A_ROW bursts of 429s with nothing answered between, pause the
-  whole run until the window ends (stated, else the next UTC minute, then hour, then day);
-  then one probe goes first and the rest wait for its answer. :attr:`RateLimiter.quota` says
-  so while it lasts; the engine ends the segment when the wait does not fit the run.
+- **The gateway's stated budget and a spent quota** (:mod:`worker.core.quota`, given by the
+  engine after each answer through :meth:`RateLimiter.budget`): the rate never exceeds what
+  any stated window has left, spread to its end; a spent quota pauses the whole run until it
+  turns, then one probe goes first (:attr:`RateLimiter.quota` says so while it lasts).
 
 Every change of cause is reported through `on_change` (the runner logs it) and shown by
 :attr:`RateLimiter.cause`; the ramp and the probe themselves are not logged step by step.
@@ -38,24 +32,22 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
 import anyio
 
 from worker.budget import Budget, Window
+from worker.core.ports import RateChange
 from worker.core.quota import (
-    PROBE_LOST_S,
     QUOTA_PAUSE_S,
     SIGNALS_IN_A_ROW,
     QuotaPause,
+    QuotaProbe,
     StatedWindows,
     next_boundary,
 )
 from worker.core.recent import TICK_S, WINDOW_S, RecentAnswers
 
 HORIZON_S = 0.2  # the furthest ahead a slot is reserved
-OVERLOAD_K = 2.0
-OVERLOAD_MIN_REQUESTS = 20  # fewer requests in the window say nothing
 RECOVERY_S = 2.0  # a fixed rate's ramp back after a 429 pause
 THROTTLE_CUT = 0.5  # a fixed rate's share right after a 429 pause
 AUTO_SETTLE = 0.9  # rate: auto settles at this share of the knee
@@ -63,18 +55,9 @@ PROBE_SHARE = 0.01  # per second, as a share of the knee
 SLOW_START_GAIN = 0.7  # per accepted answer: the rate grows by 70 % of itself per second
 PROBE_POLL_S = 0.05  # while a quota probe is out, the others ask again this often
 BOUNDARY_MARGIN_S = 1.0  # a guessed quota end: this long after the UTC boundary
+HELD_POLL_S = 0.25  # while paused by an operator, callers ask again this often
+PAUSED = "paused by operator"
 _QUIET_CAUSES = frozenset({"asked", "budget", "probing", "slow start"})  # moved per answer
-_NO_PROBE, _PROBE_DUE, _PROBE_OUT = 0, 1, 2
-
-
-@dataclass(frozen=True, slots=True)
-class RateChange:
-    """A decision about the rate: from, to (requests/s, None = unlimited), and why."""
-
-    before: float | None
-    after: float | None
-    cause: str
-    detail: str
 
 
 class RateLimiter:
@@ -107,8 +90,7 @@ class RateLimiter:
         self._budget_told = False
         self.stated: Budget | None = None  # the last budget the gateway stated (read-only)
         self.quota: QuotaPause | None = None  # the run waits for the gateway's quota
-        self._probe = _NO_PROBE
-        self._probe_at = 0.0
+        self._probe = QuotaProbe()
         self._guess = 0  # the UTC boundary an unstated quota wait goes to next
         self._in_a_row = 0  # 429 bursts with nothing answered between them
         now = clock()
@@ -122,6 +104,7 @@ class RateLimiter:
         self.cause = "slow start" if adaptive else "asked"
         self._rate = self._effective()
         self.throttles = 0
+        self.held = False  # paused by an operator (worker ctl): no slot is handed out
 
     @property
     def rate(self) -> float | None:
@@ -145,42 +128,34 @@ class RateLimiter:
         No coroutine, no lock. With a slot held, wait and go, unless :meth:`paused` says a
         throttle began meanwhile (then ask again). Without one, wait and ask again.
         """
+        if self.held:
+            return HELD_POLL_S, False
         now = self._clock()
         if self._ramp_from is not None:
             self._ramp(now)
-        if self._probe and not self._may_probe(now):
+        if self._probe.holds(now):
             return PROBE_POLL_S, False  # a quota probe is out: wait for its answer
         rate = self._rate
         if rate is None:
             wait = self._paused_until - now
             if wait > 0:
                 return wait, False
-            if self._probe:
-                self._probe, self._probe_at = _PROBE_OUT, now
+            self._probe.took(now)
             return 0.0, True
         if self._idle:  # the first slot: no catching up on a schedule that never ran
             self._idle, self._next = False, max(self._next, now)
         slot = max(self._next, now - self._burst_window(rate), self._paused_until)
         if slot - now > HORIZON_S:
             return max(0.001, slot - now - HORIZON_S), False
-        if self._probe:  # this slot is the quota probe
-            self._probe, self._probe_at = _PROBE_OUT, now
+        self._probe.took(now)  # the quota probe, if one is due
         self._next = slot + 1.0 / rate
         return max(0.0, slot - now), True
 
     def release(self) -> None:
         """Give back the slot just reserved (its caller will not use it now)."""
-        if self._probe == _PROBE_OUT:  # while a probe is out no other slot is handed out
-            self._probe = _PROBE_DUE
+        self._probe.given_back()  # while a probe is out no other slot is handed out
         if self._rate is not None:
             self._next -= 1.0 / self._rate
-
-    def _may_probe(self, now: float) -> bool:
-        """During a quota pause: whether a slot may be handed out (the probe is still due, or
-        the one handed out was never answered: its caller stopped)."""
-        if self._probe == _PROBE_OUT and now - self._probe_at > PROBE_LOST_S:
-            self._probe = _PROBE_DUE
-        return self._probe == _PROBE_DUE
 
     def paused(self) -> bool:
         """Whether a throttle pause is in force now."""
@@ -201,7 +176,7 @@ class RateLimiter:
         """A usable answer: a success, or a target's own error (the gateway is fine)."""
         self._count(accepted=True)
         self._in_a_row = 0
-        if self._probe == _PROBE_OUT:
+        if self._probe.out:
             self._quota_over()
         if self.adaptive and self._base is not None:
             self._probe_up()
@@ -211,7 +186,7 @@ class RateLimiter:
         against the rate only when such answers dominate. (It passed the gateway's quota.)"""
         self._count(accepted=False)
         self._in_a_row = 0
-        if self._probe == _PROBE_OUT:
+        if self._probe.out:
             self._quota_over()
 
     def throttle(self, retry_after: float | None) -> None:
@@ -221,7 +196,7 @@ class RateLimiter:
         now = self._clock()
         self._roll(now)  # a 429 is not a request for the overload rule
         if self.quota is not None:
-            if self._probe == _PROBE_OUT:
+            if self._probe.out:
                 self._probe_refused(retry_after)
             return  # else a call sent before the pause: nothing new
         if retry_after is not None and retry_after > QUOTA_PAUSE_S:
@@ -323,11 +298,12 @@ class RateLimiter:
         pause = self.quota
         if pause is None:
             pause = QuotaPause(until, wall, why, stated)
-        elif self._probe == _PROBE_OUT or until > pause.until + 1.0:
+        elif self._probe.out or until > pause.until + 1.0:
             pause = pause.extended(until, why, stated=stated)
         else:
             return  # the same pause, read again from another answer
-        self.quota, self._probe = pause, _PROBE_DUE
+        self.quota = pause
+        self._probe.arm()
         self._hold(self._clock() + wait_s + margin_s)
         self._change("quota", f"{why}: calls wait until {pause.resets_at()}, then one probe")
 
@@ -348,8 +324,33 @@ class RateLimiter:
 
     def _quota_over(self) -> None:
         """The probe was let through: the quota pause is over."""
-        self.quota, self._probe, self._guess, self._in_a_row = None, _NO_PROBE, 0, 0
+        self.quota, self._guess, self._in_a_row = None, 0, 0
+        self._probe.clear()
         self._change(self._steady_cause(), "the quota probe was let through: calls go again")
+
+    # -- an operator's hand (worker ctl) --------------------------------------------------------
+
+    def hold(self, held: bool) -> None:
+        """Pause (True) or resume every caller: while held no slot is handed out (requests in
+        flight finish); on resuming the schedule starts afresh, without a catch-up burst."""
+        self.held = held
+        self._idle = True
+        steady = "overload" if self._overload_cap is not None else self._steady_cause()
+        self.cause = PAUSED if held else steady
+
+    def set_rate(self, rate: float | None) -> float | None:
+        """An operator's rate (None: unlimited), fixed from now on (rate: auto stops probing),
+        capped at the gateway's stated budget when known; returns the rate set."""
+        cap = self.budget_rate
+        if rate is not None and cap is not None:
+            rate = min(rate, cap)
+        self.adaptive = self._slow_start = False
+        self.asked = self._base = rate
+        if rate is not None:
+            self.floor = min(self.floor, rate)
+        self._ramp_from = None
+        self._change("asked", f"set to {_per_s(rate)} by an operator")
+        return rate
 
     # -- accounting -----------------------------------------------------------------------------
 
@@ -367,18 +368,13 @@ class RateLimiter:
                 self._recap(self._recent.tick * TICK_S)
 
     def _judge_overload(self) -> None:
-        """SRE client-side throttling: cap at K x accepts while requests > K x accepts."""
-        requests, accepts = self._recent.window()
-        window = WINDOW_S - TICK_S  # the current bucket has only begun
-        if requests >= OVERLOAD_MIN_REQUESTS and requests > OVERLOAD_K * accepts:
-            cap = max(self.floor, OVERLOAD_K * accepts / window)
+        """The overload cap (core.recent) set when it moves by over 10 %, lifted when gone."""
+        found = self._recent.overload(self.floor)
+        if found is not None:
+            cap, why = found
             if self._overload_cap is None or abs(cap - self._overload_cap) > 0.1 * cap:
                 self._overload_cap = cap
-                detail = (
-                    f"{requests - accepts} of {requests} requests failed in {WINDOW_S:g} s; "
-                    f"capped at {OVERLOAD_K:g}x the accepted rate"
-                )
-                self._change("overload", detail)
+                self._change("overload", why)
         elif self._overload_cap is not None:
             self._overload_cap = None
             self._change(self._steady_cause(), "answers are back: the overload cap is lifted")
@@ -440,6 +436,10 @@ class RateLimiter:
         before, self._rate = self._rate, self._effective()
         if self._overload_cap is not None and cause != "overload":
             cause = "overload"
-        self.cause = cause
+        self.cause = PAUSED if self.held else cause
         if self._on_change is not None:
             self._on_change(RateChange(before, self._rate, cause, detail))
+
+
+def _per_s(rate: float | None) -> str:
+    return "unlimited" if rate is None else f"{rate:g}/s"

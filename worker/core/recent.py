@@ -9,6 +9,8 @@ WINDOW_S = 5.0  # the overload window (SRE: requests vs accepts)
 KNEE_S = 1.0  # the knee: answers in the last second before a 429
 BUCKETS = int(WINDOW_S / TICK_S)
 KNEE_BUCKETS = int(KNEE_S / TICK_S)
+OVERLOAD_K = 2.0
+OVERLOAD_MIN_REQUESTS = 20  # fewer requests in the window say nothing
 
 
 class RecentAnswers:
@@ -50,3 +52,17 @@ class RecentAnswers:
     def window(self) -> tuple[int, int]:
         """(requests, accepted answers) over the window."""
         return sum(self.requests), sum(self.accepted)
+
+    def overload(self, floor: float) -> tuple[float, str] | None:
+        """SRE client-side throttling (K = OVERLOAD_K): while requests > K x accepted answers
+        over the window, the rate is capped at K x the accepted rate (never below `floor`):
+        (the cap, why); None when the answers are back."""
+        requests, accepts = self.window()
+        if requests < OVERLOAD_MIN_REQUESTS or requests <= OVERLOAD_K * accepts:
+            return None
+        window = WINDOW_S - TICK_S  # the current bucket has only begun
+        why = (
+            f"{requests - accepts} of {requests} requests failed in {WINDOW_S:g} s; "
+            f"capped at {OVERLOAD_K:g}x the accepted rate"
+        )
+        return max(floor, OVERLOAD_K * accepts / window), why

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from worker.errors import JobFileError, shown
+from worker.jobs.change import read_stages, read_window
 from worker.jobs.nodes import Problems, id_text, is_null, mapping, scalar_value
 from worker.jobs.query import read_query
 from worker.jobs.rules import read_abort, read_limits, read_match
@@ -41,6 +42,8 @@ JOB_KEYS = (
     "targets_query",
     "limits",
     "abort",
+    "window",
+    "stages",
 )
 JOB_FILE_MAX = 16 << 20  # bytes; a larger job file should move its targets to a targets_file
 _STR_TAG = "tag:yaml.org,2002:str"
@@ -90,6 +93,8 @@ def load_job(path: Path) -> Job:
         inline_targets=tuple(inline),
         targets_file=targets_file,
         query=query,
+        window=read_window(fields.get("window"), problems),
+        stages=read_stages(fields.get("stages"), problems),
     )
     problems.raise_if_any()
     return job

@@ -13,8 +13,8 @@ import re
 import yaml
 
 from worker.errors import shown
+from worker.jobparts import TargetsQuery
 from worker.jobs.nodes import Problems, id_text, is_null, mapping
-from worker.model import TargetsQuery
 
 QUERY_KEYS = (
     "org_id",

@@ -4,14 +4,18 @@ It checks, reading each file once (memory: a few dozen bytes per target):
 
 1. **The hash chain** of audit.jsonl across all segments: every line is complete JSON, its
    ``prev`` is the sha256 of the line before (the first: of the run id in run.json), the
-   segments are in order (``run_started``, attempts, ``run_finished``; a segment that died has
+   segments are in order (``run_started``, attempts and change records (``control``,
+   ``window``, ``stage``, ``gate``), ``run_finished``; a segment that died has
    no ``run_finished``), nothing follows the last ``run_finished`` but a new ``run_started``, and
    there are as many segments as run.json lists. An edited, removed, reordered, truncated or
    appended line breaks one of these.
 2. **The journal against the audit**: every result has attempt records for its target (at least
    as many as it counts) and one with its request id; one result per target, except one that a
    ``--retry-failed`` segment superseded.
-3. **The summary**: summary.json says what the journal says (outcomes, not attempted, effect
+3. **A stage gate's evidence**: each ``gate`` record names its searches' file
+   (gate-N-T.jsonl, outside the chain as the verify sweep's are) and its sha256; the file,
+   when there, must still hash so.
+4. **The summary**: summary.json says what the journal says (outcomes, not attempted, effect
    unknown, attempts), and the last ``run_finished`` record carries the same summary.
 
 A chain proves order and completeness up to its last line, not against someone who rewrites
@@ -37,12 +41,15 @@ from worker.store.layout import RunDir, read_manifest
 from worker.store.records import (
     AttemptRecord,
     AuditRecord,
+    GateEventRecord,
     ResultRecord,
     RunStartedRecord,
     TargetsResolvedRecord,
 )
 from worker.store.state import Manifest
 from worker.store.tally import count_journal
+
+CHANGE_RECORDS = ("control", "window", "stage", "gate")
 
 
 class AuditBroken(Exception):
@@ -65,6 +72,8 @@ class Verified:
     died: bool = False  # the last segment has no run_finished
     last_started: RunStartedRecord | None = None
     notes: list[str] = field(default_factory=list)
+    changes: int = 0  # control, window, stage and gate records
+    gates: list[tuple[int, str, str]] = field(default_factory=list)  # stage, file, sha256
 
 
 @dataclass
@@ -89,6 +98,7 @@ def verify(run: RunDir, *, head: str | None = None) -> Verified:
             )
         _check_results(run.results, attempts, found)
     _check_manifest(run, manifest, found)
+    _check_gates(run, found)
     if head is not None and head.lower() != found.head:
         raise AuditBroken(
             run.audit,
@@ -196,8 +206,9 @@ def _check_chain(path: Path, run_id: str, found: Verified) -> _Attempts:
 def _in_segment(
     record: AuditRecord, found: Verified, attempts: _Attempts, path: Path, number: int
 ) -> None:
-    """A record inside a segment: an attempt (counted by target), or a targets_query's
-    resolution; anything else is unknown."""
+    """A record inside a segment: an attempt (counted by target), a targets_query's
+    resolution, or a change record (worker ctl, the window, a stage, a gate: a gate's evidence
+    file noted); anything else is unknown."""
     kind: object = record.get("type")
     if kind == "attempt":
         for digest in _attempt_digests(cast("AttemptRecord", record)):
@@ -206,6 +217,11 @@ def _in_segment(
         found.attempts += 1
     elif kind == "targets_resolved":
         _resolved(cast("TargetsResolvedRecord", record), found, path, number)
+    elif kind in CHANGE_RECORDS:
+        found.changes += 1
+        if kind == "gate":
+            gate = cast("GateEventRecord", record)
+            found.gates.append((gate["stage"], gate["evidence"], gate["evidence_sha256"]))
     else:
         raise AuditBroken(path, number, f"an unknown record type {kind!r:.40}")
 
@@ -219,6 +235,18 @@ def _resolved(record: TargetsResolvedRecord, found: Verified, path: Path, number
     digest = record.get("targets_sha256")
     if isinstance(digest, str):
         found.last_started = cast("RunStartedRecord", {**started, "targets_sha256": digest})
+
+
+def _check_gates(run: RunDir, found: Verified) -> None:
+    """Each gate record against its evidence file (gate-N-T.jsonl), when the file is there:
+    the searches stay outside the chain, and this sha256 is what ties them to it."""
+    for stage, name, digest in found.gates:
+        path = run.path / name
+        if not path.exists():
+            found.notes.append(f"the evidence of stage {stage}'s gate ({name}) is missing")
+            continue
+        if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+            raise AuditBroken(path, None, f"does not hash as stage {stage}'s gate record says")
 
 
 def _attempt_digests(record: AttemptRecord) -> list[int]:

@@ -93,6 +93,10 @@ def _notes(summary: Summary) -> list[str]:
         lines.append(f"  why it stopped     {summary.stop_message}")
     if summary.quota_reset_at:
         lines.append(f"  quota resets       {summary.quota_reset_at}   (resume after that)")
+    items = summary.stages.get("items", [])
+    if items:
+        states = ", ".join(f"{item['stage']} {item['state']}" for item in items)
+        lines.append(f"  stages             {states}")
     verify = summary.verify
     if verify:
         partial = "" if verify.get("complete") else " (stopped early: resume with worker verify)"
@@ -208,12 +212,18 @@ class ProgressLine:
         earlier: Counter[str] | None = None,
         started: float | None = None,
     ) -> None:
-        self.progress, self.limiter, self.total, self.already = progress, limiter, total, already
+        self.progress, self.limiter, self._total, self.already = progress, limiter, total, already
         self.tty, self.searching = tty, searching
         self.earlier = _earlier_outcomes(already, earlier)
         self._samples: deque[tuple[float, int, int]] = deque()  # (time, finished, requests)
         if started is not None:  # the first line off a terminal comes with a rate, not 0.0/s
             self._samples.append((started, progress.finished, progress.requests))
+
+    @property
+    def total(self) -> int:
+        """The segment's targets: as given, or as a targets_query found them meanwhile."""
+        found = self.progress.targets
+        return self._total if found is None else found
 
     def show(self, stream: TextIO, now: float) -> None:
         """Draw (or, off a terminal, log) the current state."""

@@ -79,7 +79,8 @@ def _read_details(details: Details, run: RunDir, summary: Summary, manifest: Man
     (requests abandoned in flight, a segment that died): at a million targets it is the
     longest file of the run, and most runs end cleanly."""
     died = bool(manifest.segments) and manifest.segments[-1].finished_at is None
-    if summary.abandoned or died:
+    changed = run.control.exists() or manifest.stages is not None or manifest.window is not None
+    if summary.abandoned or died or changed:  # changed: worker ctl, window, stage records
         with gc_paused():
             _read_audit(details, run)
     details.events += timeline(manifest, summary.rate.timeline)
@@ -185,6 +186,40 @@ def _audit_record(details: Details, record: AuditRecord) -> None:
             details.segment_requests[-1] += 1
         if len(details.abandoned) < LISTED:
             details.abandoned.append(_abandoned_row(record, at))
+    elif (event := change_event(record)) is not None:
+        details.events.append((at, event))
+
+
+def _change_text(before: object, after: object) -> str:
+    """ "; paused False -> True" for what a request changed ("" when nothing did)."""
+    if not isinstance(after, dict) or before == after:
+        return ""
+    was = before if isinstance(before, dict) else {}
+    return "; " + ", ".join(f"{key} {was.get(key)} -> {value}" for key, value in after.items())
+
+
+def change_event(record: AuditRecord) -> str | None:
+    """The timeline's line for a change record: an operator's request (worker ctl), the
+    window, a stage, a gate's decision; None for any other record."""
+    if record["type"] == "control":
+        note = f" ({record['note']})" if record.get("note") else ""
+        return (
+            f"worker ctl {record['action']} by {record['by']}@{record['host']}: "
+            f"{record['result']}{_change_text(record['before'], record['after'])}{note}"
+        )
+    if record["type"] == "window":
+        if record["event"] in ("open", "opened"):
+            when = f"closes at {record['closes_at'] or 'no set time'}"
+        else:
+            when = f"opens at {record['opens_at']}" if record["opens_at"] else "no further opening"
+        return f"window {record['event']} ({record['window']}): {when}"
+    if record["type"] == "stage":
+        note = f" ({record['note']})" if record.get("note") else ""
+        return f"stage {record['stage']} of {record['of']} {record['event']}{note}"
+    if record["type"] == "gate":
+        verdict = "passed" if record["passed"] else "failed: " + "; ".join(record["reasons"])
+        return f"stage {record['stage']} gate {verdict} (evidence {record['evidence']})"
+    return None
 
 
 def _abandoned_row(record: AttemptRecord, at: str) -> FailedRow:

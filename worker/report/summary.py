@@ -78,6 +78,8 @@ def build_summary(
         budget=segments[-1].budget if segments else None,
         quota_reset_at=segments[-1].quota_reset_at if segments else None,
         query=manifest.query or {},
+        stages=manifest.stages or {},
+        window=manifest.window or {},
     )
 
 

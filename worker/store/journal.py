@@ -34,6 +34,7 @@ def result_record(result: TargetResult) -> ResultRecord:
         record["matched_command_ids"] = list(result.matched_command_ids)
         record["missed_command_ids"] = list(result.missed_command_ids)
         record["kept"] = len(result.kept_command_ids)
+        record["kept_command_ids"] = list(result.kept_command_ids)  # what a stage gate checks
     return record
 
 

@@ -17,6 +17,9 @@ Nothing else in the code spells a run directory's file names: a new file is a ne
                       and every resume read; for a targets_query, its snapshot
     targets.csv.partial  a targets_query's rows while it resolves (kept when it stays
                       incomplete, for a look; a resume resolves again)
+    control/          requests from worker ctl, a file each, removed once carried out
+    status.json       the live state of the running process, replaced every second
+    gate-N-T.jsonl    a staged run's gate after stage N (at UTC time T): a line per search
     report.html       the report page (report.html)
     failed.csv        the failed targets as a targets file ...
     followup.yaml     ... and a job that runs them again
@@ -113,6 +116,25 @@ class RunDir:
     def followup(self) -> Path:
         """followup.yaml: a job that runs the failed targets again."""
         return self.path / "followup.yaml"
+
+    @property
+    def control(self) -> Path:
+        """control/: worker ctl's requests to the running process, one file each (written
+        beside and renamed in), removed once carried out; its permissions are the access
+        control."""
+        return self.path / "control"
+
+    @property
+    def status(self) -> Path:
+        """status.json: the running process's live state (counts, rate, pause, stage,
+        window), replaced atomically every second; what worker ctl status and scripts read."""
+        return self.path / "status.json"
+
+    def gate_lines(self, stage: int, stamp: str) -> Path:
+        """gate-N-<UTC time>.jsonl: the searches of one gate of stage N, a line per device
+        (the evidence its audit record names by sha256; each gate its own file, never
+        rewritten, so every gate record can be checked against its file)."""
+        return self.path / f"gate-{stage}-{stamp}.jsonl"
 
     def targets(self, fmt: str) -> Path:
         """targets.csv / targets.jsonl: the targets file as the run planned it, copied in at its

@@ -38,6 +38,7 @@ class ResultRecord(TypedDict):
     matched_command_ids: NotRequired[list[str]]  # selective targets only
     missed_command_ids: NotRequired[list[str]]
     kept: NotRequired[int]
+    kept_command_ids: NotRequired[list[str]]  # the cached commands the match kept
 
 
 class AttemptRecord(TypedDict):
@@ -149,7 +150,135 @@ class TargetsResolvedRecord(TypedDict):
     prev: NotRequired[str]
 
 
-AuditRecord = AttemptRecord | RunStartedRecord | RunFinishedRecord | TargetsResolvedRecord
+class ControlRecord(TypedDict):
+    """An operator's request (worker ctl) as the run carried it out: who asked, what, the
+    state before and after; `result` is "done" or why it was refused."""
+
+    type: Literal["control"]
+    at: str
+    request: str  # the request file's id
+    action: str  # pause | resume | rate | concurrency | stop | promote
+    by: str  # the user of the worker ctl process
+    host: str  # and its host
+    asked_at: str
+    before: object
+    after: object
+    result: str
+    note: NotRequired[str]
+    prev: NotRequired[str]
+
+
+class WindowEventRecord(TypedDict):
+    """The run met its window: waiting for it to open, opened, or closed (the next opening)."""
+
+    type: Literal["window"]
+    at: str
+    event: str  # waiting | opened | closed
+    window: str  # the window in words
+    opens_at: str | None
+    closes_at: str | None
+    prev: NotRequired[str]
+
+
+class StageEventRecord(TypedDict):
+    """A staged rollout's step: a stage started, went to its gate, waits for a promotion, was
+    promoted, or was left empty; or a failed gate was acknowledged by a resume with --force."""
+
+    type: Literal["stage"]
+    at: str
+    stage: int  # from 1
+    of: int
+    event: str
+    targets: int  # the stage's targets in this run (a shard's part)
+    note: NotRequired[str]
+    prev: NotRequired[str]
+
+
+class GateRecord(TypedDict):
+    """A stage's gate: what its verify found and the decision. The searches themselves stay
+    out of the chain, as the verify sweep's do (read-only); their lines are in `evidence`,
+    whose sha256 is recorded here, so the chain vouches for them."""
+
+    stage: int
+    passed: bool
+    targets: int  # the stage's targets with a final result
+    checked: int  # searched
+    failed: int
+    failed_percent: float
+    max_failed_percent: float
+    pending: list[str]  # "<device> <command id>" named by a cancel reply and pending again
+    pending_count: int
+    collateral: list[str]  # "<device> <command id>" a match kept, cancelled since
+    collateral_count: int
+    acknowledged: list[str]  # collateral an earlier failed gate reported (resumed with --force)
+    unverified: int  # could not be searched
+    reasons: list[str]
+    evidence: str  # the file of its per-target lines, in the run directory
+    evidence_sha256: str
+    finished_at: str
+
+
+class GateEventRecord(GateRecord):
+    """A gate's decision in audit.jsonl."""
+
+    type: Literal["gate"]
+    at: str
+    prev: NotRequired[str]
+
+
+AuditRecord = (
+    AttemptRecord
+    | RunStartedRecord
+    | RunFinishedRecord
+    | TargetsResolvedRecord
+    | ControlRecord
+    | WindowEventRecord
+    | StageEventRecord
+    | GateEventRecord
+)
+
+
+class StageState(TypedDict):
+    """One stage of a staged run as run.json and summary.json keep it."""
+
+    stage: int  # from 1
+    goes_to: str  # as written: "50 targets", "5 % of the job"
+    upto: int  # targets of the whole job it reaches, counted from the start
+    cut: str  # the highest sample rank it takes (hex; "-1": none)
+    targets: int  # this run's targets in it (a shard's part of the sample)
+    wait_for_promotion: bool
+    max_failed_percent: float
+    state: (
+        str  # pending, running, verifying, passed, waiting for promotion, promoted, failed, empty
+    )
+    gate: NotRequired[GateRecord]
+
+
+class StagesRecord(TypedDict, total=False):
+    """A staged run's plan and progress (run.json and summary.json ``stages``; empty when the
+    job has none)."""
+
+    seed: str  # the sample's seed: the job's name at the start
+    current: int  # the stage the run is in, from 1 (0: all done)
+    items: list[StageState]
+
+
+class WindowState(TypedDict, total=False):
+    """The job's window as the run last saw it (run.json and summary.json ``window``)."""
+
+    window: str  # in words
+    open: bool
+    opens_at: str | None  # the next opening (ISO 8601 UTC) when closed
+    closes_at: str | None  # the closing of the open one
+    closed_at: str | None  # when a segment ended at the close
+
+
+class PausedState(TypedDict):
+    """A pause an operator asked for (run.json): a resumed run starts paused."""
+
+    by: str
+    at: str
+    request: str
 
 
 class BatchingRecord(TypedDict):

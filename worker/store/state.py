@@ -15,9 +15,12 @@ from worker.model import JsonObject, Limits, Match
 from worker.store.records import (
     BatchingRecord,
     BatchingSummary,
+    PausedState,
     QueryRecord,
     SegmentRate,
+    StagesRecord,
     VerifyCountsRecord,
+    WindowState,
 )
 
 
@@ -81,6 +84,9 @@ class Manifest:
     shard: str | None = None  # "K/N": this run covers one shard of the job's targets
     targets_file: str | None = None  # the targets file's copy in the run directory (its name)
     query: QueryRecord | None = None  # targets_query: its resolution ("complete": a snapshot)
+    stages: StagesRecord | None = None  # a staged rollout: its sample, stages and gates
+    window: WindowState | None = None  # the job's window as the run last saw it
+    paused: PausedState | None = None  # paused by an operator (worker ctl): a resume waits
 
     def to_json(self) -> JsonObject:
         """As written in run.json."""
@@ -106,6 +112,9 @@ class Manifest:
             shard=data.get("shard"),
             targets_file=data.get("targets_file"),
             query=data.get("query"),
+            stages=data.get("stages"),
+            window=data.get("window"),
+            paused=data.get("paused"),
         )
 
     def changes(self, job_sha256: str, targets_sha256: str) -> list[tuple[str, str, str]]:
@@ -174,6 +183,8 @@ class Summary:
     budget: str | None = None  # the gateway's stated budget, as the last segment read it
     quota_reset_at: str | None = None  # stopped for the gateway's quota: when it resets (UTC)
     query: QueryRecord = field(default_factory=QueryRecord)  # targets_query: its resolution
+    stages: StagesRecord = field(default_factory=StagesRecord)  # a staged run's stages, gates
+    window: WindowState = field(default_factory=WindowState)  # and its window, when it has one
 
     def to_json(self) -> JsonObject:
         """summary.json's content (design.md's keys)."""
