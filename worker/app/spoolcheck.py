@@ -18,10 +18,11 @@ import importlib
 import re
 import stat
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+import anyio
 import structlog
 
 from worker.app.settings import same_gateway
@@ -141,6 +142,24 @@ def file_state(path: Path) -> FileState | None:
     except OSError:
         return None
     return FileState(info.st_size, info.st_mtime_ns, info.st_ino)
+
+
+async def still(path: Path, quiet_s: float, poll_s: float, stopping: Callable[[], bool]) -> bool:
+    """Wait until a job's targets file has not changed for `quiet_s` seconds, as the job file
+    must not have before its claim: a producer still writing the CSV must not have half of it
+    planned. Still by the file's own clock, or seen unchanged for that long (a clock skewed
+    into the future must not hold the job forever). False when `stopping()` comes first."""
+    seen, since = file_state(path), time.monotonic()
+    if seen is not None and seen.age_s < quiet_s:
+        log.info("worker.targets_file_changing", path=path.name, still_for_s=quiet_s)
+    while seen is not None and seen.age_s < quiet_s and time.monotonic() - since < quiet_s:
+        if stopping():
+            return False
+        await anyio.sleep(min(poll_s, quiet_s))
+        now = file_state(path)
+        if now != seen:
+            seen, since = now, time.monotonic()
+    return True
 
 
 def public_text(error: Exception, roots: Sequence[Path] = ()) -> str:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections import deque
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -57,13 +58,16 @@ from worker.app.spool import (
     unfinished,
     waiting,
 )
-from worker.app.spoolcheck import check_job, check_job_file, file_state, public_text
+from worker.app.spoolcheck import check_job, check_job_file, public_text, still
+from worker.app.spoolctl import carry_out_spool_requests, watching, write_spool_status
+from worker.app.spoolwindow import Waiting, check_window, closed, reopens_at
 from worker.app.wiring import RunOptions, limiter_for
 from worker.core.ratelimit import RateLimiter
 from worker.errors import ExitCode, UsageError
 from worker.jobs.parse import load_job
 from worker.model import Credentials, Job, Limits
 from worker.report.hints import resume_command
+from worker.store.control import RequestResult
 from worker.store.layout import RunDir, read_summary
 from worker.store.lock import RunDirBusy, run_dir_lock
 
@@ -102,6 +106,8 @@ class Watcher:
         self._mine: set[str] = set()  # claimed names this watcher has a task for
         self._broken: set[str] = set()  # could not even be settled here: not retried
         self._quota_until = 0.0  # epoch s: the application's quota is spent until then
+        self._windows = Waiting()  # the windows of the job files in incoming/
+        self.requests: deque[RequestResult] = deque(maxlen=20)  # worker ctl SPOOL, carried out
         self._wake = anyio.Event()
         self._spool = options.spool  # resolved once the spool is opened
         self.metrics = RunMetrics() if options.metrics is not None else None
@@ -138,7 +144,9 @@ class Watcher:
         if self.options.metrics is not None:
             self._serve_metrics(self.options.metrics)
         try:
-            return await self._run_watch()
+            with watching(self._spool):  # worker ctl SPOOL sees a live watcher
+                write_spool_status(self._spool, self.limiter, self.requests)
+                return await self._run_watch()
         finally:
             if self.metrics is not None:
                 self.metrics.close()
@@ -146,6 +154,7 @@ class Watcher:
     async def _run_watch(self) -> int:
         async with anyio.create_task_group() as signals:
             signals.start_soon(self._signals)
+            signals.start_soon(self._spool_requests)
             async with anyio.create_task_group() as jobs:
                 await self._watch(jobs)
             signals.cancel_scope.cancel()  # every job has ended
@@ -154,13 +163,15 @@ class Watcher:
     def _exit_code(self) -> int:
         """4 when a drain left jobs in running/ (resumable: the contract's "try again"); 1
         when a job could not be settled, or with once when one went to failed/ (a cron entry
-        must see it); else 0."""
+        must see it); 4 with once when jobs wait for their window; else 0."""
         left = any(True for _ in claimed_files(self.options.spool))
         if (self.draining or self._quota_spent()) and left:
             return ExitCode.INTERRUPTED  # drained, or waiting for the gateway's quota
         failed = any(not settled.finished for settled in self.settled)
         if self._broken or (self.options.once and failed):
             return ExitCode.FAILED
+        if self.options.once and self._window_waits():
+            return ExitCode.INTERRUPTED  # jobs wait for their window: a later watcher runs them
         return ExitCode.OK
 
     async def _watch(self, jobs: TaskGroup) -> None:
@@ -169,7 +180,8 @@ class Watcher:
             for job_file in claimed_files(spool):  # left by a dead watcher, or just claimed
                 if self._adoptable(job_file):
                     await self._start(jobs, job_file)
-            for name in waiting(spool, self.options.quiet_s):
+            self._windows.keep_only(waiting(spool))
+            for name in self._claimable(spool, self.options.quiet_s):
                 if self._stopping() or self._quota_spent():
                     break
                 await self._slots.acquire()
@@ -206,18 +218,34 @@ class Watcher:
         waiting for the gateway's quota (also as its run directory says, after a restart)."""
         if job_file.name in self._mine | self._broken or self._stopping():
             return False
-        return not (self._quota_spent() or self._waits_for_quota(run_dir_of(job_file)))
+        run = run_dir_of(job_file)
+        return not (self._quota_spent() or self._waits_for_quota(run) or closed(run, time.time()))
 
     def _idle(self) -> bool:
         """Nothing to claim, nothing running here, nothing left in running/ to adopt (with
         --once, a job waiting for the gateway's quota counts as left, not as work)."""
         spool = self.options.spool
-        if self._mine or (waiting(spool) and not self._quota_spent()):
+        if self._mine or (self._claimable(spool, 0.0) and not self._quota_spent()):
             return False
         return all(
-            f.name in self._broken or self._waits_for_quota(run_dir_of(f))
+            f.name in self._broken
+            or self._waits_for_quota(run_dir_of(f))
+            or closed(run_dir_of(f), time.time())
             for f in claimed_files(spool)
         )
+
+    def _claimable(self, spool: Path, quiet_s: float) -> list[str]:
+        """The job files in incoming/ still for `quiet_s` seconds whose window (if any) lets
+        them be claimed now: one waiting for its window holds no slot."""
+        names = waiting(spool, quiet_s)
+        return self._windows.claimable(spool / "incoming", names, time.time())
+
+    def _window_waits(self) -> bool:
+        """Whether a job waits for its window (in incoming/ or in running/)."""
+        spool = self.options.spool
+        if len(self._claimable(spool, 0.0)) < len(waiting(spool)):
+            return True
+        return any(closed(run_dir_of(f), time.time()) for f in claimed_files(spool))
 
     async def _start(self, jobs: TaskGroup, job_file: Path) -> None:
         await self._slots.acquire()
@@ -280,6 +308,9 @@ class Watcher:
             if code == ExitCode.INTERRUPTED and self._waits_for_quota(run):
                 log.info("worker.job_waits_for_quota", job=job_file.name)
                 return  # stays in running/: resumed once the gateway's quota has reset
+            if code == ExitCode.INTERRUPTED and reopens_at(run) is not None:
+                log.info("worker.job_waits_for_window", job=job_file.name)
+                return  # stays in running/: resumed when its window opens again
             self._settle_run(job_file, run, code)
         finally:
             del self.controls[job_file.name]
@@ -290,28 +321,24 @@ class Watcher:
         check_job_file(job_file)
         job = load_job(job_file)
         check_job(job, spool=self._spool, gateway=self.options.gateway)
+        check_window(job, time.time())
         return job
 
     async def _targets_still(self, job: Job) -> bool:
-        """Wait until the job's targets file has not changed for --unchanged-for seconds, as
-        the job file must not have before its claim: a producer still writing the CSV must
-        not have half of it planned. Still by the file's own clock, or seen unchanged for
-        that long (a clock skewed into the future must not hold the job forever). False
-        when a drain comes first."""
+        """Wait until the job's targets file is still (spoolcheck.still); False when a drain
+        comes first."""
         if job.targets_file is None:
             return True
-        path, quiet = job.targets_file.path, self.options.quiet_s
-        seen, since = file_state(path), time.monotonic()
-        if seen is not None and seen.age_s < quiet:
-            log.info("worker.targets_file_changing", job=job.path.name, still_for_s=quiet)
-        while seen is not None and seen.age_s < quiet and time.monotonic() - since < quiet:
-            if self._stopping():
-                return False
-            await anyio.sleep(min(self.options.poll_s, quiet))
-            now = file_state(path)
-            if now != seen:
-                seen, since = now, time.monotonic()
-        return True
+        options = self.options
+        return await still(job.targets_file.path, options.quiet_s, options.poll_s, self._stopping)
+
+    async def _spool_requests(self) -> None:
+        """worker ctl SPOOL rate N: the requests in SPOOL/control/, twice a second."""
+        while True:
+            await anyio.to_thread.run_sync(
+                carry_out_spool_requests, self._spool, self.limiter, self.requests
+            )
+            await anyio.sleep(0.5)
 
     def _segment(self, job: Job, job_file: Path, run: RunDir) -> SegmentStart:
         """The job's segment: a new run, or the run in `run` resumed. Off the loop."""

@@ -58,7 +58,8 @@ WATCH_EXIT_CODES = """exit codes:
      says why)
   2  bad usage: no gateway (--gateway or ENOS_GATEWAY), no spool (or pass --create), bad
      credentials or flags; nothing was claimed
-  4  drained by SIGINT/SIGTERM with jobs left in running/ (the next watcher resumes them)"""
+  4  drained by SIGINT/SIGTERM with jobs left in running/ (the next watcher resumes them);
+     or with --once, jobs left that wait for the gateway's quota or for their window"""
 
 SWEEP_EXIT_CODES = """exit codes:
   0  every searched target is verified: nothing the job asked to cancel is pending

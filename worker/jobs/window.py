@@ -90,9 +90,14 @@ def next_open(job: Job, now: float) -> float | None:
     """When the job may next send: `now` when it has no window or its window is open, the
     next opening otherwise, None when its window never opens again. For callers that hold a
     job until its window (the spool watcher)."""
-    if job.window is None:
+    return opens_next(job.window, now)
+
+
+def opens_next(window: Window | None, now: float) -> float | None:
+    """When a window next lets a job send (see next_open)."""
+    if window is None:
         return now
-    span = span_at(job.window, now)
+    span = span_at(window, now)
     if span is None:
         return None
     return now if span.holds(now) else span.opens
