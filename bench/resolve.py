@@ -1,4 +1,4 @@
-"""(h) A targets_query over a large fleet: how long it takes to resolve, what it costs in calls,
+"""(i) A targets_query over a large fleet: how long it takes to resolve, what it costs in calls,
 and the peak RSS, for `worker resolve` and for a `worker run` that resolves at its start.
 
 The simulator serves DEVICES generated devices in PRODUCTS products (1,000,000 in 100 of 10,000

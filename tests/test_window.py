@@ -209,6 +209,18 @@ def test_window_keys_are_read_and_checked(tmp_path: Path) -> None:
     )
     with pytest.raises(JobFileError, match=r"window\.daily: has no timezone"):
         load_job(no_zone)
+    whole = write_job(
+        tmp_path,
+        "targets: [{asset_id: a}]\nwindow: {daily: '00:00-24:00', days: [sat], timezone: UTC}\n",
+        name="whole.yaml",
+    )
+    window = load_job(whole).window  # what the refusal of '02:00-02:00' suggests
+    assert window is not None
+    assert window.daily == (0, 1440)
+    saturday_noon = utc(2026, 6, 13, 12)
+    span = span_at(window, saturday_noon)
+    assert span is not None
+    assert (span.opens, span.closes) == (utc(2026, 6, 13), utc(2026, 6, 14))
 
 
 def test_validate_shows_the_window_and_the_stages(tmp_path: Path) -> None:

@@ -100,7 +100,7 @@ def _daily(node: yaml.Node, problems: Problems) -> tuple[int, int] | None:
     if hours_open > 23 or minutes_open > 59 or minutes_close > 59 or closes > 24 * 60:
         problems.add(node, "window.daily", f"{shown(text)} is not a time of day", fix)
         return None
-    if opens == closes % (24 * 60):
+    if opens == closes % (24 * 60) and closes != 24 * 60:  # "00:00-24:00": the whole day
         problems.add(
             node,
             "window.daily",
