@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from datetime import datetime
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
 from worker.errors import shown
 from worker.jobparts import DAY_NAMES, Stage, Window
-from worker.jobs.nodes import Problems, is_null, mapping, scalar_value
+from worker.jobs.nodes import Problems, instant, is_null, mapping, scalar_value
 
 WINDOW_KEYS = ("not_before", "not_after", "daily", "days", "timezone")
 STAGE_KEYS = ("targets", "percent", "wait_for_promotion", "max_failed_percent")
@@ -36,7 +35,7 @@ def read_window(node: yaml.Node | None, problems: Problems) -> Window | None:
         problems.add(node, "window", "names no bound", f"give some of {', '.join(WINDOW_KEYS)}")
         return None
     bounds = {
-        key: _instant(fields[key], f"window.{key}", problems)
+        key: instant(fields[key], f"window.{key}", problems)
         for key in ("not_before", "not_after")
         if key in fields
     }
@@ -65,25 +64,6 @@ def read_window(node: yaml.Node | None, problems: Problems) -> Window | None:
     if len(problems.items) > before:
         return None
     return Window(not_before, not_after, daily, days, zone or "UTC")
-
-
-def _instant(node: yaml.Node, field_name: str, problems: Problems) -> float | None:
-    """An ISO 8601 moment with a zone, as epoch seconds (the scalar's text: YAML's own
-    timestamps drop or guess the zone)."""
-    text = str(node.value).strip() if isinstance(node, yaml.ScalarNode) else ""
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
-        moment = None
-    if moment is None or moment.tzinfo is None:
-        problems.add(
-            node,
-            field_name,
-            f"{shown(text)} is not an ISO 8601 time with a zone",
-            "write e.g. 2026-11-30T22:00:00+01:00 or 2026-11-30T21:00:00Z",
-        )
-        return None
-    return moment.timestamp()
 
 
 def _daily(node: yaml.Node, problems: Problems) -> tuple[int, int] | None:

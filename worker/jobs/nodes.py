@@ -6,6 +6,7 @@ problem names "file:line: field: what; fix".
 from __future__ import annotations
 
 import difflib
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -88,3 +89,22 @@ def id_text(
         problems.add(node, field_name, *problem.split("; ", 1))
         return None
     return text
+
+
+def instant(node: yaml.Node, field_name: str, problems: Problems) -> float | None:
+    """An ISO 8601 moment with a zone, as epoch seconds: the scalar's text, not YAML's own
+    timestamp, which would drop or guess the zone."""
+    text = str(node.value).strip() if isinstance(node, yaml.ScalarNode) else ""
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        moment = None
+    if moment is None or moment.tzinfo is None:
+        problems.add(
+            node,
+            field_name,
+            f"{shown(text)} is not an ISO 8601 time with a zone",
+            "write e.g. 2026-11-30T08:00:00Z or 2026-11-30T09:00:00+01:00",
+        )
+        return None
+    return moment.timestamp()

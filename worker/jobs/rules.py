@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from datetime import datetime
 from typing import Any
 
 import yaml
 
 from worker.errors import shown
-from worker.jobs.nodes import Problems, id_text, is_null, mapping, scalar_value
+from worker.jobs.nodes import Problems, id_text, instant, is_null, mapping, scalar_value
 from worker.jobs.units import (
     MAX_ASSETS_PER_CALL,
     assets_per_call,
@@ -72,7 +71,7 @@ def read_match(node: yaml.Node | None, field_name: str, problems: Problems) -> M
         values["command_type"] = _command_type(fields["command_type"], field_name, problems)
     for key in ("created_after", "created_before"):
         if key in fields:
-            values[f"{key}_ms"] = _instant(fields[key], f"{field_name}.{key}", problems)
+            values[f"{key}_ms"] = _instant_ms(fields[key], f"{field_name}.{key}", problems)
     if len(problems.items) > before:
         return None
     if not values:
@@ -108,23 +107,10 @@ def _command_type(node: yaml.Node, field_name: str, problems: Problems) -> int |
     return int(value)
 
 
-def _instant(node: yaml.Node, field_name: str, problems: Problems) -> int | None:
-    """An ISO 8601 moment with a zone, as epoch milliseconds (the scalar's text, not YAML's
-    timestamp, which would drop or guess the zone)."""
-    text = str(node.value).strip() if isinstance(node, yaml.ScalarNode) else ""
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
-        moment = None
-    if moment is None or moment.tzinfo is None:
-        problems.add(
-            node,
-            field_name,
-            f"{shown(text)} is not an ISO 8601 time with a zone",
-            "write e.g. 2026-11-30T08:00:00Z or 2026-11-30T09:00:00+01:00",
-        )
-        return None
-    return int(moment.timestamp() * 1000)
+def _instant_ms(node: yaml.Node, field_name: str, problems: Problems) -> int | None:
+    """An ISO 8601 moment with a zone, as epoch milliseconds (as the gateway's times are)."""
+    seconds = instant(node, field_name, problems)
+    return None if seconds is None else int(seconds * 1000)
 
 
 _LIMIT_PARSERS: dict[str, tuple[Callable[[Any], Any], str]] = {

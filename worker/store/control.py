@@ -27,6 +27,7 @@ import orjson
 from worker.errors import StoreError
 from worker.model import JsonObject
 from worker.store.appendlog import os_cause
+from worker.store.layout import write_atomically
 
 REQUEST_MAX = 4096  # bytes: a request is a few fields
 STATUS_MAX = 1 << 20
@@ -86,21 +87,11 @@ def send_request(directory: Path, request: ControlRequest) -> Path:
     """Write a request into `directory` (made if missing), beside and renamed in; its path.
     StoreError when it cannot be written."""
     path = directory / f"{request['id']}.json"
-    tmp = directory / f".{request['id']}.tmp"
     try:
         directory.mkdir(exist_ok=True)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(tmp, flags, 0o640)
-        try:
-            os.write(fd, orjson.dumps(request))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
         raise StoreError(directory, os_cause(exc)) from None
+    write_atomically(path, orjson.dumps(request))  # beside, fsync, renamed in
     return path
 
 
@@ -185,21 +176,8 @@ def _request_problem(data: object) -> str | None:
 def write_status(path: Path, status: JsonObject) -> None:
     """Replace the status file (beside, renamed; never through a planted link). A live view,
     not a record: not fsynced. StoreError when it cannot be written."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(tmp, flags, 0o644)
-        try:
-            os.write(fd, orjson.dumps(status, option=orjson.OPT_INDENT_2) + b"\n")
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise StoreError(path, os_cause(exc)) from None
+    data = orjson.dumps(status, option=orjson.OPT_INDENT_2) + b"\n"
+    write_atomically(path, data, durable=False, mode=0o644)
 
 
 def read_status(path: Path) -> JsonObject | None:

@@ -158,10 +158,11 @@ class RunDir:
         return self.path.is_dir() and all(p.name == self.lock.name for p in self.path.iterdir())
 
 
-def write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes, *, durable: bool = True, mode: int = 0o640) -> None:
     """Replace `path` with `data` so that a reader (or a crash) sees the old or the new file,
-    never half of one. StoreError when it cannot be written (the old file stays as it was)."""
-    _replace(path, lambda fd: _write_all(fd, data))
+    never half of one; `durable`: fsynced first (a record; a live view need not be).
+    StoreError when it cannot be written (the old file stays as it was)."""
+    _replace(path, lambda fd: _write_all(fd, data), durable=durable, mode=mode)
 
 
 def copy_in(source: BinaryIO, dest: Path, digest: hashlib._Hash) -> None:
@@ -176,18 +177,21 @@ def copy_in(source: BinaryIO, dest: Path, digest: hashlib._Hash) -> None:
     _replace(dest, fill)
 
 
-def _replace(path: Path, fill: Callable[[int], None]) -> None:
-    """Write a new `path` beside it (never through a planted link) with `fill`, fsync, rename;
-    the half-written file is removed when anything fails."""
+def _replace(
+    path: Path, fill: Callable[[int], None], *, durable: bool = True, mode: int = 0o640
+) -> None:
+    """Write a new `path` beside it (never through a planted link) with `fill`, fsync (when
+    `durable`), rename; the half-written file is removed when anything fails."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(tmp, flags, 0o640)
+        fd = os.open(tmp, flags, mode)
         try:
             fill(fd)
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
