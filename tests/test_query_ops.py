@@ -184,17 +184,19 @@ def test_a_run_stopped_while_resolving_resolves_again_on_resume(tmp_path: Path, 
 
 
 def test_validate_probe_of_a_query_job_searches_one_device(tmp_path: Path) -> None:
-    """`validate --probe` of a query job: one Search Device of one device (no cancel, no
-    resolution), the windows the gateway states; with a day already spent, exit 1."""
+    """`validate --probe` of a query job: one Search Device of one device per search (no
+    cancel, no resolution) counts the devices; the calls estimated from them (1 page + 100
+    cancels) against what the gateway says is left: 0 when they fit, 1 when they do not."""
     job = query_job(tmp_path, f"{{product_key: {PRODUCT}}}")
     with simulator_process("--devices", "400", "--quota", "minute=1000,day=500") as url:
         probed = run_worker("validate", str(job), "--probe", "--gateway", url)
         stats = sim_get(url, "/_sim/stats")
     assert probed.returncode == 0, probed.stdout + probed.stderr
     assert "day: 499 of 500 left" in probed.stdout
-    assert "known once its query is resolved" in probed.stdout
+    assert "query counts      100 devices now" in probed.stdout
+    assert "101 calls fit in what is left" in probed.stdout
     assert stats["by_action"] == {"search_devices": 1}
     with simulator_process("--devices", "400", "--quota", "minute=1000,day=1") as url:
         spent = run_worker("validate", str(job), "--probe", "--gateway", url)
     assert spent.returncode == 1, spent.stdout + spent.stderr
-    assert "fits              NO: nothing is left: day: 0 of 1 left" in spent.stdout
+    assert "fits              NO: 101 calls do not fit: day: 0 of 1 left" in spent.stdout

@@ -5,6 +5,7 @@ needs are set against what the gateway says is left."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from worker.app.wiring import RunOptions, client_for, proven
@@ -16,6 +17,7 @@ from worker.jobs.query import expressions
 from worker.model import Target
 
 LONG_WINDOW_S = 3600.0  # windows this long or longer are budgets to spend, not paces
+MAX_QUERY_PROBES = 20  # a query's searches probed for their count (one call each)
 
 
 @dataclass(frozen=True)
@@ -26,11 +28,13 @@ class Probed:
     budget: Budget | None
     problem: str | None = None
     refused: bool = False  # the read-only call itself was refused with 429: nothing is left
+    counted: tuple[int, ...] = ()  # a targets_query: the devices each search counts (totalSize)
 
 
 async def probe_budget(options: RunOptions, first: Target | TargetsQuery) -> Probed:
-    """Prove the gateway (a token), then one read-only call: a search of one command on the
-    `first` target, or one device of the query's first search. Its answer's budget headers;
+    """Prove the gateway (a token), then read-only calls: a search of one command on the
+    `first` target, or, for a targets_query, one device of each of its searches (at most
+    MAX_QUERY_PROBES; their totalSize counts the devices). The last answer's budget headers;
     a 429 is an answer too (the budget is spent)."""
     client = client_for(options)
     async with proven(client, options) as problem:
@@ -38,14 +42,28 @@ async def probe_budget(options: RunOptions, first: Target | TargetsQuery) -> Pro
             return Probed(None, problem)
         try:
             if isinstance(first, TargetsQuery):
-                found = await client.search_devices(first.org_id, expressions(first)[0], 1, 1)
-                return Probed(found.budget)
+                counted, budget = [], None
+                for expression in expressions(first)[:MAX_QUERY_PROBES]:
+                    found = await client.search_devices(first.org_id, expression, 1, 1)
+                    counted.append(found.total)
+                    budget = found.budget or budget
+                return Probed(budget, counted=tuple(counted))
             page = await client.search_page(first, p.PENDING_EXPRESSION, 1, page_size=1)
             return Probed(page.budget)
         except RateLimitedError as refused:
             return Probed(refused.budget, refused=True)
         except EnOSError as exc:
             return Probed(None, f"the read-only call failed: {exc}")
+
+
+def query_calls(counted: tuple[int, ...], *, selective: bool, assets_per_call: int) -> int:
+    """The calls a targets_query job needs, from the devices its searches count: the searches
+    that resolve it (pages of DEVICE_PAGE_SIZE_START), a cancel per device (or per list), and a
+    search per device for a match. An estimate: a search paged again costs more."""
+    devices = sum(counted)
+    pages = sum(max(1, math.ceil(n / p.DEVICE_PAGE_SIZE_START)) for n in counted)
+    per_call = 1 if selective else max(1, assets_per_call)
+    return pages + math.ceil(devices / per_call) + (devices if selective else 0)
 
 
 @dataclass(frozen=True)

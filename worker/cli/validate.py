@@ -12,7 +12,7 @@ from typing import NotRequired, TextIO, TypedDict
 import orjson
 
 from worker.app.prepare import checked_plan, runnable_plan
-from worker.app.probe import Fit, Probed, fit, probe_budget
+from worker.app.probe import MAX_QUERY_PROBES, Fit, Probed, fit, probe_budget, query_calls
 from worker.app.settings import ca_bundle, resolve_gateway
 from worker.app.wiring import RunOptions
 from worker.cli.change_facts import StageFacts, WindowFacts, stage_facts, window_facts, write_change
@@ -90,6 +90,7 @@ class ProbeFacts(TypedDict):
     problem: str | None
     fits: bool | None
     said: str | None
+    devices_counted: int | None  # a targets_query: the devices its searches count now
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -119,6 +120,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             "problem": probed.problem,
             "fits": verdict.fits if verdict else None,
             "said": verdict.said if verdict else None,
+            "devices_counted": sum(probed.counted) if probed.counted else None,
         }
         code = 3 if verdict is None else 0 if verdict.fits else 1
     if args.json:
@@ -139,7 +141,14 @@ def _probe(
     )
     first = job.query if job.query is not None else next(run_targets(job, plan_))[1]
     probed = run_async(lambda: probe_budget(options, first))
-    return probed, None if probed.problem is not None else fit(probed, calls)
+    if probed.problem is not None:
+        return probed, None
+    query = job.query
+    if query is not None and probed.counted and len(expressions(query)) <= MAX_QUERY_PROBES:
+        selective = job.match is not None
+        per_call = limits.assets_per_call
+        calls = query_calls(probed.counted, selective=selective, assets_per_call=per_call)
+    return probed, fit(probed, calls)
 
 
 def _plan_facts(job: Job, plan_: Plan, limits: Limits, gateway: str | None) -> PlanFacts:
@@ -247,6 +256,8 @@ def _write_probe(out: TextIO, probe: ProbeFacts) -> None:
     out.write(f"  gateway budget    {windows[0]}\n")
     for window in windows[1:]:
         out.write(f"                    {window}\n")
+    if probe["devices_counted"] is not None:
+        out.write(f"  query counts      {probe['devices_counted']:,} devices now\n")
     out.write(f"  fits              {'yes' if probe['fits'] else 'NO'}: {probe['said']}\n")
 
 
