@@ -74,14 +74,14 @@ def journalled(spool: Path) -> Counter[str]:
     )
 
 
-def watcher(spool: Path, url: str, *, once: bool = True) -> Watcher:
+def watcher(spool: Path, url: str, *, once: bool = True, jobs: int = 2) -> Watcher:
     return Watcher(
         WatchOptions(
             spool,
             Credentials(APP_KEY, APP_SECRET),
             Limits(rate=1000),
             gateway=url,
-            jobs=2,
+            jobs=jobs,
             poll_s=0.05,
             once=once,
             quiet_s=0.0,

@@ -11,6 +11,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import anyio
 import orjson
 import pytest
 
@@ -18,6 +19,7 @@ from tests.changes import Clock, job_file, run_new, summary
 from tests.conftest import APP_KEY, APP_SECRET
 from tests.simproc import run_worker, simulator_process
 from tests.test_spool import drop, settled, start_watch, watcher
+from worker.app.ctl import control
 from worker.sim.simulator import Simulator, serve
 
 pytestmark = pytest.mark.anyio
@@ -104,3 +106,40 @@ def test_worker_ctl_sets_a_live_watchers_shared_rate(tmp_path: Path) -> None:
             watch.send_signal(signal.SIGTERM)
             watch.communicate(timeout=30)
     assert watch.returncode == 0
+
+
+async def test_a_spooled_job_waiting_for_its_promotion_lends_its_job_slot(tmp_path: Path) -> None:
+    """A watcher of one job slot: a staged job waits for its promotion after stage 1 and lends
+    its slot, so the next job runs and finishes meanwhile; worker ctl promote on the staged
+    job's run directory takes it on to the end."""
+    spool = tmp_path / "spool"
+    staged = "{concurrency: 4}\nstages: [{targets: 5, wait_for_promotion: true}, {percent: 100}]"
+    drop(spool, "a-staged", 0, 40, limits=staged)
+    sim = Simulator(apps={APP_KEY: APP_SECRET}, devices=100, seed=7)
+    async with serve(sim) as url, anyio.create_task_group() as group:
+        watch = watcher(spool, url, once=False, jobs=1)
+        group.start_soon(watch.run)
+        runs = spool / "runs"
+        with anyio.fail_after(30):
+            while not any(
+                (run / "status.json").exists()
+                and orjson.loads((run / "status.json").read_bytes()).get("state")
+                == "waiting for promotion of stage 1"
+                for run in (runs.iterdir() if runs.exists() else ())
+            ):
+                await anyio.sleep(0.02)
+        drop(spool, "b-plain", 50, 20)  # the staged job holds no slot while it waits
+        with anyio.fail_after(30):
+            while "b-plain" not in settled(spool, "done"):
+                await anyio.sleep(0.02)
+        (staged_run,) = [run for run in runs.iterdir() if run.name.startswith("a-staged")]
+        code = await anyio.to_thread.run_sync(lambda: control([staged_run], "promote", None))
+        assert code == 0
+        with anyio.fail_after(30):
+            while "a-staged" not in settled(spool, "done"):
+                await anyio.sleep(0.02)
+        watch.drain("the test is over")
+    assert {name: record["exit_code"] for name, record in settled(spool, "done").items()} == {
+        "a-staged": 0,
+        "b-plain": 0,
+    }

@@ -21,7 +21,7 @@ from typing import Any, TextIO
 
 import anyio
 
-from worker.app.conducting import Conduct
+from worker.app.conducting import Conduct, JobSlot
 from worker.app.controls import control_loop
 from worker.app.staged import StagedRun
 from worker.app.status import status_loop, write_last_status
@@ -56,6 +56,7 @@ class Conductor(Conduct):
         spooled: bool = False,
         clock: Callable[[], float] = time.time,
         resolve: Resolve | None = None,
+        slot: JobSlot | None = None,
     ) -> None:
         job, plan, manifest, finished, fold = segment
         super().__init__(
@@ -71,6 +72,7 @@ class Conductor(Conduct):
             out=out,
             spooled=spooled,
             clock=clock,
+            slot=slot,
         )
         self.watch = WindowWatch(self) if job.window is not None else None
         self.resolve = resolve  # a targets_query: its targets are found once the window opens

@@ -61,6 +61,19 @@ class WindowView(Protocol):
         ...
 
 
+class JobSlot(Protocol):
+    """A spooled job's place among its watcher's --jobs: lent while the job waits for its
+    window or a promotion (another job may run meanwhile), taken back before it goes on."""
+
+    def lend(self) -> None:
+        """Give the place up for the wait."""
+        ...
+
+    async def take_back(self) -> None:
+        """Wait for a place again."""
+        ...
+
+
 class Conduct:
     """The state of one segment's change control and the acts its parts share."""
 
@@ -79,6 +92,7 @@ class Conduct:
         out: TextIO | None,
         spooled: bool,
         clock: Callable[[], float],
+        slot: JobSlot | None = None,
     ) -> None:
         self.job, self.plan, self.manifest = job, plan, manifest
         self.options, self.engine, self.client, self.audit = options, engine, client, audit
@@ -87,6 +101,7 @@ class Conduct:
         self.run = options.run
         self.out = out
         self.spooled = spooled  # the watcher's job: the rate is the watcher's
+        self.slot = slot  # the watcher's job: its place among the watcher's --jobs
         self.clock = clock
         self.started_at = time.time()  # as the engine's deadline counts
         self.phase = "starting"
@@ -105,11 +120,17 @@ class Conduct:
         time (a window, a promotion, a pause), so the segment's rate is not diluted by it."""
         began, before = time.monotonic(), self.phase
         self.phase = phase
+        slot = self.slot if held and not done() else None  # a window, a promotion: lent
+        if slot is not None:
+            slot.lend()
         try:
             while not done():
                 if self.engine.stopping:
-                    return False
+                    return False  # the slot stays lent: the watcher knows
                 await anyio.sleep(POLL_S)
+            if slot is not None:
+                self.phase = f"{phase}: waiting for one of the watcher's job slots"
+                await slot.take_back()
             return not self.engine.stopping
         finally:
             if held:

@@ -19,6 +19,7 @@ import structlog
 from worker import __version__
 from worker.app.beside import drive
 from worker.app.conduct import Conductor
+from worker.app.conducting import JobSlot
 from worker.app.metrics import RunMetrics
 from worker.app.query import run_resolver
 from worker.app.recorder import RunRecorder
@@ -62,10 +63,14 @@ class RunControl:
     run itself, so the run does not take the signals, and the runs may share one limiter."""
 
     def __init__(
-        self, limiter: RateLimiter | None = None, metrics: RunMetrics | None = None
+        self,
+        limiter: RateLimiter | None = None,
+        metrics: RunMetrics | None = None,
+        slot: JobSlot | None = None,
     ) -> None:
         self.limiter = limiter
         self.metrics = metrics  # the caller's (served by it): this run's records count there
+        self.slot = slot  # the caller's job slot, lent while the run waits (window, promotion)
         self.engine: Engine | None = None
         self._stop_why: str | None = None
 
@@ -146,6 +151,7 @@ async def execute(
             out=out,
             spooled=control is not None,
             clock=clock,
+            slot=control.slot if control is not None else None,
             resolve=run_resolver(
                 start.job,
                 start.plan,

@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import NamedTuple
 
+import anyio
 import orjson
 import structlog
 
@@ -219,3 +220,27 @@ def unfinished(run: RunDir, code: int) -> Unfinished | None:
         f"{summary.not_attempted} of {summary.targets} targets without a final outcome"
     )
     return Unfinished(what, segment.message)
+
+
+class Slot:
+    """A claimed job's place among the watcher's --jobs (a JobSlot): lent while its run waits
+    for its window or a promotion, so that another job may run meanwhile."""
+
+    def __init__(self, slots: anyio.Semaphore) -> None:
+        self._slots = slots
+        self.lent = False
+
+    def lend(self) -> None:
+        """The run waits: its place goes to another job."""
+        self._slots.release()
+        self.lent = True
+
+    async def take_back(self) -> None:
+        """The run goes on: wait for a place."""
+        await self._slots.acquire()
+        self.lent = False
+
+    def give_up(self) -> None:
+        """The job has ended: its place (unless lent when it ended) is free."""
+        if not self.lent:
+            self._slots.release()

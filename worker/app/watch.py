@@ -49,6 +49,7 @@ from worker.app.run import RunControl, SegmentStart, execute
 from worker.app.spool import (
     JobRefused,
     Settled,
+    Slot,
     claim,
     claimed_files,
     make_run_dir,
@@ -250,15 +251,15 @@ class Watcher:
     async def _start(self, jobs: TaskGroup, job_file: Path) -> None:
         await self._slots.acquire()
         self._mine.add(job_file.name)
-        jobs.start_soon(self._adopt, job_file)
+        jobs.start_soon(self._adopt, job_file, Slot(self._slots))
 
-    async def _adopt(self, job_file: Path) -> None:
+    async def _adopt(self, job_file: Path, slot: Slot) -> None:
         """Run one claimed job (fresh, or resumed from its journal) and settle it; skip it
         when a live watcher holds its run directory. Only a job that cannot even be settled
         (failed/ cannot be written) stays in running/ without a reason: then the watcher
         exits 1 and its log says why."""
         try:
-            await self._adopt_locked(job_file)
+            await self._adopt_locked(job_file, slot)
         except RunDirBusy:
             pass  # a live watcher runs it
         except Exception:
@@ -266,11 +267,11 @@ class Watcher:
             self._broken.add(job_file.name)
         finally:
             self._mine.discard(job_file.name)
-            self._slots.release()
+            slot.give_up()
             self._wake.set()
             self._wake = anyio.Event()
 
-    async def _adopt_locked(self, job_file: Path) -> None:
+    async def _adopt_locked(self, job_file: Path, slot: Slot) -> None:
         """Under the run directory's lock: every end of the job but a finish or a drain files
         it under failed/ with why (a bad job 2, a crash 3)."""
         try:
@@ -282,17 +283,17 @@ class Watcher:
             if not os.path.lexists(job_file):  # noqa: ASYNC240 (a stat: settled elsewhere)
                 return
             try:
-                await self._run(job_file, run)
+                await self._run(job_file, run, slot)
             except UsageError as exc:  # the job, its targets, a run that cannot be resumed
                 self._fail(job_file, exc, ExitCode.USAGE)
             except Exception as exc:  # a bug or an OS failure: this job ends, the rest goes on
                 log.exception("worker.job_crashed", job=job_file.name)
                 self._fail(job_file, self._crash(job_file, run, exc), ExitCode.ABORTED)
 
-    async def _run(self, job_file: Path, run: RunDir) -> None:
+    async def _run(self, job_file: Path, run: RunDir, slot: Slot) -> None:
         """Load and check the job, wait for its targets file to be still, run a segment and
         settle it; a drain leaves it in running/ (at any of these steps)."""
-        control = RunControl(self.limiter, self.metrics)
+        control = RunControl(self.limiter, self.metrics, slot)
         self.controls[job_file.name] = control
         try:
             if self._stopping():
