@@ -153,7 +153,8 @@ async def test_a_rate_above_the_gateways_budget_is_capped_and_one_for_runs_is_sp
 
     def with_budget(limits: Limits, wall: Callable[[], float] = time.time) -> RateLimiter:
         limiter = known(limits, wall)
-        limiter.stated = read_budget(STATED_25, sent_at=time.time(), now=time.time())
+        now = time.time()  # one reading: sent and read in one second, never across two
+        limiter.stated = read_budget(STATED_25, sent_at=now, now=now)
         limiter._budget_cap = 25.0  # as that stated budget would set it
         return limiter
 
