@@ -477,3 +477,20 @@ async def test_a_quota_spent_while_resolving_ends_resumable_before_any_cancel(
     assert "cancel" not in sim.stats.by_action
     assert read_manifest(RunDir(run_dir)).targets_file is None
     assert not (run_dir / "targets.csv").exists()
+
+
+async def test_the_deadline_ends_a_resolution_before_any_cancel(tmp_path: Path) -> None:
+    """A query whose resolution outlasts the job's deadline (50 pages of 10, each answered in
+    0.1 s) stops at the deadline: exit 4 (deadline), nothing cancelled, no snapshot kept, and
+    well before the searches would have ended."""
+    sim = simulator(devices=2000, device_page_max=10, latency_ms=100)
+    run_dir = tmp_path / "run"
+    job = query_job(tmp_path, f"{{product_key: {PRODUCT}}}", "limits: {deadline: 1s}\n")
+    began = time.monotonic()
+    async with serve(sim) as url:
+        code, text = await run_query(job, url, run_dir)
+    assert code == ExitCode.INTERRUPTED, text
+    assert time.monotonic() - began < 4
+    assert summary(run_dir)["stopped"] == "deadline"
+    assert "cancel" not in sim.stats.by_action
+    assert read_manifest(RunDir(run_dir)).targets_file is None
