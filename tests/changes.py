@@ -107,7 +107,12 @@ async def run_resumed(
 
 
 def lines(path: Path) -> list[dict[str, Any]]:
-    return [orjson.loads(line) for line in path.read_bytes().splitlines()] if path.exists() else []
+    """The complete JSON lines of a file (read while a run writes it: a last line still being
+    written is not one yet)."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    return [orjson.loads(line) for line in data[: data.rfind(b"\n") + 1].splitlines()]
 
 
 def records(run_dir: Path, kind: str) -> list[dict[str, Any]]:
