@@ -30,6 +30,7 @@ from worker.app.wiring import RunOptions, proven
 from worker.core.engine import Engine
 from worker.core.ports import StopReason
 from worker.enos.client import EnOSClient
+from worker.errors import StoreError
 from worker.jobs.plan import Plan, run_targets
 from worker.model import Job, Target
 from worker.store.audit import AuditLog
@@ -131,7 +132,11 @@ class Conductor(Conduct):
         stages planned on what was found). False: nothing to send (the engine says why)."""
         assert self.resolve is not None
         self.phase = "resolving the targets query"
-        ready = await self.resolve()
+        try:
+            ready = await self.resolve()
+        except StoreError as error:  # the run directory can no longer be written
+            self.engine.stop(StopReason.FATAL, str(error))
+            return False
         if ready is None:
             return False
         self.job, self.plan = ready

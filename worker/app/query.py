@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
@@ -49,42 +49,6 @@ def needs_resolving(job: Job, manifest: Manifest) -> bool:
     """A query job whose run has no targets copy yet (new, or its resolution never completed;
     a run that has one goes over it, whatever the job says now)."""
     return job.query is not None and manifest.targets_file is None
-
-
-def run_resolver(
-    job: Job,
-    plan_: Plan,
-    manifest: Manifest,
-    *,
-    client: EnOSClient,
-    engine: Engine,
-    audit: AuditLog,
-    options: RunOptions,
-    out: TextIO | None,
-) -> Callable[[], Awaitable[tuple[Job, Plan] | None]] | None:
-    """For a targets_query not yet resolved: what resolves it into the run's snapshot once the
-    window is open and the gateway proven (the job and plan over it; None: nothing to send,
-    the engine says why). None when the run goes over a snapshot it has."""
-    if not needs_resolving(job, manifest):
-        return None
-
-    async def resolve() -> tuple[Job, Plan] | None:
-        try:
-            return await resolve_for_run(
-                job,
-                plan_,
-                manifest,
-                client=client,
-                engine=engine,
-                audit=audit,
-                options=options,
-                out=out,
-            )
-        except StoreError as error:
-            engine.stop(StopReason.FATAL, str(error))
-            return None
-
-    return resolve
 
 
 async def resolve_for_run(

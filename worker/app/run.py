@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from typing import TextIO
 
 import structlog
@@ -21,7 +22,7 @@ from worker.app.beside import drive
 from worker.app.conduct import Conductor
 from worker.app.conducting import JobSlot
 from worker.app.metrics import RunMetrics
-from worker.app.query import run_resolver
+from worker.app.query import needs_resolving, resolve_for_run
 from worker.app.recorder import RunRecorder
 from worker.app.wiring import RunOptions, build_engine, client_for
 from worker.core.engine import Engine
@@ -152,7 +153,8 @@ async def execute(
             spooled=control is not None,
             clock=clock,
             slot=control.slot if control is not None else None,
-            resolve=run_resolver(
+            resolve=partial(
+                resolve_for_run,
                 start.job,
                 start.plan,
                 start.manifest,
@@ -161,7 +163,9 @@ async def execute(
                 audit=recorder.audit,
                 options=options,
                 out=out,
-            ),
+            )
+            if needs_resolving(start.job, start.manifest)
+            else None,
         )
         problem = _serve_metrics(metrics, options, engine, start) if metrics else None
         if problem is not None:
