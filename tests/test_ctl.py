@@ -153,8 +153,8 @@ async def test_a_rate_above_the_gateways_budget_is_capped_and_one_for_runs_is_sp
 
     def with_budget(limits: Limits, wall: Callable[[], float] = time.time) -> RateLimiter:
         limiter = known(limits, wall)
-        now = time.time()  # one reading: sent and read in one second, never across two
-        limiter.stated = read_budget(STATED_25, sent_at=now, now=now)
+        mid = int(time.time()) + 0.5  # mid-second: a reading near a boundary is not taken
+        limiter.stated = read_budget(STATED_25, sent_at=mid, now=mid)
         limiter._budget_cap = 25.0  # as that stated budget would set it
         return limiter
 
