@@ -81,7 +81,7 @@ async def resolve_for_run(
         on_call=_auditing(audit),
         rng=options.rng(),
         stopping=engine.must_stop,
-        throttled=engine.throttled,
+        heard=engine.heard,
     )
     result = await _stoppable(resolver, sent, engine)
     engine.progress.requests += result.calls  # the searches were requests of this segment

@@ -31,13 +31,12 @@ import structlog
 from worker.core.calls import unreadable_text
 from worker.core.ratelimit import RateLimiter
 from worker.core.retry import Retrying, RetryPolicy, Verdict
+from worker.core.stops import heard
 from worker.enos import protocol as p
 from worker.enos.devices import DevicePage, FoundDevice
 from worker.errors import (
     EnOSError,
     OversizedAnswerError,
-    RateLimitedError,
-    RetryableError,
     TargetError,
 )
 from worker.model import Decided, Shard, identity_key, key_digest
@@ -134,7 +133,7 @@ class Resolver:
         max_passes: int = MAX_PASSES,
         page_size: int = p.DEVICE_PAGE_SIZE_START,
         stopping: Callable[[], bool] = lambda: False,
-        throttled: Callable[[RateLimitedError], RateLimitedError] | None = None,
+        heard: Callable[[EnOSError], EnOSError] | None = None,
     ) -> None:
         self._search = search
         self._limiter = limiter
@@ -147,7 +146,7 @@ class Resolver:
         self._rng = rng or random.Random()
         self._max_passes = max_passes
         self._stopping = stopping  # the run stops (the watcher): no further call
-        self._throttled = throttled  # a 429 as the engine takes it (a quota pause is the run's)
+        self._heard = heard or self._heard_alone  # as the run's engine hears its own calls
         self._seen: set[int] = set()  # every device found: 16-byte digests
         self.result = Resolution(page_size=page_size)
 
@@ -299,15 +298,7 @@ class Resolver:
             self.result.page_size = max(p.DEVICE_PAGE_SIZE_MIN, size // 2)
             log.info("worker.query_page_size", from_size=size, to_size=self.result.page_size)
             raise _Smaller
-        if isinstance(error, RateLimitedError):
-            if self._throttled is not None:
-                error = self._throttled(error)
-            else:
-                self._limiter.throttle(error.retry_after)
-        elif isinstance(error, RetryableError):
-            self._limiter.rejected()
-        else:
-            self._limiter.accepted()
+        error = self._heard(error)
         decision = retrying.failed(error, self._rng)
         if decision.verdict in (Verdict.RETRY, Verdict.THROTTLED):
             throttled = decision.verdict is Verdict.THROTTLED
@@ -320,6 +311,11 @@ class Resolver:
             f"page {call.page} of the search {call.expression!r} could not be had: {error}",
             fatal=fatal,
         )
+
+    def _heard_alone(self, error: EnOSError) -> EnOSError:
+        """Without a run (worker resolve): the limiter hears the failed call, no quota watch."""
+        heard(self._limiter, error)
+        return error
 
     def _record(
         self,

@@ -94,6 +94,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if closed is not None:
         sys.stderr.write(f"worker: {closed}\n")
         return ExitCode.INTERRUPTED
+    options_for = partial(_options, args, credentials=credentials, bundle=bundle, metrics=metrics)
     if args.resume is not None:
         run = RunDir(Path(args.resume))
         read_manifest(run)  # a clear error before the lock for a directory that is no run
@@ -109,16 +110,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             check_recorded(run, start.manifest, gateway=gateway if args.gateway else None)
             limits = limits_of(start.manifest.limits, args)
             _confirm(start.plan.pending_count or 0, gateway, assume_yes=args.yes)
-            options = _options(
-                args,
-                gateway=gateway,
-                credentials=credentials,
-                limits=limits,
-                run=run,
-                bundle=bundle,
-                metrics=metrics,
-            )
-            return _start(args, start, options)
+            return _start(args, start, options_for(gateway=gateway, limits=limits, run=run))
     gateway = resolve_gateway(args.gateway, job, insecure=args.insecure)
     limits = limits_of(job.limits, args)
     start = start_new(job, shard, gateway=gateway, limits=limits)
@@ -126,16 +118,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     run = new_run_dir(args.out, job, start.manifest.run_id)
     with run_dir_lock(run):
         start = snapshot_targets(start, run)
-        options = _options(
-            args,
-            gateway=gateway,
-            credentials=credentials,
-            limits=limits,
-            run=run,
-            bundle=bundle,
-            metrics=metrics,
-        )
-        return _start(args, start, options)
+        return _start(args, start, options_for(gateway=gateway, limits=limits, run=run))
 
 
 def _options(

@@ -150,10 +150,10 @@ class Engine:
         self._quota.check()
         return self.stopping
 
-    def throttled(self, error: RateLimitedError) -> RateLimitedError:
-        """A 429 met beside the engine's own calls, handled as theirs (a quota pause is the
-        run's wait)."""
-        return self._quota.throttled(error, self.progress.in_flight)
+    def heard(self, error: EnOSError) -> EnOSError:
+        """A failed call beside the engine's own (a query's search), heard by the limiter as
+        theirs are (a 429 during a quota pause is the run's wait)."""
+        return self._quota.heard(error, self.progress.in_flight)
 
     def stop(self, reason: StopReason, message: str) -> None:
         """Admit nothing more; wake idle workers; let requests in flight finish. First wins."""
@@ -346,13 +346,12 @@ class Engine:
         self, core: Core, send: Send, number: int, error: EnOSError, began: float
     ) -> Action | Fanout:
         latency = ms_since(began)
+        error = self.heard(error)
         if isinstance(error, RateLimitedError):
-            error = self._quota.throttled(error, self.progress.in_flight)
+            pass  # flow control (or the run's quota wait): no stop rule reads it
         elif isinstance(error, RetryableError):
-            self._limiter.rejected()
             self._stop_if(self._rules.transient(error))
         else:
-            self._limiter.accepted()  # an answer: the gateway is up
             error, stop = self._rules.refused(error)  # a held refusal comes back retryable
             self._stop_if(stop)
         now, batch = self._clock(), core.batch

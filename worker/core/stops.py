@@ -114,6 +114,18 @@ def _gateway_refusal(error: EnOSError) -> bool:
     return 400 <= status < 500
 
 
+def heard(limiter: RateLimiter, error: EnOSError) -> None:
+    """What the shared limiter learns from a failed call: a 429 pauses everyone, a 5xx or a
+    timeout counts against the rate only when such answers dominate, any other answer says
+    the gateway is up."""
+    if isinstance(error, RateLimitedError):
+        limiter.throttle(error.retry_after)
+    elif isinstance(error, RetryableError):
+        limiter.rejected()
+    else:
+        limiter.accepted()
+
+
 class QuotaWatch:
     """The engine's side of a spent quota: a 429 met while the run waits for it becomes the
     run's wait (the target waits as long, none of its throttles used), and a wait that does
@@ -132,6 +144,14 @@ class QuotaWatch:
         self._clock = clock
         self._stop = stop
         self.reset_at: float | None = None  # epoch s, when the run stopped for its quota
+
+    def heard(self, error: EnOSError, in_flight: int) -> EnOSError:
+        """A failed call, as the limiter hears it (see `heard`); a 429 with the quota in mind
+        (see `throttled`)."""
+        if isinstance(error, RateLimitedError):
+            return self.throttled(error, in_flight)
+        heard(self._limiter, error)
+        return error
 
     def throttled(self, error: RateLimitedError, in_flight: int) -> RateLimitedError:
         """A 429: the limiter pauses everyone; met during a quota wait, it is the run's."""
